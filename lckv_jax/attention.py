@@ -1,0 +1,155 @@
+"""Attention of one layer: RoPE, the LCKV masks, the softmax kernel, and the projections.
+
+Which KV a layer reads is decided by the model (`model.py`); this module only knows how to attend
+queries to a given set of keys/values with positions and segment ids (LCKV.md §3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lckv_jax.config import ModelConfig
+
+_MASKED = -1e30  # finite, so fully masked rows give exp(0) * 0 = 0 rather than NaN
+
+
+class KV(NamedTuple):
+  """Keys and values of one KV-computing layer, with the position and segment of each slot.
+
+  k, v: [batch, slots, kv_heads, head_dim] (keys already rotated at their own positions).
+  pos, seg: [batch, slots] int32; `seg == 0` marks an empty or padding slot, never attended.
+  """
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  seg: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE ("rotate half" convention of HF Llama).
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+  """Inverse frequencies [head_dim // 2], with linear or llama3 scaling applied."""
+  d = config.resolved_head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  scaling = config.rope_scaling_dict
+  if scaling is None:
+    return inv_freq
+  kind = scaling.get("rope_type", scaling.get("type"))
+  factor = float(scaling["factor"])
+  if kind == "linear":
+    return inv_freq / factor
+  # llama3: long wavelengths are slowed by `factor`, short ones kept, the middle interpolated.
+  low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+  old_ctx = float(scaling["original_max_position_embeddings"])
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+  smooth = (old_ctx / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(inv_freq: jax.Array, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin tables [batch, seq, head_dim] in float32 for the given positions."""
+  freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxTxNxD: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
+  cos, sin = (t[:, :, None, :] for t in cos_sin)
+  x = x_BxTxNxD.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxTxNxD.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks and the reference (XLA) attention kernel.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_mask(q_pos_BxT, q_seg_BxT, k_pos_BxS, k_seg_BxS, *, diag_masked: bool,
+              window: int | None) -> jax.Array:
+  """Visibility [batch, q, k]: causal by position, same non-zero segment, optional diagonal/window.
+
+  A window W covers the query's own position and the W-1 before it; with the diagonal masked the
+  query's own key drops out as well (LCKV.md §3.4).
+  """
+  qp, kp = q_pos_BxT[:, :, None], k_pos_BxS[:, None, :]
+  mask = (kp <= qp) & (q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]) & (k_seg_BxS[:, None, :] != 0)
+  if diag_masked:
+    mask &= kp != qp
+  if window is not None:
+    mask &= qp - kp < window
+  return mask
+
+
+def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS) -> jax.Array:
+  """Softmax attention with GQA; a query with no visible key outputs zeros (LCKV.md §3.5).
+
+  Logits and softmax in float32. Returns [batch, q, heads, head_dim] in the dtype of v.
+  """
+  b, t, h, d = q_BxTxHxD.shape
+  kv_heads = k_BxSxKxD.shape[2]
+  q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, kv_heads, h // kv_heads, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                      preferred_element_type=jnp.float32) / math.sqrt(d)
+  mask = mask_BxTxS[:, None, None, :, :]
+  logits = jnp.where(mask, logits, _MASKED)
+  logits_max = jnp.max(logits, axis=-1, keepdims=True)
+  probs = jnp.exp(logits - jax.lax.stop_gradient(logits_max)) * mask
+  denom = jnp.sum(probs, axis=-1, keepdims=True)
+  probs = probs / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD)
+  return out.reshape(b, t, h, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters.
+# ---------------------------------------------------------------------------------------------
+
+
+def param(rngs: nnx.Rngs, config: ModelConfig, shape, axes, *, init: str = "normal") -> nnx.Param:
+  """A parameter with logical axis names (`out_sharding` metadata), mapped to a mesh by rules."""
+  if init == "ones":
+    value = jnp.ones(shape, config.weights_dtype)
+  else:
+    value = (config.initializer_range *
+             jax.random.normal(rngs.params(), shape, jnp.float32)).astype(config.weights_dtype)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class Attention(nnx.Module):
+  """GQA attention. K/V projections exist only when the layer computes KV (LCKV.md §2)."""
+
+  def __init__(self, config: ModelConfig, computes_kv: bool, *, rngs: nnx.Rngs):
+    e, h, k, d = (config.hidden_size, config.num_heads, config.num_kv_heads,
+                  config.resolved_head_dim)
+    self.dtype = config.compute_dtype
+    self.q_proj = param(rngs, config, (e, h, d), ("embed", "q_heads", "head_dim"))
+    if computes_kv:
+      self.k_proj = param(rngs, config, (e, k, d), ("embed", "kv_heads", "head_dim"))
+      self.v_proj = param(rngs, config, (e, k, d), ("embed", "kv_heads", "head_dim"))
+    self.o_proj = param(rngs, config, (h, d, e), ("q_heads", "head_dim", "embed"))
+
+  def project_kv(self, x_BxTxE, cos_sin) -> tuple[jax.Array, jax.Array]:
+    """This layer's keys (rotated) and values for the tokens of x: [batch, seq, kv_heads, head_dim]."""
+    k = jnp.einsum("bte,ekd->btkd", x_BxTxE, self.k_proj[...].astype(self.dtype))
+    v = jnp.einsum("bte,ekd->btkd", x_BxTxE, self.v_proj[...].astype(self.dtype))
+    return apply_rope(k, cos_sin), v
+
+  def __call__(self, x_BxTxE, cos_sin, kv: KV, mask_BxTxS) -> jax.Array:
+    """Attends this layer's queries to `kv` (the KV of the layer it attends to)."""
+    q = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.q_proj[...].astype(self.dtype))
+    q = apply_rope(q, cos_sin)
+    out_BxTxHxD = dot_product_attention(q, kv.k, kv.v, mask_BxTxS)
+    return jnp.einsum("bthd,hde->bte", out_BxTxHxD, self.o_proj[...].astype(self.dtype))

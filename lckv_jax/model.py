@@ -1,0 +1,358 @@
+"""The Llama decoder with cross-layer KV sharing, in Flax NNX (LCKV.md §1-§5).
+
+One pass of the layer stack is `_run_segment`; the iteration plan (`_cyclic_group`) repeats the
+passes of a cyclic group; the modes are thin drivers:
+
+- `Transformer.__call__`: the parallel mode (training, scoring), following the iteration plan.
+- `Transformer.step`: a chunk of tokens against a KV cache (prefill, decoding); a single token
+  runs one exact pass.
+- `Transformer.sequential`: token by token through `step`, the exact model (the test oracle).
+
+Parameters of runs of identical layers are stacked along a leading `layers` axis and scanned
+(`config.scan_layers`); see `layer_types.scan_runs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lckv_jax import layer_types as lt_lib
+from lckv_jax.attention import KV, Attention, make_mask, param, rope_inv_freq, rope_tables
+from lckv_jax.config import ModelConfig
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.eps = config.rms_norm_eps
+    self.scale = param(rngs, config, (config.hidden_size,), ("norm",), init="ones")
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (self.scale[...].astype(jnp.float32) * x32).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    e, f = config.hidden_size, config.intermediate_size
+    self.dtype = config.compute_dtype
+    self.gate_proj = param(rngs, config, (e, f), ("embed", "mlp"))
+    self.up_proj = param(rngs, config, (e, f), ("embed", "mlp"))
+    self.down_proj = param(rngs, config, (f, e), ("mlp", "embed"))
+
+  def __call__(self, x_BxTxE):
+    w = lambda p: p[...].astype(self.dtype)
+    gate = jnp.einsum("bte,ef->btf", x_BxTxE, w(self.gate_proj))
+    up = jnp.einsum("bte,ef->btf", x_BxTxE, w(self.up_proj))
+    return jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, w(self.down_proj))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, computes_kv: bool, *, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(config, rngs=rngs)
+    self.attn = Attention(config, computes_kv, rngs=rngs)
+    self.post_attention_norm = RMSNorm(config, rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+
+class Block(nnx.Module):
+  """`period` layers whose parameters carry a leading `layers` axis of size `num_blocks`."""
+
+  def __init__(self, config: ModelConfig, run: lt_lib.Run, *, rngs: nnx.Rngs):
+
+    @nnx.split_rngs(splits=run.num_blocks)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+      return nnx.List([DecoderLayer(config, role.computes_kv, rngs=rngs) for role in run.roles])
+
+    self.layers = make(rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  """Per-call constants shared by every layer: query positions, RoPE tables, cache write slots."""
+  config: ModelConfig
+  positions: jax.Array  # [batch, seq]
+  segment_ids: jax.Array  # [batch, seq]
+  cos_sin: tuple[jax.Array, jax.Array]
+  write_index: jax.Array | None  # [batch] first cache slot of this chunk; None without a cache
+  masks: dict  # (diag_masked, window) -> [batch, seq, seq], for the cache-free parallel mode
+
+  def write(self, entry: KV | None, k, v) -> KV:
+    """Stores this chunk's KV for one layer: the whole entry without a cache, else at its slots."""
+    if self.write_index is None:
+      return KV(k, v, self.positions, self.segment_ids)
+    put = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
+    return KV(put(entry.k, k.astype(entry.k.dtype), self.write_index),
+              put(entry.v, v.astype(entry.v.dtype), self.write_index),
+              put(entry.pos, self.positions, self.write_index),
+              put(entry.seg, self.segment_ids, self.write_index))
+
+  def zeros(self, entry: KV | None) -> KV:
+    """The first iteration's KV of an upper layer: zeros at this chunk's slots (LCKV.md §4)."""
+    c = self.config
+    b, t = self.positions.shape
+    z = jnp.zeros((b, t, c.num_kv_heads, c.resolved_head_dim), c.compute_dtype)
+    return self.write(entry, z, z)
+
+  def mask(self, role: lt_lib.Role, kv: KV) -> jax.Array:
+    window = self.config.sliding_window if role.sliding else None
+    if self.write_index is None:
+      return self.masks[(role.diag_masked, window)]
+    return make_mask(self.positions, self.segment_ids, kv.pos, kv.seg,
+                     diag_masked=role.diag_masked, window=window)
+
+
+def _layer_pass(layer: DecoderLayer, role: lt_lib.Role, own_key, h, kvs: dict, ctx: _Context):
+  """One decoder layer: write own KV if it computes KV, then attend to its source's KV."""
+  x = layer.input_norm(h)
+  if role.computes_kv:
+    k, v = layer.attn.project_kv(x, ctx.cos_sin)
+    kvs[own_key] = ctx.write(kvs.get(own_key), k, v)
+  source = kvs[role.source]
+  h = h + layer.attn(x, ctx.cos_sin, source, ctx.mask(role, source))
+  return h + layer.mlp(layer.post_attention_norm(h))
+
+
+def _apply_run(run: lt_lib.Run, block_def, block_state, h, store: dict, ctx: _Context):
+  """Runs the layers of one run (a `lax.scan` over its blocks); returns h and updated KVs."""
+  computing = [o for o, r in enumerate(run.roles) if r.computes_kv]
+  # KVs that blocks read from outside the run are constants of the scan.
+  external = {r.source: store[r.source] for r in run.roles if r.source[0] == "layer"}
+  # Existing entries of this run's own KV layers (cache buffers, or a previous iteration's KV
+  # read upward inside a block) are scanned alongside the parameters.
+  own = {o: [store.get(("layer", run.layer(b, o))) for b in range(run.num_blocks)]
+         for o in computing}
+  own = {o: jax.tree.map(lambda *xs: jnp.stack(xs), *es) for o, es in own.items()
+         if all(e is not None for e in es)}
+
+  def body(h, xs):
+    state, own_b = xs
+    layers = nnx.merge(block_def, state)
+    kvs = dict(external)
+    kvs.update({("block", o): e for o, e in own_b.items()})
+    for o, (layer, role) in enumerate(zip(layers, run.roles)):
+      h = _layer_pass(layer, role, ("block", o), h, kvs, ctx)
+    return h, {o: kvs[("block", o)] for o in computing}
+
+  if ctx.config.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[ctx.config.remat], prevent_cse=False)
+  if run.num_blocks == 1:
+    h, ys = body(h, jax.tree.map(lambda x: x[0], (block_state, own)))
+    ys = jax.tree.map(lambda x: x[None], ys)
+  else:
+    h, ys = jax.lax.scan(body, h, (block_state, own))
+  store = dict(store)
+  for o in computing:
+    for b in range(run.num_blocks):
+      store[("layer", run.layer(b, o))] = jax.tree.map(lambda x: x[b], ys[o])
+  return h, store
+
+
+class Transformer(nnx.Module):
+  """The decoder. `config.layer_types` decides which layers own K/V weights and which KV each reads."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    lt = config.layer_spec
+    self.segments = tuple((seg, lt_lib.scan_runs(lt, seg, config.scan_layers))
+                          for seg in lt.plan())
+    self.embed = param(rngs, config, (config.vocab_size, config.hidden_size), ("vocab", "embed"))
+    self.blocks = nnx.List([Block(config, run, rngs=rngs)
+                            for _, runs in self.segments for run in runs])
+    self.final_norm = RMSNorm(config, rngs=rngs)
+    if not config.tie_word_embeddings:
+      self.lm_head = param(rngs, config, (config.hidden_size, config.vocab_size), ("embed", "vocab"))
+
+  # -- structure -------------------------------------------------------------------------------
+
+  @property
+  def runs(self) -> tuple[lt_lib.Run, ...]:
+    return tuple(run for _, runs in self.segments for run in runs)
+
+  def layer_location(self, i: int) -> tuple[int, int, int]:
+    """(block module index, index along the stacked `layers` axis, offset in the block) of layer i."""
+    for r, run in enumerate(self.runs):
+      if run.start <= i < run.end:
+        return r, (i - run.start) // run.period, (i - run.start) % run.period
+    raise IndexError(f"layer {i} out of range 0..{self.config.num_layers - 1}")
+
+  def layer_params(self, i: int) -> nnx.State:
+    """Parameters of layer i (unstacked), e.g. `{'attn': {'q_proj': ...}, 'mlp': ...}`."""
+    r, b, o = self.layer_location(i)
+    return jax.tree.map(lambda x: x[b], nnx.state(self.blocks[r].layers[o], nnx.Param))
+
+  def set_layer_params(self, i: int, params: dict[str, Any]) -> None:
+    """Overwrites layer i's parameters from a nested dict shaped like `layer_params(i)`."""
+    r, b, o = self.layer_location(i)
+
+    def assign(module, tree, path):
+      for name, value in tree.items():
+        if isinstance(value, dict):
+          assign(getattr(module, name), value, f"{path}.{name}")
+          continue
+        var = getattr(module, name, None)
+        if not isinstance(var, nnx.Param):
+          raise KeyError(f"layer {i} has no parameter {path}.{name}")
+        value = jnp.asarray(value, var[...].dtype)
+        if value.shape != var[...].shape[1:]:
+          raise ValueError(f"layer {i} parameter {path}.{name}: expected shape "
+                           f"{var[...].shape[1:]}, got {value.shape}")
+        var[...] = var[...].at[b].set(value)
+
+    assign(self.blocks[r].layers[o], params, "")
+
+  # -- passes ----------------------------------------------------------------------------------
+
+  def _context(self, positions, segment_ids, write_index) -> _Context:
+    cfg = self.config
+    cos_sin = rope_tables(rope_inv_freq(cfg), positions)
+    masks = {}
+    if write_index is None:
+      lt = cfg.layer_spec
+      for diag, sliding in set(zip(lt.diag_masked, lt.sliding)):
+        window = cfg.sliding_window if sliding else None
+        masks[(diag, window)] = make_mask(positions, segment_ids, positions, segment_ids,
+                                          diag_masked=diag, window=window)
+    return _Context(cfg, positions, segment_ids, cos_sin, write_index, masks)
+
+  def _run_segment(self, runs, states, h, store, ctx):
+    for run, (block_def, block_state) in zip(runs, states):
+      h, store = _apply_run(run, block_def, block_state, h, store, ctx)
+    return h, store
+
+  def _cyclic_group(self, runs, states, h_in, store, ctx, forward_passes, backward_passes):
+    """LCKV.md §4: m iterations without gradients, then b with; each restarts from h_in."""
+    targets = [("layer", i) for run in runs for i in range(run.start, run.end)
+               if self.config.layer_spec.computes_kv[i]]
+    kv = {t: ctx.zeros(store.get(t)) for t in targets}
+
+    def iteration(states, h_in, kv):
+      h, new = self._run_segment(runs, states, h_in, {**store, **kv}, ctx)
+      return h, {t: new[t] for t in targets}
+
+    if forward_passes > 0:
+      frozen = [(d, jax.lax.stop_gradient(s)) for d, s in states]
+      h_frozen = jax.lax.stop_gradient(h_in)
+      kv = jax.lax.fori_loop(0, forward_passes,
+                             lambda _, kv: iteration(frozen, h_frozen, kv)[1], kv)
+    kv = jax.lax.stop_gradient(kv)
+    if backward_passes == 1:
+      h, kv = iteration(states, h_in, kv)
+    else:
+      def body(carry, _):
+        kv, _ = carry
+        return iteration(states, h_in, kv)[::-1], None
+      (kv, h), _ = jax.lax.scan(body, (kv, h_in), None, length=backward_passes)
+    return h, {**store, **kv}
+
+  def _forward(self, tokens, positions, segment_ids, store, write_index, forward_passes,
+               backward_passes):
+    cfg = self.config
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, seq] integers, got shape {tokens.shape}")
+    if positions is None:
+      start = 0 if write_index is None else write_index[:, None]
+      positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+      positions = jnp.broadcast_to(positions, tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+    ctx = self._context(positions, segment_ids, write_index)
+    h = self.embed[...].astype(cfg.compute_dtype)[tokens]
+    states = [nnx.split(block.layers) for block in self.blocks]
+    r = 0
+    for seg, runs in self.segments:
+      seg_states = states[r:r + len(runs)]
+      r += len(runs)
+      if seg.cyclic:
+        h, store = self._cyclic_group(runs, seg_states, h, store, ctx, forward_passes,
+                                      backward_passes)
+      else:
+        h, store = self._run_segment(runs, seg_states, h, store, ctx)
+    h = self.final_norm(h)
+    head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+    logits = jnp.einsum("bte,ev->btv", h, head.astype(cfg.compute_dtype))
+    return logits.astype(jnp.float32), store
+
+  # -- modes -----------------------------------------------------------------------------------
+
+  def __call__(self, tokens, positions=None, segment_ids=None, *, forward_passes: int | None = None,
+               backward_passes: int | None = None) -> jax.Array:
+    """The parallel mode: logits [batch, seq, vocab] (float32) following the iteration plan.
+
+    Args:
+      tokens: [batch, seq] int token ids.
+      positions: [batch, seq] RoPE positions; default 0..seq-1 (restart them per packed document).
+      segment_ids: [batch, seq] document ids of packed sequences (0 = padding); attention never
+        crosses a segment. Default: one segment.
+      forward_passes, backward_passes: override the config's m and b.
+    """
+    if self.config.use_sequential:
+      return self.sequential(tokens, positions, segment_ids)
+    m = self.config.forward_passes if forward_passes is None else forward_passes
+    b = self.config.backward_passes if backward_passes is None else backward_passes
+    if m < 0 or b < 1:
+      raise ValueError(f"need forward_passes >= 0 and backward_passes >= 1, got {m} and {b}")
+    logits, _ = self._forward(tokens, positions, segment_ids, {}, None, m, b)
+    return logits
+
+  def step(self, tokens, cache: dict, write_index, positions=None, segment_ids=None, *,
+           iterations: int | None = None) -> tuple[jax.Array, dict]:
+    """A chunk of tokens against a cache: returns logits and the cache with this chunk's KV.
+
+    Args:
+      tokens: [batch, chunk].
+      cache: {('layer', j): KV} with buffers [batch, slots, kv_heads, head_dim] for every
+        KV-computing layer j (see `lckv_jax.cache`).
+      write_index: [batch] slot where this chunk's first token is written.
+      iterations: passes of a cyclic group over the chunk; default 1 for a single token (exact)
+        and m + b for longer chunks (the prefill of the reference).
+    """
+    cfg = self.config
+    if iterations is None:
+      iterations = 1 if tokens.shape[1] == 1 else cfg.forward_passes + cfg.backward_passes
+    if iterations < 1:
+      raise ValueError(f"iterations must be >= 1, got {iterations}")
+    return self._forward(tokens, positions, segment_ids, cache, write_index, iterations - 1, 1)
+
+  def sequential(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+    """The exact model: one token at a time, each seeing earlier tokens' KV (LCKV.md §4)."""
+    from lckv_jax import cache as cache_lib  # the cache depends on the model config only
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    cache = cache_lib.init_cache(self.config, b, t)
+    graphdef, state = nnx.split(self)
+
+    def body(cache, xs):
+      i, tok, pos, seg = xs
+      model = nnx.merge(graphdef, state)
+      logits, cache = model.step(tok[:, None], cache, jnp.full((b,), i, jnp.int32),
+                                 pos[:, None], seg[:, None], iterations=1)
+      return cache, logits[:, 0]
+
+    xs = (jnp.arange(t), tokens.T, positions.T, segment_ids.T)
+    _, logits_TxBxV = jax.lax.scan(body, cache, xs)
+    return jnp.swapaxes(logits_TxBxV, 0, 1)
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
