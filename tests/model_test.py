@@ -1,0 +1,306 @@
+"""The model against references: HF Llama, a naive spec implementation, and the sequential mode."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lckv_jax import ModelConfig, Transformer, count_params, layer_types
+from tests import reference
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+            num_kv_heads=2, sliding_window=3)
+
+
+def make(seed=0, std=0.1, **kw):
+  cfg = ModelConfig(**{**TINY, **kw})
+  model = Transformer(cfg, rngs=nnx.Rngs(seed))
+  # Larger-than-default random weights (norm scales near 1) so every path moves the output.
+  state = nnx.state(model, nnx.Param).to_pure_dict()
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  new = [(1.0 if "scale" in jax.tree_util.keystr(path) else 0.0)
+         + std * jax.random.normal(key, x.shape, x.dtype)
+         for (path, x), key in zip(leaves, keys)]
+  params = nnx.state(model, nnx.Param)
+  params.replace_by_pure_dict(jax.tree_util.tree_unflatten(treedef, new))
+  nnx.update(model, params)
+  return model
+
+
+@functools.partial(nnx.jit, static_argnames=("m", "b"))
+def forward(model, toks, pos=None, seg=None, m=None, b=None):
+  """The parallel mode, compiled once per model structure and shape (eager scans recompile)."""
+  return model(toks, pos, seg, forward_passes=m, backward_passes=b)
+
+
+@nnx.jit
+def sequential(model, toks):
+  return model.sequential(toks)
+
+
+def tokens(batch=2, length=12, seed=3, vocab=97):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab)
+
+
+# -- HuggingFace Llama ---------------------------------------------------------------------------
+
+
+def _from_hf(hf, cfg):
+  sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+  model.embed[...] = jnp.asarray(sd["model.embed_tokens.weight"])
+  model.final_norm.scale[...] = jnp.asarray(sd["model.norm.weight"])
+  if not cfg.tie_word_embeddings:
+    model.lm_head[...] = jnp.asarray(sd["lm_head.weight"].T)
+  for i in range(cfg.num_layers):
+    w = lambda n: sd[f"model.layers.{i}.{n}.weight"]
+    model.set_layer_params(i, {
+        "input_norm": {"scale": w("input_layernorm")},
+        "post_attention_norm": {"scale": w("post_attention_layernorm")},
+        "attn": {"q_proj": w("self_attn.q_proj").T.reshape(e, h, d),
+                 "k_proj": w("self_attn.k_proj").T.reshape(e, k, d),
+                 "v_proj": w("self_attn.v_proj").T.reshape(e, k, d),
+                 "o_proj": w("self_attn.o_proj").T.reshape(h, d, e)},
+        "mlp": {"gate_proj": w("mlp.gate_proj").T, "up_proj": w("mlp.up_proj").T,
+                "down_proj": w("mlp.down_proj").T}})
+  return model
+
+
+@pytest.mark.parametrize("tied,kv_heads,scan", [(False, 2, True), (True, 2, True),
+                                                (False, 4, False)])
+def test_llama_matches_huggingface(tied, kv_heads, scan):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+      num_attention_heads=8, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
+      rms_norm_eps=1e-6, rope_theta=500.0, max_position_embeddings=64)
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.normal_(0.0, 0.1)
+  cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3,
+                    num_heads=8, num_kv_heads=kv_heads, tie_word_embeddings=tied,
+                    rms_norm_eps=1e-6, rope_theta=500.0, max_position_embeddings=64,
+                    scan_layers=scan)
+  model = _from_hf(hf, cfg)
+  toks = np.random.RandomState(1).randint(0, 97, (2, 13))
+  with torch.no_grad():
+    ref = hf(torch.tensor(toks)).logits.numpy()
+  out = np.asarray(forward(model, jnp.asarray(toks)))
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4
+  # The exact token-by-token mode is the same model too.
+  seq = np.asarray(sequential(model, jnp.asarray(toks)))
+  assert np.linalg.norm(seq - ref) / np.linalg.norm(ref) < 1e-4
+
+
+# -- the iteration plan against the naive spec implementation -------------------------------------
+
+PRESET_STRINGS = {
+    "llama": "0_1_2_3",
+    "lckv": "0_2_2_3",
+    "lckv_w0": "3_3_3_3",
+    "sandwich_cycle": "0_2_2_2_2_5",
+    "cla": "0_0_2_2",
+    "cla_top": "1_1_3_3",
+    "yoco": "0s_1s_2_2",
+    "mixed": "0s_3_3s_3",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_STRINGS))
+@pytest.mark.parametrize("m,b", [(0, 1), (2, 2)])
+def test_parallel_matches_float64_reference(name, m, b):
+  lt = PRESET_STRINGS[name]
+  model = make(num_layers=len(lt.split("_")), layer_types=lt)
+  toks = tokens(length=10)
+  out = np.asarray(forward(model, toks, m=m, b=b))
+  ref = reference.numpy_logits(model.config, reference.extract_params(model), toks, m, b)
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["lckv", "lckv_w0", "sandwich_cycle", "cla_top", "mixed"])
+def test_parallel_equals_sequential_when_iterations_cover_the_sequence(name):
+  # LCKV.md §4: after k iterations positions 0..k-1 are exact, so m + b >= T is exact.
+  lt = PRESET_STRINGS[name]
+  model = make(num_layers=len(lt.split("_")), layer_types=lt)
+  toks = tokens(length=9)
+  seq = sequential(model, toks)
+  par = forward(model, toks, m=7, b=2)
+  np.testing.assert_allclose(par, seq, atol=1e-5, rtol=1e-5)
+  # With 3 iterations only positions 0..2 are exact; later ones differ (the test can fail).
+  short = forward(model, toks, m=2, b=1)
+  np.testing.assert_allclose(short[:, :3], seq[:, :3], atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(short[:, 3:] - seq[:, 3:]).max()) > 1e-3
+
+
+def test_more_forward_passes_converge_to_the_sequential_mode():
+  model = make(layer_types="3_3_3_3", std=0.05)
+  toks = tokens(length=24)
+  seq = sequential(model, toks)
+  errors = [float(jnp.abs(forward(model, toks, m=m, b=2) - seq).max())
+            for m in (0, 2, 4, 8, 16, 22)]
+  assert errors[0] > 1e-2  # few passes give a measurably different answer
+  assert all(a >= b - 1e-6 for a, b in zip(errors, errors[1:])), errors
+  assert errors[4] < 1e-3, errors  # 18 iterations on a 4-layer model
+  assert errors[5] < 1e-5, errors  # 24 = T iterations: exact
+
+
+# -- gradients -----------------------------------------------------------------------------------
+
+
+def _loss_and_grads(model, toks, m, b):
+  def loss_fn(model):
+    return jnp.mean(model(toks, forward_passes=m, backward_passes=b) ** 2)
+  return nnx.jit(nnx.value_and_grad(loss_fn))(model)
+
+
+def _reference_grads(model, toks, m, b):
+  p = reference.extract_params(model)
+  loss = lambda p: jnp.mean(reference.logits(model.config, p, toks, m, b) ** 2)
+  return jax.jit(jax.value_and_grad(loss))(p)
+
+
+@pytest.mark.parametrize("m,b", [(3, 1), (1, 2), (0, 3)])
+def test_gradients_flow_through_exactly_the_last_b_iterations(m, b):
+  model = make(layer_types="0_3_3_3_3_5", num_layers=6)
+  toks = tokens(length=6)
+  loss, grads = _loss_and_grads(model, toks, m, b)
+  ref_loss, ref = _reference_grads(model, toks, m, b)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for i in range(model.config.num_layers):
+    r, blk, o = model.layer_location(i)
+    got = jax.tree.map(lambda x: x[blk], grads.blocks[r].layers[o]).to_pure_dict()
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=2e-4),
+                 got, ref["layers"][i])
+  np.testing.assert_allclose(grads.embed[...], ref["embed"], atol=1e-6, rtol=2e-4)
+
+
+def test_truncation_changes_gradients_but_not_values():
+  # Same m + b, so the same forward; different b, so different gradients.
+  model = make(layer_types="0_3_3_3_3_5", num_layers=6)
+  toks = tokens(length=6)
+  l1, g1 = _loss_and_grads(model, toks, 3, 1)
+  l3, g3 = _loss_and_grads(model, toks, 1, 3)
+  np.testing.assert_allclose(l1, l3, rtol=1e-6)
+  r, blk, o = model.layer_location(1)
+  q1 = g1.blocks[r].layers[o].attn.q_proj[...][blk]
+  q3 = g3.blocks[r].layers[o].attn.q_proj[...][blk]
+  assert float(jnp.abs(q1 - q3).max()) > 1e-4 * float(jnp.abs(q3).max())
+
+
+# -- structure -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["llama", "lckv", "lckv:0", "lckv:2", "sandwich", "cla",
+                                    "cla:3", "yoco", "mixattention"])
+def test_kv_weights_exist_only_for_kv_computing_layers(preset):
+  cfg_kw = dict(layer_types=preset)
+  model = make(**cfg_kw)
+  lt = model.config.layer_spec
+  llama = make(layer_types="llama")
+  e, k, d = 32, 2, 8
+  for i in range(4):
+    has_kv = "k_proj" in model.layer_params(i)["attn"]
+    assert has_kv == lt.computes_kv[i]
+    assert ("v_proj" in model.layer_params(i)["attn"]) == lt.computes_kv[i]
+  missing = 4 - len(lt.kv_layers)
+  assert count_params(model) == count_params(llama) - missing * 2 * e * k * d
+
+
+@pytest.mark.parametrize("preset", sorted(layer_types.PRESETS))
+def test_every_preset_runs_forward_and_backward(preset):
+  model = make(layer_types=preset, forward_passes=2, backward_passes=2)
+  toks = tokens(length=8)
+
+  def loss_fn(model):
+    return jnp.mean(jax.nn.log_softmax(model(toks))[..., 0])
+  loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
+  leaves = jax.tree.leaves(grads)
+  assert np.isfinite(float(loss))
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+  assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) == len(leaves)
+
+
+def test_scan_layers_does_not_change_the_function():
+  scanned = make(layer_types="0_0_2_2_4_4", num_layers=6)
+  plain = Transformer(scanned.config.replace(scan_layers=False), rngs=nnx.Rngs(5))
+  assert len(plain.blocks) == 6 and len(scanned.blocks) == 1
+  plain.embed[...] = scanned.embed[...]
+  plain.final_norm.scale[...] = scanned.final_norm.scale[...]
+  plain.lm_head[...] = scanned.lm_head[...]
+  for i in range(6):
+    plain.set_layer_params(i, scanned.layer_params(i).to_pure_dict())
+  toks = tokens()
+  np.testing.assert_allclose(forward(plain, toks), forward(scanned, toks), atol=1e-6)
+
+
+def test_remat_keeps_values_and_gradients():
+  model = make(layer_types="lckv", forward_passes=2)
+  remat = make(layer_types="lckv", forward_passes=2, remat="full")
+  toks = tokens(length=6)
+  l1, g1 = _loss_and_grads(model, toks, 2, 2)
+  l2, g2 = _loss_and_grads(remat, toks, 2, 2)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), g1, g2)
+
+
+# -- masks ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lt", ["0_1_2_3", "0_2_2_3", "0s_1s_2_2"])
+def test_packed_documents_do_not_attend_across_segments(lt):
+  model = make(layer_types=lt, forward_passes=8, backward_passes=1)
+  toks = tokens(batch=1, length=10)
+  seg = jnp.array([[1] * 6 + [2] * 4])
+  pos = jnp.array([list(range(6)) + list(range(4))])
+  out = forward(model, toks, pos, seg)
+  other = toks.at[0, 6:].set((toks[0, 6:] + 1) % 97)
+  out2 = forward(model, other, pos, seg)
+  np.testing.assert_allclose(out[:, :6], out2[:, :6], atol=1e-6)
+  # Each document alone, with positions from 0, gives the same logits.
+  np.testing.assert_allclose(out[:, :6], forward(model, toks[:, :6]), atol=2e-5)
+  np.testing.assert_allclose(out[:, 6:], forward(model, toks[:, 6:]), atol=2e-5)
+
+
+def test_padding_segments_are_never_attended():
+  model = make(layer_types="lckv", forward_passes=8, backward_passes=1)
+  toks = tokens(batch=1, length=8)
+  seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
+  pos = jnp.array([[0, 0, 0, 0, 1, 2, 3, 4]])
+  out = forward(model, toks, pos, seg)
+  np.testing.assert_allclose(out[:, 3:], forward(model, toks[:, 3:]), atol=2e-5)
+
+
+def test_first_token_of_a_diagonal_masked_layer_sees_nothing():
+  # LCKV.md §3.5: with no visible key the attention output is zeros, so with force_nodiag the
+  # first position's hidden state only goes through the MLPs: changing any attention weight of
+  # any layer cannot change it.
+  model = make(layer_types="llama", force_nodiag=True)
+  toks = tokens(length=5)
+  before = forward(model, toks)
+  for i in range(4):
+    p = model.layer_params(i).to_pure_dict()
+    p["attn"]["o_proj"] = p["attn"]["o_proj"] * 3.0
+    model.set_layer_params(i, p)
+  after = forward(model, toks)
+  np.testing.assert_allclose(before[:, 0], after[:, 0], atol=1e-6)
+  assert float(jnp.abs(before[:, 1:] - after[:, 1:]).max()) > 1e-3
+
+
+def test_jit_matches_eager():
+  model = make(layer_types="lckv")
+  toks = tokens()
+  np.testing.assert_allclose(forward(model, toks), model(toks), atol=1e-5)
+
+
+def test_bad_token_shape_is_an_error():
+  model = make()
+  with pytest.raises(ValueError, match="tokens must be"):
+    model(jnp.zeros((5,), jnp.int32))
