@@ -1,0 +1,96 @@
+"""Offline multiple-choice tasks, scored through the lm-eval adapter's `loglikelihood`.
+
+    python -m lckv_jax.eval.multiple_choice --checkpoint DIR --tasks a.jsonl [--tasks b.jsonl]
+
+A task file is JSON lines `{"context": str, "choices": [str, ...], "label": int}`. Each choice
+is scored as the continuation `delimiter + choice` of the context (lm-eval's convention, default
+delimiter " "); `acc` takes the highest log-likelihood, `acc_norm` the highest per UTF-8 byte of
+the continuation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+
+def load_task(path: str) -> list[dict]:
+  """Reads and validates a JSONL task file; errors name the line and the field."""
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        ex = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+      if not isinstance(ex.get("context"), str):
+        raise ValueError(f"{path}:{n}: field 'context' must be a string, got {ex.get('context')!r}")
+      choices = ex.get("choices")
+      if not isinstance(choices, list) or not choices or not all(isinstance(c, str)
+                                                                 for c in choices):
+        raise ValueError(f"{path}:{n}: field 'choices' must be a non-empty list of strings, got "
+                         f"{choices!r}")
+      label = ex.get("label")
+      if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+        raise ValueError(f"{path}:{n}: field 'label' must be an integer in 0..{len(choices) - 1}, "
+                         f"got {label!r}")
+      examples.append(ex)
+  if not examples:
+    raise ValueError(f"{path}: no examples")
+  return examples
+
+
+def evaluate(lm, examples: Sequence[dict], delimiter: str = " ") -> dict:
+  """Accuracy of `lm` (an object with lm-eval's `loglikelihood`) on the examples.
+
+  Returns {'acc', 'acc_norm', 'n', 'loglikelihoods'} (the last: one list per example).
+  """
+  requests, owner = [], []
+  for k, ex in enumerate(examples):
+    for choice in ex["choices"]:
+      requests.append((ex["context"], delimiter + choice))
+      owner.append(k)
+  scores = lm.loglikelihood(requests)
+  per_example: list[list[float]] = [[] for _ in examples]
+  for k, (ll, _) in zip(owner, scores):
+    per_example[k].append(ll)
+  correct = correct_norm = 0
+  for ex, lls in zip(examples, per_example):
+    lens = [max(len((delimiter + c).encode("utf-8")), 1) for c in ex["choices"]]
+    correct += int(np.argmax(lls)) == ex["label"]
+    correct_norm += int(np.argmax(np.asarray(lls) / np.asarray(lens))) == ex["label"]
+  n = len(examples)
+  return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n,
+          "loglikelihoods": per_example}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  from lckv_jax.eval import lm_eval_adapter
+  p = argparse.ArgumentParser(prog="python -m lckv_jax.eval.multiple_choice")
+  p.add_argument("--checkpoint", required=True, help="lckv-jax model checkpoint directory")
+  p.add_argument("--tasks", action="append", required=True, help="a JSONL task file (repeatable)")
+  p.add_argument("--delimiter", default=" ")
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--max_length", type=int, default=None)
+  p.add_argument("--forward_passes", type=int, default=None)
+  p.add_argument("--backward_passes", type=int, default=None)
+  p.add_argument("--byte_tokenizer", action="store_true", help="UTF-8 bytes as token ids")
+  args = p.parse_args(argv)
+  lm = lm_eval_adapter.LCKVEvalModel.from_checkpoint(
+      args.checkpoint, lm_eval_adapter.ByteTokenizer() if args.byte_tokenizer else None,
+      batch_size=args.batch_size, max_length=args.max_length,
+      forward_passes=args.forward_passes, backward_passes=args.backward_passes)
+  for path in args.tasks:
+    r = evaluate(lm, load_task(path), args.delimiter)
+    print(json.dumps({"task": os.path.basename(path), "acc": r["acc"],
+                      "acc_norm": r["acc_norm"], "n": r["n"]}))
+
+
+if __name__ == "__main__":
+  main()

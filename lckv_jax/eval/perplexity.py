@@ -1,0 +1,221 @@
+"""Perplexity over a token array or a text, in windows (chunked, or sliding with a stride).
+
+    python -m lckv_jax.eval.perplexity --checkpoint DIR --text_file F.txt --context_len 1024 \
+        [--stride 512] [--forward_passes 7 --backward_passes 2 | --sequential]
+
+Every target token 1..N-1 is scored exactly once. A window feeds `context_len` tokens
+x[s:s+n] and predicts x[s+1:s+n+1]; it scores only the targets no earlier window scored:
+
+- chunked (`stride == context_len`, the default): disjoint windows, the first target of a chunk
+  predicted from the last token of the previous one (lm-evaluation-harness's rolling windows);
+- sliding (`stride < context_len`): each window scores its last `stride` targets, which thus
+  see at least `context_len - stride` tokens of context.
+
+The last window is moved back to end at the last token, so it keeps a full context. With a
+`prefix_token` (BOS/EOT) prepended, the first real token is scored too (as lm-eval does).
+Note: HF `run_clm`-style block evaluation (the reference's reported numbers) instead scores each
+block of `context_len` tokens independently and never scores a block's first token.
+
+Cyclic layer types run the iteration plan with `forward_passes`/`backward_passes` (the model's
+defaults unless given), or the exact token-by-token mode with `sequential=True`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+_STATIC = ("graphdef", "forward_passes", "backward_passes", "sequential")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def model_logits(state, inputs_BxT, *, graphdef, forward_passes, backward_passes, sequential):
+  """Logits of the model `nnx.merge(graphdef, state)`; compiled once per structure and shape."""
+  model = nnx.merge(graphdef, state)
+  if sequential:
+    return model.sequential(inputs_BxT)
+  return model(inputs_BxT, forward_passes=forward_passes, backward_passes=backward_passes)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _score(state, inputs_BxT, targets_BxT, **static):
+  logits_BxTxV = model_logits(state, inputs_BxT, **static).astype(jnp.float32)
+  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
+  logp_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  return logp_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+
+
+class Scorer:
+  """Jitted log-probabilities of target tokens under the model's parallel (or sequential) mode.
+
+  Compilations are shared by every Scorer of models with the same structure and pass options.
+  """
+
+  def __init__(self, model, *, forward_passes: int | None = None,
+               backward_passes: int | None = None, sequential: bool = False):
+    self.config = model.config
+    self.graphdef, self.state = nnx.split(model)
+    self.static = dict(graphdef=self.graphdef, forward_passes=forward_passes,
+                       backward_passes=backward_passes, sequential=bool(sequential))
+
+  def check_tokens(self, tokens) -> None:
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+      raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1} (vocab_size), got "
+                       f"range {tokens.min()}..{tokens.max()}")
+
+  def __call__(self, inputs_BxT, targets_BxT) -> tuple[np.ndarray, np.ndarray]:
+    """(log p(target), target is the argmax) per position, as numpy [batch, seq]."""
+    self.check_tokens(inputs_BxT)
+    self.check_tokens(targets_BxT)
+    logp, greedy = _score(self.state, jnp.asarray(inputs_BxT, jnp.int32),
+                          jnp.asarray(targets_BxT, jnp.int32), **self.static)
+    return np.asarray(logp), np.asarray(greedy)
+
+  def logits(self, inputs_BxT) -> jax.Array:
+    return model_logits(self.state, jnp.asarray(inputs_BxT, jnp.int32), **self.static)
+
+
+def bucket(n: int) -> int:
+  """The next power of two >= n, at least 8: padded lengths, to bound the compilations."""
+  return max(8, 1 << (max(n, 1) - 1).bit_length())
+
+
+def windows(num_tokens: int, context_len: int, stride: int | None = None
+            ) -> list[tuple[int, int, int]]:
+  """The windows `(start, end, first_target)` covering targets 1..num_tokens-1 once each.
+
+  Inputs are tokens[start:end], targets tokens[start+1:end+1]; the window scores targets with
+  index >= first_target.
+  """
+  stride = context_len if stride is None else stride
+  if context_len < 1 or not 1 <= stride <= context_len:
+    raise ValueError(f"need context_len >= 1 and 1 <= stride <= context_len, got context_len="
+                     f"{context_len}, stride={stride}")
+  out, scored, start = [], 0, 0
+  while scored < num_tokens - 1:
+    end = min(start + context_len, num_tokens - 1)
+    out.append((max(0, end - context_len), end, scored + 1))
+    scored = end
+    start += stride
+  return out
+
+
+def token_logprobs(scorer: Scorer, tokens: Sequence[int], context_len: int,
+                   stride: int | None = None, batch_size: int = 1) -> np.ndarray:
+  """log p(tokens[t] | window context) for t = 1..N-1 (length N-1), batching the windows.
+
+  Every batch is padded to [batch_size, width], width = min(context_len, a power of two >= the
+  longest window), so few shapes compile; the padding sits after the real tokens, which causality
+  keeps out of their predictions.
+  """
+  tokens = np.asarray(tokens, np.int64).reshape(-1)
+  n = len(tokens)
+  out = np.zeros(max(n - 1, 0), np.float64)
+  wins = windows(n, context_len, stride)
+  width = min(context_len, bucket(max((e - s for s, e, _ in wins), default=1)))
+  for b in range(0, len(wins), batch_size):
+    chunk = wins[b:b + batch_size]
+    inputs = np.zeros((batch_size, width), np.int32)
+    targets = np.zeros((batch_size, width), np.int32)
+    for r, (s, e, _) in enumerate(chunk):
+      inputs[r, :e - s] = tokens[s:e]
+      targets[r, :e - s] = tokens[s + 1:e + 1]
+    logp, _ = scorer(inputs, targets)
+    for r, (s, e, first) in enumerate(chunk):
+      # Column c predicts target index s + 1 + c.
+      out[first - 1:e] = logp[r, first - 1 - s:e - s]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Perplexity:
+  nll: float  # total negative log-likelihood (nats) of the scored tokens
+  tokens: int  # number of scored tokens
+
+  @property
+  def mean_nll(self) -> float:
+    return self.nll / max(self.tokens, 1)
+
+  @property
+  def ppl(self) -> float:
+    return math.exp(self.mean_nll)
+
+
+def perplexity(model_or_scorer, documents, *, context_len: int | None = None,
+               stride: int | None = None, prefix_token: int | None = None,
+               forward_passes: int | None = None, backward_passes: int | None = None,
+               sequential: bool = False, batch_size: int = 1) -> Perplexity:
+  """Perplexity of one token array or a list of documents (each scored on its own).
+
+  Args:
+    model_or_scorer: a `Transformer` or a `Scorer` (then the pass options are the scorer's).
+    documents: a 1-D token array, or a list of them.
+    context_len: window length; default min(max_position_embeddings, 2048).
+    stride: targets per window after the first; default context_len (chunked).
+    prefix_token: prepended to every document so its first token is scored too.
+  """
+  scorer = model_or_scorer if isinstance(model_or_scorer, Scorer) else Scorer(
+      model_or_scorer, forward_passes=forward_passes, backward_passes=backward_passes,
+      sequential=sequential)
+  context_len = context_len or min(scorer.config.max_position_embeddings, 2048)
+  if isinstance(documents, np.ndarray) and documents.ndim == 1 or (
+      len(documents) and np.isscalar(documents[0])):
+    documents = [documents]
+  nll, count = 0.0, 0
+  for doc in documents:
+    doc = np.asarray(doc, np.int64).reshape(-1)
+    if prefix_token is not None:
+      doc = np.concatenate([[prefix_token], doc])
+    logp = token_logprobs(scorer, doc, context_len, stride, batch_size)
+    nll -= float(logp.sum())
+    count += len(logp)
+  return Perplexity(nll, count)
+
+
+def perplexity_of_text(model_or_scorer, tokenizer, text: str, **kwargs) -> Perplexity:
+  """`perplexity` of `tokenizer.encode(text)` (any object with `encode(str) -> list[int]`)."""
+  return perplexity(model_or_scorer, np.asarray(tokenizer.encode(text), np.int64), **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  from lckv_jax import checkpoint
+  from lckv_jax.eval import lm_eval_adapter
+  p = argparse.ArgumentParser(prog="python -m lckv_jax.eval.perplexity")
+  p.add_argument("--checkpoint", required=True, help="lckv-jax model checkpoint directory")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--text_file", help="a UTF-8 text file, tokenized with the checkpoint's tokenizer")
+  src.add_argument("--tokens", help="a .npy file of token ids (1-D)")
+  p.add_argument("--context_len", type=int, default=None)
+  p.add_argument("--stride", type=int, default=None)
+  p.add_argument("--forward_passes", type=int, default=None)
+  p.add_argument("--backward_passes", type=int, default=None)
+  p.add_argument("--sequential", action="store_true", help="exact token-by-token mode")
+  p.add_argument("--batch_size", type=int, default=1)
+  p.add_argument("--byte_tokenizer", action="store_true", help="UTF-8 bytes as token ids")
+  args = p.parse_args(argv)
+  model = checkpoint.load_model(args.checkpoint)
+  if args.tokens:
+    tokens = np.load(args.tokens)
+  else:
+    tok = (lm_eval_adapter.ByteTokenizer() if args.byte_tokenizer
+           else lm_eval_adapter.load_tokenizer(args.checkpoint))
+    with open(args.text_file, encoding="utf-8") as f:
+      tokens = np.asarray(tok.encode(f.read()), np.int64)
+  r = perplexity(model, tokens, context_len=args.context_len, stride=args.stride,
+                 forward_passes=args.forward_passes, backward_passes=args.backward_passes,
+                 sequential=args.sequential, batch_size=args.batch_size)
+  print(f"tokens={r.tokens} nll={r.nll:.4f} mean_nll={r.mean_nll:.4f} ppl={r.ppl:.4f}")
+
+
+if __name__ == "__main__":
+  main()

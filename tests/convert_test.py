@@ -1,0 +1,246 @@
+"""HuggingFace interop: import Llama / lckv-llama checkpoints, MLKV averaging, export round trip."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from lckv_jax import checkpoint, convert
+from lckv_jax import hf as hf_io
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+L = 4
+TOKENS = np.random.RandomState(0).randint(0, 96, (2, 16))
+
+
+def _random_llama(tie: bool, seed: int, **kw):
+  torch.manual_seed(seed)
+  cfg = transformers.LlamaConfig(
+      vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=L if not tie else 2,
+      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
+      tie_word_embeddings=tie, rms_norm_eps=1e-5, attn_implementation="eager", **kw)
+  m = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in m.named_parameters():
+      p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
+  return m
+
+
+def _logits(m):
+  with torch.no_grad():
+    return m(torch.tensor(TOKENS)).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+  """HF checkpoints: GQA untied (single file and sharded), tied with linear RoPE scaling."""
+  root = tmp_path_factory.mktemp("hf")
+  m = _random_llama(False, 0)
+  m.save_pretrained(root / "single", safe_serialization=True)
+  m.save_pretrained(root / "sharded", safe_serialization=True, max_shard_size="20KB")
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    (root / "single" / name).write_text('{"dummy": "%s"}' % name)
+  tied = _random_llama(True, 1, rope_theta=500.0,
+                       rope_scaling={"rope_type": "linear", "factor": 2.0})
+  tied.save_pretrained(root / "tied", safe_serialization=True)
+  return {"root": root, "single": str(root / "single"), "sharded": str(root / "sharded"),
+          "tied": str(root / "tied"), "logits": _logits(m), "tied_logits": _logits(tied),
+          "sd": {k: v.numpy() for k, v in m.state_dict().items()}}
+
+
+@nnx.jit
+def _fwd(model, tokens):
+  """Jitted parallel forward: models of one config share the compilation."""
+  return model(tokens)
+
+
+def _rel_err(a, b):
+  return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+
+
+def _params(model):
+  return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+
+
+@pytest.mark.parametrize("which", ["single", "sharded", "tied"])
+def test_llama_import_matches_transformers(hf_dirs, which):
+  if which == "sharded":
+    assert os.path.exists(os.path.join(hf_dirs["sharded"], hf_io.INDEX_FILE))
+  model = convert.import_hf(hf_dirs[which], layer_types="_".join(map(str, range(2 if which == "tied"
+                                                                                else L))))
+  ref = hf_dirs["tied_logits" if which == "tied" else "logits"]
+  assert _rel_err(_fwd(model, TOKENS), ref) < 1e-4
+  if which == "tied":
+    assert model.config.tie_word_embeddings and not hasattr(model, "lm_head")
+    assert model.config.rope_theta == 500.0
+    assert model.config.rope_scaling_dict == {"rope_type": "linear", "factor": 2.0}
+
+
+def _ours_kv(sd, layers):
+  """Mean over HF layers of K and V, in our [E, K, D] layout."""
+  k = np.mean([sd[f"model.layers.{i}.self_attn.k_proj.weight"] for i in layers], axis=0)
+  v = np.mean([sd[f"model.layers.{i}.self_attn.v_proj.weight"] for i in layers], axis=0)
+  return k.T.reshape(32, 2, 4), v.T.reshape(32, 2, 4)
+
+
+@pytest.mark.parametrize("layer_types,groups", [
+    ("0_2_2_3", {0: [0], 2: [1, 2], 3: [3]}),  # LCKV, one warm-up layer at each end
+    ("0_0_2_2", {0: [0, 1], 2: [2, 3]}),  # CLA
+    ("3_3_3_3", {3: [0, 1, 2, 3]}),  # LCKV without warm-up
+])
+def test_kv_average_and_copy(hf_dirs, layer_types, groups):
+  sd = hf_dirs["sd"]
+  avg = convert.import_hf(hf_dirs["single"], layer_types=layer_types)
+  cp = convert.import_hf(hf_dirs["single"], layer_types=layer_types, kv_init="copy")
+  for i in range(L):
+    a, c = avg.layer_params(i).to_pure_dict(), cp.layer_params(i).to_pure_dict()
+    q = sd[f"model.layers.{i}.self_attn.q_proj.weight"].T.reshape(32, 8, 4)
+    np.testing.assert_array_equal(a["attn"]["q_proj"], q)
+    np.testing.assert_array_equal(a["mlp"]["down_proj"], sd[f"model.layers.{i}.mlp.down_proj.weight"].T)
+    if i not in groups:
+      assert "k_proj" not in a["attn"] and "v_proj" not in a["attn"]
+      continue
+    k, v = _ours_kv(sd, groups[i])
+    np.testing.assert_allclose(a["attn"]["k_proj"], k, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(a["attn"]["v_proj"], v, rtol=1e-6, atol=1e-7)
+    k, v = _ours_kv(sd, [i])
+    np.testing.assert_array_equal(c["attn"]["k_proj"], k)
+    np.testing.assert_array_equal(c["attn"]["v_proj"], v)
+
+
+def test_round_trip_lckv_llama(hf_dirs, tmp_path):
+  """Import into LCKV with sliding windows, export (lckv-llama), import: identical."""
+  model = convert.import_hf(hf_dirs["single"], layer_types="0s_2_2_3s", sliding_window=5,
+                            force_nodiag=True, forward_passes=1, backward_passes=1)
+  hf = convert.export_hf(model, str(tmp_path / "out"), max_shard_bytes=30_000)
+  assert hf["model_type"] == "lckv-llama" and hf["sliding_window"] == 4  # flash convention
+  names = hf_io.TensorReader(str(tmp_path / "out")).names()
+  assert "model.layers.1.self_attn.k_proj.weight" not in names
+  assert "model.layers.2.self_attn.v_proj.weight" in names
+  back = convert.import_hf(str(tmp_path / "out"))
+  assert back.config == model.config
+  jax.tree.map(np.testing.assert_array_equal, _params(back), _params(model))
+  np.testing.assert_array_equal(np.asarray(_fwd(back, TOKENS)), np.asarray(_fwd(model, TOKENS)))
+
+
+def test_export_llama_loads_in_transformers(hf_dirs, tmp_path):
+  for which, ref in (("single", "logits"), ("tied", "tied_logits")):
+    model = convert.import_hf(hf_dirs[which])
+    hf = convert.export_hf(model, str(tmp_path / which))
+    assert hf["model_type"] == "llama"
+    back = transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path / which), attn_implementation="eager").eval()
+    assert _rel_err(_logits(back), hf_dirs[ref]) < 1e-5
+    assert _rel_err(_fwd(convert.import_hf(str(tmp_path / which)), TOKENS), hf_dirs[ref]) < 1e-4
+
+
+def test_cli_from_hf_to_hf(hf_dirs, tmp_path, capsys):
+  dst, out = str(tmp_path / "jax"), str(tmp_path / "hf")
+  convert.main(["from-hf", hf_dirs["single"], dst, "--layer_types=lckv", "--kv_init=copy",
+                "--forward_passes=2", "--backward_passes=1"])
+  assert os.path.exists(os.path.join(dst, "tokenizer.json"))
+  assert os.path.exists(os.path.join(dst, "tokenizer_config.json"))
+  loaded = checkpoint.load_model(dst)
+  assert loaded.config.layer_types == "0_2_2_3" and loaded.config.forward_passes == 2
+  convert.main(["to-hf", dst, out])
+  cfg = json.load(open(os.path.join(out, "config.json")))
+  assert cfg["model_type"] == "lckv-llama" and cfg["layer_types"] == "0_2_2_3"
+  assert os.path.exists(os.path.join(out, "tokenizer.json"))
+  again = convert.import_hf(out)
+  jax.tree.map(np.testing.assert_array_equal, _params(again), _params(loaded))
+  assert "wrote" in capsys.readouterr().out
+
+
+def _lckv_llama_dir(hf_dirs, tmp_path, **config_changes):
+  """A checkpoint in the reference code's format: K/V only for KV layers, extra config fields."""
+  path = tmp_path / "lckv"
+  os.makedirs(path)
+  src = hf_dirs["single"]
+  cfg = json.load(open(os.path.join(src, "config.json")))
+  cfg.update(model_type="lckv-llama", architectures=["LCKVLlamaForCausalLM"],
+             layer_types="0_2s_2_3", forward_passes=4, backward_passes=2, sliding_window=6,
+             use_sequential=False, force_nodiag=True)
+  cfg.update(config_changes)
+  json.dump(cfg, open(path / "config.json", "w"))
+  sd = load_file(os.path.join(src, "model.safetensors"))
+  for n in ("k_proj", "v_proj"):
+    del sd[f"model.layers.1.self_attn.{n}.weight"]
+  save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+  return str(path), sd
+
+
+def test_lckv_llama_checkpoint_loads(hf_dirs, tmp_path):
+  path, sd = _lckv_llama_dir(hf_dirs, tmp_path)
+  model = convert.import_hf(path)
+  c = model.config
+  assert (c.layer_types, c.forward_passes, c.backward_passes, c.force_nodiag) == (
+      "0_2s_2_3", 4, 2, True)
+  assert c.sliding_window == 7  # reference flash window 6 covers 7 keys
+  assert convert.import_hf(path, reference_attention="eager").config.sliding_window == 6
+  assert all(c.layer_spec.diag_masked)
+  # Importing with the checkpoint's own layer_types keeps every K/V weight as it is.
+  k = model.layer_params(2).to_pure_dict()["attn"]["k_proj"]
+  np.testing.assert_array_equal(k, sd["model.layers.2.self_attn.k_proj.weight"].T.reshape(32, 2, 4))
+  # Re-targeting: layer 1 used layer 2's K/V in the source, so layer 2 = mean(src 2, src 2) etc.
+  cla = convert.import_hf(path, layer_types="0_0_2_2")
+  k0 = cla.layer_params(0).to_pure_dict()["attn"]["k_proj"]
+  expected = (sd["model.layers.0.self_attn.k_proj.weight"] +
+              sd["model.layers.2.self_attn.k_proj.weight"]) / 2
+  np.testing.assert_allclose(k0, expected.T.reshape(32, 2, 4), rtol=1e-6, atol=1e-7)
+
+
+def test_errors_name_the_field_or_tensor(hf_dirs, tmp_path):
+  path, sd = _lckv_llama_dir(hf_dirs, tmp_path)
+  # Wrong shape.
+  bad = dict(sd)
+  bad["model.layers.3.mlp.up_proj.weight"] = np.zeros((47, 32), np.float32)
+  save_file(bad, os.path.join(path, "model.safetensors"))
+  with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp\.up_proj\.weight.*\(47, 32\)"):
+    convert.import_hf(path)
+  # Missing tensor.
+  bad = {k: v for k, v in sd.items() if k != "model.layers.2.self_attn.v_proj.weight"}
+  save_file(bad, os.path.join(path, "model.safetensors"))
+  with pytest.raises(ValueError, match=r"model\.layers\.2\.self_attn\.v_proj\.weight.*missing"):
+    convert.import_hf(path)
+  # K/V tensors of a layer that computes no KV.
+  save_file(hf_dirs["sd"], os.path.join(path, "model.safetensors"))
+  with pytest.raises(ValueError, match=r"unexpected tensor.*model\.layers\.1\.self_attn\.k_proj"):
+    convert.import_hf(path)
+  # Config fields.
+  cfg = json.load(open(os.path.join(path, "config.json")))
+  for change, pattern in (({"model_type": "mistral"}, "model_type 'mistral'"),
+                          ({"attention_bias": True}, "attention_bias"),
+                          ({"mlp_bias": True}, "mlp_bias"),
+                          ({"hidden_act": "gelu"}, "hidden_act"),
+                          ({"layer_types": "0_2_2"}, "layer_types")):
+    json.dump({**cfg, **change}, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ValueError, match=pattern):
+      convert.import_hf(path)
+  with pytest.raises(ValueError, match="kv_init"):
+    convert.import_hf(hf_dirs["single"], kv_init="median")
+
+
+def test_rope_and_config_mapping():
+  base = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+  c = convert.config_from_hf({**base, "rope_parameters": {
+      "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
+  assert c.rope_theta == 5e5 and c.rope_scaling_dict["rope_type"] == "llama3"
+  c = convert.config_from_hf({**base, "rope_theta": 1234.0, "rope_scaling": None,
+                              "torch_dtype": "bfloat16"})
+  assert c.rope_theta == 1234.0 and c.rope_scaling is None and c.param_dtype == "bfloat16"
+  with pytest.raises(ValueError, match="rope type 'yarn'"):
+    convert.config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+  hf = convert.config_to_hf(convert.config_from_hf(base, layer_types="1_1"))
+  assert hf["model_type"] == "lckv-llama" and hf["sliding_window"] is None
+  assert convert.config_to_hf(convert.config_from_hf(base))["model_type"] == "llama"
+  assert convert.config_to_hf(convert.config_from_hf(base, force_nodiag=True))[
+      "model_type"] == "lckv-llama"
