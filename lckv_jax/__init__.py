@@ -5,3 +5,4 @@ from lckv_jax.config import ModelConfig
 from lckv_jax.model import Transformer, count_params
 
 __all__ = ["ModelConfig", "Transformer", "count_params", "layer_types"]
+from lckv_jax.generation import generate

@@ -93,10 +93,13 @@ def make_mask(q_pos_BxT, q_seg_BxT, k_pos_BxS, k_seg_BxS, *, diag_masked: bool,
   return mask
 
 
-def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS) -> jax.Array:
+def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, *,
+                          zero_key: bool = False) -> jax.Array:
   """Softmax attention with GQA; a query with no visible key outputs zeros (LCKV.md §3.5).
 
   Logits and softmax in float32. Returns [batch, q, heads, head_dim] in the dtype of v.
+  `zero_key` adds one always-visible all-zero key and value (logit 0, value 0) to the softmax, as
+  the reference code's decoding does (LCKV.md §5, `decode_semantics='whynlp_main'`).
   """
   b, t, h, d = q_BxTxHxD.shape
   kv_heads = k_BxSxKxD.shape[2]
@@ -106,8 +109,13 @@ def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS) -> jax.Ar
   mask = mask_BxTxS[:, None, None, :, :]
   logits = jnp.where(mask, logits, _MASKED)
   logits_max = jnp.max(logits, axis=-1, keepdims=True)
-  probs = jnp.exp(logits - jax.lax.stop_gradient(logits_max)) * mask
+  if zero_key:
+    logits_max = jnp.maximum(logits_max, 0.0)
+  logits_max = jax.lax.stop_gradient(logits_max)
+  probs = jnp.exp(logits - logits_max) * mask
   denom = jnp.sum(probs, axis=-1, keepdims=True)
+  if zero_key:
+    denom = denom + jnp.exp(-logits_max)
   probs = probs / jnp.where(denom > 0, denom, 1.0)
   out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD)
   return out.reshape(b, t, h, d)
@@ -147,9 +155,10 @@ class Attention(nnx.Module):
     v = jnp.einsum("bte,ekd->btkd", x_BxTxE, self.v_proj[...].astype(self.dtype))
     return apply_rope(k, cos_sin), v
 
-  def __call__(self, x_BxTxE, cos_sin, kv: KV, mask_BxTxS) -> jax.Array:
+  def __call__(self, x_BxTxE, cos_sin, kv: KV, mask_BxTxS, *, zero_key: bool = False
+               ) -> jax.Array:
     """Attends this layer's queries to `kv` (the KV of the layer it attends to)."""
     q = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.q_proj[...].astype(self.dtype))
     q = apply_rope(q, cos_sin)
-    out_BxTxHxD = dot_product_attention(q, kv.k, kv.v, mask_BxTxS)
+    out_BxTxHxD = dot_product_attention(q, kv.k, kv.v, mask_BxTxS, zero_key=zero_key)
     return jnp.einsum("bthd,hde->bte", out_BxTxHxD, self.o_proj[...].astype(self.dtype))

@@ -14,6 +14,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
            "float64": jnp.float64}
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 _ROPE_SCALING = ("linear", "llama3")
+_DECODE_SEMANTICS = ("exact", "whynlp_main")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ModelConfig:
   sliding_window: int | None = None  # window W of layers marked 's' (query + W-1 keys before it)
   use_sequential: bool = False  # run the exact token-by-token mode instead of the iteration plan
   force_nodiag: bool = False  # mask the diagonal in every layer (the reference's released models)
+  decode_semantics: str = "exact"  # 'exact' (= sequential mode) or 'whynlp_main' (LCKV.md §5 compat)
   # Numerics and compilation.
   dtype: str = "float32"  # compute dtype of activations
   param_dtype: str = "float32"  # storage dtype of parameters
@@ -85,6 +87,9 @@ class ModelConfig:
       if getattr(self, name) not in _DTYPES:
         raise ValueError(
             f"ModelConfig.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+    if self.decode_semantics not in _DECODE_SEMANTICS:
+      raise ValueError(f"ModelConfig.decode_semantics must be one of {_DECODE_SEMANTICS}, got "
+                       f"{self.decode_semantics!r}")
     if self.remat not in _REMAT:
       raise ValueError(f"ModelConfig.remat must be one of {_REMAT}, got {self.remat!r}")
     # Resolve presets once, so every consumer sees the literal string.

@@ -282,6 +282,7 @@ class Role:
   source: tuple[str, int]
   sliding: bool
   diag_masked: bool
+  upward: bool = False  # reads a layer above itself (attends_top)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +317,8 @@ def _roles(lt: LayerTypes, start: int, period: int, num_blocks: int) -> tuple[Ro
         return None  # reads another block of the same run: blocks would not be independent
       else:
         source = ("layer", j)
-      rs.append(Role(lt.computes_kv[i], source, lt.sliding[i], lt.diag_masked[i]))
+      rs.append(Role(lt.computes_kv[i], source, lt.sliding[i], lt.diag_masked[i],
+                     lt.attends_top[i]))
     if roles is None:
       roles = tuple(rs)
     elif tuple(rs) != roles:

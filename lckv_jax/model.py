@@ -97,11 +97,21 @@ class _Context:
     """Stores this chunk's KV for one layer: the whole entry without a cache, else at its slots."""
     if self.write_index is None:
       return KV(k, v, self.positions, self.segment_ids)
-    put = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
-    return KV(put(entry.k, k.astype(entry.k.dtype), self.write_index),
-              put(entry.v, v.astype(entry.v.dtype), self.write_index),
-              put(entry.pos, self.positions, self.write_index),
-              put(entry.seg, self.segment_ids, self.write_index))
+    # Slots wrap modulo the buffer length, so a short buffer is a ring (sliding-window layers,
+    # see `lckv_jax.cache`); for a full-length buffer the modulo changes nothing.
+    slots, t = entry.k.shape[1], k.shape[1]
+    if t > slots:
+      raise ValueError(f"a chunk of {t} tokens does not fit a cache buffer of {slots} slots")
+    if t == 1:
+      put = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
+      index = self.write_index % slots
+    else:
+      put = jax.vmap(lambda buf, new, i: buf.at[i].set(new))
+      index = (self.write_index[:, None] + jnp.arange(t)) % slots
+    return KV(put(entry.k, k.astype(entry.k.dtype), index),
+              put(entry.v, v.astype(entry.v.dtype), index),
+              put(entry.pos, self.positions, index),
+              put(entry.seg, self.segment_ids, index))
 
   def zeros(self, entry: KV | None) -> KV:
     """The first iteration's KV of an upper layer: zeros at this chunk's slots (LCKV.md §4)."""
@@ -110,12 +120,21 @@ class _Context:
     z = jnp.zeros((b, t, c.num_kv_heads, c.resolved_head_dim), c.compute_dtype)
     return self.write(entry, z, z)
 
+  def compat_decode(self, role: lt_lib.Role) -> bool:
+    """The reference's decoding of an upward-attending layer (LCKV.md §5, 'whynlp_main'): it
+    prepends a zero KV slot and drops the newest one, so token p sees {0, KV_0..KV_{p-2}}."""
+    return (role.upward and self.config.decode_semantics == "whynlp_main"
+            and self.write_index is not None and self.positions.shape[1] == 1)
+
   def mask(self, role: lt_lib.Role, kv: KV) -> jax.Array:
     window = self.config.sliding_window if role.sliding else None
     if self.write_index is None:
       return self.masks[(role.diag_masked, window)]
-    return make_mask(self.positions, self.segment_ids, kv.pos, kv.seg,
+    mask = make_mask(self.positions, self.segment_ids, kv.pos, kv.seg,
                      diag_masked=role.diag_masked, window=window)
+    if self.compat_decode(role):
+      mask &= kv.pos[:, None, :] < self.positions[:, :, None] - 1
+    return mask
 
 
 def _layer_pass(layer: DecoderLayer, role: lt_lib.Role, own_key, h, kvs: dict, ctx: _Context):
@@ -125,7 +144,8 @@ def _layer_pass(layer: DecoderLayer, role: lt_lib.Role, own_key, h, kvs: dict, c
     k, v = layer.attn.project_kv(x, ctx.cos_sin)
     kvs[own_key] = ctx.write(kvs.get(own_key), k, v)
   source = kvs[role.source]
-  h = h + layer.attn(x, ctx.cos_sin, source, ctx.mask(role, source))
+  h = h + layer.attn(x, ctx.cos_sin, source, ctx.mask(role, source),
+                     zero_key=ctx.compat_decode(role))
   return h + layer.mlp(layer.post_attention_norm(h))
 
 

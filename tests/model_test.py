@@ -304,3 +304,38 @@ def test_bad_token_shape_is_an_error():
   model = make()
   with pytest.raises(ValueError, match="tokens must be"):
     model(jnp.zeros((5,), jnp.int32))
+
+
+# -- decode semantics ----------------------------------------------------------------------------
+
+
+def test_zero_key_equals_attending_to_a_prepended_zero_slot():
+  from lckv_jax.attention import dot_product_attention
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (2, 3, 4, 8))
+  k = jax.random.normal(ks[1], (2, 5, 2, 8))
+  v = jax.random.normal(ks[2], (2, 5, 2, 8))
+  mask = jax.random.bernoulli(ks[3], 0.6, (2, 3, 5))
+  got = dot_product_attention(q, k, v, mask, zero_key=True)
+  z = jnp.zeros((2, 1, 2, 8))
+  want = dot_product_attention(q, jnp.concatenate([z, k], 1), jnp.concatenate([z, v], 1),
+                               jnp.concatenate([jnp.ones((2, 3, 1), bool), mask], 2))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_whynlp_main_decode_drops_the_newest_top_kv():
+  exact = make(layer_types="0_2_2_3")
+  compat = Transformer(exact.config.replace(decode_semantics="whynlp_main"), rngs=nnx.Rngs(0))
+  nnx.update(compat, nnx.state(exact))
+  toks = tokens(length=6)
+  a, b = sequential(exact, toks), sequential(compat, toks)
+  np.testing.assert_allclose(a[:, 0], b[:, 0], atol=1e-6)  # nothing visible either way
+  assert float(jnp.abs(a[:, 1:] - b[:, 1:]).max()) > 1e-3
+  # The parallel mode (training, prefill) is the same in both semantics.
+  np.testing.assert_allclose(forward(exact, toks), forward(compat, toks), atol=1e-6)
+  # Without upward-attending layers there is nothing to change.
+  llama = make(layer_types="llama")
+  llama_compat = Transformer(llama.config.replace(decode_semantics="whynlp_main"),
+                             rngs=nnx.Rngs(0))
+  nnx.update(llama_compat, nnx.state(llama))
+  np.testing.assert_allclose(sequential(llama, toks), sequential(llama_compat, toks), atol=1e-6)

@@ -1,0 +1,449 @@
+"""Generation: prefill a batch of prompts, then decode one token per pass (LCKV.md §4, §5).
+
+- Prefill runs the prompt through `Transformer.step` with the iteration plan (`iterations`, default
+  m + b); a prompt no longer than that number in a model with a cycle runs token by token instead
+  (the sequential mode, exact), as the reference does.
+- Decoding is a `lax.while_loop` inside one `jit`: one exact pass per token, sampling, per-row EOS
+  and budgets. The cache buffers are donated, so they are updated in place.
+- Prompts of different lengths share a batch by left padding (`segment_ids` 0 on pads, positions
+  counted per row from the first real token). `Generator.insert` puts a freshly prefilled
+  sequence into a free row of a running batch (continuous batching).
+- `sink=(n_sink, window)` decodes with a StreamingLLM attention-sink cache (`lckv_jax.cache`):
+  constant memory, positions bounded by `n_sink + window`, so generation may run far past
+  `max_position_embeddings`.
+- `mesh=`: parameters sharded over the `tensor` axis, the batch and cache over `data`.
+
+Decode semantics: exact (LCKV.md §5). The reference's off-by-one ("whynlp_main") is not offered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lckv_jax import cache as cache_lib
+from lckv_jax.model import Transformer
+from lckv_jax.sampling import Sampling, sample_with
+
+PREFILL_MODES = ("auto", "parallel", "sequential")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and tokenizers.
+# ---------------------------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+  """Fallback tokenizer: tokens are UTF-8 bytes (needs a vocabulary of at least 256)."""
+  eos_token_id = None
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, pad_id: int = 0):
+  """Left-pads token lists: (tokens, positions, segment_ids) [batch, longest], lengths [batch]."""
+  if len(prompts) == 0:
+    raise ValueError("prompts: need at least one prompt")
+  lengths = [len(p) for p in prompts]
+  for n, (p, length) in enumerate(zip(prompts, lengths)):
+    if length == 0:
+      raise ValueError(f"prompt {n} is empty: every prompt needs at least one token")
+    bad = [t for t in p if not 0 <= int(t) < vocab_size]
+    if bad:
+      raise ValueError(f"prompt {n} has token ids {bad[:5]} outside the vocabulary 0..{vocab_size - 1}")
+  longest = max(lengths)
+  tokens = np.full((len(prompts), longest), pad_id, np.int32)
+  segment_ids = np.zeros((len(prompts), longest), np.int32)
+  positions = np.zeros((len(prompts), longest), np.int32)
+  for r, (p, length) in enumerate(zip(prompts, lengths)):
+    tokens[r, longest - length:] = np.asarray(p, np.int32)
+    segment_ids[r, longest - length:] = 1
+    positions[r, longest - length:] = np.arange(length)
+  return tokens, positions, segment_ids, np.asarray(lengths, np.int32)
+
+
+def _as_token_lists(prompts, tokenizer) -> tuple[list[list[int]], bool]:
+  """Prompts as token-id lists, and whether they came as text."""
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  if isinstance(prompts, (np.ndarray, jax.Array)):
+    arr = np.asarray(prompts)
+    return ([arr.tolist()] if arr.ndim == 1 else arr.tolist()), False
+  prompts = list(prompts)
+  if prompts and all(isinstance(p, str) for p in prompts):
+    if tokenizer is None:
+      raise ValueError("text prompts need a tokenizer (or ByteTokenizer() for a byte vocabulary)")
+    return [list(tokenizer.encode(p)) for p in prompts], True
+  if prompts and all(isinstance(p, (int, np.integer)) for p in prompts):
+    return [[int(t) for t in prompts]], False
+  return [[int(t) for t in p] for p in prompts], False
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding: logical axis names of the parameters -> mesh axes.
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_RULES = {"batch": "data", "vocab": "tensor", "mlp": "tensor", "q_heads": "tensor",
+                 "kv_heads": "tensor", "embed": None, "head_dim": None, "norm": None,
+                 "layers": None, "length": None}
+
+
+def _spec(mesh: Mesh, shape, axes, rules) -> P:
+  """A PartitionSpec from logical axes, leaving a dimension whole if the mesh axis does not divide it."""
+  out = []
+  for dim, name in zip(shape, axes):
+    mesh_axis = rules.get(name) if name is not None else None
+    if mesh_axis is not None and (mesh_axis not in mesh.shape or dim % mesh.shape[mesh_axis]):
+      mesh_axis = None
+    out.append(mesh_axis)
+  return P(*out)
+
+
+def shard_model(model: Transformer, mesh: Mesh, rules: dict | None = None) -> None:
+  """Places every parameter on `mesh` following its logical axes (`out_sharding` metadata)."""
+  rules = {**DEFAULT_RULES, **(rules or {})}
+  params = nnx.state(model, nnx.Param)
+
+  def put(var):
+    axes = var.get_metadata().get("out_sharding") or (None,) * var[...].ndim
+    return var.replace(jax.device_put(var[...], NamedSharding(
+        mesh, _spec(mesh, var[...].shape, axes, rules))))
+
+  nnx.update(model, jax.tree.map(put, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def _shard_state(state, mesh: Mesh | None, rules: dict | None = None):
+  """Decode state on the mesh: batch over `data`, cache KV heads over `tensor`."""
+  if mesh is None:
+    return state
+  rules = {**DEFAULT_RULES, **(rules or {})}
+
+  def put(x):
+    if not isinstance(x, jax.Array) or x.ndim == 0 or jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key):
+      return x
+    axes = {4: ("batch", "length", "kv_heads", "head_dim")}.get(
+        x.ndim, ("batch",) + (None,) * (x.ndim - 1))
+    return jax.device_put(x, NamedSharding(mesh, _spec(mesh, x.shape, axes, rules)))
+
+  return jax.tree.map(put, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill.
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(8,))
+def _prefill(graphdef, iterations: int, sequential: bool, all_logits: bool, params, tokens,
+             positions, segment_ids, cache, write_index):
+  model = nnx.merge(graphdef, params)
+  if sequential:
+    def body(cache, xs):
+      t, tok, pos, seg = xs
+      logits, cache = model.step(tok[:, None], cache, write_index + t, pos[:, None], seg[:, None],
+                                 iterations=1)
+      return cache, logits[:, 0]
+    xs = (jnp.arange(tokens.shape[1]), tokens.T, positions.T, segment_ids.T)
+    cache, logits_TxBxV = jax.lax.scan(body, cache, xs)
+    logits = jnp.swapaxes(logits_TxBxV, 0, 1)
+  else:
+    roomy = cache_lib.with_room(model.config, cache, write_index, tokens.shape[1])
+    logits, roomy = model.step(tokens, roomy, write_index, positions, segment_ids,
+                               iterations=iterations)
+    cache = cache_lib.compact(roomy, cache, write_index + tokens.shape[1])
+  return (logits if all_logits else logits[:, -1]), cache
+
+
+def prefill(model: Transformer, tokens, positions, segment_ids, cache: dict, write_index, *,
+            iterations: int | None = None, mode: str = "auto", all_logits: bool = False):
+  """Runs a chunk of prompt tokens into `cache` (donated) at `write_index` [batch].
+
+  Args:
+    iterations: passes of a cyclic group over the chunk; default forward_passes + backward_passes.
+    mode: 'auto' (sequential for a model with a cycle and a chunk no longer than `iterations`,
+      else parallel), 'parallel' or 'sequential'.
+  Returns:
+    logits [batch, vocab] of the last token ([batch, chunk, vocab] with `all_logits`), and the
+    cache.
+  """
+  cfg = model.config
+  if mode not in PREFILL_MODES:
+    raise ValueError(f"prefill mode must be one of {PREFILL_MODES}, got {mode!r}")
+  iterations = cfg.forward_passes + cfg.backward_passes if iterations is None else iterations
+  if not isinstance(iterations, int) or iterations < 1:
+    raise ValueError(f"prefill iterations must be an integer >= 1, got {iterations!r}")
+  chunk = tokens.shape[1]
+  sequential = mode == "sequential" or (
+      mode == "auto" and cfg.layer_spec.has_cycle and (chunk <= iterations or cfg.use_sequential))
+  graphdef, params = nnx.split(model)
+  return _prefill(graphdef, iterations, sequential, all_logits, params, jnp.asarray(tokens),
+                  jnp.asarray(positions), jnp.asarray(segment_ids), cache,
+                  jnp.asarray(write_index, jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding.
+# ---------------------------------------------------------------------------------------------
+
+
+class DecodeState(NamedTuple):
+  """A running batch. Each row decodes on its own (own slot, position, budget, EOS)."""
+  cache: dict  # {('layer', j): KV}
+  token: jax.Array  # [B] int32, the last sampled token: the next input
+  write_index: jax.Array  # [B] int32, the slot `token` is written to
+  position: jax.Array  # [B] int32, the RoPE position of `token`
+  done: jax.Array  # [B] bool, EOS sampled or budget reached (or a free row)
+  num_generated: jax.Array  # [B] int32, tokens in `tokens`
+  max_new: jax.Array  # [B] int32, the budget of the row
+  tokens: jax.Array  # [B, max_new_tokens] int32, generated tokens (pad_id beyond)
+  logits: Any  # [B, max_new_tokens, vocab] float32 with return_logits, else None
+  rng: jax.Array  # PRNG key of the batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  sampling: Sampling
+  eos_ids: tuple[int, ...]
+  pad_id: int
+  n_sink: int | None
+  stream: Callable | None
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _first(settings: _Settings, state: DecodeState, logits_BxV, key) -> DecodeState:
+  return _finish(settings, state, logits_BxV, key)
+
+
+def _finish(settings: _Settings, state: DecodeState, logits_BxV, key) -> DecodeState:
+  """Samples the next token of every active row and records it."""
+  nxt = sample_with(settings.sampling, logits_BxV, key)
+  active = ~state.done
+  rows = jnp.arange(nxt.shape[0])
+  idx = jnp.minimum(state.num_generated, state.tokens.shape[1] - 1)
+  tokens = state.tokens.at[rows, idx].set(jnp.where(active, nxt, state.tokens[rows, idx]))
+  logits = state.logits
+  if logits is not None:
+    logits = logits.at[rows, idx].set(
+        jnp.where(active[:, None], logits_BxV.astype(logits.dtype), logits[rows, idx]))
+  if settings.stream is not None:
+    jax.debug.callback(settings.stream, nxt, active, ordered=True)
+  num_generated = state.num_generated + active
+  is_eos = jnp.zeros_like(active)
+  for e in settings.eos_ids:
+    is_eos |= nxt == e
+  done = state.done | (active & is_eos) | (num_generated >= state.max_new)
+  return state._replace(token=jnp.where(active, nxt, state.token), done=done,
+                        num_generated=num_generated, tokens=tokens, logits=logits)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _decode(graphdef, settings: _Settings, params, state: DecodeState, num_steps):
+  model = nnx.merge(graphdef, params)
+
+  def cond(carry):
+    i, s = carry
+    return (i < num_steps) & ~jnp.all(s.done)
+
+  def body(carry):
+    i, s = carry
+    cache, write_index, position = s.cache, s.write_index, s.position
+    if settings.n_sink is not None:
+      cache, write_index = cache_lib.sink_evict(model.config, cache, write_index, settings.n_sink)
+      position = write_index
+    logits, cache = model.step(s.token[:, None], cache, write_index, position[:, None],
+                               jnp.ones_like(position)[:, None], iterations=1)
+    rng, key = jax.random.split(s.rng)
+    active = ~s.done
+    s = s._replace(cache=cache, rng=rng,
+                   write_index=jnp.where(active, write_index + 1, write_index),
+                   position=jnp.where(active, position + 1, position))
+    return i + 1, _finish(settings, s, logits[:, 0], key)
+
+  steps, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
+  return state, steps
+
+
+class Generator:
+  """Prefill and decode loop for one model and one set of generation settings.
+
+  >>> gen = Generator(model, max_len=256, max_new_tokens=64, eos_id=2)
+  >>> state = gen.start([[1, 5, 9], [1, 7]])      # prefill + first token
+  >>> state = gen.decode(state)                    # until EOS or the budgets
+  >>> gen.results(state)                           # [[...], [...]]
+
+  Continuous batching: `gen.decode(state, num_steps=k)`, then `gen.insert(state, row,
+  gen.start([prompt]))` into a row whose `done` is set, and decode on.
+  """
+
+  def __init__(self, model: Transformer, *, max_new_tokens: int, max_len: int | None = None,
+               sampling: Sampling = Sampling(), eos_id: int | Sequence[int] | None = None,
+               pad_id: int = 0, prefill_iterations: int | None = None,
+               prefill_mode: str = "auto", sink: tuple[int, int] | None = None,
+               return_logits: bool = False, mesh: Mesh | None = None,
+               stream: Callable | None = None, cache_dtype=None):
+    cfg = model.config
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+      raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
+    if prefill_mode not in PREFILL_MODES:
+      raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
+    if sink is not None:
+      n_sink, window = sink
+      if n_sink < 0 or window < 1:
+        raise ValueError(f"sink=(n_sink, window) needs n_sink >= 0 and window >= 1, got {sink}")
+    eos_ids = () if eos_id is None else (
+        (int(eos_id),) if isinstance(eos_id, (int, np.integer)) else tuple(int(e) for e in eos_id))
+    self.model, self.mesh = model, mesh
+    if mesh is not None:
+      shard_model(model, mesh)
+    self.max_new_tokens, self.max_len, self.sink = max_new_tokens, max_len, sink
+    self.prefill_iterations, self.prefill_mode = prefill_iterations, prefill_mode
+    self.return_logits, self.cache_dtype = return_logits, cache_dtype
+    self.settings = _Settings(sampling, eos_ids, pad_id, None if sink is None else sink[0], stream)
+    self.vocab_size = cfg.vocab_size
+
+  def _cache_len(self, longest: int) -> int:
+    if self.sink is not None:
+      cap = self.sink[0] + self.sink[1]
+      if longest > cap:
+        raise ValueError(f"prompt of {longest} tokens is longer than the sink cache "
+                         f"(n_sink + window = {cap}); shorten it or enlarge the window")
+      return cap
+    need = longest + self.max_new_tokens - 1
+    if self.max_len is None:
+      return need
+    if longest > self.max_len:
+      raise ValueError(f"prompt of {longest} tokens is longer than the cache (max_len="
+                       f"{self.max_len})")
+    if need > self.max_len:
+      raise ValueError(f"prompt of {longest} tokens + max_new_tokens={self.max_new_tokens} needs "
+                       f"{need} cache slots, but max_len={self.max_len}; raise max_len or use "
+                       "sink=(n_sink, window)")
+    return self.max_len
+
+  def start(self, prompts: Sequence[Sequence[int]], seed: int | jax.Array = 0,
+            max_new_tokens: int | Sequence[int] | None = None) -> DecodeState:
+    """Prefills left-padded prompts and samples each row's first token."""
+    cfg = self.model.config
+    tokens, positions, segment_ids, lengths = pad_prompts(prompts, cfg.vocab_size,
+                                                          self.settings.pad_id)
+    b, longest = tokens.shape
+    max_len = self._cache_len(longest)
+    budget = np.broadcast_to(np.asarray(
+        self.max_new_tokens if max_new_tokens is None else max_new_tokens, np.int32), (b,))
+    if (budget < 1).any() or (budget > self.max_new_tokens).any():
+      raise ValueError(f"max_new_tokens per row must be in 1..{self.max_new_tokens}, got {budget}")
+    if self.sink is not None:
+      cache = cache_lib.init_sink_cache(cfg, b, *self.sink, dtype=self.cache_dtype)
+    else:
+      cache = cache_lib.init_cache(cfg, b, max_len, self.cache_dtype)
+    rng = jax.random.key(seed) if isinstance(seed, int) else seed
+    rng, key = jax.random.split(rng)
+    arrays = _shard_state((jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids),
+                           cache), self.mesh)
+    logits, cache = prefill(self.model, *arrays, jnp.zeros((b,), jnp.int32),
+                            iterations=self.prefill_iterations, mode=self.prefill_mode)
+    if self.sink is not None:  # rows left-aligned: slot = position
+      cache = cache_lib.left_align(cache, jnp.asarray(longest - lengths))
+      write_index = jnp.asarray(lengths)
+    else:
+      write_index = jnp.full((b,), longest, jnp.int32)
+    n = self.max_new_tokens
+    state = DecodeState(
+        cache=cache, token=jnp.zeros((b,), jnp.int32), write_index=write_index,
+        position=jnp.asarray(lengths), done=jnp.zeros((b,), bool),
+        num_generated=jnp.zeros((b,), jnp.int32), max_new=jnp.asarray(budget),
+        tokens=jnp.full((b, n), self.settings.pad_id, jnp.int32),
+        logits=jnp.zeros((b, n, cfg.vocab_size), jnp.float32) if self.return_logits else None,
+        rng=rng)
+    return _shard_state(_first(self.settings, state, logits, key), self.mesh)
+
+  def decode(self, state: DecodeState, num_steps: int | None = None) -> DecodeState:
+    """Decodes up to `num_steps` tokens per row (default: until every row is done). `state` is
+    donated: use the returned one."""
+    num_steps = self.max_new_tokens if num_steps is None else num_steps
+    graphdef, params = nnx.split(self.model)
+    state, _ = _decode(graphdef, self.settings, params, state, jnp.asarray(num_steps, jnp.int32))
+    return state
+
+  def insert(self, state: DecodeState, row: int, new: DecodeState, new_row: int = 0
+             ) -> DecodeState:
+    """`state` with batch row `row` replaced by row `new_row` of `new` (from `start`)."""
+    b = state.token.shape[0]
+    if not 0 <= row < b:
+      raise ValueError(f"insert: row must be in 0..{b - 1}, got {row}")
+    if self.sink is None and self.max_len is None:
+      raise ValueError("insert needs a Generator with a fixed max_len (the cache length)")
+    cache = cache_lib.insert_row(state.cache, row, new.cache, new_row)
+    rest = {f: jax.tree.map(lambda a, c: a.at[row].set(c[new_row]), getattr(state, f),
+                            getattr(new, f))
+            for f in DecodeState._fields if f not in ("cache", "rng")}
+    return _shard_state(state._replace(cache=cache, **rest), self.mesh)
+
+  @staticmethod
+  def results(state: DecodeState) -> list[list[int]]:
+    """Generated tokens of each row (EOS included when sampled)."""
+    tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
+    return [tokens[r, :counts[r]].tolist() for r in range(tokens.shape[0])]
+
+
+# ---------------------------------------------------------------------------------------------
+# One call.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Generation:
+  """What `generate` returns."""
+  tokens: list[list[int]]  # new tokens of each prompt (EOS included when sampled)
+  texts: list[str] | None  # decoded new tokens, for text prompts
+  logits: np.ndarray | None  # [batch, max_new_tokens, vocab] with return_logits
+  seconds: float  # wall time of prefill + decoding
+  prefill_seconds: float  # wall time of the prefill (first token included)
+
+
+def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, tokenizer=None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_id: int | Sequence[int] | None = None, max_len: int | None = None,
+             prefill_iterations: int | None = None, prefill_mode: str = "auto",
+             sink: tuple[int, int] | None = None, mesh: Mesh | None = None,
+             return_logits: bool = False, stream: Callable | None = None) -> Generation:
+  """Generates continuations of `prompts`: text (with `tokenizer`), token ids, or lists of them.
+
+  Greedy by default; `temperature`, `top_k`, `top_p` and `seed` sample (same seed, same tokens).
+  Stops a row at `eos_id` (default: the tokenizer's `eos_token_id`) or after `max_new_tokens`.
+  `stream(tokens_B, active_B)` is called on the host with every new token of the batch.
+  """
+  sampling = Sampling(temperature, top_k, top_p)
+  token_lists, is_text = _as_token_lists(prompts, tokenizer)
+  if eos_id is None and tokenizer is not None:
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+  gen = Generator(model, max_new_tokens=max_new_tokens, max_len=max_len, sampling=sampling,
+                  eos_id=eos_id, prefill_iterations=prefill_iterations,
+                  prefill_mode=prefill_mode, sink=sink, return_logits=return_logits, mesh=mesh,
+                  stream=stream)
+  t0 = time.perf_counter()
+  state = gen.start(token_lists, seed)
+  jax.block_until_ready(state.token)
+  t1 = time.perf_counter()
+  state = gen.decode(state)
+  jax.block_until_ready(state.tokens)
+  t2 = time.perf_counter()
+  tokens = gen.results(state)
+  texts = [tokenizer.decode(t) for t in tokens] if (is_text and tokenizer is not None) else None
+  logits = None if state.logits is None else np.asarray(state.logits)
+  return Generation(tokens, texts, logits, t2 - t0, t1 - t0)

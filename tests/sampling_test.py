@@ -1,0 +1,57 @@
+"""Sampling: greedy, temperature, top-k, top-p, reproducibility and argument checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lckv_jax.sampling import Sampling, filter_logits, sample
+
+LOGITS = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1], [0.05, 0.05, 0.1, 0.8]]))
+
+
+def test_greedy_is_argmax_and_ignores_the_key():
+  assert sample(LOGITS, None).tolist() == [0, 3]
+  assert sample(LOGITS, jax.random.key(1)).tolist() == [0, 3]
+
+
+def test_same_key_same_tokens():
+  logits = jax.random.normal(jax.random.key(0), (4, 50))
+  a = sample(logits, jax.random.key(7), temperature=1.0)
+  b = sample(logits, jax.random.key(7), temperature=1.0)
+  c = sample(logits, jax.random.key(8), temperature=1.0)
+  assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+
+
+def _frequencies(n=4000, **kw):
+  keys = jax.random.split(jax.random.key(0), n)
+  toks = jax.vmap(lambda k: sample(LOGITS[:1], k, **kw)[0])(keys)
+  return np.bincount(np.asarray(toks), minlength=4) / n
+
+
+def test_temperature_one_follows_the_distribution():
+  np.testing.assert_allclose(_frequencies(temperature=1.0), [0.5, 0.25, 0.15, 0.1], atol=0.03)
+
+
+def test_top_k_and_top_p_keep_the_right_sets():
+  assert _frequencies(temperature=1.0, top_k=2)[2:].sum() == 0
+  np.testing.assert_allclose(_frequencies(temperature=1.0, top_k=2)[:2], [2 / 3, 1 / 3], atol=0.03)
+  # top_p 0.7: 0.5 then 0.25 reach it; 0.15 and 0.1 are cut.
+  assert _frequencies(temperature=1.0, top_p=0.7)[2:].sum() == 0
+  assert _frequencies(temperature=1.0, top_p=0.5)[1:].sum() == 0  # the first reaches 0.5 alone
+  kept = np.isfinite(np.asarray(filter_logits(LOGITS, top_p=0.9)))
+  assert kept.tolist() == [[True, True, True, False], [False, False, True, True]]
+
+
+def test_low_temperature_approaches_greedy():
+  assert _frequencies(n=500, temperature=1e-3)[0] == 1.0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.01), "top_p"), (dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k")])
+def test_bad_settings_raise(kw, match):
+  with pytest.raises(ValueError, match=match):
+    Sampling(**kw)
+  with pytest.raises(ValueError, match=match):
+    sample(LOGITS, jax.random.key(0), **{"temperature": 1.0, **kw})

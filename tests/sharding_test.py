@@ -1,0 +1,77 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import ml_collections
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lckv_jax.train import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mesh_cfg(data=-1, fsdp=1, tensor=1):
+  return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def test_mesh_shape_fills_and_checks():
+  assert sharding.mesh_shape(_mesh_cfg(-1, 2, 2), 8) == (2, 2, 2)
+  assert sharding.mesh_shape(_mesh_cfg(1, -1, 1), 8) == (1, 8, 1)
+  with pytest.raises(ValueError, match="does not divide the 8 devices"):
+    sharding.mesh_shape(_mesh_cfg(-1, 3, 1), 8)
+  with pytest.raises(ValueError, match="uses 4 devices but there are 8"):
+    sharding.mesh_shape(_mesh_cfg(2, 2, 1), 8)
+
+
+def test_logical_rules_one_table():
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+  assert sharding.logical_to_spec(("embed", "q_heads", "head_dim"), (8, 4, 4), mesh) == \
+      P("fsdp", "tensor", None)
+  assert sharding.logical_to_spec(("layers", "embed", "mlp"), (3, 8, 6), mesh) == \
+      P(None, "fsdp", "tensor")
+  # A dimension the axis does not divide is replicated.
+  assert sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (8, 1, 4), mesh) == \
+      P("fsdp", None, None)
+  assert sharding.logical_to_spec(("norm",), (8,), mesh) == P(None)
+
+
+_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np, chex, sys
+    sys.path.insert(0, %r)
+    assert jax.device_count() == 8, jax.devices()
+    from tests.train_test import tiny_config
+    from lckv_jax.train.trainer import Trainer
+    results = {}
+    for name, (d, f, t), devs in [("one", (1, 1, 1), jax.devices()[:1]),
+                                  ("mesh", (2, 2, 2), jax.devices())]:
+      c = tiny_config(grad_accum=2)
+      c.mesh.update(data=d, fsdp=f, tensor=t)
+      tr = Trainer(c, "/tmp/unused", devices=devs, write_metrics=False)
+      state = tr.init_state()
+      batch = tr.device_batch(tr.data.train[0])
+      state, metrics = tr.train_step(state, batch)
+      results[name] = (jax.device_get(state), jax.device_get(metrics))
+      if name == "mesh":
+        emb = state["params"]["embed"]
+        assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp"), emb.sharding
+        assert emb.addressable_shards[0].data.shape == (128, 16), emb.addressable_shards[0].data.shape
+        q = state["params"]["blocks"][0]["layers"][0]["attn"]["q_proj"]
+        assert q.addressable_shards[0].data.shape[1:] == (16, 2, 8), q.addressable_shards[0].data.shape
+        mu = state["opt_state"][1][0].mu["embed"]
+        assert mu.sharding.spec == emb.sharding.spec, mu.sharding
+    (s1, m1), (s8, m8) = results["one"], results["mesh"]
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    chex.assert_trees_all_close(s1["params"], s8["params"], atol=1e-5, rtol=0)
+    print("SHARDING_OK", float(m1["loss"]), float(m8["loss"]))
+""")
+
+
+def test_train_step_on_8_devices_matches_1_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-c", _SCRIPT % ROOT], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "SHARDING_OK" in out.stdout, out.stderr[-3000:]

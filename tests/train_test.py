@@ -1,0 +1,148 @@
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lckv_jax.data import pipeline
+from lckv_jax.train import optim, step as step_lib
+from lckv_jax.train.config import default_config, model_config
+from lckv_jax.train.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """A very small LCKV model on a slice of the embedded corpus: the shared test config."""
+  c = default_config()
+  c.model.update(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+                 num_kv_heads=2, layer_types="lckv", forward_passes=1, backward_passes=1,
+                 max_position_embeddings=64)
+  c.update(seq_len=32, batch_size=8, steps=50, log_every=5, eval_every=0, progress_bar=False)
+  c.optimizer.update(lr=1e-2, warmup_steps=5)
+  c.data.update(max_documents=30, eval_batches=2)
+  c.checkpoint.update(every=10, keep=5)
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+  return Trainer(tiny_config(), str(tmp_path_factory.mktemp("train")))
+
+
+def test_tiny_model_learns(trainer, tmp_path):
+  trainer.workdir = str(tmp_path / "learn")
+  _, history = trainer.train()
+  losses = [h["loss"] for h in history if "loss" in h]
+  assert losses[-1] < losses[0] - 1.5, losses
+  evals = [h for h in history if "eval_loss" in h]
+  assert evals and np.isfinite(evals[-1]["eval_ppl"])
+  assert os.path.exists(os.path.join(trainer.workdir, "metrics.jsonl"))
+  assert os.listdir(os.path.join(trainer.workdir, "tensorboard"))
+
+
+def test_resume_equals_straight_run_and_corrupt_checkpoint_is_skipped(trainer, tmp_path, caplog):
+  trainer.workdir = str(tmp_path / "straight")
+  straight, _ = trainer.train(max_steps=20)
+  trainer.workdir = str(tmp_path / "resumed")
+  trainer.train(max_steps=10)
+  resumed, _ = trainer.train(max_steps=20)
+  assert int(resumed["step"]) == 20
+  chex.assert_trees_all_close(resumed["params"], straight["params"], atol=1e-6, rtol=0)
+  chex.assert_trees_all_close(resumed["opt_state"], straight["opt_state"], atol=1e-6, rtol=0)
+  # Corrupt the newest step: restoring falls back to the one before, with a warning.
+  import shutil
+  shutil.rmtree(os.path.join(trainer.workdir, "checkpoints", "20", "state"))
+  step, _ = trainer.restore_params()
+  assert step == 10
+  assert "unreadable" in caplog.text
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  c = tiny_config()
+  c.model.update(num_layers=2, layer_types="cla")  # accumulation does not depend on the plan
+  mc = model_config(c)
+  tx, lr = optim.make_optimizer(c.optimizer, c.steps)
+  ds = pipeline.make_datasets(c.data, c.seq_len, c.batch_size, mc.vocab_size)
+  batch = ds.train[0]
+  params = step_lib.init_params(mc, 0)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  fn = jax.jit(step_lib.make_train_step(mc, tx, lr))
+  out = {}
+  for k in (1, 4):
+    b = {n: jnp.asarray(x).reshape(k, -1, x.shape[-1]) for n, x in batch.items()}
+    out[k] = fn(state, b)
+  counts = (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]).reshape(4, -1).sum(1)
+  np.testing.assert_allclose(out[1][1]["loss"], out[4][1]["loss"], rtol=1e-6)
+  chex.assert_trees_all_close(out[1][0]["params"], out[4][0]["params"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"data.source": "files", "data.path": "/nonexistent/x.txt"}, "matches no file"),
+    ({"data.source": "files", "data.path": "EMPTY"}, "is empty"),
+    ({"model.vocab_size": 100}, "has 256 tokens but model.vocab_size=100"),
+    ({"mesh.data": 3}, r"mesh shape \(mesh.data=3, .* but there are 1"),
+    ({"model.layer_types": "garbage"}, "layer_types='garbage' is invalid"),
+])
+def test_bad_inputs_stop_with_one_clear_message(override, message, tmp_path):
+  c = tiny_config()
+  for key, value in override.items():
+    if value == "EMPTY":
+      (tmp_path / "empty.txt").write_text("")
+      value = str(tmp_path / "empty.txt")
+    section, field = key.split(".")
+    c[section][field] = value
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    Trainer(c, str(tmp_path / "wd"))
+
+
+def test_train_py_reports_a_bad_config_in_one_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+       "--config.model.layer_types=garbage"], cwd=ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert out.returncode == 1
+  err = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and "layer_types='garbage'" in err[0]
+  assert "Traceback" not in out.stderr
+
+
+def test_flops_count_the_extra_passes_of_the_cyclic_group():
+  from lckv_jax.train import flops
+  base = model_config(tiny_config())
+  llama = base.replace(layer_types="llama")
+  lckv = base.replace(layer_types="3_3_3_3", forward_passes=7, backward_passes=2)
+  # Every layer of an all-cyclic stack costs 3b + m = 13 forward passes instead of 3 (the KV
+  # weights of layers 0..2 are gone, so compare per-layer costs at equal layer weights).
+  per_layer = lambda cfg, i: 2 * flops.layer_matmul_params(cfg, i) + 4 * 32 * 4 * 8
+  head = 3 * 2 * base.hidden_size * base.vocab_size
+  assert flops.flops_per_token(llama, 32) == pytest.approx(
+      3 * sum(per_layer(llama, i) for i in range(4)) + head)
+  assert flops.flops_per_token(lckv, 32) == pytest.approx(
+      13 * sum(per_layer(lckv, i) for i in range(4)) + head)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+  import signal
+  import time
+  args = [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+          "--config.model.hidden_size=32", "--config.model.num_heads=4",
+          "--config.model.intermediate_size=64", "--config.model.layer_types=cla",
+          "--config.steps=100000", "--config.log_every=1", "--config.data.max_documents=20",
+          "--config.checkpoint.every=0", "--config.progress_bar=False"]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 150
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  proc.communicate(timeout=120)
+  assert proc.returncode == 0
+  steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert steps and steps[0] >= 2
