@@ -63,6 +63,7 @@ def run(args) -> dict:
   result = dict(shape=args.shape, layer_types=config.layer_types, m=args.m, b=args.b,
                 batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat,
                 compile_s=round(compile_s, 2), device=jax.devices()[0].device_kind,
+                attention=abstract._fused_impl() or "dense",
                 jax=jax.__version__, python=platform.python_version(),
                 command="python " + " ".join(sys.argv))
   mem = compiled.memory_analysis()
@@ -109,7 +110,8 @@ def main():
   result = run(args)
   print(json.dumps(result))
   os.makedirs(args.out, exist_ok=True)
-  name = f"train_speed_{args.shape}_{args.layer_types.replace(':', '-')}_b{args.batch}_s{args.seq}.json"
+  name = (f"train_speed_{args.shape}_{args.layer_types.replace(':', '-')}_b{args.batch}"
+          f"_s{args.seq}_{args.remat}_{result['attention']}.json")
   with open(os.path.join(args.out, name), "w") as f:
     json.dump(result, f, indent=2)
 

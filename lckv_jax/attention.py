@@ -121,6 +121,37 @@ def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, *,
   return out.reshape(b, t, h, d)
 
 
+def fused_causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, *, diag_masked: bool,
+                           window: int | None, implementation: str) -> jax.Array:
+  """Attention of one unpacked chunk through `jax.nn.dot_product_attention` (cuDNN on GPU).
+
+  No dense mask: causal by index, the window as the kernel's local window, and the masked
+  diagonal by shifting (LCKV.md §3): query t >= 1 attends causally over keys 0..t-1, which is the
+  causal attention of queries 1..T-1 over keys 0..T-2; query 0 sees nothing and gets zeros.
+  A window W covers the query and W-1 keys before it; with the diagonal masked, W-1 keys.
+  """
+  if diag_masked:
+    q, k, v = q_BxTxHxD[:, 1:], k_BxTxKxD[:, :-1], v_BxTxKxD[:, :-1]
+    left = None if window is None else window - 2
+  else:
+    q, k, v = q_BxTxHxD, k_BxTxKxD, v_BxTxKxD
+    left = None if window is None else window - 1
+  # cuDNN's fused kernels want an even length; padding at the end is invisible to earlier
+  # queries under the causal mask, and the padded rows are dropped.
+  n = q.shape[1]
+  if n == 0:  # a single diagonal-masked token sees nothing
+    return jnp.zeros_like(q_BxTxHxD)
+  pad = n % 2 if implementation == "cudnn" else 0
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  out = jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation=implementation,
+      local_window_size=None if left is None else (left, 0))[:, :n]
+  if diag_masked:
+    out = jnp.concatenate([jnp.zeros_like(out[:, :1]), out], axis=1)
+  return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameters.
 # ---------------------------------------------------------------------------------------------
@@ -155,10 +186,19 @@ class Attention(nnx.Module):
     v = jnp.einsum("bte,ekd->btkd", x_BxTxE, self.v_proj[...].astype(self.dtype))
     return apply_rope(k, cos_sin), v
 
-  def __call__(self, x_BxTxE, cos_sin, kv: KV, mask_BxTxS, *, zero_key: bool = False
-               ) -> jax.Array:
-    """Attends this layer's queries to `kv` (the KV of the layer it attends to)."""
+  def __call__(self, x_BxTxE, cos_sin, kv: KV, mask_BxTxS, *, zero_key: bool = False,
+               fused: tuple | None = None) -> jax.Array:
+    """Attends this layer's queries to `kv` (the KV of the layer it attends to).
+
+    `fused=(implementation, diag_masked, window)` takes the fused kernel instead of the dense
+    mask (an unpacked chunk without a cache; see `fused_causal_attention`).
+    """
     q = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.q_proj[...].astype(self.dtype))
     q = apply_rope(q, cos_sin)
-    out_BxTxHxD = dot_product_attention(q, kv.k, kv.v, mask_BxTxS, zero_key=zero_key)
+    if fused is not None:
+      implementation, diag_masked, window = fused
+      out_BxTxHxD = fused_causal_attention(q, kv.k, kv.v, diag_masked=diag_masked, window=window,
+                                           implementation=implementation)
+    else:
+      out_BxTxHxD = dot_product_attention(q, kv.k, kv.v, mask_BxTxS, zero_key=zero_key)
     return jnp.einsum("bthd,hde->bte", out_BxTxHxD, self.o_proj[...].astype(self.dtype))

@@ -15,6 +15,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 _ROPE_SCALING = ("linear", "llama3")
 _DECODE_SEMANTICS = ("exact", "whynlp_main")
+_ATTENTION_IMPLS = ("auto", "cudnn", "xla", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = True  # scan runs of identical layers (fast compiles for deep models)
   remat: str = "none"  # rematerialisation of scanned blocks: none | full | dots | dots_no_batch
+  attention_impl: str = "auto"  # unpacked parallel chunks: auto (cudnn on GPU) | cudnn | xla | dense
 
   def __post_init__(self):
     def positive(name):
@@ -90,6 +92,9 @@ class ModelConfig:
     if self.decode_semantics not in _DECODE_SEMANTICS:
       raise ValueError(f"ModelConfig.decode_semantics must be one of {_DECODE_SEMANTICS}, got "
                        f"{self.decode_semantics!r}")
+    if self.attention_impl not in _ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl must be one of {_ATTENTION_IMPLS}, got "
+                       f"{self.attention_impl!r}")
     if self.remat not in _REMAT:
       raise ValueError(f"ModelConfig.remat must be one of {_REMAT}, got {self.remat!r}")
     # Resolve presets once, so every consumer sees the literal string.

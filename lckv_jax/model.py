@@ -92,6 +92,7 @@ class _Context:
   cos_sin: tuple[jax.Array, jax.Array]
   write_index: jax.Array | None  # [batch] first cache slot of this chunk; None without a cache
   masks: dict  # (diag_masked, window) -> [batch, seq, seq], for the cache-free parallel mode
+  fused_impl: str | None = None  # kernel for unpacked cache-free chunks (no dense mask needed)
 
   def write(self, entry: KV | None, k, v) -> KV:
     """Stores this chunk's KV for one layer: the whole entry without a cache, else at its slots."""
@@ -126,8 +127,16 @@ class _Context:
     return (role.upward and self.config.decode_semantics == "whynlp_main"
             and self.write_index is not None and self.positions.shape[1] == 1)
 
-  def mask(self, role: lt_lib.Role, kv: KV) -> jax.Array:
+  def fused(self, role: lt_lib.Role) -> tuple | None:
+    if self.fused_impl is None:
+      return None
+    return (self.fused_impl, role.diag_masked,
+            self.config.sliding_window if role.sliding else None)
+
+  def mask(self, role: lt_lib.Role, kv: KV) -> jax.Array | None:
     window = self.config.sliding_window if role.sliding else None
+    if self.fused_impl is not None:
+      return None
     if self.write_index is None:
       return self.masks[(role.diag_masked, window)]
     mask = make_mask(self.positions, self.segment_ids, kv.pos, kv.seg,
@@ -145,7 +154,7 @@ def _layer_pass(layer: DecoderLayer, role: lt_lib.Role, own_key, h, kvs: dict, c
     kvs[own_key] = ctx.write(kvs.get(own_key), k, v)
   source = kvs[role.source]
   h = h + layer.attn(x, ctx.cos_sin, source, ctx.mask(role, source),
-                     zero_key=ctx.compat_decode(role))
+                     zero_key=ctx.compat_decode(role), fused=ctx.fused(role))
   return h + layer.mlp(layer.post_attention_norm(h))
 
 
@@ -239,10 +248,21 @@ class Transformer(nnx.Module):
 
   # -- passes ----------------------------------------------------------------------------------
 
-  def _context(self, positions, segment_ids, write_index) -> _Context:
+  def _fused_impl(self) -> str | None:
+    """The fused kernel for unpacked chunks, or None for the dense-mask path."""
+    impl = self.config.attention_impl
+    if impl == "auto":
+      on_gpu = jax.default_backend() == "gpu"
+      impl = "cudnn" if on_gpu and self.config.dtype in ("bfloat16", "float16") else "dense"
+    return None if impl == "dense" else impl
+
+  def _context(self, positions, segment_ids, write_index, unpacked: bool) -> _Context:
     cfg = self.config
     cos_sin = rope_tables(rope_inv_freq(cfg), positions)
     masks = {}
+    fused_impl = self._fused_impl() if unpacked else None
+    if fused_impl is not None:
+      return _Context(cfg, positions, segment_ids, cos_sin, write_index, masks, fused_impl)
     if write_index is None:
       lt = cfg.layer_spec
       for diag, sliding in set(zip(lt.diag_masked, lt.sliding)):
@@ -286,6 +306,9 @@ class Transformer(nnx.Module):
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq] integers, got shape {tokens.shape}")
+    # Default positions and one segment, without a cache: plain causal attention by index, which
+    # a fused kernel does without a dense mask.
+    unpacked = positions is None and segment_ids is None and write_index is None
     if positions is None:
       start = 0 if write_index is None else write_index[:, None]
       positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
@@ -293,7 +316,7 @@ class Transformer(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
-    ctx = self._context(positions, segment_ids, write_index)
+    ctx = self._context(positions, segment_ids, write_index, unpacked)
     h = self.embed[...].astype(cfg.compute_dtype)[tokens]
     states = [nnx.split(block.layers) for block in self.blocks]
     r = 0

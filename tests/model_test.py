@@ -339,3 +339,21 @@ def test_whynlp_main_decode_drops_the_newest_top_kv():
                              rngs=nnx.Rngs(0))
   nnx.update(llama_compat, nnx.state(llama))
   np.testing.assert_allclose(sequential(llama, toks), sequential(llama_compat, toks), atol=1e-6)
+
+
+# -- fused attention path ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lt", ["0_1_2_3", "0_2_2_3", "0s_1s_2_2", "3s_3s_3_3"])
+def test_fused_kernel_path_matches_the_dense_mask(lt):
+  # `attention_impl='xla'` runs jax.nn.dot_product_attention with the causal flag, the local
+  # window and the shifted masked diagonal: the same formulation cuDNN gets on a GPU.
+  dense = make(layer_types=lt, attention_impl="dense", forward_passes=2)
+  fused = Transformer(dense.config.replace(attention_impl="xla"), rngs=nnx.Rngs(0))
+  nnx.update(fused, nnx.state(dense))
+  toks = tokens(length=9)
+  np.testing.assert_allclose(forward(fused, toks), forward(dense, toks), atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(forward(fused, toks[:, :1]), forward(dense, toks[:, :1]), atol=2e-5)
+  # Packed inputs (explicit segments) take the dense path in both.
+  seg = jnp.ones_like(toks)
+  np.testing.assert_allclose(forward(fused, toks, seg=seg), forward(dense, toks), atol=2e-5)
