@@ -148,3 +148,73 @@ def test_sentencepiece_model(tmp_path):
                               32, 2, 300)
   assert ds.train[0]["tokens"].max() < 300
   assert pipeline.tokenize(["And God said"], t, add_bos=True)[0][0] == t.bos_id
+
+
+def test_pretokenized_array_record_source(tmp_path):
+  from lckv_jax.data import pretokenize
+  out = str(tmp_path / "kjv.array_record")
+  note = pretokenize.pretokenize("embedded", "byte", out, max_documents=6)
+  assert note["documents"] == 6 and os.path.exists(out + ".json")
+  docs = sources.load_token_documents(str(tmp_path / "*.array_record"))
+  want = [tokenizer.ByteTokenizer().encode(d) for d in corpus.embedded_documents()[:6]]
+  assert len(docs) == 6 and all(np.array_equal(a, b) for a, b in zip(docs, want))
+  cfg = _data_cfg(source="array_record", path=out, eval_fraction=0.3, add_bos=False)
+  ds = pipeline.make_datasets(cfg, 32, 2, 256)
+  text = _data_cfg(max_documents=6, eval_fraction=0.3, add_bos=False)
+  ref = pipeline.make_datasets(text, 32, 2, 256)  # the same rows as tokenizing the text
+  np.testing.assert_array_equal(ds.train[3]["tokens"], ref.train[3]["tokens"])
+  assert (ds.train_tokens, ds.eval_tokens) == (ref.train_tokens, ref.eval_tokens)
+  with pytest.raises(ValueError, match=r"token ids in \[\d+, \d+\] but model.vocab_size=100"):
+    pipeline.make_datasets(cfg, 32, 2, 100)
+  pretokenize.main(["--input=embedded", "--max_documents=2", "--no-add_bos",
+                    f"--output={tmp_path / 'two.array_record'}"])  # the command line
+  assert len(sources.load_token_documents(str(tmp_path / "two.array_record"))) == 2
+  (tmp_path / "bad.array_record").write_bytes(b"not an array record")
+  with pytest.raises(ValueError, match="not readable as ArrayRecord"):
+    sources.load_token_documents(str(tmp_path / "bad.array_record"))
+
+
+def test_tfds_source_with_mock_data(monkeypatch):
+  import sys
+  with monkeypatch.context() as m:  # tensorflow-datasets stays optional: a clear error
+    m.setitem(sys.modules, "tensorflow_datasets", None)
+    with pytest.raises(ImportError, match="needs tensorflow-datasets"):
+      pipeline.make_datasets(_data_cfg(source="tfds", tfds_name="lm1b"), 16, 1, 256)
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=12):
+    docs = sources.load_tfds_documents("lm1b", "train")
+    assert len(docs) == 12 and all(isinstance(d, str) and d for d in docs)
+    ds = pipeline.make_datasets(_data_cfg(source="tfds", tfds_name="lm1b", tfds_eval_split="test"),
+                                8, 2, 256)
+    assert ds.train_tokens == sum(len(d.encode()) for d in docs) and ds.eval_tokens > 0
+    with pytest.raises(ValueError, match="no field data.text_field='body'"):
+      sources.load_tfds_documents("lm1b", "train", text_field="body")
+    with pytest.raises(ValueError, match="data.tfds_name='no_such_dataset' is not a TFDS"):
+      sources.load_tfds_documents("no_such_dataset", "train")
+
+
+def test_train_sentencepiece_command_and_gpt2_bpe(tmp_path):
+  from lckv_jax.data import train_tokenizer
+  train_tokenizer.main(["--input=embedded", "--max_documents=20", "--vocab_size=300",
+                        f"--output={tmp_path / 'kjv'}"])
+  t = tokenizer.load_tokenizer(str(tmp_path / "kjv.model"))
+  assert t.vocab_size == 300 and (t.bos_id, t.eos_id) == (1, 2)
+  text = "In the beginning God created the heaven and the earth."
+  assert t.decode(t.encode(text)) == text
+  assert len(t.encode(text)) < len(text) / 2  # merges learned
+  # GPT-2 byte-level BPE: vocab.json + merges.txt, as a directory or the vocab.json path.
+  tokenizers = pytest.importorskip("tokenizers")
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(list(corpus.embedded_documents()[:3]), vocab_size=320, min_frequency=2,
+                          special_tokens=["<|endoftext|>"], show_progress=False)
+  (tmp_path / "gpt2").mkdir()
+  bpe.save_model(str(tmp_path / "gpt2"))
+  for spec in (tmp_path / "gpt2", tmp_path / "gpt2" / "vocab.json"):
+    g = tokenizer.load_tokenizer(str(spec))
+    assert g.vocab_size == bpe.get_vocab_size() and g.bos_id == g.eos_id == 0
+    ids = g.encode("And God said, Let there be light: ünïcode")
+    assert g.decode(ids) == "And God said, Let there be light: ünïcode"
+    np.testing.assert_array_equal(ids, bpe.encode("And God said, Let there be light: ünïcode").ids)
+  os.remove(tmp_path / "gpt2" / "merges.txt")
+  with pytest.raises(FileNotFoundError, match="merges.txt"):
+    tokenizer.load_tokenizer(str(tmp_path / "gpt2" / "vocab.json"))

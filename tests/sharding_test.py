@@ -75,3 +75,48 @@ def test_train_step_on_8_devices_matches_1_device():
   out = subprocess.run([sys.executable, "-c", _SCRIPT % ROOT], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and "SHARDING_OK" in out.stdout, out.stderr[-3000:]
+
+
+_RESHARD_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np, chex, sys
+    sys.path.insert(0, %r)
+    from tests.train_test import tiny_config
+    from lckv_jax.train import checkpointing
+    from lckv_jax.train.trainer import Trainer
+    workdir = sys.argv[1]
+
+    def trainer(mesh, devices):
+      c = tiny_config()
+      c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+      return Trainer(c, workdir, devices=devices, write_metrics=False)
+
+    # Written on 8 devices as (2 data, 2 fsdp, 2 tensor); values random (no compile needed).
+    src = trainer((2, 2, 2), jax.devices())
+    rng = np.random.default_rng(0)
+    host = jax.tree.map(lambda x: (rng.standard_normal(x.shape) if x.dtype.kind == "f" else
+                                   rng.integers(0, 100, x.shape)).astype(x.dtype),
+                        src.abstract_state)
+    state = jax.tree.map(lambda v, x: jax.device_put(v, x.sharding), host, src.abstract_state)
+    assert state["params"]["embed"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    ckpt = checkpointing.Checkpointer(workdir)
+    ckpt.save(3, state, {"step": 3}, src.config.to_json())
+    ckpt.close()
+    # Restored by the trainer's resume path onto 1 device and onto (4 data, 1 fsdp, 2 tensor).
+    for mesh, devices in [((1, 1, 1), jax.devices()[:1]), ((4, 1, 2), jax.devices())]:
+      dst = trainer(mesh, devices)
+      got, history = dst.train(max_steps=3)  # resumes at step 3: nothing left to run
+      assert history == [], history
+      jax.tree.map(lambda x, s: None if x.sharding.is_equivalent_to(s, x.ndim) else
+                   sys.exit(f"{mesh}: sharding {x.sharding} != {s}"), got, dst.state_shardings)
+      chex.assert_trees_all_equal(jax.device_get(got), host)
+      print("RESTORED", mesh, got["params"]["embed"].sharding.spec)
+    print("RESHARD_OK")
+""")
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-c", _RESHARD_SCRIPT % ROOT, str(tmp_path)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "RESHARD_OK" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]

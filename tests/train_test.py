@@ -146,3 +146,24 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
   assert proc.returncode == 0
   steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
   assert steps and steps[0] >= 2
+
+
+def test_resume_compares_the_saved_config(trainer, tmp_path, caplog):
+  from lckv_jax.train import checkpointing
+  trainer.workdir = str(tmp_path / "wd")
+  ckpt = checkpointing.Checkpointer(trainer.workdir)
+  state = jax.tree.map(lambda x: jnp.full(x.shape, 2, x.dtype, device=x.sharding),
+                       trainer.abstract_state)  # values do not matter here: skip compiling init
+  ckpt.save(2, state, {"step": 2}, trainer.config.to_json())
+  ckpt.close()
+  # A changed model field is an error naming it, even one that keeps the parameter shapes.
+  c = tiny_config()
+  c.model.forward_passes = 2
+  with pytest.raises(ValueError, match=r"config.model.forward_passes=2 but the checkpoint .* "
+                                       r"trained with model.forward_passes=1"):
+    Trainer(c, trainer.workdir).train(max_steps=2)
+  # A changed schedule length warns with both values, and the run resumes.
+  caplog.clear()
+  state, _ = Trainer(tiny_config(steps=80), trainer.workdir).train(max_steps=2)
+  assert int(state["step"]) == 2
+  assert "config.steps changed from 50" in caplog.text and "to 80" in caplog.text

