@@ -167,3 +167,19 @@ def test_resume_compares_the_saved_config(trainer, tmp_path, caplog):
   state, _ = Trainer(tiny_config(steps=80), trainer.workdir).train(max_steps=2)
   assert int(state["step"]) == 2
   assert "config.steps changed from 50" in caplog.text and "to 80" in caplog.text
+
+
+def test_document_mask_off_runs_the_packed_row_as_one_causal_sequence():
+  c = tiny_config()
+  mc = model_config(c)
+  params = step_lib.init_params(mc, 0)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  segments = jnp.asarray([[1] * 6 + [2] * 10] * 2)
+  positions = jnp.asarray([list(range(6)) + list(range(10))] * 2)
+  masked = step_lib.model_apply_fn(mc)(params, tokens, positions, segments)
+  row = step_lib.model_apply_fn(mc, document_mask=False)(params, tokens, positions, segments)
+  plain = step_lib.model_apply_fn(mc)(params, tokens, jnp.arange(16)[None].repeat(2, 0),
+                                      jnp.ones_like(tokens))
+  np.testing.assert_allclose(row, plain, atol=1e-5)
+  np.testing.assert_allclose(row[:, :6], masked[:, :6], atol=1e-5)  # first document: same
+  assert float(jnp.abs(row[:, 6:] - masked[:, 6:]).max()) > 1e-3  # the second sees the first

@@ -40,6 +40,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 32  # global batch, in sequences, per optimizer step
   c.grad_accum = 1  # micro-batches per step (batch_size must be a multiple)
   c.seq_len = 1024  # tokens per packed sequence
+  c.document_mask = True  # packed documents never attend to each other; False = one causal row
+  #                          (GPT-style; on GPU the fused cuDNN kernel then replaces the dense mask)
   c.z_loss = 0.0  # coefficient of the z-loss (mean log(Z)^2)
   c.log_every = 10  # steps between metric lines (JSONL, TensorBoard, progress bar)
   c.eval_every = 200  # steps between held-out evaluations (0 = only at the end)

@@ -33,15 +33,23 @@ def init_params(config: ModelConfig, seed: int, shardings=None) -> dict:
   return jax.jit(init, out_shardings=shardings)()
 
 
-def model_apply_fn(config: ModelConfig) -> Callable:
-  """fn(params, tokens, positions, segment_ids) -> float32 logits, following the plan."""
+def model_apply_fn(config: ModelConfig, document_mask: bool = True) -> Callable:
+  """fn(params, tokens, positions, segment_ids) -> float32 logits, following the plan.
+
+  Without `document_mask` the packed row is one causal sequence (documents see the earlier ones
+  in their row, as in GPT-style pretraining): positions and segments are not passed, so on a GPU
+  the fused cuDNN kernel runs instead of a dense mask.
+  """
   abstract = abstract_model(config)
   graphdef, _ = nnx.split(abstract)
 
   def apply(params, tokens, positions, segment_ids):
     state = nnx.state(abstract)
     state.replace_by_pure_dict(params)
-    return nnx.merge(graphdef, state)(tokens, positions, segment_ids)
+    model = nnx.merge(graphdef, state)
+    if not document_mask:
+      return model(tokens)
+    return model(tokens, positions, segment_ids)
   return apply
 
 
@@ -55,9 +63,9 @@ def _loss_sum(apply, params, mb, z_loss):
 
 
 def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, lr_schedule,
-                    z_loss: float = 0.0) -> Callable:
+                    z_loss: float = 0.0, document_mask: bool = True) -> Callable:
   """step(state, batch) -> (state, metrics); state = {'params', 'opt_state', 'step'}."""
-  apply = model_apply_fn(config)
+  apply = model_apply_fn(config, document_mask)
 
   def train_step(state, batch):
     params = state["params"]
@@ -84,9 +92,9 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, lr_sc
   return train_step
 
 
-def make_eval_step(config: ModelConfig) -> Callable:
+def make_eval_step(config: ModelConfig, document_mask: bool = True) -> Callable:
   """eval(params, batch) -> {'nll_sum', 'tokens'} over all micro-batches of the batch."""
-  apply = model_apply_fn(config)
+  apply = model_apply_fn(config, document_mask)
 
   def eval_step(params, batch):
     def micro(carry, mb):

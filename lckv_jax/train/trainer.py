@@ -55,10 +55,11 @@ class Trainer:
         {"params": abstract_params, "opt_state": abstract_opt,
          "step": jax.ShapeDtypeStruct((), jnp.int32)}, self.state_shardings)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    train_step = step_lib.make_train_step(self.model_config, self.tx, self.lr, config.z_loss)
+    train_step = step_lib.make_train_step(self.model_config, self.tx, self.lr, config.z_loss,
+                                          config.document_mask)
     self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, rep), donate_argnums=0)
-    self.eval_step = jax.jit(step_lib.make_eval_step(self.model_config),
+    self.eval_step = jax.jit(step_lib.make_eval_step(self.model_config, config.document_mask),
                              in_shardings=(param_sh, self.batch_sharding), out_shardings=rep)
     self.is_main = jax.process_index() == 0
     self.write_metrics = write_metrics and self.is_main
