@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
   model = load_model(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
   tokenizer = load_tokenizer(args.checkpoint, model.config.vocab_size)
-  eos_id = args.eos_id if args.eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+  eos_id = args.eos_id if args.eos_id is not None else getattr(tokenizer, "eos_token_id", getattr(tokenizer, "eos_id", None))
 
   # Streaming: one row prints as it comes; a batch prints each row when done.
   single = len(prompts) == 1

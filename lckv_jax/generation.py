@@ -30,8 +30,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lckv_jax import cache as cache_lib
+from lckv_jax.data.tokenizer import ByteTokenizer  # noqa: F401  (the byte fallback, re-exported)
 from lckv_jax.model import Transformer
 from lckv_jax.sampling import Sampling, sample_with
+from lckv_jax.train.sharding import RULES, logical_to_spec
 
 PREFILL_MODES = ("auto", "parallel", "sequential")
 
@@ -39,17 +41,6 @@ PREFILL_MODES = ("auto", "parallel", "sequential")
 # ---------------------------------------------------------------------------------------------
 # Prompts and tokenizers.
 # ---------------------------------------------------------------------------------------------
-
-
-class ByteTokenizer:
-  """Fallback tokenizer: tokens are UTF-8 bytes (needs a vocabulary of at least 256)."""
-  eos_token_id = None
-
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, pad_id: int = 0):
@@ -92,34 +83,19 @@ def _as_token_lists(prompts, tokenizer) -> tuple[list[list[int]], bool]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sharding: logical axis names of the parameters -> mesh axes.
+# Sharding: logical axis names of the parameters -> mesh axes (`lckv_jax.train.sharding.RULES`).
 # ---------------------------------------------------------------------------------------------
-
-DEFAULT_RULES = {"batch": "data", "vocab": "tensor", "mlp": "tensor", "q_heads": "tensor",
-                 "kv_heads": "tensor", "embed": None, "head_dim": None, "norm": None,
-                 "layers": None, "length": None}
-
-
-def _spec(mesh: Mesh, shape, axes, rules) -> P:
-  """A PartitionSpec from logical axes, leaving a dimension whole if the mesh axis does not divide it."""
-  out = []
-  for dim, name in zip(shape, axes):
-    mesh_axis = rules.get(name) if name is not None else None
-    if mesh_axis is not None and (mesh_axis not in mesh.shape or dim % mesh.shape[mesh_axis]):
-      mesh_axis = None
-    out.append(mesh_axis)
-  return P(*out)
 
 
 def shard_model(model: Transformer, mesh: Mesh, rules: dict | None = None) -> None:
   """Places every parameter on `mesh` following its logical axes (`out_sharding` metadata)."""
-  rules = {**DEFAULT_RULES, **(rules or {})}
+  rules = {**RULES, **(rules or {})}
   params = nnx.state(model, nnx.Param)
 
   def put(var):
     axes = var.get_metadata().get("out_sharding") or (None,) * var[...].ndim
     return var.replace(jax.device_put(var[...], NamedSharding(
-        mesh, _spec(mesh, var[...].shape, axes, rules))))
+        mesh, logical_to_spec(axes, var[...].shape, mesh, rules))))
 
   nnx.update(model, jax.tree.map(put, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
@@ -128,7 +104,7 @@ def _shard_state(state, mesh: Mesh | None, rules: dict | None = None):
   """Decode state on the mesh: batch over `data`, cache KV heads over `tensor`."""
   if mesh is None:
     return state
-  rules = {**DEFAULT_RULES, **(rules or {})}
+  rules = {**RULES, **(rules or {})}
 
   def put(x):
     if not isinstance(x, jax.Array) or x.ndim == 0 or jax.dtypes.issubdtype(
@@ -136,7 +112,7 @@ def _shard_state(state, mesh: Mesh | None, rules: dict | None = None):
       return x
     axes = {4: ("batch", "length", "kv_heads", "head_dim")}.get(
         x.ndim, ("batch",) + (None,) * (x.ndim - 1))
-    return jax.device_put(x, NamedSharding(mesh, _spec(mesh, x.shape, axes, rules)))
+    return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
 
   return jax.tree.map(put, state)
 
@@ -431,7 +407,7 @@ def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, tokenizer
   sampling = Sampling(temperature, top_k, top_p)
   token_lists, is_text = _as_token_lists(prompts, tokenizer)
   if eos_id is None and tokenizer is not None:
-    eos_id = getattr(tokenizer, "eos_token_id", None)
+    eos_id = getattr(tokenizer, "eos_token_id", getattr(tokenizer, "eos_id", None))
   gen = Generator(model, max_new_tokens=max_new_tokens, max_len=max_len, sampling=sampling,
                   eos_id=eos_id, prefill_iterations=prefill_iterations,
                   prefill_mode=prefill_mode, sink=sink, return_logits=return_logits, mesh=mesh,

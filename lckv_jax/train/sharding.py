@@ -87,7 +87,8 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules=None) -> P:
     if name is not None and name not in rules:
       raise KeyError(f"logical axis {name!r} has no sharding rule; add it to sharding.RULES")
     mesh_axes = rules.get(name) if name is not None else None
-    mesh_axes = tuple(a for a in (mesh_axes or ()) if mesh.shape[a] > 1)
+    # Mesh axes the mesh lacks (a decode mesh of (data, tensor), say) count as size 1.
+    mesh_axes = tuple(a for a in (mesh_axes or ()) if mesh.shape.get(a, 1) > 1)
     size = math.prod(mesh.shape[a] for a in mesh_axes)
     if not mesh_axes or dim % size or used & set(mesh_axes):
       out.append(None)
