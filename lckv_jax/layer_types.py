@@ -357,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("layer_types", help="a layer_types string or preset name")
   parser.add_argument("--num_layers", type=int, default=None,
                       help="layer count, needed for preset names")
+  parser.add_argument("--image", default=None,
+                      help="also draw the graph to this image file (.png, .svg; needs matplotlib)")
   args = parser.parse_args(argv)
   spec = args.layer_types
   if spec.partition(":")[0] in PRESETS:
@@ -365,6 +367,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     spec = resolve(spec, args.num_layers)
   lt = parse(spec, args.num_layers)
   print(describe(lt))
+  if args.image:
+    from lckv_jax import visualize
+    try:
+      visualize.save(args.image, [args.layer_types], args.num_layers)
+    except ImportError as e:
+      parser.exit(1, f"error: {e}\n")
+    print(f"\nwrote {args.image}")
 
 
 def describe(lt: LayerTypes) -> str:

@@ -1,0 +1,54 @@
+"""Drawing the attention graph: `show --image`, side-by-side figures, tracks, no matplotlib."""
+
+import sys
+
+import pytest
+
+from lckv_jax import layer_types as L
+from lckv_jax import visualize
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_image_writes_a_png_and_keeps_the_text(tmp_path, capsys):
+  pytest.importorskip("matplotlib", reason="drawing needs matplotlib (requirements-dev.txt)")
+  L.main(["show", "lckv", "--num_layers", "8"])
+  text = capsys.readouterr().out
+  png = tmp_path / "lckv.png"
+  L.main(["show", "lckv", "--num_layers", "8", f"--image={png}"])
+  out = capsys.readouterr().out
+  assert out.startswith(text) and out.strip().endswith(f"wrote {png}")
+  assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+
+
+def test_side_by_side_figure_of_presets_and_literal_strings(tmp_path):
+  pytest.importorskip("matplotlib", reason="drawing needs matplotlib (requirements-dev.txt)")
+  fig = visualize.figure(["llama", "lckv", "cla", "yoco", "mixattention"], 22)
+  assert len(fig.axes) == 5
+  assert [ax.get_title().splitlines()[-1] for ax in fig.axes] == [
+      "KV cache: 22 of 22 layers", "KV cache: 3 of 22 layers", "KV cache: 11 of 22 layers",
+      "KV cache: 12 of 22 layers", "KV cache: 9 of 22 layers"]
+  path = tmp_path / "graphs.png"
+  visualize.main([str(path), "0_3_5_3_4_5_6", "1_1_3_3"])
+  assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_tracks_nest_overlapping_arrows_and_reuse_free_tracks():
+  lckv = [(i, 6) for i in range(1, 6)]  # 0_6_6_6_6_6_6_7: every reader spans the shorter ones
+  assert visualize._tracks(lckv) == {(5, 6): 0, (4, 6): 1, (3, 6): 2, (2, 6): 3, (1, 6): 4}
+  cla = [(1, 0), (3, 2), (5, 4)]  # disjoint spans share the innermost track
+  assert set(visualize._tracks(cla).values()) == {0}
+  assert visualize._tracks([(1, 0), (2, 1)]) == {(1, 0): 0, (2, 1): 1}  # they meet at layer 1
+
+
+def test_missing_matplotlib_gives_one_clear_error(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+  with pytest.raises(ImportError, match="pip install matplotlib"):
+    visualize.figure(["llama"], 4)
+  with pytest.raises(SystemExit) as exit_info:
+    L.main(["show", "llama", "--num_layers", "4", f"--image={tmp_path / 'x.png'}"])
+  assert exit_info.value.code == 1
+  captured = capsys.readouterr()
+  assert "layer_types = 0_1_2_3" in captured.out
+  assert "error: drawing layer_types needs matplotlib" in captured.err
+  assert not (tmp_path / "x.png").exists()
