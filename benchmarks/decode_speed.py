@@ -23,24 +23,20 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lckv_jax import ModelConfig, Transformer
+from lckv_jax import Transformer
 from lckv_jax.cache import cache_bytes
 from lckv_jax.generation import Generator
+from lckv_jax.train.config import model_from_file
 
-SHAPES = {
-    "tiny": dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=4,
-                 num_heads=4, num_kv_heads=2),
-    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
-               num_heads=32, num_kv_heads=4),
-    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-               num_heads=32, num_kv_heads=32),
-}
+SHAPES = ("tiny", "50m", "1b", "7b", "30b")  # the model sections of configs/<shape>.py
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(args) -> dict:
-  config = ModelConfig(**SHAPES[args.shape], layer_types=args.layer_types, dtype=args.dtype,
-                       param_dtype=args.dtype, max_position_embeddings=args.prompt + args.gen,
-                       scan_layers=not args.no_scan)
+  config = model_from_file(
+      os.path.join(ROOT, "configs", f"{args.shape}.py"), layer_types=args.layer_types,
+      dtype=args.dtype, param_dtype=args.dtype, max_position_embeddings=args.prompt + args.gen,
+      scan_layers=not args.no_scan, remat="none")
   model = Transformer(config, rngs=nnx.Rngs(0))
   gen = Generator(model, max_new_tokens=args.gen, max_len=args.prompt + args.gen)
   rng = np.random.RandomState(0)
@@ -79,7 +75,7 @@ def run(args) -> dict:
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+  p.add_argument("--shape", choices=SHAPES, default="tiny")
   p.add_argument("--layer_types", default="lckv")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--prompt", type=int, default=512)

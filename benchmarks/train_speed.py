@@ -24,24 +24,20 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lckv_jax import ModelConfig, Transformer
+from lckv_jax import Transformer
+from lckv_jax.train.config import model_from_file
 from lckv_jax.loss import next_token_loss
 from lckv_jax.train.flops import flops_per_token, peak_flops_per_device
 
-SHAPES = {
-    "tiny": dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4,
-                 num_heads=4, num_kv_heads=2),
-    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
-               num_heads=32, num_kv_heads=4),
-    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-               num_heads=32, num_kv_heads=32),
-}
+SHAPES = ("tiny", "50m", "1b", "7b", "30b")  # the model sections of configs/<shape>.py
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(args) -> dict:
-  config = ModelConfig(**SHAPES[args.shape], layer_types=args.layer_types,
-                       forward_passes=args.m, backward_passes=args.b, dtype=args.dtype,
-                       remat=args.remat, max_position_embeddings=max(2048, args.seq))
+  config = model_from_file(
+      os.path.join(ROOT, "configs", f"{args.shape}.py"), layer_types=args.layer_types,
+      forward_passes=args.m, backward_passes=args.b, dtype=args.dtype, param_dtype="float32",
+      remat=args.remat, max_position_embeddings=max(2048, args.seq))
   tx = optax.adamw(1e-4)
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
@@ -95,7 +91,7 @@ def run(args) -> dict:
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+  p.add_argument("--shape", choices=SHAPES, default="tiny")
   p.add_argument("--layer_types", default="lckv")
   p.add_argument("--m", type=int, default=7)
   p.add_argument("--b", type=int, default=2)

@@ -16,6 +16,7 @@ from lckv_jax import ModelConfig, Transformer
 from lckv_jax import generation as gen_lib
 from lckv_jax.generation import Generator, generate
 from lckv_jax.sampling import Sampling
+from tests import reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
@@ -98,23 +99,7 @@ def test_llama_greedy_tokens_match_huggingface_generate():
   cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
                     num_heads=4, num_kv_heads=2, rms_norm_eps=1e-6, rope_theta=500.0,
                     max_position_embeddings=64)
-  sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
-  e, h, k, d = 64, 4, 2, 16
-  model.embed[...] = jnp.asarray(sd["model.embed_tokens.weight"])
-  model.final_norm.scale[...] = jnp.asarray(sd["model.norm.weight"])
-  model.lm_head[...] = jnp.asarray(sd["lm_head.weight"].T)
-  for i in range(2):
-    w = lambda n: sd[f"model.layers.{i}.{n}.weight"]
-    model.set_layer_params(i, {
-        "input_norm": {"scale": w("input_layernorm")},
-        "post_attention_norm": {"scale": w("post_attention_layernorm")},
-        "attn": {"q_proj": w("self_attn.q_proj").T.reshape(e, h, d),
-                 "k_proj": w("self_attn.k_proj").T.reshape(e, k, d),
-                 "v_proj": w("self_attn.v_proj").T.reshape(e, k, d),
-                 "o_proj": w("self_attn.o_proj").T.reshape(h, d, e)},
-        "mlp": {"gate_proj": w("mlp.gate_proj").T, "up_proj": w("mlp.up_proj").T,
-                "down_proj": w("mlp.down_proj").T}})
+  model = reference.model_from_hf(hf, cfg)
   p = prompts([6], seed=3, vocab=96)[0]
   with torch.no_grad():
     ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, 6, dtype=torch.long),

@@ -49,28 +49,6 @@ def tokens(batch=2, length=12, seed=3, vocab=97):
 # -- HuggingFace Llama ---------------------------------------------------------------------------
 
 
-def _from_hf(hf, cfg):
-  sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
-  e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-  model.embed[...] = jnp.asarray(sd["model.embed_tokens.weight"])
-  model.final_norm.scale[...] = jnp.asarray(sd["model.norm.weight"])
-  if not cfg.tie_word_embeddings:
-    model.lm_head[...] = jnp.asarray(sd["lm_head.weight"].T)
-  for i in range(cfg.num_layers):
-    w = lambda n: sd[f"model.layers.{i}.{n}.weight"]
-    model.set_layer_params(i, {
-        "input_norm": {"scale": w("input_layernorm")},
-        "post_attention_norm": {"scale": w("post_attention_layernorm")},
-        "attn": {"q_proj": w("self_attn.q_proj").T.reshape(e, h, d),
-                 "k_proj": w("self_attn.k_proj").T.reshape(e, k, d),
-                 "v_proj": w("self_attn.v_proj").T.reshape(e, k, d),
-                 "o_proj": w("self_attn.o_proj").T.reshape(h, d, e)},
-        "mlp": {"gate_proj": w("mlp.gate_proj").T, "up_proj": w("mlp.up_proj").T,
-                "down_proj": w("mlp.down_proj").T}})
-  return model
-
-
 @pytest.mark.parametrize("tied,kv_heads,scan", [(False, 2, True), (True, 2, True),
                                                 (False, 4, False)])
 def test_llama_matches_huggingface(tied, kv_heads, scan):
@@ -89,7 +67,7 @@ def test_llama_matches_huggingface(tied, kv_heads, scan):
                     num_heads=8, num_kv_heads=kv_heads, tie_word_embeddings=tied,
                     rms_norm_eps=1e-6, rope_theta=500.0, max_position_embeddings=64,
                     scan_layers=scan)
-  model = _from_hf(hf, cfg)
+  model = reference.model_from_hf(hf, cfg)
   toks = np.random.RandomState(1).randint(0, 97, (2, 13))
   with torch.no_grad():
     ref = hf(torch.tensor(toks)).logits.numpy()

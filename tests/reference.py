@@ -122,3 +122,28 @@ def numpy_logits(cfg, p, tokens, forward_passes, backward_passes):
   p64 = jax.tree.map(lambda x: np.asarray(x, np.float64), p)
   return logits(cfg, p64, np.asarray(tokens), forward_passes, backward_passes, xp=np,
                 stop=lambda x: x)
+
+
+def model_from_hf(hf, cfg):
+  """A `Transformer` holding the weights of a transformers `LlamaForCausalLM` (mapped by hand)."""
+  from flax import nnx
+  from lckv_jax import Transformer
+  sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+  model.embed[...] = jnp.asarray(sd["model.embed_tokens.weight"])
+  model.final_norm.scale[...] = jnp.asarray(sd["model.norm.weight"])
+  if not cfg.tie_word_embeddings:
+    model.lm_head[...] = jnp.asarray(sd["lm_head.weight"].T)
+  for i in range(cfg.num_layers):
+    w = lambda n: sd[f"model.layers.{i}.{n}.weight"]
+    model.set_layer_params(i, {
+        "input_norm": {"scale": w("input_layernorm")},
+        "post_attention_norm": {"scale": w("post_attention_layernorm")},
+        "attn": {"q_proj": w("self_attn.q_proj").T.reshape(e, h, d),
+                 "k_proj": w("self_attn.k_proj").T.reshape(e, k, d),
+                 "v_proj": w("self_attn.v_proj").T.reshape(e, k, d),
+                 "o_proj": w("self_attn.o_proj").T.reshape(h, d, e)},
+        "mlp": {"gate_proj": w("mlp.gate_proj").T, "up_proj": w("mlp.up_proj").T,
+                "down_proj": w("mlp.down_proj").T}})
+  return model

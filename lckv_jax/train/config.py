@@ -7,6 +7,7 @@ overridden on the command line (`--config.model.layer_types=cla --config.optimiz
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import logging
 
@@ -87,6 +88,17 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def from_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file such as `configs/1b.py` (what `--config=` reads)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("lckv_config", path)
+  if spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """The ModelConfig of `config.model`; errors name the field (ModelConfig validates)."""
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -95,6 +107,11 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if unknown:
     raise ValueError(f"config.model has unknown field(s) {unknown}; allowed: {sorted(fields)}")
   return ModelConfig(**values)
+
+
+def model_from_file(path: str, **changes) -> ModelConfig:
+  """The ModelConfig of a config file's `model` section, with `changes` applied."""
+  return model_config(from_file(path)).replace(**changes)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
