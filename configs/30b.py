@@ -1,28 +1,12 @@
-"""Llama 30B with LCKV (preset 'lckv': w=2 warm-up layers), m=7, b=2; shard with mesh.fsdp."""
+"""Llama 30B with LCKV (preset 'lckv': w=2 warm-up layers), m=7, b=2: the 7b recipe, wider."""
 
-from lckv_jax.train.config import default_config
+import os
+
+from lckv_jax.train.config import from_file
 
 
 def get_config():
-  c = default_config()
-  c.model.vocab_size = 32000
-  c.model.hidden_size = 6656
-  c.model.intermediate_size = 17920
-  c.model.num_layers = 60
-  c.model.num_heads = 52
-  c.model.num_kv_heads = 52
-  c.model.layer_types = "lckv"
-  c.model.forward_passes = 7
-  c.model.backward_passes = 2
-  c.model.max_position_embeddings = 2048
-  c.model.dtype = "bfloat16"
-  c.model.remat = "full"
-  c.data.tokenizer = ""  # set to the 32000-token Llama SentencePiece .model / tokenizer.json
-  c.data.source = "files"
-  c.seq_len = 2048
-  c.batch_size = 512
-  c.steps = 100000
-  c.optimizer.lr = 3e-4
-  c.mesh.data = 1
-  c.mesh.fsdp = -1  # ZeRO-3 style: parameters and optimizer state over all devices
+  c = from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "7b.py"))
+  c.model.update(hidden_size=6656, intermediate_size=17920, num_layers=60, num_heads=52,
+                 num_kv_heads=52)
   return c
