@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from lckv_jax import cache as cache_lib
 from lckv_jax.data.tokenizer import ByteTokenizer  # noqa: F401  (the byte fallback, re-exported)

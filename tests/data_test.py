@@ -1,9 +1,7 @@
 import json
 import os
 
-import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx

@@ -15,7 +15,6 @@ from flax import nnx
 from lckv_jax import ModelConfig, Transformer
 from lckv_jax import generation as gen_lib
 from lckv_jax.generation import Generator, generate
-from lckv_jax.sampling import Sampling
 from tests import reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

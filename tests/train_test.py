@@ -78,7 +78,6 @@ def test_grad_accumulation_equals_one_big_batch():
   for k in (1, 4):
     b = {n: jnp.asarray(x).reshape(k, -1, x.shape[-1]) for n, x in batch.items()}
     out[k] = fn(state, b)
-  counts = (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]).reshape(4, -1).sum(1)
   np.testing.assert_allclose(out[1][1]["loss"], out[4][1]["loss"], rtol=1e-6)
   chex.assert_trees_all_close(out[1][0]["params"], out[4][0]["params"], atol=1e-6, rtol=0)
 
