@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lckv_jax.config import ModelConfig
+from lckv_jax.kernels.decode import decode_attention
+from lckv_jax.kernels.tpu import splash_attention
 
 _MASKED = -1e30  # finite, so fully masked rows give exp(0) * 0 = 0 rather than NaN
 
@@ -187,18 +189,32 @@ class Attention(nnx.Module):
     return apply_rope(k, cos_sin), v
 
   def __call__(self, x_BxTxE, cos_sin, kv: KV, mask_BxTxS, *, zero_key: bool = False,
-               fused: tuple | None = None) -> jax.Array:
+               fused: tuple | None = None, decode_span: tuple | None = None) -> jax.Array:
     """Attends this layer's queries to `kv` (the KV of the layer it attends to).
 
-    `fused=(implementation, diag_masked, window)` takes the fused kernel instead of the dense
-    mask (an unpacked chunk without a cache; see `fused_causal_attention`).
+    `fused=(implementation, diag_masked, window, segment_ids)` takes a fused kernel instead of
+    the dense mask: a chunk attending to its own keys, causal by index (`fused_causal_attention`
+    for cuDNN/XLA, unpacked; `kernels.tpu.splash_attention` with packed segment ids on TPU).
+    `decode_span=(start_B, end_B, interpret)`: one token per row attends to the cache slots
+    [start, end) through the prefix-reading decode kernel (`lckv_jax.kernels.decode`).
     """
     q = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.q_proj[...].astype(self.dtype))
     q = apply_rope(q, cos_sin)
-    if fused is not None:
-      implementation, diag_masked, window = fused
-      out_BxTxHxD = fused_causal_attention(q, kv.k, kv.v, diag_masked=diag_masked, window=window,
-                                           implementation=implementation)
+    if decode_span is not None:
+      start, end, interpret = decode_span
+      out_BxTxHxD = decode_attention(q[:, 0], kv.k, kv.v, start, end, interpret=interpret)[:, None]
+    elif fused is not None:
+      # The chunk's own keys: all of kv without a cache, slots 0..T-1 of a fresh cache.
+      implementation, diag_masked, window, segment_ids = fused
+      t = q.shape[1]
+      if implementation == "splash":
+        out_BxTxHxD = splash_attention(q, kv.k[:, :t], kv.v[:, :t], diag_masked=diag_masked,
+                                       window=window, segment_ids_BxT=segment_ids,
+                                       interpret=jax.default_backend() != "tpu")
+      else:
+        out_BxTxHxD = fused_causal_attention(q, kv.k[:, :t], kv.v[:, :t],
+                                             diag_masked=diag_masked, window=window,
+                                             implementation=implementation)
     else:
       out_BxTxHxD = dot_product_attention(q, kv.k, kv.v, mask_BxTxS, zero_key=zero_key)
     return jnp.einsum("bthd,hde->bte", out_BxTxHxD, self.o_proj[...].astype(self.dtype))

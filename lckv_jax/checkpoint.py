@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lckv_jax.config import ModelConfig
-from lckv_jax.model import Transformer
+from lckv_jax.model import Transformer, relayout
 
 
 def config_to_dict(config: ModelConfig) -> dict:
@@ -55,9 +55,14 @@ def load_config(path: str) -> ModelConfig:
 
 
 def load_model(path: str, **overrides) -> Transformer:
-  """Reads a model written by `save_model`; `overrides` replace config fields (e.g. dtype)."""
+  """Reads a model written by `save_model`; `overrides` replace config fields (e.g. dtype).
+
+  `scan_layers=False` loads a checkpoint saved with stacked layers into one array per layer (the
+  fast layout for decoding, `lckv_jax.model.relayout`) without two copies on the device.
+  """
   path = os.path.abspath(path)
   config = load_config(path)
+  scan_layers = overrides.pop("scan_layers", config.scan_layers)
   if overrides:
     config = config.replace(**overrides)
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
@@ -70,4 +75,4 @@ def load_model(path: str, **overrides) -> Transformer:
   param_state.replace_by_pure_dict(params)
   model = nnx.merge(graphdef, state)
   nnx.update(model, param_state)
-  return model
+  return relayout(model, scan_layers, free_source=True)

@@ -15,7 +15,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 _ROPE_SCALING = ("linear", "llama3")
 _DECODE_SEMANTICS = ("exact", "whynlp_main")
-_ATTENTION_IMPLS = ("auto", "cudnn", "xla", "dense")
+_ATTENTION_IMPLS = ("auto", "cudnn", "xla", "dense", "splash")
+_DECODE_ATTENTION = ("auto", "pallas", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,8 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters
   scan_layers: bool = True  # scan runs of identical layers (fast compiles for deep models)
   remat: str = "none"  # rematerialisation of scanned blocks: none | full | dots | dots_no_batch
-  attention_impl: str = "auto"  # unpacked parallel chunks: auto (cudnn on GPU) | cudnn | xla | dense
+  attention_impl: str = "auto"  # parallel chunks: auto (cudnn on GPU, splash on TPU) | cudnn | xla | dense | splash
+  decode_attention: str = "auto"  # decode steps: auto (pallas on GPU) | pallas | xla (whole buffer)
 
   def __post_init__(self):
     def positive(name):
@@ -95,6 +97,9 @@ class ModelConfig:
     if self.attention_impl not in _ATTENTION_IMPLS:
       raise ValueError(f"ModelConfig.attention_impl must be one of {_ATTENTION_IMPLS}, got "
                        f"{self.attention_impl!r}")
+    if self.decode_attention not in _DECODE_ATTENTION:
+      raise ValueError(f"ModelConfig.decode_attention must be one of {_DECODE_ATTENTION}, got "
+                       f"{self.decode_attention!r}")
     if self.remat not in _REMAT:
       raise ValueError(f"ModelConfig.remat must be one of {_REMAT}, got {self.remat!r}")
     # Resolve presets once, so every consumer sees the literal string.

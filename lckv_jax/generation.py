@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -31,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from lckv_jax import cache as cache_lib
 from lckv_jax.data.tokenizer import ByteTokenizer  # noqa: F401  (the byte fallback, re-exported)
-from lckv_jax.model import Transformer
+from lckv_jax.model import Transformer, relayout
 from lckv_jax.sampling import Sampling, sample_with
 from lckv_jax.train.sharding import RULES, logical_to_spec
 
@@ -122,15 +123,15 @@ def _shard_state(state, mesh: Mesh | None, rules: dict | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(8,))
-def _prefill(graphdef, iterations: int, sequential: bool, all_logits: bool, params, tokens,
-             positions, segment_ids, cache, write_index):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(9,))
+def _prefill(graphdef, iterations: int, sequential: bool, all_logits: bool, fresh: bool, params,
+             tokens, positions, segment_ids, cache, write_index):
   model = nnx.merge(graphdef, params)
   if sequential:
     def body(cache, xs):
       t, tok, pos, seg = xs
       logits, cache = model.step(tok[:, None], cache, write_index + t, pos[:, None], seg[:, None],
-                                 iterations=1)
+                                 iterations=1, contiguous=True)
       return cache, logits[:, 0]
     xs = (jnp.arange(tokens.shape[1]), tokens.T, positions.T, segment_ids.T)
     cache, logits_TxBxV = jax.lax.scan(body, cache, xs)
@@ -138,19 +139,25 @@ def _prefill(graphdef, iterations: int, sequential: bool, all_logits: bool, para
   else:
     roomy = cache_lib.with_room(model.config, cache, write_index, tokens.shape[1])
     logits, roomy = model.step(tokens, roomy, write_index, positions, segment_ids,
-                               iterations=iterations)
+                               iterations=iterations, last_logits=not all_logits, fresh=fresh)
     cache = cache_lib.compact(roomy, cache, write_index + tokens.shape[1])
   return (logits if all_logits else logits[:, -1]), cache
 
 
 def prefill(model: Transformer, tokens, positions, segment_ids, cache: dict, write_index, *,
-            iterations: int | None = None, mode: str = "auto", all_logits: bool = False):
+            iterations: int | None = None, mode: str = "auto", all_logits: bool = False,
+            fresh: bool = False):
   """Runs a chunk of prompt tokens into `cache` (donated) at `write_index` [batch].
+
+  Each row's cache must hold one sequence in contiguous slots (chunks written one after the
+  other), as `Generator` does: decode steps read only that span.
 
   Args:
     iterations: passes of a cyclic group over the chunk; default forward_passes + backward_passes.
     mode: 'auto' (sequential for a model with a cycle and a chunk no longer than `iterations`,
       else parallel), 'parallel' or 'sequential'.
+    fresh: the chunk starts every row at slot 0 of an empty cache, without padding (positions
+      0..chunk-1): the parallel prefill then uses the fused attention kernel.
   Returns:
     logits [batch, vocab] of the last token ([batch, chunk, vocab] with `all_logits`), and the
     cache.
@@ -165,7 +172,8 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: dict, wri
   sequential = mode == "sequential" or (
       mode == "auto" and cfg.layer_spec.has_cycle and (chunk <= iterations or cfg.use_sequential))
   graphdef, params = nnx.split(model)
-  return _prefill(graphdef, iterations, sequential, all_logits, params, jnp.asarray(tokens),
+  return _prefill(graphdef, iterations, sequential, all_logits, fresh, params,
+                  jnp.asarray(tokens),
                   jnp.asarray(positions), jnp.asarray(segment_ids), cache,
                   jnp.asarray(write_index, jnp.int32))
 
@@ -173,6 +181,14 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: dict, wri
 # ---------------------------------------------------------------------------------------------
 # Decoding.
 # ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _put_rows(cache: dict, rows: dict, start) -> dict:
+  """`cache` (donated, updated in place) with rows start.. replaced by the rows of `rows`."""
+  return jax.tree.map(
+      lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r.astype(a.dtype), start, axis=0),
+      cache, rows)
 
 
 class DecodeState(NamedTuple):
@@ -198,8 +214,10 @@ class _Settings:
   stream: Callable | None
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
 def _first(settings: _Settings, state: DecodeState, logits_BxV, key) -> DecodeState:
+  # `state` is donated: without it the returned state is a copy, cache included (XLA does not
+  # forward an input buffer to an output), and the start of a large batch holds two caches.
   return _finish(settings, state, logits_BxV, key)
 
 
@@ -240,7 +258,7 @@ def _decode(graphdef, settings: _Settings, params, state: DecodeState, num_steps
       cache, write_index = cache_lib.sink_evict(model.config, cache, write_index, settings.n_sink)
       position = write_index
     logits, cache = model.step(s.token[:, None], cache, write_index, position[:, None],
-                               jnp.ones_like(position)[:, None], iterations=1)
+                               jnp.ones_like(position)[:, None], iterations=1, contiguous=True)
     rng, key = jax.random.split(s.rng)
     active = ~s.done
     s = s._replace(cache=cache, rng=rng,
@@ -250,6 +268,29 @@ def _decode(graphdef, settings: _Settings, params, state: DecodeState, num_steps
 
   steps, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
   return state, steps
+
+
+def _serving_layout(model: Transformer, unstack: bool | None) -> Transformer:
+  """`model` with one array per layer for decoding (see `lckv_jax.model.relayout`).
+
+  unstack=None: on a GPU, when a second copy of the layer weights fits in half the free device
+  memory (the caller keeps its stacked model); else the model as given, with a warning on GPU.
+  """
+  if not model.config.scan_layers or unstack is False:
+    return model
+  if unstack is None:
+    if jax.default_backend() != "gpu":
+      return model
+    stats = jax.devices()[0].memory_stats() or {}
+    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+    size = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if 2 * size > free:
+      logging.warning(
+          "Generator: decoding with stacked layer weights (scan_layers=True), which copies "
+          "every layer's weights each token; no room for an unstacked copy. Load the model with "
+          "scan_layers=False (load_model(path, scan_layers=False)) for faster decoding.")
+      return model
+  return relayout(model, scan_layers=False)
 
 
 class Generator:
@@ -262,6 +303,11 @@ class Generator:
 
   Continuous batching: `gen.decode(state, num_steps=k)`, then `gen.insert(state, row,
   gen.start([prompt]))` into a row whose `done` is set, and decode on.
+
+  Speed: `prefill_batch` prefills that many rows at a time (long prompts at a large batch);
+  `unstack` decodes with one weight array per layer (default: on GPU, when a copy fits);
+  `config.decode_attention` picks the decode kernel (on GPU one that reads each row's valid
+  cache prefix only).
   """
 
   def __init__(self, model: Transformer, *, max_new_tokens: int, max_len: int | None = None,
@@ -269,7 +315,8 @@ class Generator:
                pad_id: int = 0, prefill_iterations: int | None = None,
                prefill_mode: str = "auto", sink: tuple[int, int] | None = None,
                return_logits: bool = False, mesh: Mesh | None = None,
-               stream: Callable | None = None, cache_dtype=None):
+               stream: Callable | None = None, cache_dtype=None,
+               prefill_batch: int | None = None, unstack: bool | None = None):
     cfg = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -277,18 +324,21 @@ class Generator:
       raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
     if prefill_mode not in PREFILL_MODES:
       raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
+    if prefill_batch is not None and (not isinstance(prefill_batch, int) or prefill_batch < 1):
+      raise ValueError(f"prefill_batch must be a positive integer or None, got {prefill_batch!r}")
     if sink is not None:
       n_sink, window = sink
       if n_sink < 0 or window < 1:
         raise ValueError(f"sink=(n_sink, window) needs n_sink >= 0 and window >= 1, got {sink}")
     eos_ids = () if eos_id is None else (
         (int(eos_id),) if isinstance(eos_id, (int, np.integer)) else tuple(int(e) for e in eos_id))
-    self.model, self.mesh = model, mesh
+    self.model, self.mesh = _serving_layout(model, unstack), mesh
     if mesh is not None:
       shard_model(model, mesh)
     self.max_new_tokens, self.max_len, self.sink = max_new_tokens, max_len, sink
     self.prefill_iterations, self.prefill_mode = prefill_iterations, prefill_mode
     self.return_logits, self.cache_dtype = return_logits, cache_dtype
+    self.prefill_batch = prefill_batch
     self.settings = _Settings(sampling, eos_ids, pad_id, None if sink is None else sink[0], stream)
     self.vocab_size = cfg.vocab_size
 
@@ -301,7 +351,9 @@ class Generator:
       return cap
     need = longest + self.max_new_tokens - 1
     if self.max_len is None:
-      return need
+      # Whole blocks of the decode kernel (`lckv_jax.kernels.decode`); the extra slots stay empty.
+      multiple = 128 if need >= 128 else 16
+      return -(-need // multiple) * multiple
     if longest > self.max_len:
       raise ValueError(f"prompt of {longest} tokens is longer than the cache (max_len="
                        f"{self.max_len})")
@@ -329,10 +381,7 @@ class Generator:
       cache = cache_lib.init_cache(cfg, b, max_len, self.cache_dtype)
     rng = jax.random.key(seed) if isinstance(seed, int) else seed
     rng, key = jax.random.split(rng)
-    arrays = _shard_state((jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids),
-                           cache), self.mesh)
-    logits, cache = prefill(self.model, *arrays, jnp.zeros((b,), jnp.int32),
-                            iterations=self.prefill_iterations, mode=self.prefill_mode)
+    logits, cache = self._prefill_rows(tokens, positions, segment_ids, cache)
     if self.sink is not None:  # rows left-aligned: slot = position
       cache = cache_lib.left_align(cache, jnp.asarray(longest - lengths))
       write_index = jnp.asarray(lengths)
@@ -347,6 +396,24 @@ class Generator:
         logits=jnp.zeros((b, n, cfg.vocab_size), jnp.float32) if self.return_logits else None,
         rng=rng)
     return _shard_state(_first(self.settings, state, logits, key), self.mesh)
+
+  def _prefill_rows(self, tokens, positions, segment_ids, cache):
+    """Prefills the batch `prefill_batch` rows at a time: the activations of a long prompt then
+    take the memory of `prefill_batch` rows, not of the whole (decode-sized) batch."""
+    b = tokens.shape[0]
+    step = b if self.prefill_batch is None else min(self.prefill_batch, b)
+    fresh = bool((segment_ids != 0).all())  # equal lengths: no padding, positions 0..T-1
+    logits = []
+    for r in range(0, b, step):
+      n = min(step, b - r)
+      sub = jax.tree.map(lambda x: x[r:r + n], cache) if n < b else cache
+      arrays = _shard_state((jnp.asarray(tokens[r:r + n]), jnp.asarray(positions[r:r + n]),
+                             jnp.asarray(segment_ids[r:r + n]), sub), self.mesh)
+      out, sub = prefill(self.model, *arrays, jnp.zeros((n,), jnp.int32),
+                         iterations=self.prefill_iterations, mode=self.prefill_mode, fresh=fresh)
+      logits.append(out)
+      cache = sub if n == b else _put_rows(cache, sub, r)
+    return (logits[0] if len(logits) == 1 else jnp.concatenate(logits)), cache
 
   def decode(self, state: DecodeState, num_steps: int | None = None) -> DecodeState:
     """Decodes up to `num_steps` tokens per row (default: until every row is done). `state` is

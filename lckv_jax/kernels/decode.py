@@ -1,0 +1,133 @@
+"""Decode-step attention that reads only each row's valid cache prefix (Pallas, Triton on GPU).
+
+One new query token per row attends to the slots [start, end) of its row's cache buffer. The XLA
+path reads the whole buffer (`max_len` slots) at every step whatever the row's length; this kernel
+loops over blocks of `block_k` slots from `start` to `end` only, so a step's bytes are those of
+the valid prefix (the decode roofline of `lckv_jax.roofline`). Flash-decoding: the slots are cut
+into `k_splits` parallel slices (enough programs to fill the GPU at small batch), each keeps an
+online softmax, and the slices are merged in XLA.
+
+The cache keeps its `[batch, slots, kv_heads, head_dim]` layout: each program reads the strided
+`[slots, head_dim]` view of one (row, kv head), so no transposed copy of the cache is made.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+_MIN_BLOCK = 16  # Triton's smallest matrix-multiply tile
+_NEG = -1e30  # finite "minus infinity": exp(_NEG - m) = 0 without inf - inf = NaN
+
+
+def block_size(slots: int, block_k: int = 128) -> int | None:
+  """The largest power-of-two block <= block_k that divides `slots`, or None (kernel unusable)."""
+  b = block_k
+  while b >= _MIN_BLOCK:
+    if slots % b == 0:
+      return b
+    b //= 2
+  return None
+
+
+def _splits(batch: int, kv_heads: int, blocks: int, target_programs: int = 512) -> int:
+  """Slices of the slot axis: enough programs for a GPU's ~132 SMs at small batch, one at large."""
+  return max(1, min(blocks, math.ceil(target_programs / (batch * kv_heads))))
+
+
+def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, o_ref, l_ref, m_ref, *, block_k: int,
+            split: int, scale: float):
+  """One (row, kv head, slice): online softmax of the q heads of the group over its slots.
+
+  q_ref [groups, head_dim]; k_ref, v_ref [slots, head_dim]; start_ref, end_ref scalars.
+  Writes the slice's unnormalised output o [groups, head_dim] (f32), its softmax denominator l
+  and running max m [groups].
+  """
+  j = pl.program_id(2)
+  lo = jnp.maximum(start_ref[()], j * split)
+  hi = jnp.minimum(end_ref[()], (j + 1) * split)
+  q = q_ref[...]
+  groups, head_dim = q.shape
+
+  def body(i, carry):
+    o, l, m = carry
+    idx = i * block_k + jnp.arange(block_k)
+    valid = (idx >= lo) & (idx < hi)
+    k = k_ref[pl.ds(i * block_k, block_k), :]
+    v = v_ref[pl.ds(i * block_k, block_k), :]
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32) * scale  # [groups, block_k]
+    s = jnp.where(valid[None, :], s, _NEG)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.exp(s - m_new[:, None]) * valid[None, :]
+    correction = jnp.exp(m - m_new)
+    o = o * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o, l * correction + p.sum(axis=1), m_new
+
+  init = (jnp.zeros((groups, head_dim), jnp.float32), jnp.zeros((groups,), jnp.float32),
+          jnp.full((groups,), _NEG, jnp.float32))
+  # Only the blocks that overlap [lo, hi): the slots past a row's end are never read.
+  first = lo // block_k
+  last = jnp.where(hi > lo, (hi + block_k - 1) // block_k, first)
+  o, l, m = jax.lax.fori_loop(first, last, body, init)
+  o_ref[...] = o
+  l_ref[...] = l
+  m_ref[...] = m
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "interpret"))
+def decode_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, block_k: int = 128,
+                     interpret: bool = False) -> jax.Array:
+  """Softmax attention of one query per row over the cache slots [start, end) of that row.
+
+  Args:
+    q_BxHxD: [batch, heads, head_dim] queries (GQA: head h reads kv head h // (heads/kv_heads)).
+    k_BxSxKxD, v_BxSxKxD: [batch, slots, kv_heads, head_dim] cache buffers.
+    start_B, end_B: [batch] int32 first and one-past-last visible slot; a row with end <= start
+      sees nothing and gets zeros (LCKV.md §3.5).
+    block_k: slots per inner step (halved until it divides `slots`; see `block_size`).
+    interpret: run the kernel in the Pallas interpreter (CPU tests).
+  Returns:
+    [batch, heads, head_dim] in the dtype of v.
+  """
+  b, h, d = q_BxHxD.shape
+  _, slots, kv_heads, _ = k_BxSxKxD.shape
+  groups = h // kv_heads
+  bk = block_size(slots, block_k)
+  if bk is None:
+    raise ValueError(f"decode_attention: {slots} cache slots is not a multiple of {_MIN_BLOCK}")
+  blocks = slots // bk
+  k_splits = _splits(b, kv_heads, blocks)
+  split = math.ceil(blocks / k_splits) * bk
+  k_splits = math.ceil(slots / split)
+  # Triton's dot wants at least 16 rows: pad the q heads of a group (MHA has 1) with zero rows.
+  rows = max(_MIN_BLOCK, 1 << (groups - 1).bit_length())
+  q = q_BxHxD.reshape(b, kv_heads, groups, d).astype(k_BxSxKxD.dtype)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - groups), (0, 0)))
+  kernel = functools.partial(_kernel, block_k=bk, split=split, scale=1.0 / math.sqrt(d))
+  kv_spec = pl.BlockSpec((None, slots, None, d), lambda i, k, j: (i, 0, k, 0))
+  row_spec = pl.BlockSpec((None,), lambda i, k, j: (i,))
+  o, l, m = pl.pallas_call(
+      kernel,
+      grid=(b, kv_heads, k_splits),
+      in_specs=[pl.BlockSpec((None, None, rows, d), lambda i, k, j: (i, k, 0, 0)),
+                kv_spec, kv_spec, row_spec, row_spec],
+      out_specs=[pl.BlockSpec((None, None, None, rows, d), lambda i, k, j: (j, i, k, 0, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda i, k, j: (j, i, k, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda i, k, j: (j, i, k, 0))],
+      out_shape=[jax.ShapeDtypeStruct((k_splits, b, kv_heads, rows, d), jnp.float32),
+                 jax.ShapeDtypeStruct((k_splits, b, kv_heads, rows), jnp.float32),
+                 jax.ShapeDtypeStruct((k_splits, b, kv_heads, rows), jnp.float32)],
+      interpret=interpret,
+      name="lckv_decode_attention",
+  )(q, k_BxSxKxD, v_BxSxKxD, start_B.astype(jnp.int32), end_B.astype(jnp.int32))
+  # Merge the slices' online softmaxes; a slice that saw no slot has l = 0 and m = _NEG.
+  m_all = m.max(axis=0)
+  weight = jnp.exp(m - m_all[None])
+  l_all = (l * weight).sum(axis=0)
+  o_all = (o * weight[..., None]).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+  return o_all[:, :, :groups].reshape(b, h, d).astype(v_BxSxKxD.dtype)
