@@ -1,0 +1,216 @@
+"""The roofline of a decode step: bytes moved, FLOPs done, and the time the hardware allows.
+
+A decode step feeds one new token per row for `batch` rows; `context` counts the tokens of each
+row's cache including the new one. The counts are the ideal ones: every parameter and every
+*visible* cached key/value is read once from HBM. (The GPU decode kernel,
+`lckv_jax.kernels.decode`, reads only the valid slots; the XLA path reads every slot of a
+buffer, so there a step may read more.)
+
+The physics point (LCKV.md §8): each layer attends to some layer's KV, so llama and LCKV read
+(almost) the same KV bytes per step at equal batch; LCKV's saving is cache *capacity* (fewer
+buffers), which buys a larger batch, not fewer bytes per token at a fixed batch.
+
+Two measurements give the two roofs on the current default device: `measure_hbm_bandwidth`
+(bytes/s) and `measure_matmul_rate` (FLOP/s).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from lckv_jax.config import ModelConfig
+from lckv_jax.train.flops import layer_matmul_params
+
+# ---------------------------------------------------------------------------------------------
+# Counting.
+# ---------------------------------------------------------------------------------------------
+
+
+def visible_keys(config: ModelConfig, layer: int, context: int) -> int:
+  """Keys that the newest token of layer `layer` attends to, with `context` tokens cached.
+
+  As `attention.make_mask`: a window W covers the query and the W-1 keys before it, and a masked
+  diagonal drops the query's own key from what is left, so a diag-masked sliding layer sees W-1.
+  """
+  lt = config.layer_spec
+  keys = min(context, config.sliding_window) if lt.sliding[layer] else context
+  return max(keys - int(lt.diag_masked[layer]), 0)
+
+
+def _kv_bytes_per_key(config: ModelConfig, itemsize: int) -> int:
+  """K and V of one cached token of one KV layer: 2 * kv_heads * head_dim * itemsize bytes."""
+  return 2 * config.num_kv_heads * config.resolved_head_dim * itemsize
+
+
+def param_count(config: ModelConfig) -> int:
+  """Parameters of `model.Transformer(config)`: layers (matmuls + 2 norm scales), embed, head."""
+  e, v = config.hidden_size, config.vocab_size
+  layers = sum(layer_matmul_params(config, i) + 2 * e for i in range(config.num_layers))
+  head = 0 if config.tie_word_embeddings else e * v
+  return layers + v * e + e + head  # + embed + final norm + LM head
+
+
+def decode_step_bytes(config: ModelConfig, batch: int, context: int, *,
+                      param_bytes: int | None = None, cache_itemsize: int | None = None
+                      ) -> dict[str, int]:
+  """HBM bytes of one decode step: {'weights', 'kv_read', 'kv_write', 'total'}.
+
+  Args:
+    batch: rows, one new token each.
+    context: tokens in each row's cache, including the new one.
+    param_bytes: bytes per parameter; default the itemsize of `config.param_dtype`.
+    cache_itemsize: bytes per cached K/V element; default the itemsize of `config.dtype`.
+  """
+  lt = config.layer_spec
+  if param_bytes is None:
+    param_bytes = jnp.dtype(config.weights_dtype).itemsize
+  if cache_itemsize is None:
+    cache_itemsize = jnp.dtype(config.compute_dtype).itemsize
+  e, v = config.hidden_size, config.vocab_size
+  # The embedding gather touches one row per token (at most the V distinct rows); a tied table is
+  # also the LM head, which reads all of it.
+  embed_read = v * e if config.tie_word_embeddings else min(batch, v) * e
+  weights = (param_count(config) - v * e + embed_read) * param_bytes
+  per_key = batch * _kv_bytes_per_key(config, cache_itemsize)
+  # Every layer reads the KV it attends to, even when several layers share one buffer: each layer
+  # is its own attention kernel, so the shared buffer streams from HBM once per reader.
+  kv_read = per_key * sum(visible_keys(config, i, context) for i in range(config.num_layers))
+  kv_write = per_key * len(lt.kv_layers)  # one new key and value per KV-computing layer
+  return {"weights": weights, "kv_read": kv_read, "kv_write": kv_write,
+          "total": weights + kv_read + kv_write}
+
+
+def _attention_flops(config: ModelConfig, batch: int, pairs: int) -> int:
+  """QK^T and PV over `pairs` (query, key) pairs: 2 matmuls * 2 FLOPs * heads * head_dim."""
+  return 2 * 2 * batch * config.num_heads * config.resolved_head_dim * pairs
+
+
+def decode_step_flops(config: ModelConfig, batch: int, context: int) -> dict[str, int]:
+  """FLOPs of one decode step: {'matmul', 'attention', 'total'}.
+
+  matmul: 2 per multiply-add of q/k/v/o (k/v on KV layers only), MLP and LM head weights; norms
+  and the embedding gather are not matmuls. attention: scores and values over the visible keys.
+  """
+  weights = sum(layer_matmul_params(config, i) for i in range(config.num_layers))
+  matmul = 2 * batch * (weights + config.hidden_size * config.vocab_size)
+  attention = _attention_flops(
+      config, batch, sum(visible_keys(config, i, context) for i in range(config.num_layers)))
+  return {"matmul": matmul, "attention": attention, "total": matmul + attention}
+
+
+def _causal_pairs(config: ModelConfig, layer: int, length: int) -> int:
+  """Visible (query, key) pairs of a causal chunk of `length` tokens at layer `layer`.
+
+  T(T+1)/2 causal, T(T-1)/2 with the diagonal masked, fewer under a sliding window.
+  """
+  return sum(visible_keys(config, layer, t) for t in range(1, length + 1))
+
+
+def prefill_flops(config: ModelConfig, batch: int, prompt_len: int, iterations: int) -> int:
+  """FLOPs of encoding `batch` prompts of `prompt_len` tokens through the iteration plan.
+
+  Layers of a cyclic group run `iterations` times (LCKV.md §4, `Transformer.step`), the others
+  once; the LM head runs once, for the last token only (the one whose logits are sampled).
+  """
+  total = 0
+  for seg in config.layer_spec.plan():
+    runs = iterations if seg.cyclic else 1
+    for i in seg.layers:
+      matmul = 2 * batch * prompt_len * layer_matmul_params(config, i)
+      attention = _attention_flops(config, batch, _causal_pairs(config, i, prompt_len))
+      total += runs * (matmul + attention)
+  return total + 2 * batch * config.hidden_size * config.vocab_size
+
+
+# ---------------------------------------------------------------------------------------------
+# The roofline.
+# ---------------------------------------------------------------------------------------------
+
+
+def roofline_seconds(bytes_total: float, flops_total: float, hbm_bytes_per_s: float,
+                     flops_per_s: float) -> float:
+  """Lower bound on the time (s): the slower of moving the bytes and doing the FLOPs."""
+  return max(bytes_total / hbm_bytes_per_s, flops_total / flops_per_s)
+
+
+def roofline_bound(bytes_total: float, flops_total: float, hbm_bytes_per_s: float,
+                   flops_per_s: float) -> str:
+  """'bytes' if memory traffic sets `roofline_seconds` (ties included), else 'flops'."""
+  memory = bytes_total / hbm_bytes_per_s
+  return "bytes" if memory >= flops_total / flops_per_s else "flops"
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements on the default device.
+# ---------------------------------------------------------------------------------------------
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  """Median wall time of `fn()` (which must block until its work is done), after one warm-up."""
+  fn()  # compiles and warms caches
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+_PASSES = 10  # elementwise passes per call: dispatch and allocation are paid once for 10
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _axpb(x, a, b):
+  # a, b are arguments, not constants, so XLA cannot fold a pass away; the loop keeps the passes
+  # apart (XLA would fuse a chain of elementwise ops into one read + write).
+  return jax.lax.fori_loop(0, _PASSES, lambda _, x: x * a + b, x)
+
+
+def measure_hbm_bandwidth(nbytes: int = 2**31, dtype=jnp.bfloat16, repeats: int = 5) -> float:
+  """Memory bandwidth (bytes/s) of an elementwise pass y = x * a + b over `nbytes` of `dtype`.
+
+  Counts 2 * nbytes per pass (x read, y written); `_PASSES` passes per timed call, the median
+  of `repeats` calls. The buffer is donated and updated in place, so one array is ever alive.
+  """
+  n = nbytes // jnp.dtype(dtype).itemsize
+  state = [jax.random.normal(jax.random.key(0), (n,), dtype)]
+  a, b = jnp.asarray(0.5, dtype), jnp.asarray(0.25, dtype)
+
+  def once():
+    state[0] = jax.block_until_ready(_axpb(state[0], a, b))
+
+  seconds = _median_seconds(once, repeats)
+  state[0].delete()
+  return _PASSES * 2 * n * jnp.dtype(dtype).itemsize / seconds
+
+
+_CHAIN = 4  # products per call: the launch overhead is paid once for 4 n^3 multiply-adds
+
+
+@jax.jit
+def _chained_matmul(x, w):
+  for _ in range(_CHAIN):
+    x = x @ w  # each product depends on the last, so none can be skipped or overlapped away
+  return x
+
+
+def measure_matmul_rate(n: int = 8192, dtype=jnp.bfloat16, repeats: int = 5) -> float:
+  """Matmul throughput (FLOP/s): `_CHAIN` dependent n x n x n products, 2 n^3 FLOPs each."""
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (n, n), dtype)
+  # Entries of variance 1/n keep the rows' scale through the chain (no overflow in bf16).
+  w = (jax.random.normal(kw, (n, n), jnp.float32) / math.sqrt(n)).astype(dtype)
+
+  def once():
+    jax.block_until_ready(_chained_matmul(x, w)).delete()
+
+  seconds = _median_seconds(once, repeats)
+  x.delete()
+  w.delete()
+  return _CHAIN * 2 * n**3 / seconds

@@ -1,0 +1,200 @@
+"""The decode roofline: bytes and FLOPs against hand counts and the model, the two measurements,
+and the throughput plot."""
+
+import importlib.util
+import json
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lckv_jax import ModelConfig, Transformer
+from lckv_jax import roofline as rf
+from lckv_jax.attention import make_mask
+
+# E=32, H=4, K=2, D=8, F=48, V=64: per layer q = o = 1024, k + v = 1024, MLP 4608, norms 64.
+CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
+           num_kv_heads=2)
+KV_PER_KEY = 2 * 2 * 8 * 4  # K and V, 2 kv heads, head_dim 8, float32
+
+
+def flat_params(config):
+  """(path, ShapeDtypeStruct) of every parameter of the model, built abstractly.
+
+  `nnx.eval_shape` runs the real constructor without computing the initial values (eager
+  construction takes tens of seconds on a loaded CPU); shapes and dtypes are all we count.
+  """
+  model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  return [(path, v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def nbytes(x):
+  return x.size * jnp.dtype(x.dtype).itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_llama_bytes_by_hand():
+  cfg = ModelConfig(**CFG)
+  b = rf.decode_step_bytes(cfg, batch=3, context=10)
+  # 4 layers * 7744 + final norm 32 + LM head 2048, plus 3 embedding rows of 32, in float32.
+  assert b["weights"] == (4 * 7744 + 32 + 2048 + 3 * 32) * 4 == 132608
+  assert b["kv_read"] == 4 * 3 * 10 * KV_PER_KEY == 15360
+  assert b["kv_write"] == 4 * 3 * KV_PER_KEY == 1536
+  assert b["total"] == 132608 + 15360 + 1536
+  half = rf.decode_step_bytes(cfg, 3, 10, param_bytes=2, cache_itemsize=2)
+  assert (half["weights"], half["kv_read"], half["kv_write"]) == (132608 // 2, 7680, 768)
+
+
+@pytest.mark.parametrize("layer_types,tie,param_dtype", [
+    ("llama", False, "float32"), ("lckv", False, "bfloat16"), ("cla", True, "float32"),
+    ("lckv", True, "bfloat16")])
+def test_weights_match_the_model_parameters(layer_types, tie, param_dtype):
+  cfg = ModelConfig(**CFG, layer_types=layer_types, tie_word_embeddings=tie,
+                    param_dtype=param_dtype)
+  params = flat_params(cfg)
+  total = sum(nbytes(x) for _, x in params)
+  embed = dict(params)[("embed",)]
+  assert embed.shape == (64, 32)
+  batch = int(np.random.default_rng(0).integers(1, 40))
+  rows = nbytes(embed) if tie else batch * nbytes(embed) // 64
+  assert rf.param_count(cfg) == sum(x.size for _, x in params)
+  assert rf.decode_step_bytes(cfg, batch, 7)["weights"] == total - nbytes(embed) + rows
+
+
+def test_lckv_reads_the_same_kv_but_one_key_less_on_diag_masked_layers():
+  rng = np.random.default_rng(1)
+  batch, context = (int(x) for x in rng.integers(2, 50, size=2))
+  llama = rf.decode_step_bytes(ModelConfig(**CFG), batch, context)
+  lckv_cfg = ModelConfig(**CFG, layer_types="lckv")
+  assert lckv_cfg.layer_types == "0_2_2_3"  # layer 1 attends upward: its diagonal is masked
+  lckv = rf.decode_step_bytes(lckv_cfg, batch, context)
+  assert llama["kv_read"] - lckv["kv_read"] == 1 * batch * KV_PER_KEY
+  assert lckv["kv_write"] == 3 * batch * KV_PER_KEY  # KV layers 0, 2, 3
+  assert llama["kv_write"] == 4 * batch * KV_PER_KEY
+  # Fewer weights: layer 1 has no k/v projection.
+  assert llama["weights"] - lckv["weights"] == 2 * 32 * 2 * 8 * 4
+  nodiag = rf.decode_step_bytes(ModelConfig(**CFG, force_nodiag=True), batch, context)
+  assert llama["kv_read"] - nodiag["kv_read"] == 4 * batch * KV_PER_KEY
+
+
+def test_sliding_window_caps_the_keys_read():
+  cfg = ModelConfig(**CFG, layer_types="0s_1s_2_3", sliding_window=4)
+  assert rf.decode_step_bytes(cfg, 2, 10)["kv_read"] == 2 * (4 + 4 + 10 + 10) * KV_PER_KEY
+  assert rf.decode_step_bytes(cfg, 2, 3)["kv_read"] == 2 * 4 * 3 * KV_PER_KEY  # within window
+  # A diag-masked sliding layer sees the W-1 keys before the query (attention.make_mask).
+  up = ModelConfig(**CFG, layer_types="0s_2s_2_3", sliding_window=4)
+  assert rf.decode_step_bytes(up, 2, 10)["kv_read"] == 2 * (4 + 3 + 10 + 10) * KV_PER_KEY
+
+
+@pytest.mark.parametrize("layer_types", ["llama", "lckv", "0s_2s_2_3", "yoco", "mixattention"])
+def test_visible_keys_agree_with_the_attention_mask(layer_types):
+  cfg = ModelConfig(**CFG, layer_types=layer_types, sliding_window=3)
+  lt = cfg.layer_spec
+  for context in np.random.default_rng(2).integers(1, 30, size=5):
+    context = int(context)
+    k_pos = np.arange(context)[None]  # numpy: make_mask is plain operators, no need to dispatch
+    q_pos = np.full((1, 1), context - 1)
+    for i in range(cfg.num_layers):
+      mask = make_mask(q_pos, np.ones_like(q_pos), k_pos, np.ones_like(k_pos),
+                       diag_masked=lt.diag_masked[i],
+                       window=cfg.sliding_window if lt.sliding[i] else None)
+      assert rf.visible_keys(cfg, i, context) == int(mask.sum()), (i, context)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and the roofline.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_decode_flops_by_hand_and_from_the_parameters():
+  cfg = ModelConfig(**CFG)
+  f = rf.decode_step_flops(cfg, batch=3, context=10)
+  assert f["matmul"] == 2 * 3 * (4 * 7680 + 2048) == 196608
+  assert f["attention"] == 4 * 2 * 2 * 3 * 4 * 8 * 10 == 15360
+  assert f["total"] == 196608 + 15360
+  for layer_types, tie in (("lckv", False), ("cla", True)):
+    cfg = ModelConfig(**CFG, layer_types=layer_types, tie_word_embeddings=tie)
+    params = flat_params(cfg)
+    # Matmul weights: everything but norm scales and the embedding gather; a tied table is the head.
+    weights = sum(x.size for p, x in params if p[-1] != "scale" and p != ("embed",))
+    weights += 64 * 32 if tie else 0
+    assert rf.decode_step_flops(cfg, 5, 9)["matmul"] == 2 * 5 * weights
+
+
+def test_roofline_takes_the_slower_roof():
+  assert rf.roofline_seconds(1e9, 1e9, 1e12, 1e15) == pytest.approx(1e-3)
+  assert rf.roofline_bound(1e9, 1e9, 1e12, 1e15) == "bytes"
+  assert rf.roofline_seconds(1e6, 1e13, 1e12, 1e15) == pytest.approx(1e-2)
+  assert rf.roofline_bound(1e6, 1e13, 1e12, 1e15) == "flops"
+  # A 1b-like decode at batch 1 is memory bound; a huge batch becomes compute bound.
+  cfg = ModelConfig(dtype="bfloat16", param_dtype="bfloat16")
+  for batch, bound in ((1, "bytes"), (4096, "flops")):
+    b, f = rf.decode_step_bytes(cfg, batch, 16), rf.decode_step_flops(cfg, batch, 16)
+    assert rf.roofline_bound(b["total"], f["total"], 3.35e12, 989e12) == bound
+
+
+def test_prefill_flops_by_hand_and_linear_in_iterations_for_cyclic_layers_only():
+  b, t = 2, 5
+  llama = ModelConfig(**CFG)
+  # 4 layers * (matmuls 2*B*T*7680 + causal attention 2*2*B*H*D*T(T+1)/2) + head 2*B*E*V.
+  by_hand = 4 * (2 * b * t * 7680 + 2 * 2 * b * 4 * 8 * 15) + 2 * b * 32 * 64
+  assert [rf.prefill_flops(llama, b, t, it) for it in (1, 2, 9)] == [by_hand] * 3
+  lckv = ModelConfig(**CFG, layer_types="lckv")  # cyclic group: layers 1 (no KV, nodiag) and 2
+  f = [rf.prefill_flops(lckv, b, t, it) for it in (1, 2, 3, 9)]
+  per_iteration = (2 * b * t * 6656 + 2 * 2 * b * 4 * 8 * 10) + (2 * b * t * 7680 + 2 * 2 * b * 4 * 8 * 15)
+  assert [x - f[0] for x in f] == [0, per_iteration, 2 * per_iteration, 8 * per_iteration]
+  assert f[0] == by_hand - 2 * b * t * 1024 - 2 * 2 * b * 4 * 8 * 5  # no k/v on 1, no diagonal
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements (tiny on CPU) and the plot.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_measurements_are_positive_and_finite():
+  bw = rf.measure_hbm_bandwidth(nbytes=2**20, repeats=2)
+  rate = rf.measure_matmul_rate(n=128, repeats=2)
+  for x in (bw, rate):
+    assert isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def _plot_module():
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                      "plot_throughput.py")
+  spec = importlib.util.spec_from_file_location("plot_throughput", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _records(labels, batches, seed=0):
+  rng = np.random.default_rng(seed)
+  return [dict(label=label, prompt=512, gen=256, batch=batch,
+               tokens_per_s=float(rng.uniform(1e3, 2e4)),
+               decode_tokens_per_s=float(rng.uniform(1e3, 3e4)), max_batch=batch == batches[-1])
+          for label in labels for batch in batches]
+
+
+def test_plot_writes_a_png(tmp_path):
+  pytest.importorskip("matplotlib")
+  out = tmp_path / "throughput.png"
+  _plot_module().plot(_records(["1b llama", "1b lckv"], [8, 32]), str(out), title="decode")
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_plot_cli_reads_single_records_and_lists(tmp_path):
+  pytest.importorskip("matplotlib")
+  records = _records(["1b llama", "7b lckv"], [1, 4, 16], seed=3)
+  (tmp_path / "throughput_a.json").write_text(json.dumps(records[0]))
+  (tmp_path / "throughput_b.json").write_text(json.dumps(records[1:]))
+  out = tmp_path / "sizes.png"
+  _plot_module().main([str(tmp_path / "throughput_a.json"), str(tmp_path / "throughput_b.json"),
+                       "--out", str(out)])
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
