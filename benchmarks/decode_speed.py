@@ -36,7 +36,7 @@ def run(args) -> dict:
   config = model_from_file(
       os.path.join(ROOT, "configs", f"{args.shape}.py"), layer_types=args.layer_types,
       dtype=args.dtype, param_dtype=args.dtype, max_position_embeddings=args.prompt + args.gen,
-      scan_layers=not args.no_scan, remat="none")
+      scan_layers=not args.no_scan, remat="none", decode_attention=args.decode_attention)
   model = Transformer(config, rngs=nnx.Rngs(0))
   gen = Generator(model, max_new_tokens=args.gen, max_len=args.prompt + args.gen)
   rng = np.random.RandomState(0)
@@ -62,7 +62,8 @@ def run(args) -> dict:
   b, g = args.batch, args.gen
   return dict(
       shape=args.shape, layer_types=config.layer_types, batch=b, prompt=args.prompt, gen=g,
-      scan_layers=config.scan_layers,
+      scan_layers=config.scan_layers, decode_attention=args.decode_attention,
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
       dtype=args.dtype, device=jax.devices()[0].device_kind, jax=jax.__version__,
       python=platform.python_version(), command="python " + " ".join(sys.argv),
       first_call_s=round(compile_s, 2), prefill_s=round(prefill_s, 4),
@@ -83,13 +84,15 @@ def main():
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--no_scan", action="store_true", help="unroll the layers (scan_layers=False)")
+  p.add_argument("--decode_attention", default="auto", choices=("auto", "pallas", "xla"))
+  p.add_argument("--tag", default="", help="suffix of the JSON file name")
   p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   args = p.parse_args()
   result = run(args)
   print(json.dumps(result))
   os.makedirs(args.out, exist_ok=True)
   name = (f"decode_{args.shape}_{args.layer_types.replace(':', '-')}_b{args.batch}"
-          f"_p{args.prompt}_g{args.gen}{'_unrolled' if args.no_scan else ''}.json")
+          f"_p{args.prompt}_g{args.gen}{'_unrolled' if args.no_scan else ''}{args.tag}.json")
   with open(os.path.join(args.out, name), "w") as f:
     json.dump(result, f, indent=2)
 

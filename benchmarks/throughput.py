@@ -1,0 +1,329 @@
+"""Decode throughput, the LCKV paper's protocol, with the roofline of every run.
+
+Random bf16 weights (one array per layer, the serving layout), prompts of P random tokens, G
+generated tokens per row (no early stop), batch B. Throughput = B*G / (prefill + decode), the
+paper's number; decode-only tokens/s, prefill time, per-step time and peak device memory are
+recorded too. Compile time is measured (JAX's compile events) and subtracted from the phase it
+fell in, so one pass per setting suffices.
+
+`--max_batch` finds the largest batch that fits: doubling, then bisection, over a memory model
+(weights + cache + decode state + the prefill chunk's activations + a reserve) against the
+device's limit (`XLA_PYTHON_CLIENT_MEM_FRACTION` caps it, e.g. to emulate a 24 GB GPU); the run at
+that batch confirms it, and an out-of-memory there retries 15% smaller (up to 3 times; on the
+H100 a first out-of-memory was followed by more, so treat such a result with suspicion).
+
+Roofline: the script measures HBM bandwidth and the bf16 matmul rate on the same GPU first, then
+for each run sums the per-step minimum time max(bytes / bandwidth, FLOPs / rate) over the G-1
+decode steps (bytes: weights + every layer's read of the valid KV it attends to,
+`lckv_jax.roofline`) and reports measured / roofline. The prefill is compared with its
+(iterations-pass) FLOPs over the matmul rate.
+
+  python benchmarks/throughput.py --shape=1b --layer_types llama lckv --prompt=512 --gen=1536 \
+      --batch 32 128 --max_batch
+  python benchmarks/throughput.py --smoke     # a tiny model on any device, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lckv_jax import Transformer
+from lckv_jax import roofline as rl
+from lckv_jax.cache import cache_bytes
+from lckv_jax.generation import Generator
+from lckv_jax.train.config import model_from_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA workspace, cuBLAS/cuDNN/Triton autotuning scratch (allocated after the cache, when a new
+# batch compiles) and allocator fragmentation: 2 GiB + 10% of the device limit. With 2 GiB alone
+# the 1b llama run under a 24 GB cap ran out of memory in the prefill at the predicted batch.
+RESERVE, RESERVE_FRACTION = 2 << 30, 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile time: JAX reports every tracing, lowering and backend compile as a duration event.
+# ---------------------------------------------------------------------------------------------
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_s = [0.0]
+
+
+def _on_event(event: str, duration: float, **_) -> None:
+  if event in _COMPILE_EVENTS:
+    _compile_s[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+class Clock:
+  """Wall time of a phase, and the part of it spent compiling."""
+
+  def __enter__(self):
+    self.c0, self.t0 = _compile_s[0], time.perf_counter()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall = time.perf_counter() - self.t0
+    self.compile = _compile_s[0] - self.c0
+    self.run = max(self.wall - self.compile, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch search.
+# ---------------------------------------------------------------------------------------------
+
+
+def find_max_batch(fits, start: int = 1, resolution: float = 1 / 64, limit: int = 1 << 20) -> int:
+  """The largest batch b with fits(b): doubling from `start`, then bisection to `resolution`
+  (relative); 0 if even batch 1 does not fit. `fits` must be monotone."""
+  lo, hi = 0, None
+  b = max(1, start)
+  while b <= limit:  # doubling (halving first when `start` is too big)
+    if fits(b):
+      lo = b
+      if hi is not None:
+        break
+      b *= 2
+    else:
+      hi = b
+      if lo:
+        break
+      b //= 2
+      if b == 0:
+        return 0
+  if hi is None:
+    return lo
+  while hi - lo > max(1, int(lo * resolution)):  # bisection
+    mid = (lo + hi) // 2
+    if fits(mid):
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
+def _device_limit() -> int:
+  stats = jax.devices()[0].memory_stats() or {}
+  return int(stats.get("bytes_limit", 0))
+
+
+def prefill_rows(config, batch: int, prompt: int, limit: int) -> int:
+  """Rows prefilled at once: about 32k tokens, and activations within 8% of device memory."""
+  per_token = 2 * (16 * config.hidden_size + 6 * config.intermediate_size)  # bf16 live tensors
+  rows = min(batch, max(1, 32768 // prompt))
+  if limit:
+    rows = min(rows, max(1, int(0.08 * limit) // (prompt * per_token)))
+  while batch % rows:  # equal chunks: one compiled prefill
+    rows -= 1
+  return rows
+
+
+def memory_need(config, batch: int, prompt: int, gen: int, weights: int, limit: int,
+                cache_copies: int = 2) -> int:
+  """Device bytes of a run at `batch`: weights, cache, decode state, prefill chunk, reserve.
+
+  `cache_copies`: the H100 runs held a second cache-sized buffer at the peak (7b llama, batch 7,
+  512+1024: peak 24.76 GB = weights 13.48 GB + 2 x cache 5.64 GB). A likely cause was found
+  afterwards on the CPU (the first token's sampling copied the whole decode state; it is donated
+  now), but not re-measured on a GPU, so the default stays 2.
+  """
+  slots = _cache_len(prompt, gen)
+  cache = cache_copies * cache_bytes(config, batch, slots, metadata=True)
+  rows = prefill_rows(config, batch, prompt, limit)
+  chunk = rows * prompt * 2 * (16 * config.hidden_size + 6 * config.intermediate_size)
+  if rows < batch:  # the chunk's rows of the cache, sliced out and written back
+    chunk += 2 * cache_bytes(config, rows, slots, metadata=True)
+  state = batch * (gen * 4 + 4 * config.vocab_size * 4)  # tokens; logits, softmax, sampling
+  return weights + cache + state + chunk + RESERVE + int(RESERVE_FRACTION * limit)
+
+
+def _cache_len(prompt: int, gen: int) -> int:
+  need = prompt + gen - 1
+  multiple = 128 if need >= 128 else 16  # as Generator._cache_len
+  return -(-need // multiple) * multiple
+
+
+# ---------------------------------------------------------------------------------------------
+# One run.
+# ---------------------------------------------------------------------------------------------
+
+
+def build(args, layer_types: str) -> Transformer:
+  config = model_from_file(
+      os.path.join(ROOT, "configs", f"{args.shape}.py"), layer_types=layer_types,
+      dtype="bfloat16", param_dtype="bfloat16", scan_layers=False, remat="none",
+      max_position_embeddings=max(args.prompt + args.gen, 16),
+      **({"sliding_window": args.sliding_window} if args.sliding_window else {}))
+  return Transformer(config, rngs=nnx.Rngs(0))
+
+
+def run_once(model, args, batch: int, ceilings: dict, limit: int) -> dict:
+  cfg = model.config
+  p, g = args.prompt, args.gen
+  rows = prefill_rows(cfg, batch, p, limit)
+  gen = Generator(model, max_new_tokens=g, prefill_iterations=args.prefill_iterations,
+                  prefill_batch=rows, unstack=False)
+  rng = np.random.RandomState(batch)
+  prompts = rng.randint(1, cfg.vocab_size, (batch, p)).tolist()
+  with Clock() as pre:
+    state = gen.start(prompts)
+    jax.block_until_ready(state.token)
+  steps = g - 1 if not args.decode_steps else min(args.decode_steps, g - 1)
+  with Clock() as dec:
+    state = gen.decode(state, steps)
+    jax.block_until_ready(state.tokens)
+  if int(np.asarray(state.num_generated).min()) != steps + 1:
+    raise RuntimeError(f"a row stopped before {steps + 1} tokens")
+  stats = jax.devices()[0].memory_stats() or {}
+  del state
+  bw, rate = ceilings["hbm_bytes_per_s"], ceilings["matmul_flops_per_s"]
+  roofs = [rl.roofline_seconds(rl.decode_step_bytes(cfg, batch, c)["total"],
+                               rl.decode_step_flops(cfg, batch, c)["total"], bw, rate)
+           for c in range(p + 2, p + g + 1)]  # contexts of the G-1 decode steps
+  # With --decode_steps only the first steps run; the rest are projected by the roofline's
+  # growth with the context (the measured fraction of the roofline is kept).
+  decode_s = dec.run * sum(roofs) / sum(roofs[:steps]) if steps < g - 1 else dec.run
+  total = pre.run + decode_s
+  iterations = args.prefill_iterations or cfg.forward_passes + cfg.backward_passes
+  record = dict(
+      batch=batch, prompt=p, gen=g, prefill_batch=rows, prefill_iterations=iterations,
+      decode_steps_measured=steps, projected=steps < g - 1,
+      prefill_s=round(pre.run, 4), decode_s=round(decode_s, 4),
+      step_ms=round(1e3 * decode_s / max(g - 1, 1), 4),
+      tokens_per_s=round(batch * g / total, 1),
+      decode_tokens_per_s=round(batch * (g - 1) / decode_s, 1) if g > 1 else None,
+      compile_prefill_s=round(pre.compile, 2), compile_decode_s=round(dec.compile, 2),
+      cache_bytes=cache_bytes(cfg, batch, _cache_len(p, g)),
+      peak_bytes=int(stats.get("peak_bytes_in_use", 0)), bytes_limit=limit)
+  last = p + g
+  bound = rl.roofline_bound(rl.decode_step_bytes(cfg, batch, last)["total"],
+                            rl.decode_step_flops(cfg, batch, last)["total"], bw, rate)
+  roof = sum(roofs)
+  prefill_roof = rl.prefill_flops(cfg, batch, p, iterations) / rate
+  record.update(roofline_decode_s=round(roof, 4),
+                decode_roofline_fraction=round(roof / decode_s, 3) if decode_s else None,
+                decode_bound=bound, prefill_flop_s=round(prefill_roof, 4),
+                prefill_vs_flops=round(pre.run / prefill_roof, 3) if prefill_roof else None)
+  return record
+
+
+def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
+  model = build(args, layer_types)
+  cfg = model.config
+  weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  limit = _device_limit()
+  batches = list(args.batch)
+  max_b = None
+  if args.max_batch:
+    if not limit:
+      raise SystemExit("--max_batch needs a device that reports its memory limit (a GPU)")
+    fits = lambda b: memory_need(cfg, b, args.prompt, args.gen, weights, limit,
+                                 args.cache_copies) <= limit
+    per_row = cache_bytes(cfg, 1, _cache_len(args.prompt, args.gen), metadata=True)
+    max_b = find_max_batch(fits, start=max(1, (limit - weights) // (2 * per_row)))
+    if max_b < 1:
+      raise SystemExit(f"{args.shape} {layer_types}: even batch 1 does not fit in {limit} bytes")
+    batches = [b for b in batches if b < max_b] + [max_b]
+  label = f"{args.shape} {args.label or layer_types}"
+  common = dict(label=label, shape=args.shape, layer_types=cfg.layer_types, weights_bytes=weights,
+                device=jax.devices()[0].device_kind, jax=jax.__version__,
+                python=platform.python_version(), command="python " + " ".join(sys.argv),
+                mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), **ceilings)
+  records, good = [], 0
+  for b in batches:
+    is_max = b == max_b
+    r = None
+    for _ in range(4):  # an out-of-memory at the predicted batch: retry 15% smaller
+      try:
+        first = run_once(model, args, b, ceilings, limit)
+        r = first
+        for _ in range(args.repeats - 1):  # warm runs: first-execution costs stay in `first`
+          r = run_once(model, args, b, ceilings, limit)
+        r.update(first_run_prefill_s=first["prefill_s"], first_run_decode_s=first["decode_s"],
+                 compile_prefill_s=first["compile_prefill_s"],
+                 compile_decode_s=first["compile_decode_s"])
+        good = max(good, b)
+      except Exception as e:  # noqa: BLE001
+        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+          raise
+      if r is not None:
+        break
+      gc.collect()  # outside the except block, so the failed run's frames (its cache) are freed
+      print(f"  batch {b}: out of memory; retrying at {int(b * 0.85)}", flush=True)
+      b = int(b * 0.85)
+      if b <= good or b < 1:
+        break
+    if r is None:
+      continue
+    r.update(common, max_batch=is_max, predicted_max_batch=max_b if is_max else None)
+    records.append(r)
+    print(json.dumps({k: r[k] for k in ("label", "batch", "prompt", "gen", "tokens_per_s",
+                                        "decode_tokens_per_s", "prefill_s", "step_ms")}
+                     | {k: r.get(k) for k in ("decode_roofline_fraction", "prefill_vs_flops",
+                                              "compile_decode_s", "peak_bytes")}), flush=True)
+  del model
+  return records
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--shape", default="1b", help="configs/<shape>.py")
+  p.add_argument("--layer_types", nargs="+", default=["llama", "lckv"])
+  p.add_argument("--label", default=None, help="series label (default: the layer_types)")
+  p.add_argument("--prompt", type=int, default=512)
+  p.add_argument("--gen", type=int, default=1536)
+  p.add_argument("--batch", type=int, nargs="*", default=[32])
+  p.add_argument("--max_batch", action="store_true", help="also run the largest batch that fits")
+  p.add_argument("--prefill_iterations", type=int, default=None, help="default m + b")
+  p.add_argument("--sliding_window", type=int, default=None,
+                 help="window of the 's' layers (needed by yoco and mixattention)")
+  p.add_argument("--tag", default="", help="suffix of the JSON file name")
+  p.add_argument("--cache_copies", type=int, default=2,
+                 help="cache-sized buffers the memory model allows for at the peak (see "
+                      "memory_need)")
+  p.add_argument("--repeats", type=int, default=1,
+                 help="runs per setting; the last is reported (the first pays first-execution "
+                      "costs that compile events miss)")
+  p.add_argument("--decode_steps", type=int, default=None,
+                 help="run only the first N decode steps and project the rest (marked projected)")
+  p.add_argument("--smoke", action="store_true", help="tiny model, tiny sizes (CI)")
+  p.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "benchmarks",
+                                                                      "results")))
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.shape, args.prompt, args.gen, args.batch = "tiny", 8, 4, [2]
+  small = args.smoke or jax.default_backend() == "cpu"
+  ceilings = dict(
+      hbm_bytes_per_s=rl.measure_hbm_bandwidth(**({"nbytes": 2**20, "repeats": 2} if small
+                                                  else {})),
+      matmul_flops_per_s=rl.measure_matmul_rate(**({"n": 128, "repeats": 2} if small else {})))
+  print(f"ceilings: HBM {ceilings['hbm_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+        f"{ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+  os.makedirs(args.out, exist_ok=True)
+  records = []
+  path = os.path.join(args.out, f"throughput_{args.shape}_p{args.prompt}_g{args.gen}{args.tag}"
+                      ".json")
+  for lt in args.layer_types:
+    records += run_model(args, lt, ceilings)
+    with open(path, "w") as f:  # after every model, so a later failure keeps the earlier ones
+      json.dump(records, f, indent=1)
+  return path
+
+
+if __name__ == "__main__":
+  main()
