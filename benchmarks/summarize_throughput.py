@@ -32,9 +32,7 @@ def roofline(record: dict, bw: float, rate: float) -> tuple[float, float]:
                         param_dtype="bfloat16", max_position_embeddings=record["prompt"]
                         + record["gen"])
   b, p, g = record["batch"], record["prompt"], record["gen"]
-  decode = sum(rl.roofline_seconds(rl.decode_step_bytes(cfg, b, c)["total"],
-                                   rl.decode_step_flops(cfg, b, c)["total"], bw, rate)
-               for c in range(p + 2, p + g + 1))
+  decode = sum(rl.decode_roofline_steps(cfg, b, p, g, bw, rate))
   return decode, rl.prefill_flops(cfg, b, p, record["prefill_iterations"]) / rate
 
 

@@ -41,7 +41,7 @@ from flax import nnx
 
 from lckv_jax import Transformer
 from lckv_jax import roofline as rl
-from lckv_jax.cache import cache_bytes
+from lckv_jax.cache import cache_bytes, rounded_slots
 from lckv_jax.generation import Generator
 from lckv_jax.train.config import model_from_file
 
@@ -128,7 +128,7 @@ def prefill_rows(config, batch: int, prompt: int, limit: int) -> int:
   The last chunk may be smaller (one more prefill compile). The H100 runs required equal chunks,
   which left 7b lckv at batch 59 (a prime) prefilling one row at a time.
   """
-  per_token = 2 * (16 * config.hidden_size + 6 * config.intermediate_size)  # bf16 live tensors
+  per_token = _prefill_bytes_per_token(config)
   rows = min(batch, max(1, 32768 // prompt))
   if limit:
     rows = min(rows, max(1, int(0.08 * limit) // (prompt * per_token)))
@@ -147,17 +147,21 @@ def memory_need(config, batch: int, prompt: int, gen: int, weights: int, limit: 
   slots = _cache_len(prompt, gen)
   cache = cache_copies * cache_bytes(config, batch, slots, metadata=True)
   rows = prefill_rows(config, batch, prompt, limit)
-  chunk = rows * prompt * 2 * (16 * config.hidden_size + 6 * config.intermediate_size)
+  chunk = rows * prompt * _prefill_bytes_per_token(config)
   if rows < batch:  # the chunk's rows of the cache, sliced out and written back
     chunk += 2 * cache_bytes(config, rows, slots, metadata=True)
   state = batch * (gen * 4 + 4 * config.vocab_size * 4)  # tokens; logits, softmax, sampling
   return weights + cache + state + chunk + RESERVE + int(RESERVE_FRACTION * limit)
 
 
+def _prefill_bytes_per_token(config) -> int:
+  """Live bf16 activations of one prefill token (an estimate: 16 widths of the residual stream
+  and 6 of the MLP)."""
+  return 2 * (16 * config.hidden_size + 6 * config.intermediate_size)
+
+
 def _cache_len(prompt: int, gen: int) -> int:
-  need = prompt + gen - 1
-  multiple = 128 if need >= 128 else 16  # as Generator._cache_len
-  return -(-need // multiple) * multiple
+  return rounded_slots(prompt + gen - 1)  # as Generator._cache_len without max_len
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,9 +198,7 @@ def run_once(model, args, batch: int, ceilings: dict, limit: int) -> dict:
   stats = jax.devices()[0].memory_stats() or {}
   del state
   bw, rate = ceilings["hbm_bytes_per_s"], ceilings["matmul_flops_per_s"]
-  roofs = [rl.roofline_seconds(rl.decode_step_bytes(cfg, batch, c)["total"],
-                               rl.decode_step_flops(cfg, batch, c)["total"], bw, rate)
-           for c in range(p + 2, p + g + 1)]  # contexts of the G-1 decode steps
+  roofs = rl.decode_roofline_steps(cfg, batch, p, g, bw, rate)
   # With --decode_steps only the first steps run; the rest are projected by the roofline's
   # growth with the context (the measured fraction of the roofline is kept).
   decode_s = dec.run * sum(roofs) / sum(roofs[:steps]) if steps < g - 1 else dec.run

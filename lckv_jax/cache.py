@@ -46,6 +46,13 @@ def buffer_slots(config: ModelConfig, max_len: int, ring: bool = True) -> dict[i
           for j in config.layer_spec.kv_layers}
 
 
+def rounded_slots(tokens: int) -> int:
+  """Cache slots for `tokens` tokens: whole blocks of the decode kernel
+  (`lckv_jax.kernels.decode`), 128 slots (16 below 128); the extra slots stay empty."""
+  multiple = 128 if tokens >= 128 else 16
+  return -(-tokens // multiple) * multiple
+
+
 def _empty(config: ModelConfig, batch: int, slots: int, dtype) -> KV:
   shape = (batch, slots, config.num_kv_heads, config.resolved_head_dim)
   # Distinct arrays (never aliases), so the whole cache can be donated to `jit`.

@@ -351,9 +351,7 @@ class Generator:
       return cap
     need = longest + self.max_new_tokens - 1
     if self.max_len is None:
-      # Whole blocks of the decode kernel (`lckv_jax.kernels.decode`); the extra slots stay empty.
-      multiple = 128 if need >= 128 else 16
-      return -(-need // multiple) * multiple
+      return cache_lib.rounded_slots(need)
     if longest > self.max_len:
       raise ValueError(f"prompt of {longest} tokens is longer than the cache (max_len="
                        f"{self.max_len})")

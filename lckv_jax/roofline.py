@@ -139,6 +139,16 @@ def roofline_seconds(bytes_total: float, flops_total: float, hbm_bytes_per_s: fl
   return max(bytes_total / hbm_bytes_per_s, flops_total / flops_per_s)
 
 
+def decode_roofline_steps(config: ModelConfig, batch: int, prompt: int, gen: int,
+                          hbm_bytes_per_s: float, flops_per_s: float) -> list[float]:
+  """Roofline seconds of each of the gen-1 decode steps after a prompt of `prompt` tokens (the
+  first generated token comes from the prefill); step i runs with context prompt + 2 + i."""
+  return [roofline_seconds(decode_step_bytes(config, batch, c)["total"],
+                           decode_step_flops(config, batch, c)["total"], hbm_bytes_per_s,
+                           flops_per_s)
+          for c in range(prompt + 2, prompt + gen + 1)]
+
+
 def roofline_bound(bytes_total: float, flops_total: float, hbm_bytes_per_s: float,
                    flops_per_s: float) -> str:
   """'bytes' if memory traffic sets `roofline_seconds` (ties included), else 'flops'."""
