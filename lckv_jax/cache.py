@@ -124,12 +124,17 @@ def relayout(entry: KV, end_B: jax.Array, slots: int) -> KV:
             jnp.where(valid, take(entry.seg, src), 0))
 
 
-def with_room(config: ModelConfig, cache: dict, write_index_B: jax.Array, chunk: int) -> dict:
+def with_room(config: ModelConfig, cache: dict, write_index_B: jax.Array, chunk: int, *,
+              empty: bool = False) -> dict:
   """Widens ring buffers so that a chunk of `chunk` tokens at `write_index` sees its windows.
 
+  `empty`: the cache holds nothing yet and the chunk starts at slot 0; the ring then needs room
+  for the chunk alone (none when it fits), not for `sliding_window - 1` earlier keys as well.
   Returns the cache to pass to `Transformer.step`; `compact` turns it back afterwards.
   """
-  need = config.sliding_window + chunk - 1 if config.sliding_window else 0
+  if not config.sliding_window:
+    return dict(cache)
+  need = chunk if empty else config.sliding_window + chunk - 1
   out = dict(cache)
   for j in ring_layers(config):
     e = cache[("layer", j)]

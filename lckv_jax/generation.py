@@ -123,9 +123,9 @@ def _shard_state(state, mesh: Mesh | None, rules: dict | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(9,))
-def _prefill(graphdef, iterations: int, sequential: bool, all_logits: bool, fresh: bool, params,
-             tokens, positions, segment_ids, cache, write_index):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(10,))
+def _prefill(graphdef, iterations: int, sequential: bool, all_logits: bool, fresh: bool,
+             empty: bool, params, tokens, positions, segment_ids, cache, write_index):
   model = nnx.merge(graphdef, params)
   if sequential:
     def body(cache, xs):
@@ -137,7 +137,7 @@ def _prefill(graphdef, iterations: int, sequential: bool, all_logits: bool, fres
     cache, logits_TxBxV = jax.lax.scan(body, cache, xs)
     logits = jnp.swapaxes(logits_TxBxV, 0, 1)
   else:
-    roomy = cache_lib.with_room(model.config, cache, write_index, tokens.shape[1])
+    roomy = cache_lib.with_room(model.config, cache, write_index, tokens.shape[1], empty=empty)
     logits, roomy = model.step(tokens, roomy, write_index, positions, segment_ids,
                                iterations=iterations, last_logits=not all_logits, fresh=fresh)
     cache = cache_lib.compact(roomy, cache, write_index + tokens.shape[1])
@@ -146,7 +146,7 @@ def _prefill(graphdef, iterations: int, sequential: bool, all_logits: bool, fres
 
 def prefill(model: Transformer, tokens, positions, segment_ids, cache: dict, write_index, *,
             iterations: int | None = None, mode: str = "auto", all_logits: bool = False,
-            fresh: bool = False):
+            fresh: bool = False, empty: bool = False):
   """Runs a chunk of prompt tokens into `cache` (donated) at `write_index` [batch].
 
   Each row's cache must hold one sequence in contiguous slots (chunks written one after the
@@ -158,6 +158,8 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: dict, wri
       else parallel), 'parallel' or 'sequential'.
     fresh: the chunk starts every row at slot 0 of an empty cache, without padding (positions
       0..chunk-1): the parallel prefill then uses the fused attention kernel.
+    empty: the chunk starts every row at slot 0 of an empty cache (padding allowed): ring
+      buffers are not widened for earlier keys (implied by `fresh`).
   Returns:
     logits [batch, vocab] of the last token ([batch, chunk, vocab] with `all_logits`), and the
     cache.
@@ -172,7 +174,7 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: dict, wri
   sequential = mode == "sequential" or (
       mode == "auto" and cfg.layer_spec.has_cycle and (chunk <= iterations or cfg.use_sequential))
   graphdef, params = nnx.split(model)
-  return _prefill(graphdef, iterations, sequential, all_logits, fresh, params,
+  return _prefill(graphdef, iterations, sequential, all_logits, fresh, empty or fresh, params,
                   jnp.asarray(tokens),
                   jnp.asarray(positions), jnp.asarray(segment_ids), cache,
                   jnp.asarray(write_index, jnp.int32))
@@ -185,9 +187,11 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: dict, wri
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _put_rows(cache: dict, rows: dict, start) -> dict:
-  """`cache` (donated, updated in place) with rows start.. replaced by the rows of `rows`."""
+  """`cache` (donated, updated in place) with the first slots of rows start.. replaced by
+  `rows` (a cache of fewer rows and no more slots per buffer)."""
   return jax.tree.map(
-      lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r.astype(a.dtype), start, axis=0),
+      lambda a, r: jax.lax.dynamic_update_slice(a, r.astype(a.dtype),
+                                                (start,) + (0,) * (a.ndim - 1)),
       cache, rows)
 
 
@@ -396,19 +400,27 @@ class Generator:
     return _shard_state(_first(self.settings, state, logits, key), self.mesh)
 
   def _prefill_rows(self, tokens, positions, segment_ids, cache):
-    """Prefills the batch `prefill_batch` rows at a time: the activations of a long prompt then
-    take the memory of `prefill_batch` rows, not of the whole (decode-sized) batch."""
-    b = tokens.shape[0]
+    """Prefills the prompts `prefill_batch` rows at a time. One chunk runs straight into the
+    decode cache; several run each into a cache of the prompt's length, whose slots are then
+    copied into the first slots of the decode cache: the prefill's activations and cache then
+    take the memory of `prefill_batch` rows and the prompt's slots, not of the whole decode
+    batch and its `max_len` slots."""
+    cfg = self.model.config
+    b, longest = tokens.shape
     step = b if self.prefill_batch is None else min(self.prefill_batch, b)
     fresh = bool((segment_ids != 0).all())  # equal lengths: no padding, positions 0..T-1
+    dtype = jax.tree.leaves(cache)[0].dtype
     logits = []
     for r in range(0, b, step):
       n = min(step, b - r)
-      sub = jax.tree.map(lambda x: x[r:r + n], cache) if n < b else cache
+      # The sink cache has no rings: its prompt slots are copied as written, left-aligned after.
+      sub = cache if n == b else cache_lib.init_cache(cfg, n, longest, dtype,
+                                                      ring=self.sink is None)
       arrays = _shard_state((jnp.asarray(tokens[r:r + n]), jnp.asarray(positions[r:r + n]),
                              jnp.asarray(segment_ids[r:r + n]), sub), self.mesh)
       out, sub = prefill(self.model, *arrays, jnp.zeros((n,), jnp.int32),
-                         iterations=self.prefill_iterations, mode=self.prefill_mode, fresh=fresh)
+                         iterations=self.prefill_iterations, mode=self.prefill_mode, fresh=fresh,
+                         empty=True)
       logits.append(out)
       cache = sub if n == b else _put_rows(cache, sub, r)
     return (logits[0] if len(logits) == 1 else jnp.concatenate(logits)), cache

@@ -151,15 +151,19 @@ class _Context:
     if not (self.contiguous and self.decoding) or self.compat_decode(role):
       return None
     impl, backend, slots = cfg.decode_attention, jax.default_backend(), kv.k.shape[1]
-    # auto: the kernel from 2048 slots on a GPU. Short buffers gain nothing (H100, 1b llama,
-    # batch 32, 768 slots: 1.70-2.06 ms per token with the kernel, 1.77 with XLA, within the
-    # spread between runs); at 4096 slots one layer's attention takes 65-72 us against 198 us.
-    if impl == "xla" or (impl == "auto" and (backend != "gpu" or slots < 2048)):
+    # auto: the kernel on a GPU, at any buffer length. At 4096 slots one layer's attention takes
+    # 65-72 us against XLA's 198 us (H100, 1b, batch 32); at 768 slots both paths decode at the
+    # same speed, but XLA's keeps the whole cache in a second, transposed layout inside the
+    # decode loop (its temporary buffers equal the cache: 554 of 558 MB; the kernel's: 7 MB).
+    if impl == "xla" or (impl == "auto" and backend != "gpu"):
       return None
-    # A buffer of exactly `sliding_window` slots may be a ring whose valid slots wrap around.
-    if slots == cfg.sliding_window or decode_kernel.block_size(slots) is None:
+    if decode_kernel.block_size(slots) is None:
       return None
-    start = jnp.argmax(kv.seg != 0, axis=1).astype(jnp.int32)
+    # A row's valid slots are the last ones written, up to this token's (contiguous rows; slot x
+    # at x % slots, so this holds for ring buffers, whose valid slots may wrap around). This
+    # token's slot is written by now: by its source, or with zeros for a source above
+    # (`_cyclic_group`); `end` then excludes it where the diagonal is masked.
+    start = self.write_index + 1 - jnp.sum(kv.seg != 0, axis=1, dtype=jnp.int32)
     end = self.write_index + (0 if role.diag_masked else 1)  # this token's slot is write_index
     if role.sliding:
       start = jnp.maximum(start, self.write_index + 1 - cfg.sliding_window)

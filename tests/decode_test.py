@@ -40,6 +40,21 @@ def test_decode_kernel_equals_attention_over_the_span(heads, kv_heads, slots):
   assert float(jnp.abs(out[3]).max()) == 0.0
 
 
+def test_decode_kernel_reads_a_ring_buffer_window_that_wraps():
+  # Slot x lives at index x % slots: absolute spans past the buffer's end wrap around.
+  rng = np.random.default_rng(7)
+  b, slots, d = 4, 32, 16
+  q = jnp.asarray(rng.normal(size=(b, 4, d)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, slots, 2, d)), jnp.float32) for _ in range(2))
+  start = jnp.asarray([40, 17, 64, 50])
+  end = jnp.asarray([72, 45, 70, 81])  # a full ring, a wrapped span, one inside, a full ring - 1
+  out = decode_attention(q, k, v, start, end, block_k=16, interpret=True)
+  idx = jnp.arange(slots)
+  mask = (((idx[None] - start[:, None]) % slots) < (end - start)[:, None])[:, None, :]
+  ref = dot_product_attention(q[:, None], k, v, mask)[:, 0]
+  np.testing.assert_allclose(out, ref, atol=2e-6)
+
+
 def test_decode_kernel_block_sizes():
   assert block_size(4096) == 128 and block_size(48) == 16 and block_size(96) == 32
   assert block_size(40) is None
@@ -60,6 +75,22 @@ def test_generation_with_the_decode_kernel_equals_xla(name):
   ref = generate(make(**kw), ps, max_new_tokens=6, return_logits=True)
   model = make(**{**kw, "decode_attention": "pallas"})
   out = generate(model, ps, max_new_tokens=6, return_logits=True)
+  assert out.tokens == ref.tokens
+  np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,nodiag", [("mixed", False), ("yoco", False), ("lckv", True)])
+def test_generation_with_the_decode_kernel_over_ring_buffers_equals_xla(name, nodiag):
+  # Windows of 16 slots: the rings of layers read only through windows are 16-slot buffers that
+  # the kernel reads, and they wrap. The 3-token row is left-padded by 17 slots, so its valid
+  # slots in a ring are fewer than the window after the wrap. force_nodiag masks the diagonal of
+  # layers whose source has written this token.
+  kw = dict(layer_types=PRESETS[name], sliding_window=16, max_position_embeddings=64,
+            force_nodiag=nodiag)
+  ps = prompts([20, 3, 11], seed=9)
+  ref = generate(make(**kw, decode_attention="xla"), ps, max_new_tokens=12, return_logits=True)
+  out = generate(make(**kw, decode_attention="pallas"), ps, max_new_tokens=12,
+                 return_logits=True)
   assert out.tokens == ref.tokens
   np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
@@ -170,3 +201,18 @@ def test_start_hands_the_cache_through_without_a_copy():
                                   jax.random.key(0)).compile().memory_analysis()
   cache = sum(x.nbytes for x in jax.tree.leaves(state.cache))
   assert analysis.alias_size_in_bytes >= cache
+
+
+def test_decode_profile_runs_and_reads_the_decode_loop_memory(tmp_path):
+  # On the CPU the trace has no GPU kernels; the timing and XLA's memory analysis still run.
+  import benchmarks.decode_profile as dp
+  out = tmp_path / "p.jsonl"
+  dp.main(["--shape=tiny", "--layer_types=lckv", "--batch=2", "--prompt=8", "--gen=12",
+           "--steps=4", f"--out={out}"])
+  record = json.loads(out.read_text().splitlines()[0])
+  assert record["kernels_per_token"] == 0 and len(record["wall_ms_per_token"]) == 2
+  assert record["decode_alias_bytes"] >= record["cache_bytes"] > 0
+  kernels = [("b", 10, 4), ("a", 0, 6), ("a", 20, 6)]
+  s = dp.summarize(sorted(kernels, key=lambda k: k[1]), steps=2)
+  assert s["kernels_per_token"] == 1.5 and s["largest"][0]["name"] == "a"
+  assert s["idle_fraction"] == round(1 - 16 / 26, 3)

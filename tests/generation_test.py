@@ -45,10 +45,14 @@ def prompts(lengths, seed=0, vocab=64):
 # -- exactness: prefill + decode = the sequential mode ----------------------------------------------
 
 
-@pytest.mark.parametrize("name,mode", [("llama", "auto"), ("lckv", "auto"), ("lckv", "parallel"),
-                                       ("cla", "auto"), ("yoco", "auto"), ("mixed", "parallel")])
-def test_prefill_and_decode_give_the_sequential_logits(name, mode):
-  model = make(layer_types=PRESETS[name])
+@pytest.mark.parametrize("name,mode,window", [
+    ("llama", "auto", 3), ("lckv", "auto", 3), ("lckv", "parallel", 3), ("cla", "auto", 3),
+    ("yoco", "auto", 3), ("mixed", "parallel", 3),
+    # Windows longer than the prompts: the prefill's ring buffers hold the whole prompt, and
+    # wrap during decoding.
+    ("yoco", "auto", 8), ("mixed", "parallel", 8)])
+def test_prefill_and_decode_give_the_sequential_logits(name, mode, window):
+  model = make(layer_types=PRESETS[name], sliding_window=window)
   ps = prompts([7, 4])
   new = 5
   # Parallel prefill with iterations >= prompt length is the exact model (LCKV.md §4).

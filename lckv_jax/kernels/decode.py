@@ -1,11 +1,12 @@
 """Decode-step attention that reads only each row's valid cache prefix (Pallas, Triton on GPU).
 
-One new query token per row attends to the slots [start, end) of its row's cache buffer. The XLA
-path reads the whole buffer (`max_len` slots) at every step whatever the row's length; this kernel
-loops over blocks of `block_k` slots from `start` to `end` only, so a step's bytes are those of
-the valid prefix (the decode roofline of `lckv_jax.roofline`). Flash-decoding: the slots are cut
-into `k_splits` parallel slices (enough programs to fill the GPU at small batch), each keeps an
-online softmax, and the slices are merged in XLA.
+One new query token per row attends to the slots [start, end) of its row's cache buffer (slot x at
+index x % slots, so a ring buffer's window may wrap). The XLA path reads the whole buffer
+(`max_len` slots) at every step whatever the row's length; this kernel loops over blocks of
+`block_k` slots from `start` to `end` only, so a step's bytes are those of the valid prefix (the
+decode roofline of `lckv_jax.roofline`). Flash-decoding: the slots are cut into `k_splits`
+parallel slices (enough programs to fill the GPU at small batch), each keeps an online softmax,
+and the slices are merged in XLA.
 
 The cache keeps its `[batch, slots, kv_heads, head_dim]` layout: each program reads the strided
 `[slots, head_dim]` view of one (row, kv head), so no transposed copy of the cache is made.
@@ -48,12 +49,11 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, o_ref, l_ref, m_ref, *, blo
   and running max m [groups].
   """
   j = pl.program_id(2)
-  lo = jnp.maximum(start_ref[()], j * split)
-  hi = jnp.minimum(end_ref[()], (j + 1) * split)
+  slots = k_ref.shape[0]
   q = q_ref[...]
   groups, head_dim = q.shape
 
-  def body(i, carry):
+  def body(lo, hi, i, carry):
     o, l, m = carry
     idx = i * block_k + jnp.arange(block_k)
     valid = (idx >= lo) & (idx < hi)
@@ -68,12 +68,22 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, o_ref, l_ref, m_ref, *, blo
     o = o * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o, l * correction + p.sum(axis=1), m_new
 
-  init = (jnp.zeros((groups, head_dim), jnp.float32), jnp.zeros((groups,), jnp.float32),
-          jnp.full((groups,), _NEG, jnp.float32))
-  # Only the blocks that overlap [lo, hi): the slots past a row's end are never read.
-  first = lo // block_k
-  last = jnp.where(hi > lo, (hi + block_k - 1) // block_k, first)
-  o, l, m = jax.lax.fori_loop(first, last, body, init)
+  carry = (jnp.zeros((groups, head_dim), jnp.float32), jnp.zeros((groups,), jnp.float32),
+           jnp.full((groups,), _NEG, jnp.float32))
+  # Slot x lives at x % slots: [start, end) is one range of the buffer, or two where it wraps
+  # around the end of a ring buffer.
+  start, end = start_ref[()], end_ref[()]
+  n = jnp.clip(end - start, 0, slots)
+  first = start % slots
+  ranges = ((first, jnp.minimum(first + n, slots)), (0, jnp.maximum(first + n - slots, 0)))
+  for r_lo, r_hi in ranges:
+    lo = jnp.maximum(r_lo, j * split)
+    hi = jnp.minimum(r_hi, (j + 1) * split)
+    # Only the blocks that overlap [lo, hi): the slots past a row's end are never read.
+    b0 = lo // block_k
+    b1 = jnp.where(hi > lo, (hi + block_k - 1) // block_k, b0)
+    carry = jax.lax.fori_loop(b0, b1, functools.partial(body, lo, hi), carry)
+  o, l, m = carry
   o_ref[...] = o
   l_ref[...] = l
   m_ref[...] = m
@@ -87,8 +97,9 @@ def decode_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, block_k: 
   Args:
     q_BxHxD: [batch, heads, head_dim] queries (GQA: head h reads kv head h // (heads/kv_heads)).
     k_BxSxKxD, v_BxSxKxD: [batch, slots, kv_heads, head_dim] cache buffers.
-    start_B, end_B: [batch] int32 first and one-past-last visible slot; a row with end <= start
-      sees nothing and gets zeros (LCKV.md §3.5).
+    start_B, end_B: [batch] int32 first and one-past-last visible slot (0 <= start,
+      end - start <= slots); a row with end <= start sees nothing and gets zeros (LCKV.md §3.5).
+      Slot x is read at buffer index x % slots, so a ring buffer's window may wrap around.
     block_k: slots per inner step (halved until it divides `slots`; see `block_size`).
     interpret: run the kernel in the Pallas interpreter (CPU tests).
   Returns:
