@@ -98,8 +98,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("files", nargs="+", help="JSON files of throughput records")
   parser.add_argument("--out", default="benchmarks/results/throughput.png", help="PNG to write")
   parser.add_argument("--title", default=None)
+  parser.add_argument("--superseded_max", nargs="*", default=[],
+                      help="JSON files whose largest-batch records a later run superseded: only "
+                           "their other batches are plotted")
   args = parser.parse_args(argv)
-  plot(load(args.files), args.out, args.title)
+  records = load(args.files) + [r for r in load(args.superseded_max) if not r.get("max_batch")]
+  plot(records, args.out, args.title)
   print(f"wrote {args.out}")
 
 

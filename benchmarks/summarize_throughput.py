@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,10 +28,13 @@ COLUMNS = ("model", "P+G", "batch", "device memory", "tok/s", "decode tok/s", "p
 
 def roofline(record: dict, bw: float, rate: float) -> tuple[float, float]:
   """(decode roofline seconds over the G-1 steps, prefill FLOP seconds) of one record."""
+  # Records before the field was written name the window in their command only.
+  window = record.get("sliding_window") or next(
+      (int(m) for m in re.findall(r"--sliding_window[= ](\d+)", record.get("command", ""))), None)
   cfg = model_from_file(os.path.join(ROOT, "configs", f"{record['shape']}.py"),
                         layer_types=record["layer_types"], dtype="bfloat16",
                         param_dtype="bfloat16", max_position_embeddings=record["prompt"]
-                        + record["gen"])
+                        + record["gen"], **({"sliding_window": window} if window else {}))
   b, p, g = record["batch"], record["prompt"], record["gen"]
   decode = sum(rl.decode_roofline_steps(cfg, b, p, g, bw, rate))
   return decode, rl.prefill_flops(cfg, b, p, record["prefill_iterations"]) / rate

@@ -136,20 +136,21 @@ def prefill_rows(config, batch: int, prompt: int, limit: int) -> int:
 
 
 def memory_need(config, batch: int, prompt: int, gen: int, weights: int, limit: int,
-                cache_copies: int = 2) -> int:
+                cache_copies: int = 1) -> int:
   """Device bytes of a run at `batch`: weights, cache, decode state, prefill chunk, reserve.
 
-  `cache_copies`: the H100 runs held a second cache-sized buffer at the peak (7b llama, batch 7,
-  512+1024: peak 24.76 GB = weights 13.48 GB + 2 x cache 5.64 GB). A likely cause was found
-  afterwards on the CPU (the first token's sampling copied the whole decode state; it is donated
-  now), but not re-measured on a GPU, so the default stays 2.
+  `cache_copies`: cache-sized buffers at the peak. The first H100 runs (`*_runA`, and those of
+  stop 10 with `--cache_copies=2`) held two: the first token's sampling returned a copy of the
+  decode state (now donated), and XLA's decode attention keeps the whole cache in a second,
+  transposed layout inside the decode loop (the Pallas kernel, now used at every buffer length
+  on a GPU, does not; `benchmarks/decode_profile.py` reads the loop's temporary bytes).
   """
   slots = _cache_len(prompt, gen)
   cache = cache_copies * cache_bytes(config, batch, slots, metadata=True)
   rows = prefill_rows(config, batch, prompt, limit)
   chunk = rows * prompt * _prefill_bytes_per_token(config)
-  if rows < batch:  # the chunk's rows of the cache, sliced out and written back
-    chunk += 2 * cache_bytes(config, rows, slots, metadata=True)
+  if rows < batch:  # row chunks prefill into caches of `prompt` slots, copied into the cache
+    chunk += cache_bytes(config, rows, prompt, metadata=True)
   state = batch * (gen * 4 + 4 * config.vocab_size * 4)  # tokens; logits, softmax, sampling
   return weights + cache + state + chunk + RESERVE + int(RESERVE_FRACTION * limit)
 
@@ -244,7 +245,8 @@ def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
       raise SystemExit(f"{args.shape} {layer_types}: even batch 1 does not fit in {limit} bytes")
     batches = [b for b in batches if b < max_b] + [max_b]
   label = f"{args.shape} {args.label or layer_types}"
-  common = dict(label=label, shape=args.shape, layer_types=cfg.layer_types, weights_bytes=weights,
+  common = dict(label=label, shape=args.shape, layer_types=cfg.layer_types,
+                sliding_window=cfg.sliding_window, weights_bytes=weights,
                 device=jax.devices()[0].device_kind, jax=jax.__version__,
                 python=platform.python_version(), command="python " + " ".join(sys.argv),
                 mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), **ceilings)
@@ -297,7 +299,7 @@ def main(argv=None):
   p.add_argument("--sliding_window", type=int, default=None,
                  help="window of the 's' layers (needed by yoco and mixattention)")
   p.add_argument("--tag", default="", help="suffix of the JSON file name")
-  p.add_argument("--cache_copies", type=int, default=2,
+  p.add_argument("--cache_copies", type=int, default=1,
                  help="cache-sized buffers the memory model allows for at the peak (see "
                       "memory_need)")
   p.add_argument("--repeats", type=int, default=1,
