@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -42,9 +43,22 @@ def run(args) -> dict:
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
 
+  # Packed rows: `--docs` documents per row at random boundaries, positions restarting per
+  # document (what the data pipeline makes with document_mask=True).
+  positions = segments = None
+  if args.docs > 1:
+    rng = np.random.RandomState(0)
+    segments = np.zeros((args.batch, args.seq), np.int32)
+    positions = np.zeros((args.batch, args.seq), np.int32)
+    for r in range(args.batch):
+      cuts = np.sort(rng.choice(np.arange(1, args.seq), args.docs - 1, replace=False))
+      for d, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, args.seq])):
+        segments[r, a:b], positions[r, a:b] = d + 1, np.arange(b - a)
+    positions, segments = jnp.asarray(positions), jnp.asarray(segments)
+
   def step(state, opt_state, tokens):
     def loss_fn(state):
-      logits = nnx.merge(graphdef, state)(tokens)
+      logits = nnx.merge(graphdef, state)(tokens, positions, segments)
       return next_token_loss(logits, tokens)[0]
     loss, grads = jax.value_and_grad(loss_fn)(state)
     updates, opt_state = tx.update(grads, opt_state, state)
@@ -57,7 +71,8 @@ def run(args) -> dict:
   compiled = jitted.lower(abstract_state, opt_spec, tokens_spec).compile()
   compile_s = time.perf_counter() - t0
   result = dict(shape=args.shape, layer_types=config.layer_types, m=args.m, b=args.b,
-                batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat,
+                batch=args.batch, seq=args.seq, docs=args.docs, dtype=args.dtype,
+                remat=args.remat,
                 compile_s=round(compile_s, 2), device=jax.devices()[0].device_kind,
                 attention=abstract._fused_impl() or "dense",
                 jax=jax.__version__, python=platform.python_version(),
@@ -100,6 +115,8 @@ def main():
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--remat", default="full")
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--docs", type=int, default=1,
+                 help="documents packed per row (segment ids and positions); 1 = one sequence")
   p.add_argument("--compile_only", action="store_true")
   p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   args = p.parse_args()
@@ -107,7 +124,8 @@ def main():
   print(json.dumps(result))
   os.makedirs(args.out, exist_ok=True)
   name = (f"train_speed_{args.shape}_{args.layer_types.replace(':', '-')}_b{args.batch}"
-          f"_s{args.seq}_{args.remat}_{result['attention']}.json")
+          f"_s{args.seq}_{args.remat}_{result['attention']}"
+          f"{f'_docs{args.docs}' if args.docs > 1 else ''}.json")
   with open(os.path.join(args.out, name), "w") as f:
     json.dump(result, f, indent=2)
 

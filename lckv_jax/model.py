@@ -95,7 +95,7 @@ class _Context:
   write_index: jax.Array | None  # [batch] first cache slot of this chunk; None without a cache
   masks: dict  # (diag_masked, window) -> [batch, seq, seq], for the cache-free parallel mode
   fused_impl: str | None = None  # kernel for chunks attending to their own keys (no dense mask)
-  packed: bool = False  # the fused kernel masks by segment ids (splash)
+  packed: bool = False  # the fused kernel masks by segment ids (packed documents)
   # The caller keeps each row's cache one sequence in contiguous slots [first valid, write_index]
   # (`Transformer.step(contiguous=True)`), so a decode step may read only that span.
   contiguous: bool = False
@@ -305,9 +305,9 @@ class Transformer(nnx.Module):
     cos_sin = rope_tables(rope_inv_freq(cfg), positions)
     masks = {}
     fused_impl = self._fused_impl()
-    # Packed documents without a cache: splash masks by segment ids (documents contiguous in the
-    # row, positions +1 per token), which cuDNN's public API cannot.
-    packed = not unpacked and write_index is None and fused_impl == "splash"
+    # Packed documents without a cache (positions +1 per token within a document): splash masks
+    # by segment ids; cuDNN takes the segments as a [batch, 1, T, T] mask beside its causal one.
+    packed = not unpacked and write_index is None and fused_impl is not None
     if (unpacked or packed) and fused_impl is not None:
       return _Context(cfg, positions, segment_ids, cos_sin, write_index, masks, fused_impl, packed)
     if write_index is None:
