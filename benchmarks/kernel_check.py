@@ -10,21 +10,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from benchmarks.train_speed import packed_rows
 from lckv_jax import ModelConfig, Transformer
-
-
-def packed(batch: int, seq: int, docs: int, seed: int = 0):
-  """Positions and segment ids of `docs` documents per row at random boundaries."""
-  rng = np.random.RandomState(seed)
-  seg, pos = np.zeros((batch, seq), np.int32), np.zeros((batch, seq), np.int32)
-  for r in range(batch):
-    cuts = np.sort(rng.choice(np.arange(1, seq), docs - 1, replace=False))
-    for d, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, seq])):
-      seg[r, a:b], pos[r, a:b] = d + 1, np.arange(b - a)
-  return jnp.asarray(pos), jnp.asarray(seg)
 
 
 def rel(x, y):
@@ -40,7 +29,7 @@ for lt in ["llama", "lckv", "cla", "yoco", "lckv:0"]:
   fused = Transformer(cfg.replace(attention_impl="cudnn"), rngs=nnx.Rngs(0))
   toks = jax.random.randint(jax.random.key(1), (4, 1024), 0, 512)
   for docs in (1, 16):
-    pos, seg = (None, None) if docs == 1 else packed(4, 1024, docs)
+    pos, seg = (None, None) if docs == 1 else packed_rows(4, 1024, docs)
     f = nnx.jit(lambda m, t, p, s: m(t, p, s))
     a, b = f(dense, toks, pos, seg), f(fused, toks, pos, seg)
     grad = nnx.jit(nnx.grad(lambda m, t, p, s: jnp.mean(m(t, p, s) ** 2)))

@@ -34,6 +34,18 @@ SHAPES = ("tiny", "50m", "1b", "7b", "30b")  # the model sections of configs/<sh
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def packed_rows(batch: int, seq: int, docs: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Positions and segment ids [batch, seq] of `docs` documents per row at random boundaries,
+  positions restarting per document (what the data pipeline makes with document_mask=True)."""
+  rng = np.random.RandomState(seed)
+  seg, pos = np.zeros((batch, seq), np.int32), np.zeros((batch, seq), np.int32)
+  for r in range(batch):
+    cuts = np.sort(rng.choice(np.arange(1, seq), docs - 1, replace=False))
+    for d, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, seq])):
+      seg[r, a:b], pos[r, a:b] = d + 1, np.arange(b - a)
+  return jnp.asarray(pos), jnp.asarray(seg)
+
+
 def run(args) -> dict:
   config = model_from_file(
       os.path.join(ROOT, "configs", f"{args.shape}.py"), layer_types=args.layer_types,
@@ -43,18 +55,8 @@ def run(args) -> dict:
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
 
-  # Packed rows: `--docs` documents per row at random boundaries, positions restarting per
-  # document (what the data pipeline makes with document_mask=True).
-  positions = segments = None
-  if args.docs > 1:
-    rng = np.random.RandomState(0)
-    segments = np.zeros((args.batch, args.seq), np.int32)
-    positions = np.zeros((args.batch, args.seq), np.int32)
-    for r in range(args.batch):
-      cuts = np.sort(rng.choice(np.arange(1, args.seq), args.docs - 1, replace=False))
-      for d, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, args.seq])):
-        segments[r, a:b], positions[r, a:b] = d + 1, np.arange(b - a)
-    positions, segments = jnp.asarray(positions), jnp.asarray(segments)
+  positions, segments = packed_rows(args.batch, args.seq, args.docs) if args.docs > 1 else (
+      None, None)
 
   def step(state, opt_state, tokens):
     def loss_fn(state):
