@@ -338,7 +338,7 @@ class Generator:
         (int(eos_id),) if isinstance(eos_id, (int, np.integer)) else tuple(int(e) for e in eos_id))
     self.model, self.mesh = _serving_layout(model, unstack), mesh
     if mesh is not None:
-      shard_model(model, mesh)
+      shard_model(self.model, mesh)
     self.max_new_tokens, self.max_len, self.sink = max_new_tokens, max_len, sink
     self.prefill_iterations, self.prefill_mode = prefill_iterations, prefill_mode
     self.return_logits, self.cache_dtype = return_logits, cache_dtype
