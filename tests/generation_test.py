@@ -202,7 +202,7 @@ _SHARDED = textwrap.dedent("""
     os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
     import json, jax, numpy as np
     from tests.generation_test import make, prompts
-    from lckv_jax.generation import generate
+    from lckv_jax.generation import Generator, generate
     assert jax.device_count() == 8
     mesh = jax.make_mesh((2, 4), ("data", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -217,6 +217,15 @@ _SHARDED = textwrap.dedent("""
       out[name] = dict(same=got.tokens == ref.tokens,
                        err=float(np.abs(got.logits - ref.logits).max()),
                        q_shards=len(q.sharding.device_set), q_spec=str(q.sharding.spec))
+      # The per-layer copy that Generator(unstack=True) decodes with is the one sharded.
+      gen = Generator(make(layer_types=name, num_kv_heads=4), max_new_tokens=5, mesh=mesh,
+                      unstack=True, return_logits=True)
+      state = gen.decode(gen.start(ps))
+      q = gen.model.blocks[0].layers[0].attn.q_proj[...]
+      out[name + " unstacked"] = dict(
+          same=gen.results(state) == ref.tokens,
+          err=float(np.abs(np.asarray(state.logits) - ref.logits).max()),
+          q_shards=len(q.sharding.device_set), q_spec=str(q.sharding.spec))
     print(json.dumps(out))
 """)
 
