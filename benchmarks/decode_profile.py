@@ -34,10 +34,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lckv_jax import Transformer  # noqa: E402
+from benchmarks.throughput import _cache_len, build  # noqa: E402  (the benchmark's model)
 from lckv_jax import generation as gen_lib  # noqa: E402
-from lckv_jax.cache import cache_bytes, rounded_slots  # noqa: E402
-from lckv_jax.train.config import model_from_file  # noqa: E402
+from lckv_jax.cache import cache_bytes  # noqa: E402
 
 
 def device_kernels(trace_dir: str) -> tuple[list[tuple[str, int, int]], dict]:
@@ -98,13 +97,7 @@ def main(argv=None):
   if args.steps >= args.gen:
     raise SystemExit(f"--steps ({args.steps}) must be below --gen ({args.gen})")
 
-  config = model_from_file(
-      os.path.join(ROOT, "configs", f"{args.shape}.py"),
-      layer_types=args.layer_types, dtype="bfloat16", param_dtype="bfloat16", scan_layers=False,
-      remat="none", max_position_embeddings=args.prompt + args.gen,
-      decode_attention=args.decode_attention,
-      **({"sliding_window": args.sliding_window} if args.sliding_window else {}))
-  model = Transformer(config, rngs=nnx.Rngs(0))
+  model = build(args, args.layer_types, decode_attention=args.decode_attention)
   cfg = model.config
   gen = gen_lib.Generator(model, max_new_tokens=args.gen, unstack=False)
   rng = np.random.RandomState(0)
@@ -132,7 +125,7 @@ def main(argv=None):
   compiled = gen_lib._decode.lower(graphdef, gen.settings, params, state,
                                    jnp.asarray(args.steps, jnp.int32)).compile()
   mem = compiled.memory_analysis()
-  slots = rounded_slots(args.prompt + args.gen - 1)
+  slots = _cache_len(args.prompt, args.gen)
   if args.hlo:
     with open(args.hlo, "w") as f:
       f.write(compiled.as_text())

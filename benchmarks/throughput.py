@@ -170,12 +170,13 @@ def _cache_len(prompt: int, gen: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def build(args, layer_types: str) -> Transformer:
+def build(args, layer_types: str, **overrides) -> Transformer:
+  """Random bf16 weights in the serving layout; `overrides` replace further config fields."""
   config = model_from_file(
       os.path.join(ROOT, "configs", f"{args.shape}.py"), layer_types=layer_types,
       dtype="bfloat16", param_dtype="bfloat16", scan_layers=False, remat="none",
       max_position_embeddings=max(args.prompt + args.gen, 16),
-      **({"sliding_window": args.sliding_window} if args.sliding_window else {}))
+      **({"sliding_window": args.sliding_window} if args.sliding_window else {}), **overrides)
   return Transformer(config, rngs=nnx.Rngs(0))
 
 

@@ -409,12 +409,11 @@ class Generator:
     b, longest = tokens.shape
     step = b if self.prefill_batch is None else min(self.prefill_batch, b)
     fresh = bool((segment_ids != 0).all())  # equal lengths: no padding, positions 0..T-1
-    dtype = jax.tree.leaves(cache)[0].dtype
     logits = []
     for r in range(0, b, step):
       n = min(step, b - r)
       # The sink cache has no rings: its prompt slots are copied as written, left-aligned after.
-      sub = cache if n == b else cache_lib.init_cache(cfg, n, longest, dtype,
+      sub = cache if n == b else cache_lib.init_cache(cfg, n, longest, self.cache_dtype,
                                                       ring=self.sink is None)
       arrays = _shard_state((jnp.asarray(tokens[r:r + n]), jnp.asarray(positions[r:r + n]),
                              jnp.asarray(segment_ids[r:r + n]), sub), self.mesh)

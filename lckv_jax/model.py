@@ -307,8 +307,8 @@ class Transformer(nnx.Module):
     fused_impl = self._fused_impl()
     # Packed documents without a cache (positions +1 per token within a document): splash masks
     # by segment ids; cuDNN takes the segments as a [batch, 1, T, T] mask beside its causal one.
-    packed = not unpacked and write_index is None and fused_impl is not None
-    if (unpacked or packed) and fused_impl is not None:
+    packed = not unpacked and write_index is None
+    if fused_impl is not None and (unpacked or packed):
       return _Context(cfg, positions, segment_ids, cos_sin, write_index, masks, fused_impl, packed)
     if write_index is None:
       lt = cfg.layer_spec
