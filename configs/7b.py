@@ -17,8 +17,11 @@ def get_config():
   c.model.max_position_embeddings = 2048
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
-  c.data.tokenizer = ""  # set to the 32000-token Llama SentencePiece .model / tokenizer.json
-  c.data.source = "files"
+  # The embedded corpus and the shipped 32,000-piece tokenizer: runs offline as written. Your own
+  # data: --config.data.source=files --config.data.path='data/*.jsonl' --config.data.tokenizer=
+  # tokenizer.model (a 32,000-token SentencePiece .model or tokenizer.json).
+  c.data.source = "embedded"
+  c.data.tokenizer = "kjv-bpe-32k"
   c.seq_len = 2048
   c.batch_size = 512
   c.steps = 100000

@@ -14,6 +14,7 @@ step is exact and needs no iterator state beyond the step (`StepIterator`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Sequence
 
 import grain
@@ -68,9 +69,12 @@ def train_dataset(rows: dict[str, np.ndarray], batch_size: int, seed: int,
   """Infinite batches of `batch_size` rows for this process: batch i is a pure function of i."""
   ds = grain.MapDataset.source(_Rows(rows))
   ds = ds.slice(slice(process_index, None, process_count))
-  if len(ds) < batch_size:
-    raise ValueError(f"train split has {len(ds)} rows of this process, fewer than one batch "
-                     f"({batch_size}): use more data or a smaller train.batch_size / seq_len")
+  if len(ds) == 0:
+    raise ValueError("the train split has no rows for this process: use more data")
+  if len(ds) < batch_size:  # e.g. the embedded corpus under a 7b batch: rows repeat in a batch
+    logging.warning("the train split has %d rows for this process, fewer than one batch (%d): "
+                    "rows repeat within a batch; use more data for a real run", len(ds),
+                    batch_size)
   return ds.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
 
 

@@ -1,5 +1,13 @@
 """Tokenizers: byte-level (no file), SentencePiece `.model`, HuggingFace `tokenizer.json`, GPT-2
-byte-level BPE files (`vocab.json` + `merges.txt`)."""
+byte-level BPE files (`vocab.json` + `merges.txt`), and the shipped `kjv-bpe-32k`.
+
+`kjv-bpe-32k` is a 32,000-piece SentencePiece BPE model (Llama's layout: unk 0, bos 1, eos 2,
+byte fallback, so any UTF-8 text encodes) trained on the embedded corpus and shipped in this
+package, so that the 32,000-token configs train offline with nothing to download. It was made by
+`python -m lckv_jax.data.train_tokenizer --vocab_size=32000 --byte_fallback --output=PREFIX`;
+SentencePiece's training is not bit-reproducible across runs, which is why the file is shipped
+rather than trained on first use: a resumed run must see the very same ids.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +41,11 @@ class SentencePieceTokenizer:
     except ImportError:
       raise ImportError(f"data.tokenizer={path!r} needs sentencepiece (pip install "
                         "sentencepiece)") from None
-    self.sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+      self.sp = spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+      raise ValueError(f"data.tokenizer={path!r} is not a readable SentencePiece model "
+                       f"({str(e).splitlines()[0][:200]})") from None
     self.vocab_size = self.sp.get_piece_size()
     self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
     self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
@@ -65,7 +77,13 @@ class HFTokenizer:
   """A HuggingFace `tokenizers.Tokenizer`: from a tokenizer.json `path`, or given as `tok`."""
 
   def __init__(self, path: str, tok=None):
-    self.tok = tok if tok is not None else _import_tokenizers(path).Tokenizer.from_file(path)
+    if tok is None:
+      try:
+        tok = _import_tokenizers(path).Tokenizer.from_file(path)
+      except Exception as e:  # tokenizers raises its own Exception type for a bad file
+        raise ValueError(f"data.tokenizer={path!r} is not a readable HuggingFace tokenizer.json "
+                         f"({str(e).splitlines()[0][:200]})") from None
+    self.tok = tok
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
     vocab = self.tok.get_vocab(with_added_tokens=True)
     self.bos_id = next((vocab[t] for t in _BOS if t in vocab), None)
@@ -91,12 +109,30 @@ def gpt2_bpe_tokenizer(vocab_path: str, merges_path: str) -> HFTokenizer:
   return HFTokenizer(vocab_path, tok)
 
 
+# Tokenizers that ship with the package, by name (data.tokenizer='kjv-bpe-32k').
+SHIPPED = {"kjv-bpe-32k": os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                       "kjv_bpe_32k.model")}
+
+
+def describe(spec: str | None) -> str:
+  """A one-line account of a tokenizer spec, for the first log line of a run."""
+  if not spec or spec == "byte":
+    return "byte (UTF-8 bytes, 256 ids)"
+  if spec in SHIPPED:
+    return (f"{spec} (SentencePiece BPE, 32,000 pieces, trained on the embedded corpus, shipped "
+            "in lckv_jax/data)")
+  return spec
+
+
 def load_tokenizer(spec: str | None):
-  """'byte' (or empty) -> ByteTokenizer; a `.model` file -> SentencePiece; a `tokenizer.json`
-  -> HF; a `vocab.json` with `merges.txt` beside it -> GPT-2 BPE. A directory: the first of
-  tokenizer.json, tokenizer.model, vocab.json + merges.txt it holds."""
+  """'byte' (or empty) -> ByteTokenizer; a shipped name ('kjv-bpe-32k') or a `.model` file ->
+  SentencePiece; a `tokenizer.json` -> HF; a `vocab.json` with `merges.txt` beside it -> GPT-2
+  BPE. A directory: the first of tokenizer.json, tokenizer.model, vocab.json + merges.txt it
+  holds."""
   if not spec or spec == "byte":
     return ByteTokenizer()
+  if spec in SHIPPED:
+    return SentencePieceTokenizer(SHIPPED[spec])
   path = os.path.expanduser(spec)
   if os.path.isdir(path):
     for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
@@ -104,8 +140,9 @@ def load_tokenizer(spec: str | None):
         path = os.path.join(path, name)
         break
   if not os.path.exists(path):
-    raise FileNotFoundError(f"data.tokenizer={spec!r}: no such file (use 'byte', a SentencePiece "
-                            ".model, a HuggingFace tokenizer.json or a GPT-2 vocab.json)")
+    raise FileNotFoundError(f"data.tokenizer={spec!r}: no such file (use 'byte', "
+                            f"{', '.join(repr(k) for k in SHIPPED)}, a SentencePiece .model, a "
+                            "HuggingFace tokenizer.json or a GPT-2 vocab.json)")
   if path.endswith(".model"):
     return SentencePieceTokenizer(path)
   merges = os.path.join(os.path.dirname(path), "merges.txt")
@@ -125,8 +162,11 @@ def load_tokenizer(spec: str | None):
 def _is_bpe_vocab(path: str) -> bool:
   """A plain {token: id} map (vocab.json), not a tokenizer.json (which has a 'model' key)."""
   import json
-  with open(path, encoding="utf-8") as f:
-    head = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      head = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"data.tokenizer={path!r} is not valid JSON ({e})") from None
   return isinstance(head, dict) and "model" not in head and \
       all(isinstance(v, int) for v in list(head.values())[:100])
 

@@ -7,13 +7,15 @@ overridden on the command line (`--config.model.layer_types=cla --config.optimiz
 from __future__ import annotations
 
 import dataclasses
-import os
 import json
 import logging
+import math
+import os
 
 import ml_collections
 from ml_collections import config_dict
 
+from lckv_jax import layer_types as lt_lib
 from lckv_jax.config import ModelConfig
 
 
@@ -39,7 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0  # parameter init seed
   c.steps = 1000  # optimizer steps in the whole run (the schedule's length)
   c.batch_size = 32  # global batch, in sequences, per optimizer step
-  c.grad_accum = 1  # micro-batches per step (batch_size must be a multiple)
+  c.grad_accum = 1  # micro-batches per step (batch_size must be a multiple); 0 = auto: the fewest
+  #                  that keep micro_batch_per_device rows or fewer on each device
+  c.micro_batch_per_device = 0  # with grad_accum=0: most rows a device holds at once (0 = no cap)
   c.seq_len = 1024  # tokens per packed sequence
   c.document_mask = True  # packed documents never attend to each other; False = one causal row
   #                          (GPT-style; on GPU the fused cuDNN kernel then replaces the dense mask)
@@ -84,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500  # steps between checkpoints (0 = only at the end / on a signal)
-  c.checkpoint.keep = 3  # checkpoints kept (the newest)
+  c.checkpoint.keep = 3  # checkpoints kept (the newest; at least 1)
   return c
 
 
@@ -114,19 +118,74 @@ def model_from_file(path: str, **changes) -> ModelConfig:
   return model_config(from_file(path)).replace(**changes)
 
 
+def _number(config, name: str, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+  """config.<name> is a finite number in the interval; else a ValueError naming it."""
+  value = config
+  for part in name.split("."):
+    value = value[part]
+  kind = "an integer" if integer else "a number"
+  ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+  ok = ok and not isinstance(value, bool) and math.isfinite(value)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if not ok:
+    lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+    hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+    where = f" in {lo or '(-inf'}, {hi or 'inf)'}" if (low is not None or high is not None) else ""
+    raise ValueError(f"config.{name} must be {kind}{where}, got {value!r}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the train sections; raises ValueError naming the field."""
-  def positive(name, value):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
-  for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every"):
-    positive(name, config[name])
-  if config.batch_size % config.grad_accum:
+  """Checks the train sections; raises ValueError naming the field, the value and what is allowed."""
+  for name in ("steps", "batch_size", "seq_len", "log_every"):
+    _number(config, name, 1, integer=True)
+  for name in ("grad_accum", "micro_batch_per_device", "eval_every", "seed", "checkpoint.every",
+               "data.eval_batches", "data.max_documents", "data.seed"):
+    _number(config, name, 0, integer=True)
+  _number(config, "checkpoint.keep", 1, integer=True)  # 0 would delete every save as it is made
+  if config.grad_accum and config.batch_size % config.grad_accum:
     raise ValueError(f"config.grad_accum={config.grad_accum} must divide "
                      f"config.batch_size={config.batch_size}")
   if config.seq_len > config.model.max_position_embeddings:
     raise ValueError(f"config.seq_len={config.seq_len} exceeds "
                      f"model.max_position_embeddings={config.model.max_position_embeddings}")
+  _number(config, "z_loss", 0)
+  _number(config, "peak_tflops_per_device", 0)
+  o = "optimizer."
+  _number(config, o + "lr", 0, low_open=True)
+  _number(config, o + "warmup_steps", -1, integer=True)
+  if config.optimizer.warmup_steps >= config.steps:
+    logging.warning("config.optimizer.warmup_steps=%d is not below config.steps=%d: the warm-up "
+                    "is cut to %d steps", config.optimizer.warmup_steps, config.steps,
+                    max(config.steps - 1, 0))
+  _number(config, o + "warmup_fraction", 0, 1, high_open=True)
+  _number(config, o + "min_lr_ratio", 0, 1)
+  _number(config, o + "b1", 0, 1, high_open=True)
+  _number(config, o + "b2", 0, 1, high_open=True)
+  _number(config, o + "eps", 0, low_open=True)
+  _number(config, o + "weight_decay", 0)
+  _number(config, o + "clip_norm", 0)
+  _number(config, "data.eval_fraction", 0, 1, high_open=True)
+
+
+def resolve_grad_accum(config: ml_collections.ConfigDict, batch_shards: int) -> int:
+  """Micro-batches per step: config.grad_accum, or with 0 the fewest that keep at most
+  `micro_batch_per_device` rows on each of the `batch_shards` devices that split a batch."""
+  if config.grad_accum:
+    return config.grad_accum
+  cap = config.micro_batch_per_device
+  for k in range(1, config.batch_size + 1):
+    micro = config.batch_size // k
+    if config.batch_size % k == 0 and micro % batch_shards == 0 and (
+        not cap or micro // batch_shards <= cap):
+      return k
+  raise ValueError(f"config.grad_accum=0 (auto) found no micro-batch of config.batch_size="
+                   f"{config.batch_size} that splits over {batch_shards} devices (mesh.data * "
+                   f"mesh.fsdp) with at most micro_batch_per_device={cap} rows each; set "
+                   "config.grad_accum or config.batch_size")
 
 
 # Fields whose change on resume only affects logging, evaluation cadence or placement.
@@ -144,6 +203,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def _canonical_layer_types(flat: dict):
+  value = flat.get("model.layer_types")
+  try:
+    return lt_lib.resolve(value or "llama", flat.get("model.num_layers"))
+  except (ValueError, TypeError):
+    return value
+
+
 def check_resume(saved: dict, config: ml_collections.ConfigDict, where: str = "the checkpoint",
                  model_only: bool = False) -> None:
   """Compares the config saved with a checkpoint to the current one before resuming.
@@ -154,10 +221,11 @@ def check_resume(saved: dict, config: ml_collections.ConfigDict, where: str = "t
   `model_only`: check only the model (evaluating a checkpoint).
   """
   now = _flat(json.loads(config.to_json()))
-  old = _flat(saved)
-  defaults = _flat(json.loads(default_config().to_json()))
-  changed = {k: (old.get(k, defaults.get(k)), v) for k, v in now.items()
-             if old.get(k, defaults.get(k)) != v}
+  saved, defaults = _flat(saved), _flat(json.loads(default_config().to_json()))
+  old = {k: saved.get(k, defaults.get(k)) for k in now}
+  for flat in (now, old):  # a preset and its literal string are the same model
+    flat["model.layer_types"] = _canonical_layer_types(flat)
+  changed = {k: (old[k], v) for k, v in now.items() if old[k] != v}
   model = {k: ov for k, ov in changed.items() if k.startswith("model.")}
   if model:
     k, *others = sorted(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -17,8 +18,15 @@ from flax import nnx
 
 from lckv_jax.data.pipeline import StepIterator, make_datasets
 from lckv_jax.train import checkpointing, flops, optim, sharding, step as step_lib
-from lckv_jax.train.config import check_resume, model_config, validate
+from lckv_jax.cli import Diverged, UserError
+from lckv_jax.train.config import check_resume, model_config, resolve_grad_accum, validate
+from lckv_jax.train.workdir import WorkdirLock, check_writable_dir
 from lckv_jax.train.metrics import MetricWriter
+
+
+# ModelConfig fields that decide parameter shapes (a difference cannot be loaded).
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "tie_word_embeddings", "layer_types", "param_dtype")
 
 
 class Trainer:
@@ -32,7 +40,8 @@ class Trainer:
     self.model_config = model_config(config)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    micro = config.batch_size // config.grad_accum
+    self.grad_accum = resolve_grad_accum(config, batch_shards)
+    micro = config.batch_size // self.grad_accum
     if micro % batch_shards:
       raise ValueError(f"micro-batch batch_size/grad_accum={micro} must be a multiple of "
                        f"mesh.data*mesh.fsdp={batch_shards}")
@@ -65,7 +74,7 @@ class Trainer:
     self.write_metrics = write_metrics and self.is_main
     self.flops_per_token = flops.flops_per_token(self.model_config, config.seq_len)
     self.peak = flops.peak_flops_per_device(config.peak_tflops_per_device)
-    self._stop_signal = None
+    self.stop_signal = None  # the signal that stopped the last train() (SIGTERM, SIGINT) or None
 
   # -- state --------------------------------------------------------------------------------
 
@@ -77,10 +86,18 @@ class Trainer:
       diff = {f: (getattr(loaded, f), getattr(self.model_config, f))
               for f in loaded.__dataclass_fields__
               if getattr(loaded, f) != getattr(self.model_config, f)}
-      if diff:  # shapes must match (load_model checks); other fields follow the run's config
+      shaped = {f: ab for f, ab in diff.items() if f in _SHAPE_FIELDS}
+      if shaped:  # the parameters would not fit: name the fields and the flags that match
+        raise UserError(
+            f"--init_from={init_from} has other parameter shapes than config.model: "
+            + ", ".join(f"{f}={a!r} (run: {b!r})" for f, (a, b) in sorted(shaped.items()))
+            + "; to start from it pass " + " ".join(
+                f"--config.model.{f}={a}" for f, (a, _) in sorted(shaped.items())))
+      if diff:  # other fields (passes, dtype, kernels) follow the run's config
         logging.warning("init_from %s: config fields differ (checkpoint, run): %s", init_from, diff)
       model = checkpoint.load_model(init_from, **{
-          f: getattr(self.model_config, f) for f in ("dtype", "forward_passes", "backward_passes")})
+          f: getattr(self.model_config, f)
+          for f in ("dtype", "forward_passes", "backward_passes", "scan_layers")})
       params = nnx.state(model, nnx.Param).to_pure_dict()
       params = jax.device_put(params, self.state_shardings["params"])
     else:
@@ -92,7 +109,7 @@ class Trainer:
 
   def device_batch(self, batch: dict, micro_batches: int | None = None) -> dict:
     """Host rows [batch, seq] -> global arrays [micro_batches, batch/micro_batches, seq]."""
-    k = self.config.grad_accum if micro_batches is None else micro_batches
+    k = self.grad_accum if micro_batches is None else micro_batches
     out = {}
     for name, x in batch.items():
       x = np.asarray(x, np.int32)
@@ -118,15 +135,28 @@ class Trainer:
   # -- the loop ------------------------------------------------------------------------------
 
   def _on_signal(self, signum, frame):
-    if self._stop_signal is not None and signum == signal.SIGINT:
+    if self.stop_signal is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
-    self._stop_signal = signum
+    self.stop_signal = signum
     logging.warning("signal %d: saving a checkpoint and stopping after this step", signum)
 
   def train(self, max_steps: int | None = None, init_from: str | None = None
             ) -> tuple[dict, list[dict]]:
-    """Runs (or resumes) training to `config.steps` (or `max_steps`); returns (state, history)."""
+    """Runs (or resumes) training to `config.steps` (or `max_steps`); returns (state, history).
+
+    Holds the workdir's lock throughout. Every step's loss, gradient norm and parameter norm
+    are checked (one step behind, so the device never waits for the host): a non-finite one
+    raises `Diverged` naming the step, before anything of that state is saved. After SIGTERM or
+    SIGINT it saves, stops and leaves the signal in `self.stop_signal`.
+    """
+    self.workdir = check_writable_dir(self.workdir)
+    lock = WorkdirLock(self.workdir) if self.is_main else contextlib.nullcontext()
+    with lock:
+      return self._train(max_steps, init_from)
+
+  def _train(self, max_steps, init_from):
     cfg = self.config
+    self.stop_signal = None
     ckpt = checkpointing.Checkpointer(self.workdir, cfg.checkpoint.keep)
     try:
       restored = ckpt.restore(self.abstract_state, lambda saved: check_resume(
@@ -142,26 +172,56 @@ class Trainer:
     it = StepIterator(self.data.train)
     it.set_state(data_state)
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    writer = MetricWriter(self.workdir, self.write_metrics)
+    writer = MetricWriter(self.workdir, self.write_metrics, resume_step=start)
     history = []
     handlers = {}
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         handlers[sig] = signal.signal(sig, self._on_signal)
     pbar = None
-    if cfg.progress_bar and self.is_main:
+    if cfg.progress_bar and self.is_main and start < stop:
       from tqdm import tqdm
-      pbar = tqdm(total=stop, initial=start, desc="train", dynamic_ncols=True)
+      pbar = tqdm(total=stop, initial=start, desc="train", dynamic_ncols=True, unit="step")
+      pbar.set_postfix_str("compiling the train step" if start == 0 else "resuming")
     tokens_per_step = cfg.batch_size * cfg.seq_len
     n_dev = len(self.mesh.devices.flat)
     last_saved = start if restored is not None else -1
     t_last, steps_since = None, 0
+    unchecked = None  # (step, metrics on the device) of the newest step not yet checked
 
-    def save(step):
-      nonlocal last_saved
-      if step != last_saved:
-        ckpt.save(step, state, it.get_state(), cfg.to_json())
-        last_saved = step
+    def check(pending):
+      """Host values of a step's metrics; raises Diverged if any is not finite."""
+      n, metrics = pending
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      bad = {k: m[k] for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(m[k])}
+      if bad:
+        newest = last_saved if last_saved > 0 else None
+        raise Diverged(
+            f"training diverged at step {n}: "
+            + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + f" (learning rate {m['lr']:.3g}); nothing of this state was saved; "
+            + (f"the newest checkpoint (step {newest}) is finite and a rerun resumes from it"
+               if newest else "no checkpoint was written yet")
+            + ". Lower config.optimizer.lr, lengthen the warm-up or clip harder "
+              "(config.optimizer.clip_norm)")
+      return m
+
+    def save(n):
+      nonlocal last_saved, unchecked
+      if unchecked is not None:  # the state about to be saved must be finite
+        check(unchecked)
+        unchecked = None
+      if n != last_saved:
+        ckpt.save(n, state, it.get_state(), cfg.to_json())
+        last_saved = n
+
+    def evaluate(n):
+      ev = self.evaluate(state["params"])
+      if ev:
+        history.append({"step": n, **ev})
+        writer.write(n, ev)
+        if pbar is not None:
+          pbar.write(f"step {n}: eval_loss {ev['eval_loss']:.4f}, eval_ppl {ev['eval_ppl']:.2f}")
 
     try:
       step = start
@@ -170,11 +230,17 @@ class Trainer:
         state, metrics = self.train_step(state, batch)
         step += 1
         steps_since += 1
+        if unchecked is not None:
+          check(unchecked)
+        unchecked = (step, metrics)
         if t_last is None:  # the first step compiles: time from its end
           jax.block_until_ready(metrics)
           t_last, steps_since = time.perf_counter(), 0
+          if pbar is not None:
+            pbar.set_postfix_str("first step done")
         if step % cfg.log_every == 0 or step == stop:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          m = check(unchecked)
+          unchecked = None
           now = time.perf_counter()
           if steps_since:
             tps = tokens_per_step * steps_since / (now - t_last)
@@ -185,23 +251,17 @@ class Trainer:
           history.append({"step": step, **m})
           writer.write(step, m)
           if pbar is not None:
-            pbar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m.get('tokens_per_s', 0):.0f}")
+            pbar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m.get('tokens_per_s', 0):,.0f}")
         if pbar is not None:
           pbar.update(1)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != stop:
-          ev = self.evaluate(state["params"])
-          if ev:
-            history.append({"step": step, **ev})
-            writer.write(step, ev)
+          evaluate(step)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
           save(step)
-        if self._stop_signal is not None:
+        if self.stop_signal is not None:
           break
-      if self._stop_signal is None and step == cfg.steps:
-        ev = self.evaluate(state["params"])
-        if ev:
-          history.append({"step": step, **ev})
-          writer.write(step, ev)
+      if self.stop_signal is None and step == cfg.steps and step > start:
+        evaluate(step)
       save(step)
     finally:
       ckpt.close()
@@ -217,7 +277,8 @@ class Trainer:
     ckpt = checkpointing.Checkpointer(self.workdir, self.config.checkpoint.keep)
     try:
       restored = ckpt.restore(self.abstract_state, lambda saved: check_resume(
-          saved, self.config, f"the checkpoint in {ckpt.directory}", model_only=True))
+          saved, self.config, f"the checkpoint in {ckpt.directory}", model_only=True),
+          move_damaged=False)
     finally:
       ckpt.close()
     return None if restored is None else (restored[0], restored[1]["params"])
