@@ -142,7 +142,8 @@ def main(argv):
   print(describe_data(config), flush=True)
   logging.getLogger().setLevel(logging.INFO)
   if not flags.FLAGS["verbosity"].present:  # orbax's INFO lines (~70 a save) drown the bar
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    for name in ("absl", "jax"):
+      logging.getLogger(name).setLevel(logging.WARNING)
   from lckv_jax.train import sharding
   from lckv_jax.train.workdir import check_new_target, check_writable_dir
   if _MODE.value == "train":

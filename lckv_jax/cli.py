@@ -12,6 +12,7 @@ Exit codes, for schedulers and scripts (README, "Exit codes"):
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable
@@ -35,6 +36,14 @@ class Diverged(RuntimeError):
 USER_ERRORS = (ValueError, OSError, ImportError, UnicodeDecodeError)
 # Errors that are ours even when they subclass the above.
 _INTERNAL = (NotImplementedError, RecursionError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose mistakes (a missing or malformed flag) are user errors: one line, exit 2,
+  instead of a usage block; `--help` still prints the usage."""
+
+  def error(self, message):
+    raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def debug_requested(argv: list[str] | None = None) -> bool:
