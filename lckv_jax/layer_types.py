@@ -15,6 +15,7 @@ import re
 from typing import Callable, Sequence
 
 _TOKEN = re.compile(r"^(\d+)(s?)$")
+PROG = "python -m lckv_jax.layer_types"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,10 +350,24 @@ def scan_runs(lt: LayerTypes, segment: Segment, scan_layers: bool = True,
   return tuple(runs)
 
 
+def parse_spec(spec: str, num_layers: int | None) -> LayerTypes:
+  """A preset name (`lckv`, `cla:3`) or a literal string; errors say what is allowed."""
+  name = spec.partition(":")[0]
+  if name in PRESETS:
+    if num_layers is None:
+      raise ValueError(f"layer_types preset {spec!r} needs num_layers (--num_layers)")
+    return parse(resolve(spec, num_layers), num_layers)
+  if "_" not in spec and not _TOKEN.match(spec):  # a mistyped preset rather than a string
+    raise ValueError(f"layer_types {spec!r} is neither a preset ({', '.join(PRESETS)}; "
+                     "'lckv:N', 'sandwich:N' and 'cla:N' take an integer) nor a string of "
+                     "layer indices joined by '_' such as '0_2_2_3' or '0s_1s_2_2'")
+  return parse(spec, num_layers)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   """`python -m lckv_jax.layer_types show LAYER_TYPES`: a text view of the attention graph."""
   import argparse
-  parser = argparse.ArgumentParser(prog="python -m lckv_jax.layer_types")
+  parser = argparse.ArgumentParser(prog=PROG)
   parser.add_argument("command", choices=["show"])
   parser.add_argument("layer_types", help="a layer_types string or preset name")
   parser.add_argument("--num_layers", type=int, default=None,
@@ -360,19 +375,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--image", default=None,
                       help="also draw the graph to this image file (.png, .svg; needs matplotlib)")
   args = parser.parse_args(argv)
-  spec = args.layer_types
-  if spec.partition(":")[0] in PRESETS:
-    if args.num_layers is None:
-      parser.error("a preset name needs --num_layers")
-    spec = resolve(spec, args.num_layers)
-  lt = parse(spec, args.num_layers)
+  lt = parse_spec(args.layer_types, args.num_layers)
   print(describe(lt))
   if args.image:
     from lckv_jax import visualize
-    try:
-      visualize.save(args.image, [args.layer_types], args.num_layers)
-    except ImportError as e:
-      parser.exit(1, f"error: {e}\n")
+    visualize.save(args.image, [args.layer_types], args.num_layers)
     print(f"\nwrote {args.image}")
 
 
@@ -393,4 +400,5 @@ def describe(lt: LayerTypes) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  from lckv_jax import cli
+  cli.run(main, prog=PROG)

@@ -92,15 +92,7 @@ def figure(specs: Sequence[str], num_layers: int | None = None,
   from matplotlib.figure import Figure
   from matplotlib.lines import Line2D
   from matplotlib.patches import Patch
-  parsed = []
-  for spec in specs:
-    if spec.partition(":")[0] in lt_lib.PRESETS:
-      if num_layers is None:
-        raise ValueError(f"layer_types preset {spec!r} needs num_layers")
-      resolved = lt_lib.resolve(spec, num_layers)
-    else:
-      resolved = spec
-    parsed.append(lt_lib.parse(resolved, num_layers))
+  parsed = [lt_lib.parse_spec(spec, num_layers) for spec in specs]
   # A preset keeps its name; a literal string is wrapped to the panel's width.
   titles = list(titles) if titles is not None else [
       "\n".join(textwrap.wrap(s.replace("_", " "), 22)).replace(" ", "_") for s in specs]
@@ -131,20 +123,22 @@ def save(path: str, specs: Sequence[str], num_layers: int | None = None,
   figure(specs, num_layers, titles).savefig(path)
 
 
+PROG = "python -m lckv_jax.visualize"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m lckv_jax.visualize",
+  parser = argparse.ArgumentParser(prog=PROG,
                                    description="Draw layer_types attention graphs side by side.")
   parser.add_argument("out", help="image file to write (.png, .svg, .pdf)")
   parser.add_argument("layer_types", nargs="+", help="layer_types strings or preset names")
   parser.add_argument("--num_layers", type=int, default=None,
                       help="layer count, needed for preset names")
   args = parser.parse_args(argv)
-  try:
-    save(args.out, args.layer_types, args.num_layers)
-  except (ImportError, ValueError) as e:
-    parser.exit(1, f"error: {e}\n")
+  # A bad string or a missing matplotlib reaches cli.run: one line, exit 2.
+  save(args.out, args.layer_types, args.num_layers)
   print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-  main()
+  from lckv_jax import cli
+  cli.run(main, prog=PROG)

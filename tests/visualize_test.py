@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from lckv_jax import cli
 from lckv_jax import layer_types as L
 from lckv_jax import visualize
 
@@ -45,10 +46,12 @@ def test_missing_matplotlib_gives_one_clear_error(tmp_path, monkeypatch, capsys)
   monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
   with pytest.raises(ImportError, match="pip install matplotlib"):
     visualize.figure(["llama"], 4)
-  with pytest.raises(SystemExit) as exit_info:
-    L.main(["show", "llama", "--num_layers", "4", f"--image={tmp_path / 'x.png'}"])
-  assert exit_info.value.code == 1
+  with pytest.raises(SystemExit) as exit_info:  # a user error: one line, exit 2
+    cli.run(L.main, ["show", "llama", "--num_layers", "4", f"--image={tmp_path / 'x.png'}"],
+            prog=L.PROG)
+  assert exit_info.value.code == cli.EXIT_USER_ERROR
   captured = capsys.readouterr()
   assert "layer_types = 0_1_2_3" in captured.out
-  assert "error: drawing layer_types needs matplotlib" in captured.err
+  assert captured.err == (f"{L.PROG}: error: drawing layer_types needs matplotlib, which is not "
+                          "installed: pip install matplotlib\n")
   assert not (tmp_path / "x.png").exists()

@@ -14,16 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 
+from lckv_jax import cli
 from lckv_jax.data import sources
 from lckv_jax.data.pipeline import tokenize
 from lckv_jax.data.tokenizer import load_tokenizer
 
+PROG = "python -m lckv_jax.data.pretokenize"
+
 
 def pretokenize(input_spec: str, tokenizer_spec: str, output: str, text_field: str = "text",
-                add_bos: bool = True, max_documents: int = 0, chunk: int = 1024) -> dict:
+                add_bos: bool = True, max_documents: int = 0, chunk: int = 1024,
+                input_flag: str = "input_spec") -> dict:
   """Writes `output` (+ `output.json`) from 'embedded', 'tfds:NAME[:SPLIT]' or files; the note."""
   tok = load_tokenizer(tokenizer_spec)
-  docs = sources.read_texts(input_spec, text_field, max_documents)
+  docs = sources.read_texts(input_spec, text_field, max_documents, input_flag)
 
   def token_docs():
     for i in range(0, len(docs), chunk):
@@ -40,7 +44,7 @@ def pretokenize(input_spec: str, tokenizer_spec: str, output: str, text_field: s
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
   p.add_argument("--input", default="embedded",
                  help="'embedded', 'tfds:NAME[:SPLIT]' or comma-separated .txt/.jsonl/.parquet "
                       "files or globs")
@@ -52,9 +56,11 @@ def main(argv=None):
                  help="prepend the tokenizer's BOS id to each document")
   p.add_argument("--max_documents", type=int, default=0, help="only the first N (0 = all)")
   a = p.parse_args(argv)
-  note = pretokenize(a.input, a.tokenizer, a.output, a.text_field, a.add_bos, a.max_documents)
+  sources.check_max_documents(a.max_documents, "--max_documents")
+  note = pretokenize(a.input, a.tokenizer, a.output, a.text_field, a.add_bos, a.max_documents,
+                     input_flag="--input")
   print(json.dumps({"output": a.output, **note}))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, prog=PROG)

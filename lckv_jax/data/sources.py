@@ -15,50 +15,91 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 _SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-def _expand(paths: str | Sequence[str]) -> list[str]:
+def _expand(paths: str | Sequence[str], flag: str = "data.path") -> list[str]:
   if isinstance(paths, str):
     paths = [p for p in paths.split(",") if p.strip()]
   if not paths:
-    raise ValueError("data.path is empty: give local files or globs (comma-separated) with "
-                     "data.source='files' or 'array_record'")
+    hint = " with data.source='files' or 'array_record'" if flag == "data.path" else ""
+    raise ValueError(f"{flag} is empty: give local files or globs (comma-separated){hint}")
   out = []
   for p in paths:
     p = os.path.expanduser(p.strip())
     hits = sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) else [p]
     hits = [h for h in hits if not os.path.isdir(h)] if glob.has_magic(p) else hits
     if not hits or not all(os.path.exists(h) for h in hits):
-      raise FileNotFoundError(f"data.path: {p!r} matches no file")
+      raise FileNotFoundError(f"{flag}: {p!r} matches no file")
+    if any(os.path.isdir(h) for h in hits):
+      raise IsADirectoryError(f"{flag}: {p!r} is a directory; give files or a glob such as "
+                              f"'{os.path.join(p, '*')}'")
     out.extend(hits)
   return out
 
 
+def check_max_documents(max_documents: int, flag: str = "data.max_documents") -> None:
+  # A negative count would slice documents off the end instead of keeping the first N.
+  if not isinstance(max_documents, int) or max_documents < 0:
+    raise ValueError(f"{flag} must be an integer >= 0 (0 = all), got {max_documents!r}")
+
+
+# -- text files: UTF-8, and an error naming the file where it is not ----------------------------
+
+def decode_utf8(data: bytes, where: str, offset: int = 0) -> str:
+  """`data` as UTF-8 text; `where` (a file, or file:line) and the byte offset name a bad byte."""
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{where}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset "
+                     f"{offset + e.start} ({e.reason}); convert the file to UTF-8") from None
+
+
+def read_text(path: str) -> str:
+  """The whole file as text, newlines translated as `open()` does (\\r\\n, \\r -> \\n)."""
+  with open(path, "rb") as f:
+    text = decode_utf8(f.read(), path)
+  return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_lines(path: str) -> Iterator[tuple[int, str]]:
+  """(line number from 1, text) of each line; a bad byte is reported with its line."""
+  offset = 0
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      yield n, decode_utf8(raw, f"{path}:{n}", offset)
+      offset += len(raw)
+
+
+def _kind(value) -> str:
+  return "null" if value is None else type(value).__name__
+
+
 def _read_txt(path: str) -> list[str]:
   # One document per file; a form feed or three blank lines also separate documents.
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = read_text(path)
   return [d for d in text.replace("\f", "\n\n\n\n").split("\n\n\n\n") if d.strip()]
 
 
 def _read_jsonl(path: str, text_field: str) -> list[str]:
   docs = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict) or text_field not in row:
-        raise ValueError(f"{path}:{n}: no field data.text_field={text_field!r}")
-      docs.append(str(row[text_field]))
+  for n, line in read_lines(path):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict) or text_field not in row:
+      raise ValueError(f"{path}:{n}: no field data.text_field={text_field!r}")
+    text = row[text_field]
+    if not isinstance(text, str):  # str() would train on "None" or "12345"
+      raise ValueError(f"{path}:{n}: field {text_field!r} is {_kind(text)}, not a string")
+    docs.append(text)
   return docs
 
 
@@ -68,19 +109,35 @@ def _read_parquet(path: str, text_field: str) -> list[str]:
   except ImportError:
     raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow); or convert it to "
                       ".jsonl") from None
-  table = pq.read_table(path, columns=[text_field])
-  return [str(t) for t in table.column(text_field).to_pylist() if t is not None]
+  try:
+    pf = pq.ParquetFile(path)
+  except Exception as e:  # noqa: BLE001 - pyarrow's errors do not name the file
+    raise ValueError(f"{path}: not readable as Parquet ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200]})") from None
+  if text_field not in pf.schema_arrow.names:
+    raise ValueError(f"{path}: no column data.text_field={text_field!r}; its columns: "
+                     f"{pf.schema_arrow.names}")
+  values = pf.read(columns=[text_field]).column(text_field).to_pylist()
+  for row, text in enumerate(values):
+    if not isinstance(text, str):
+      raise ValueError(f"{path}: row {row} (counting from 0): field {text_field!r} is "
+                       f"{_kind(text)}, not a string")
+  return values
 
 
-def load_documents(paths: str | Sequence[str], text_field: str = "text") -> list[str]:
-  """Reads every document of the given files; an empty file or an empty result is an error."""
+def load_documents(paths: str | Sequence[str], text_field: str = "text",
+                   flag: str = "data.path") -> list[str]:
+  """Reads every document of the given files; an empty file or an empty result is an error.
+
+  `flag` names the setting the paths came from in errors (`--input` for the command lines).
+  """
   docs = []
-  for path in _expand(paths):
+  for path in _expand(paths, flag):
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in _SUFFIXES:
-      raise ValueError(f"data.path: {path!r} has suffix {suffix!r}; supported: {_SUFFIXES}")
+      raise ValueError(f"{flag}: {path!r} has suffix {suffix!r}; supported: {_SUFFIXES}")
     if os.path.getsize(path) == 0:
-      raise ValueError(f"data.path: {path!r} is empty")
+      raise ValueError(f"{flag}: {path!r} is empty")
     if suffix == ".txt":
       got = _read_txt(path)
     elif suffix == ".jsonl":
@@ -88,7 +145,7 @@ def load_documents(paths: str | Sequence[str], text_field: str = "text") -> list
     else:
       got = _read_parquet(path, text_field)
     if not any(d.strip() for d in got):
-      raise ValueError(f"data.path: {path!r} holds no text")
+      raise ValueError(f"{flag}: {path!r} holds no text")
     docs.extend(got)
   return docs
 
@@ -113,8 +170,17 @@ def decode_record(record: bytes) -> np.ndarray:
 def write_token_documents(path: str, docs_tokens) -> tuple[int, int]:
   """Writes token documents (an iterable of id arrays) as one ArrayRecord file; (docs, tokens)."""
   from array_record.python.array_record_module import ArrayRecordWriter
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"{path} is a directory; give the ArrayRecord file to write")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   writer = ArrayRecordWriter(path, _WRITER_OPTIONS)
+  if not writer.ok():  # the writer raises its reason only at close
+    try:
+      writer.close()
+    except RuntimeError as e:
+      raise OSError(f"{path}: cannot write an ArrayRecord file ({str(e).splitlines()[0]})") \
+          from None
+    raise OSError(f"{path}: cannot write an ArrayRecord file")
   n_docs = n_tokens = 0
   try:
     for ids in docs_tokens:
@@ -129,6 +195,7 @@ def write_token_documents(path: str, docs_tokens) -> tuple[int, int]:
 def load_token_documents(paths: str | Sequence[str], max_documents: int = 0) -> list[np.ndarray]:
   """Every (or the first `max_documents`) token document of the given ArrayRecord files."""
   import grain
+  check_max_documents(max_documents)
   files = _expand(paths)
   for f in files:
     if os.path.getsize(f) == 0:
@@ -168,6 +235,7 @@ def load_tfds_documents(name: str, split: str, text_field: str = "text", data_di
   if not name:
     raise ValueError("data.tfds_name is empty: give a TFDS dataset name with data.source='tfds' "
                      "(e.g. 'lm1b', 'wiki40b/en')")
+  check_max_documents(max_documents)
   tfds = _import_tfds()
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir or None)
@@ -186,19 +254,34 @@ def load_tfds_documents(name: str, split: str, text_field: str = "text", data_di
 
   docs = []
   for start in range(0, n, 1024):
-    for row in rows(list(range(start, min(n, start + 1024)))):
+    for k, row in enumerate(rows(list(range(start, min(n, start + 1024)))), start):
       if text_field not in row:
         raise ValueError(f"TFDS {name!r} has no field data.text_field={text_field!r}; its "
                          f"fields: {sorted(row)}")
-      t = row[text_field]
-      docs.append(t.decode("utf-8") if isinstance(t, bytes) else str(t))
+      docs.append(_tfds_text(row[text_field], f"TFDS {name!r} split {split!r} row {k}",
+                             text_field))
   if not any(d.strip() for d in docs):
     raise ValueError(f"TFDS {name!r} split {split!r} holds no text in field {text_field!r}")
   return docs
 
 
-def read_texts(spec: str, text_field: str = "text", max_documents: int = 0) -> list[str]:
-  """Text documents for the command-line tools: 'embedded', 'tfds:NAME[:SPLIT]' or files/globs."""
+def _tfds_text(value, where: str, text_field: str) -> str:
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value.item()
+  if isinstance(value, bytes):
+    return decode_utf8(value, where)
+  if not isinstance(value, str):
+    raise ValueError(f"{where}: field {text_field!r} is {_kind(value)}, not a string")
+  return value
+
+
+def read_texts(spec: str, text_field: str = "text", max_documents: int = 0,
+               flag: str = "data.path") -> list[str]:
+  """Text documents for the command-line tools: 'embedded', 'tfds:NAME[:SPLIT]' or files/globs.
+
+  `flag` names the spec's setting in errors (`--input` for the command lines).
+  """
+  check_max_documents(max_documents, "max_documents")
   if spec == "embedded":
     from lckv_jax.data.corpus import embedded_documents
     docs = list(embedded_documents())
@@ -206,7 +289,7 @@ def read_texts(spec: str, text_field: str = "text", max_documents: int = 0) -> l
     name, _, split = spec[len("tfds:"):].partition(":")
     return load_tfds_documents(name, split or "train", text_field, max_documents=max_documents)
   else:
-    docs = load_documents(spec, text_field)
+    docs = load_documents(spec, text_field, flag)
   return docs[:max_documents] if max_documents else docs
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -51,18 +52,66 @@ class ByteTokenizer:
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
-def load_tokenizer(path: str):
-  """The tokenizer of a checkpoint directory: transformers' AutoTokenizer when tokenizer files and
-  transformers are present, else `ByteTokenizer` (with a warning)."""
-  if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def checkpoint_dir(path: str, flag: str = "path") -> str:
+  """`path` (user-expanded) if it is a directory; else an error naming `flag` (--checkpoint,
+  pretrained)."""
+  full = os.path.expanduser(path or "")
+  if not path or not os.path.isdir(full):
+    state = "is a file" if os.path.isfile(full) else "does not exist"
+    raise FileNotFoundError(f"{flag}={path!r} {state}; give an lckv-jax model checkpoint "
+                            "directory (config.json and params/)")
+  return full
+
+
+def load_tokenizer(path: str, required: bool = False, flag: str = "tokenizer"):
+  """The tokenizer of a checkpoint directory, or of a tokenizer file or directory.
+
+  transformers' AutoTokenizer, else lckv_jax's own loader (SentencePiece .model, tokenizer.json,
+  GPT-2 vocab.json). A directory without tokenizer files gives UTF-8 bytes with a warning, or an
+  error when `required` (an explicitly named tokenizer). Tokenizer files that do not load are an
+  error: scoring with bytes instead would give wrong numbers.
+  """
+  full = os.path.expanduser(path)
+  if not os.path.exists(full):
+    raise FileNotFoundError(f"{flag}={path!r}: no such file or directory")
+  if os.path.isdir(full) and not any(os.path.exists(os.path.join(full, f))
+                                     for f in _TOKENIZER_FILES):
+    if required:
+      raise FileNotFoundError(f"{flag}={path!r} holds no tokenizer files "
+                              f"({' or '.join(_TOKENIZER_FILES)})")
+    log.warning("%s has no tokenizer files; using UTF-8 bytes as tokens", path)
+    return ByteTokenizer()
+  reasons = []
+  if os.path.isdir(full):
     try:
       from transformers import AutoTokenizer  # optional
-      return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # pylint: disable=broad-except
-      log.warning("could not load the tokenizer of %s (%s); using UTF-8 bytes", path, e)
-  else:
-    log.warning("%s has no tokenizer files; using UTF-8 bytes as tokens", path)
-  return ByteTokenizer()
+      with warnings.catch_warnings():  # about our config.json, which is not a transformers one
+        warnings.simplefilter("ignore", FutureWarning)
+        return AutoTokenizer.from_pretrained(full)
+    except Exception as e:  # noqa: BLE001 - the reason goes into the error below
+      reasons.append(f"transformers: {str(e).strip().splitlines()[0][:200] if str(e) else e!r}")
+  try:
+    from lckv_jax.data.tokenizer import load_tokenizer as load_data_tokenizer
+    return load_data_tokenizer(full)
+  except Exception as e:  # noqa: BLE001 - the reason goes into the error below
+    reasons.append(f"lckv_jax: {str(e).strip().splitlines()[0][:200] if str(e) else e!r}")
+  raise ValueError(f"{flag}={path!r}: could not load its tokenizer ({'; '.join(reasons)})")
+
+
+def check_options(config, max_length: int | None, batch_size: int, max_gen_toks: int = 0) -> None:
+  """Options against the model's config: past max_position_embeddings positions extrapolate
+  silently, so a longer `max_length` is an error."""
+  limit, is_int = config.max_position_embeddings, lambda v: isinstance(v, (int, np.integer))
+  if max_length is not None and (not is_int(max_length) or not 1 <= max_length <= limit):
+    raise ValueError(f"max_length={max_length!r} must be in 1..{limit} (the model's "
+                     f"max_position_embeddings={limit})")
+  if not is_int(batch_size) or batch_size < 1:
+    raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+  if not is_int(max_gen_toks) or max_gen_toks < 0:
+    raise ValueError(f"max_gen_toks must be an integer >= 0, got {max_gen_toks!r}")
 
 
 def _args(request) -> tuple:
@@ -110,18 +159,19 @@ class LCKVEvalModel:
     self.model = model
     self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
     cfg = model.config
-    self.max_length = max_length or min(cfg.max_position_embeddings, 2048)
+    check_options(cfg, max_length, batch_size, max_gen_toks)
+    self.max_length = min(cfg.max_position_embeddings, 2048) if max_length is None else max_length
     self.batch_size = int(batch_size)
     self.max_gen_toks = int(max_gen_toks)
     self.scorer = ppl_lib.Scorer(model, forward_passes=forward_passes,
                                  backward_passes=backward_passes, sequential=sequential)
     if prefix_token_id is None:
-      for name in ("bos_token_id", "eos_token_id", "eot_token_id"):
+      for name in ("bos_token_id", "eos_token_id", "eot_token_id", "bos_id", "eos_id"):
         prefix_token_id = getattr(self.tokenizer, name, None)
         if prefix_token_id is not None:
           break
     self.prefix_token_id = int(prefix_token_id or 0)
-    eos = getattr(self.tokenizer, "eos_token_id", None)
+    eos = getattr(self.tokenizer, "eos_token_id", getattr(self.tokenizer, "eos_id", None))
     self.eos_token_id = None if eos is None else int(eos)
     if decoder not in ("auto", "generation", "parallel"):
       raise ValueError(f"decoder must be 'auto', 'generation' or 'parallel', got {decoder!r}")
@@ -134,10 +184,15 @@ class LCKVEvalModel:
     self.decoder = decoder
 
   @classmethod
-  def from_checkpoint(cls, path: str, tokenizer=None, dtype: str | None = None, **kwargs):
+  def from_checkpoint(cls, path: str, tokenizer=None, dtype: str | None = None, *,
+                      flag: str = "path", **kwargs):
+    """`flag` names `path`'s setting in errors (`--checkpoint`, `pretrained`)."""
     from lckv_jax import checkpoint
+    path = checkpoint_dir(path, flag)
+    if tokenizer is None:
+      tokenizer = load_tokenizer(path, flag=flag)
     model = checkpoint.load_model(path, **({"dtype": dtype} if dtype else {}))
-    return cls(model, tokenizer if tokenizer is not None else load_tokenizer(path), **kwargs)
+    return cls(model, tokenizer, **kwargs)
 
   # -- tokens ----------------------------------------------------------------------------------
 
@@ -218,6 +273,7 @@ class LCKVEvalModel:
     steps = min(max_new_tokens, self.max_length - len(prompt))
     if steps <= 0:
       return []
+    self.scorer.check_tokens(prompt, "prompt")
     if self.decoder == "generation":
       from lckv_jax import generation
       out = generation.generate(self.model, [prompt], max_new_tokens=steps,
@@ -271,9 +327,10 @@ if _LM is not None:
       if kwargs:
         log.info("lckv_jax: ignoring model_args %s", sorted(kwargs))
       as_int = lambda v: None if v in (None, "", "None") else int(v)
-      tok = load_tokenizer(tokenizer) if tokenizer else None
+      tok = (None if not tokenizer else ByteTokenizer() if tokenizer == "byte"
+             else load_tokenizer(tokenizer, required=True))
       self.impl = LCKVEvalModel.from_checkpoint(
-          pretrained, tok, dtype=dtype,
+          pretrained, tok, dtype=dtype, flag="pretrained",
           batch_size=as_int(batch_size) if str(batch_size).isdigit() else 8,
           max_length=as_int(max_length), forward_passes=as_int(forward_passes),
           backward_passes=as_int(backward_passes),

@@ -17,33 +17,48 @@ from typing import Sequence
 
 import numpy as np
 
+from lckv_jax import cli
+
+PROG = "python -m lckv_jax.eval.multiple_choice"
+_FIELDS = ("context", "choices", "label")
+
 
 def load_task(path: str) -> list[dict]:
   """Reads and validates a JSONL task file; errors name the line and the field."""
+  from lckv_jax.data.sources import read_lines
   examples = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        ex = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-      if not isinstance(ex.get("context"), str):
-        raise ValueError(f"{path}:{n}: field 'context' must be a string, got {ex.get('context')!r}")
-      choices = ex.get("choices")
-      if not isinstance(choices, list) or not choices or not all(isinstance(c, str)
-                                                                 for c in choices):
-        raise ValueError(f"{path}:{n}: field 'choices' must be a non-empty list of strings, got "
-                         f"{choices!r}")
-      label = ex.get("label")
-      if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-        raise ValueError(f"{path}:{n}: field 'label' must be an integer in 0..{len(choices) - 1}, "
-                         f"got {label!r}")
-      examples.append(ex)
+  for n, line in read_lines(path):
+    if not line.strip():
+      continue
+    try:
+      ex = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+    examples.append(_check_example(ex, f"{path}:{n}"))
   if not examples:
-    raise ValueError(f"{path}: no examples")
+    raise ValueError(f"no examples in {path}: give JSON lines {{\"context\": str, \"choices\": "
+                     "[str, ...], \"label\": int}")
   return examples
+
+
+def _check_example(ex, where: str) -> dict:
+  if not isinstance(ex, dict):
+    raise ValueError(f"{where}: a row must be a JSON object with fields {list(_FIELDS)}, got "
+                     f"{type(ex).__name__}")
+  missing = [k for k in _FIELDS if k not in ex]
+  if missing:
+    raise ValueError(f"{where}: missing field(s) {missing}; a row has {list(_FIELDS)}")
+  if not isinstance(ex["context"], str):
+    raise ValueError(f"{where}: field 'context' must be a string, got {ex['context']!r}")
+  choices = ex["choices"]
+  if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+    raise ValueError(f"{where}: field 'choices' must be a non-empty list of strings, got "
+                     f"{choices!r}")
+  label = ex["label"]
+  if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+    raise ValueError(f"{where}: field 'label' must be an integer in 0..{len(choices) - 1}, got "
+                     f"{label!r}")
+  return ex
 
 
 def evaluate(lm, examples: Sequence[dict], delimiter: str = " ") -> dict:
@@ -71,8 +86,10 @@ def evaluate(lm, examples: Sequence[dict], delimiter: str = " ") -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  from lckv_jax import checkpoint
   from lckv_jax.eval import lm_eval_adapter
-  p = argparse.ArgumentParser(prog="python -m lckv_jax.eval.multiple_choice")
+  from lckv_jax.eval import perplexity as ppl_lib
+  p = argparse.ArgumentParser(prog=PROG)
   p.add_argument("--checkpoint", required=True, help="lckv-jax model checkpoint directory")
   p.add_argument("--tasks", action="append", required=True, help="a JSONL task file (repeatable)")
   p.add_argument("--delimiter", default=" ")
@@ -82,15 +99,23 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--backward_passes", type=int, default=None)
   p.add_argument("--byte_tokenizer", action="store_true", help="UTF-8 bytes as token ids")
   args = p.parse_args(argv)
+  # Every check that needs no model first: loading one takes minutes.
+  path = lm_eval_adapter.checkpoint_dir(args.checkpoint, "--checkpoint")
+  lm_eval_adapter.check_options(checkpoint.load_config(path), args.max_length, args.batch_size)
+  ppl_lib.check_passes(args.forward_passes, args.backward_passes)
+  for task in args.tasks:
+    if not os.path.isfile(task):
+      raise FileNotFoundError(f"--tasks={task!r}: no such file")
+  tasks = [(task, load_task(task)) for task in args.tasks]
   lm = lm_eval_adapter.LCKVEvalModel.from_checkpoint(
-      args.checkpoint, lm_eval_adapter.ByteTokenizer() if args.byte_tokenizer else None,
-      batch_size=args.batch_size, max_length=args.max_length,
+      path, lm_eval_adapter.ByteTokenizer() if args.byte_tokenizer else None,
+      flag="--checkpoint", batch_size=args.batch_size, max_length=args.max_length,
       forward_passes=args.forward_passes, backward_passes=args.backward_passes)
-  for path in args.tasks:
-    r = evaluate(lm, load_task(path), args.delimiter)
-    print(json.dumps({"task": os.path.basename(path), "acc": r["acc"],
+  for task, examples in tasks:
+    r = evaluate(lm, examples, args.delimiter)
+    print(json.dumps({"task": os.path.basename(task), "acc": r["acc"],
                       "acc_norm": r["acc_norm"], "n": r["n"]}))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, prog=PROG)

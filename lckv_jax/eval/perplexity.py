@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -33,6 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lckv_jax import cli
+
+PROG = "python -m lckv_jax.eval.perplexity"
 
 _STATIC = ("graphdef", "forward_passes", "backward_passes", "sequential")
 
@@ -62,16 +66,14 @@ class Scorer:
 
   def __init__(self, model, *, forward_passes: int | None = None,
                backward_passes: int | None = None, sequential: bool = False):
+    check_passes(forward_passes, backward_passes)
     self.config = model.config
     self.graphdef, self.state = nnx.split(model)
     self.static = dict(graphdef=self.graphdef, forward_passes=forward_passes,
                        backward_passes=backward_passes, sequential=bool(sequential))
 
-  def check_tokens(self, tokens) -> None:
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-      raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1} (vocab_size), got "
-                       f"range {tokens.min()}..{tokens.max()}")
+  def check_tokens(self, tokens, what: str = "token ids") -> None:
+    check_token_ids(tokens, self.config.vocab_size, what)
 
   def __call__(self, inputs_BxT, targets_BxT) -> tuple[np.ndarray, np.ndarray]:
     """(log p(target), target is the argmax) per position, as numpy [batch, seq]."""
@@ -83,6 +85,36 @@ class Scorer:
 
   def logits(self, inputs_BxT) -> jax.Array:
     return model_logits(self.state, jnp.asarray(inputs_BxT, jnp.int32), **self.static)
+
+
+def check_passes(forward_passes: int | None, backward_passes: int | None) -> None:
+  """Fails before compiling on pass counts the model would reject (None = the model's)."""
+  for name, v, low in (("forward_passes", forward_passes, 0),
+                       ("backward_passes", backward_passes, 1)):
+    if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low):
+      raise ValueError(f"{name} must be an integer >= {low} (or None for the model's), got {v!r}")
+
+
+def check_token_ids(tokens, vocab_size: int, what: str = "token ids") -> None:
+  """Ids outside the embedding table would be clamped or wrap silently on the device."""
+  tokens = np.asarray(tokens)
+  if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"{what}: dtype {tokens.dtype}, not integer token ids")
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    bad = tokens.min() if tokens.min() < 0 else tokens.max()
+    raise ValueError(f"{what}: id {bad} is outside 0..{vocab_size - 1} (model.vocab_size="
+                     f"{vocab_size}); were they made by this model's tokenizer?")
+
+
+def check_context(config, context_len: int, stride: int | None = None) -> None:
+  """`context_len` within 1..max_position_embeddings (past it positions extrapolate silently)
+  and `stride` within 1..context_len."""
+  limit = config.max_position_embeddings
+  if not isinstance(context_len, (int, np.integer)) or not 1 <= context_len <= limit:
+    raise ValueError(f"context_len={context_len!r} must be in 1..{limit} (the model's "
+                     f"max_position_embeddings={limit})")
+  if stride is not None and not 1 <= stride <= context_len:
+    raise ValueError(f"stride={stride!r} must be in 1..context_len={context_len}")
 
 
 def bucket(n: int) -> int:
@@ -167,15 +199,27 @@ def perplexity(model_or_scorer, documents, *, context_len: int | None = None,
   scorer = model_or_scorer if isinstance(model_or_scorer, Scorer) else Scorer(
       model_or_scorer, forward_passes=forward_passes, backward_passes=backward_passes,
       sequential=sequential)
-  context_len = context_len or min(scorer.config.max_position_embeddings, 2048)
+  if context_len is None:
+    context_len = min(scorer.config.max_position_embeddings, 2048)
+  check_context(scorer.config, context_len, stride)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if isinstance(documents, np.ndarray) and documents.ndim == 1 or (
       len(documents) and np.isscalar(documents[0])):
     documents = [documents]
-  nll, count = 0.0, 0
-  for doc in documents:
-    doc = np.asarray(doc, np.int64).reshape(-1)
+  docs = []
+  for k, doc in enumerate(documents):
+    doc = np.asarray(doc).reshape(-1)
     if prefix_token is not None:
-      doc = np.concatenate([[prefix_token], doc])
+      doc = np.concatenate([np.asarray([prefix_token], np.int64), doc])
+    scorer.check_tokens(doc, f"document {k}" if len(documents) > 1 else "token ids")
+    docs.append(doc.astype(np.int64))
+  if sum(max(len(d) - 1, 0) for d in docs) == 0:
+    # exp(0 / 0) would read as a perfect perplexity of 1.0.
+    raise ValueError(f"no tokens to score: perplexity needs a document of at least 2 tokens "
+                     f"(1 with prefix_token), got lengths {[len(d) for d in docs][:8]}")
+  nll, count = 0.0, 0
+  for doc in docs:
     logp = token_logprobs(scorer, doc, context_len, stride, batch_size)
     nll -= float(logp.sum())
     count += len(logp)
@@ -187,10 +231,46 @@ def perplexity_of_text(model_or_scorer, tokenizer, text: str, **kwargs) -> Perpl
   return perplexity(model_or_scorer, np.asarray(tokenizer.encode(text), np.int64), **kwargs)
 
 
+def _read_tokens(args, checkpoint_dir: str, vocab_size: int) -> np.ndarray:
+  """The ids to score from --tokens (.npy) or --text_file (tokenized); a clear error if unusable."""
+  from lckv_jax.data import sources
+  from lckv_jax.eval import lm_eval_adapter
+  if args.tokens:
+    try:
+      tokens = np.load(args.tokens, allow_pickle=False)
+    except (ValueError, EOFError):
+      raise ValueError(f"--tokens={args.tokens!r} is not a .npy file (write one with "
+                       "numpy.save)") from None
+    if not isinstance(tokens, np.ndarray) or tokens.ndim != 1:
+      raise ValueError(f"--tokens={args.tokens!r} must hold a 1-D array of token ids, got "
+                       f"shape {getattr(tokens, 'shape', None)}")
+    name = where = f"--tokens={args.tokens!r}"
+  else:
+    tok = (lm_eval_adapter.ByteTokenizer() if args.byte_tokenizer
+           else lm_eval_adapter.load_tokenizer(checkpoint_dir, flag="--checkpoint"))
+    tokens = np.asarray(tok.encode(sources.read_text(args.text_file)), np.int64)
+    name, where = args.text_file, f"{args.text_file} (tokenized)"
+  if len(tokens) < 2:
+    raise ValueError(f"no tokens to score in {name} ({len(tokens)} token(s); perplexity "
+                     "needs at least 2)")
+  check_token_ids(tokens, vocab_size, where)
+  return tokens
+
+
+def _check_flags(args, config) -> None:
+  if args.context_len is not None:
+    check_context(config, args.context_len, args.stride)
+  elif args.stride is not None:
+    check_context(config, min(config.max_position_embeddings, 2048), args.stride)
+  if args.batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+  check_passes(args.forward_passes, args.backward_passes)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   from lckv_jax import checkpoint
   from lckv_jax.eval import lm_eval_adapter
-  p = argparse.ArgumentParser(prog="python -m lckv_jax.eval.perplexity")
+  p = argparse.ArgumentParser(prog=PROG)
   p.add_argument("--checkpoint", required=True, help="lckv-jax model checkpoint directory")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--text_file", help="a UTF-8 text file, tokenized with the checkpoint's tokenizer")
@@ -203,14 +283,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--batch_size", type=int, default=1)
   p.add_argument("--byte_tokenizer", action="store_true", help="UTF-8 bytes as token ids")
   args = p.parse_args(argv)
-  model = checkpoint.load_model(args.checkpoint)
-  if args.tokens:
-    tokens = np.load(args.tokens)
-  else:
-    tok = (lm_eval_adapter.ByteTokenizer() if args.byte_tokenizer
-           else lm_eval_adapter.load_tokenizer(args.checkpoint))
-    with open(args.text_file, encoding="utf-8") as f:
-      tokens = np.asarray(tok.encode(f.read()), np.int64)
+  path = lm_eval_adapter.checkpoint_dir(args.checkpoint, "--checkpoint")
+  for flag, f in (("--tokens", args.tokens), ("--text_file", args.text_file)):
+    if f and not os.path.isfile(f):  # before the minutes of loading a model
+      raise FileNotFoundError(f"{flag}={f!r}: no such file")
+  config = checkpoint.load_config(path)
+  _check_flags(args, config)
+  tokens = _read_tokens(args, path, config.vocab_size)
+  model = checkpoint.load_model(path)
   r = perplexity(model, tokens, context_len=args.context_len, stride=args.stride,
                  forward_passes=args.forward_passes, backward_passes=args.backward_passes,
                  sequential=args.sequential, batch_size=args.batch_size)
@@ -218,4 +298,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, prog=PROG)
