@@ -10,35 +10,84 @@ checkpoint directory if there is one, else UTF-8 bytes (models with a vocabulary
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-_NO_CHECKPOINT = """\
-generate.py needs --checkpoint=DIR, a model directory (config.json + params/). Get one by
-  training:    python train.py --config=configs/tiny.py --workdir=DIR   (then use its export)
-  converting:  python -m lckv_jax.convert from-hf SRC DST              (a HF Llama/LCKV model)
-and run:       python generate.py --checkpoint=DIR --prompt="Hello"
-"""
+from lckv_jax import cli
+
+_NO_CHECKPOINT = (
+    "--checkpoint=DIR is required: a model directory (config.json + params/), written by "
+    "`python train.py --config=configs/tiny.py --workdir=W --export_model=DIR` or "
+    "`python -m lckv_jax.convert from-hf SRC DIR`")
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load_tokenizer(checkpoint: str, vocab_size: int):
   """The checkpoint's HF tokenizer if saved beside it, else bytes (vocab >= 256), else an error."""
   if any(os.path.exists(os.path.join(checkpoint, f)) for f in _TOKENIZER_FILES):
-    import transformers
-    return transformers.AutoTokenizer.from_pretrained(checkpoint)
+    try:
+      import transformers
+    except ImportError:
+      raise cli.UserError(f"{checkpoint} holds a HuggingFace tokenizer, which needs transformers: "
+                          "pip install transformers") from None
+    try:
+      return transformers.AutoTokenizer.from_pretrained(checkpoint)
+    except Exception as e:  # noqa: BLE001 - tokenizers raise bare Exceptions on damaged files
+      raise cli.UserError(f"{checkpoint}: cannot load the tokenizer saved there "
+                          f"({cli.one_line(e)})") from e
   from lckv_jax.generation import ByteTokenizer
   if vocab_size < 256:
-    raise SystemExit(f"no tokenizer in {checkpoint} and the vocabulary ({vocab_size}) is too "
-                     "small for the byte-level fallback (needs >= 256)")
+    raise cli.UserError(f"no tokenizer in {checkpoint} and the vocabulary ({vocab_size}) is too "
+                        "small for the byte-level fallback (needs >= 256)")
   return ByteTokenizer()
 
 
+def read_prompts(path: str) -> list[str]:
+  """The non-blank lines of a UTF-8 file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      prompts = [line.rstrip("\n") for line in f if line.strip()]
+  except UnicodeDecodeError as e:
+    raise cli.UserError(f"--prompts_file {path} is not UTF-8 text (byte "
+                        f"{e.object[e.start]:#04x} at offset {e.start})") from None
+  except OSError as e:
+    raise cli.UserError(f"--prompts_file {path}: {e.strerror or e}") from None
+  if not prompts:
+    raise cli.UserError(f"--prompts_file {path} holds no prompt (every line is blank)")
+  return prompts
+
+
+def check_args(args) -> None:
+  """One message per bad flag, naming it, its value and what is allowed."""
+  if args.max_new_tokens < 1:
+    raise cli.UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+  if not 0 <= args.temperature < float("inf"):
+    raise cli.UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got "
+                        f"{args.temperature}")
+  if args.top_k < 0:
+    raise cli.UserError(f"--top_k must be >= 0 (0 = no limit), got {args.top_k}")
+  if not 0 < args.top_p <= 1:
+    raise cli.UserError(f"--top_p must be in (0, 1] (1 = no limit), got {args.top_p}")
+  if args.sink is not None and (args.sink[0] < 0 or args.sink[1] < 1):
+    raise cli.UserError(f"--sink N_SINK WINDOW needs N_SINK >= 0 and WINDOW >= 1, got "
+                        f"{args.sink[0]} {args.sink[1]}")
+  if args.prefill_iterations is not None and args.prefill_iterations < 1:
+    raise cli.UserError(f"--prefill_iterations must be >= 1, got {args.prefill_iterations}")
+  if args.dtype is not None and args.dtype not in _DTYPES:
+    raise cli.UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {args.dtype!r}")
+  if not args.checkpoint:
+    raise cli.UserError(_NO_CHECKPOINT)
+  if not os.path.isdir(args.checkpoint):
+    what = "is a file, not a directory" if os.path.exists(args.checkpoint) else "does not exist"
+    raise cli.UserError(f"--checkpoint={args.checkpoint} {what} (a model directory: config.json "
+                        "+ params/)")
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = cli.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0])
   parser.add_argument("--checkpoint", help="model directory (config.json + params/)")
   parser.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
   parser.add_argument("--prompts_file", help="a file with one prompt per line")
@@ -53,17 +102,18 @@ def main(argv=None) -> int:
   parser.add_argument("--sink", type=int, nargs=2, metavar=("N_SINK", "WINDOW"), default=None,
                       help="StreamingLLM cache: keep N_SINK first tokens and WINDOW recent ones")
   parser.add_argument("--dtype", default=None, help="override the compute dtype (e.g. bfloat16)")
+  parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
   args = parser.parse_args(argv)
 
-  if not args.checkpoint:
-    sys.stderr.write(_NO_CHECKPOINT)
-    return 2
+  check_args(args)
   prompts = list(args.prompt or [])
   if args.prompts_file:
-    with open(args.prompts_file) as f:
-      prompts += [line.rstrip("\n") for line in f if line.strip()]
+    prompts += read_prompts(args.prompts_file)
   if not prompts:
-    parser.error("give --prompt or --prompts_file")
+    raise cli.UserError("give --prompt=TEXT (repeat for a batch) or --prompts_file=FILE")
+  empty = [i for i, p in enumerate(prompts) if not p]
+  if empty:
+    raise cli.UserError(f"prompt {empty[0]} is empty: every prompt needs some text")
 
   import jax
   import numpy as np
@@ -71,10 +121,16 @@ def main(argv=None) -> int:
   from lckv_jax.generation import generate
 
   model = load_model(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
-  tokenizer = load_tokenizer(args.checkpoint, model.config.vocab_size)
-  eos_id = args.eos_id if args.eos_id is not None else getattr(tokenizer, "eos_token_id", getattr(tokenizer, "eos_id", None))
+  vocab = model.config.vocab_size
+  tokenizer = load_tokenizer(args.checkpoint, vocab)
+  eos_id = args.eos_id if args.eos_id is not None else getattr(
+      tokenizer, "eos_token_id", getattr(tokenizer, "eos_id", None))
+  if args.eos_id is not None and not 0 <= args.eos_id < vocab:
+    raise cli.UserError(f"--eos_id must be in [0, {vocab}) (model.vocab_size={vocab}), got "
+                        f"{args.eos_id}")
 
-  # Streaming: one row prints as it comes; a batch prints each row when done.
+  # Streaming: one row prints as it comes (the prompt with its first token, so that an error in
+  # the prompt prints nothing); a batch prints each row when done.
   single = len(prompts) == 1
   generated: list[list[int]] = [[] for _ in prompts]
   shown = [""]
@@ -85,13 +141,10 @@ def main(argv=None) -> int:
         generated[r].append(int(t))
     if single:
       text = tokenizer.decode(generated[0])
-      sys.stdout.write(text[len(shown[0]):])
+      sys.stdout.write((prompts[0] if len(generated[0]) == 1 else "") + text[len(shown[0]):])
       sys.stdout.flush()
       shown[0] = text
 
-  if single:
-    sys.stdout.write(prompts[0])
-    sys.stdout.flush()
   t0 = time.perf_counter()
   out = generate(model, prompts, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -113,4 +166,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lckv_jax import checkpoint
+from lckv_jax import checkpoint, cli
 from lckv_jax import hf as hf_io
 from lckv_jax import layer_types as lt_lib
 from lckv_jax.config import ModelConfig
@@ -428,16 +428,18 @@ def hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
 
 def export_hf(model: Transformer, path: str, *, reference_attention: str = "flash",
               max_shard_bytes: int | None = None, tokenizer_from: str | None = None) -> dict:
-  """Writes `model` as a HuggingFace checkpoint directory; returns the config.json written."""
-  if os.path.exists(os.path.join(path, "config.json")):
-    raise FileExistsError(f"{path} already holds a checkpoint; choose a new directory")
+  """Writes `model` as a HuggingFace checkpoint directory; returns the config.json written.
+
+  `path` must be new or an empty directory (nothing is overwritten), outside `tokenizer_from`.
+  """
+  checkpoint.check_destination(path, tokenizer_from)
   os.makedirs(path, exist_ok=True)
   hf = config_to_hf(model.config, reference_attention)
   if hf["model_type"] == "lckv-llama" and model.config.sliding_window is not None:
     log.warning("sliding_window: lckv-jax %d is written as %s (reference %s-attention convention)",
                 model.config.sliding_window, hf["sliding_window"], reference_attention)
   hf_io.write_tensors(path, hf_tensors(model), max_shard_bytes)
-  with open(os.path.join(path, "config.json"), "w") as f:
+  with open(os.path.join(path, "config.json"), "x") as f:
     json.dump(hf, f, indent=2)
   if tokenizer_from:
     hf_io.copy_tokenizer_files(tokenizer_from, path)
@@ -453,11 +455,30 @@ def _parse_size(s: str | None) -> int | None:
   if s is None:
     return None
   m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", s.upper())
-  if m is None:
-    raise argparse.ArgumentTypeError(f"--max_shard_size: expected e.g. 5GB, 500MB or bytes, got {s!r}")
-  unit = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30,
-          "GB": 2**30}[m.group(2)]
-  return int(float(m.group(1)) * unit)
+  size = None if m is None else int(float(m.group(1)) * {
+      "": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30,
+      "GB": 2**30}[m.group(2)])
+  if not size:
+    raise cli.UserError(f"--max_shard_size: expected a positive size such as 5GB, 500MB or a "
+                        f"number of bytes, got {s!r}")
+  return size
+
+
+def _check_source(path: str, command: str) -> None:
+  """A source directory of the kind `command` reads (the other kind names the other command)."""
+  what = "a HuggingFace" if command == "from-hf" else "an lckv-jax model"
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"source {path} does not exist")
+  if not os.path.isdir(path):
+    raise cli.UserError(f"source {path} is a file; expected {what} checkpoint directory")
+  ours = os.path.isdir(os.path.join(path, checkpoint.PARAMS_DIR))
+  theirs = any(f.endswith(".safetensors") for f in os.listdir(path))
+  if command == "from-hf" and ours and not theirs:
+    raise cli.UserError(f"source {path} is an lckv-jax model checkpoint (params/), not a "
+                        "HuggingFace one: `to-hf` converts it")
+  if command == "to-hf" and theirs and not ours:
+    raise cli.UserError(f"source {path} is a HuggingFace checkpoint (*.safetensors), not an "
+                        "lckv-jax one: `from-hf` converts it")
 
 
 def _bool(s: str) -> bool:
@@ -469,8 +490,9 @@ def _bool(s: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m lckv_jax.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  """The command line; user errors raise (`cli.run` prints them as one line)."""
+  parser = cli.ArgumentParser(prog="python -m lckv_jax.convert", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("from-hf", help="HuggingFace llama / lckv-llama -> lckv-jax checkpoint")
   p.add_argument("src")
@@ -492,7 +514,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   q.add_argument("dst")
   q.add_argument("--reference_attention", choices=REFERENCE_ATTENTION, default="flash")
   q.add_argument("--max_shard_size", default=None, help="e.g. 5GB; default one file")
+  for sp in (p, q):
+    sp.add_argument("--debug", action="store_true", help="show tracebacks of errors")
   args = parser.parse_args(argv)
+  # Every check before any work: a refused conversion leaves both directories as they were.
+  _check_source(args.src, args.command)
+  checkpoint.check_destination(args.dst, args.src)
+  max_shard_bytes = _parse_size(getattr(args, "max_shard_size", None))
   logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
   log.setLevel(logging.INFO)  # also when another library configured logging first
   if args.command == "from-hf":
@@ -510,11 +538,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   else:
     model = checkpoint.load_model(args.src)
     hf = export_hf(model, args.dst, reference_attention=args.reference_attention,
-                   max_shard_bytes=_parse_size(args.max_shard_size), tokenizer_from=args.src)
+                   max_shard_bytes=max_shard_bytes, tokenizer_from=args.src)
     print(f"wrote {args.dst}: model_type={hf['model_type']}"
           + (f", sliding_window={hf.get('sliding_window')} ({args.reference_attention} convention)"
              if hf["model_type"] == "lckv-llama" else ""))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, prog="python -m lckv_jax.convert")

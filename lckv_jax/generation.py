@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from lckv_jax import cache as cache_lib
 from lckv_jax.data.tokenizer import ByteTokenizer  # noqa: F401  (the byte fallback, re-exported)
-from lckv_jax.model import Transformer, relayout
+from lckv_jax.model import Transformer, check_inputs, relayout
 from lckv_jax.sampling import Sampling, sample_with
 from lckv_jax.train.sharding import RULES, logical_to_spec
 
@@ -54,7 +54,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, pad_id: int =
       raise ValueError(f"prompt {n} is empty: every prompt needs at least one token")
     bad = [t for t in p if not 0 <= int(t) < vocab_size]
     if bad:
-      raise ValueError(f"prompt {n} has token ids {bad[:5]} outside the vocabulary 0..{vocab_size - 1}")
+      raise ValueError(f"prompt {n}: token id {bad[0]} is outside the vocabulary [0, {vocab_size}) "
+                       f"(model.vocab_size={vocab_size})")
   longest = max(lengths)
   tokens = np.full((len(prompts), longest), pad_id, np.int32)
   segment_ids = np.zeros((len(prompts), longest), np.int32)
@@ -66,21 +67,43 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, pad_id: int =
   return tokens, positions, segment_ids, np.asarray(lengths, np.int32)
 
 
+def _token_id(t) -> int:
+  """`t` as an int; a float or a string is refused (int() would truncate 2.7 to 2)."""
+  if isinstance(t, (np.ndarray, jax.Array)) and t.ndim == 0 and t.dtype.kind in "iu":
+    return int(t)
+  if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+    raise ValueError(f"prompts: token ids must be integers, got {t!r} ({type(t).__name__})")
+  return int(t)
+
+
+def _ids(p, ndims=(1,)) -> list:
+  """A row (or rows) of token ids given as an array, as lists of ints."""
+  arr = np.asarray(p)
+  if arr.dtype.kind not in "iu" or arr.ndim not in ndims:
+    dims = " or ".join(f"{d}-D" for d in ndims)
+    raise ValueError(f"prompts: an array of token ids must be {dims} integers, got {arr.dtype} "
+                     f"of shape {arr.shape}")
+  return arr.tolist()
+
+
 def _as_token_lists(prompts, tokenizer) -> tuple[list[list[int]], bool]:
   """Prompts as token-id lists, and whether they came as text."""
   if isinstance(prompts, str):
     prompts = [prompts]
   if isinstance(prompts, (np.ndarray, jax.Array)):
-    arr = np.asarray(prompts)
-    return ([arr.tolist()] if arr.ndim == 1 else arr.tolist()), False
+    ids = _ids(prompts, (1, 2))
+    return ([ids] if np.ndim(prompts) == 1 else ids), False
   prompts = list(prompts)
   if prompts and all(isinstance(p, str) for p in prompts):
     if tokenizer is None:
       raise ValueError("text prompts need a tokenizer (or ByteTokenizer() for a byte vocabulary)")
     return [list(tokenizer.encode(p)) for p in prompts], True
   if prompts and all(isinstance(p, (int, np.integer)) for p in prompts):
-    return [[int(t) for t in prompts]], False
-  return [[int(t) for t in p] for p in prompts], False
+    return [[_token_id(t) for t in prompts]], False
+  if any(isinstance(p, str) for p in prompts):
+    raise ValueError("prompts: give all text or all token-id lists, not a mix")
+  return [_ids(p) if isinstance(p, (np.ndarray, jax.Array)) else [_token_id(t) for t in p]
+          for p in prompts], False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +190,8 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: dict, wri
   cfg = model.config
   if mode not in PREFILL_MODES:
     raise ValueError(f"prefill mode must be one of {PREFILL_MODES}, got {mode!r}")
+  # Here, not in the jitted prefill, where ids and positions are no longer known.
+  check_inputs(cfg, tokens, positions, segment_ids, from_zero=False)
   iterations = cfg.forward_passes + cfg.backward_passes if iterations is None else iterations
   if not isinstance(iterations, int) or iterations < 1:
     raise ValueError(f"prefill iterations must be an integer >= 1, got {iterations!r}")
@@ -365,6 +390,23 @@ class Generator:
                        "sink=(n_sink, window)")
     return self.max_len
 
+  def _check_positions(self, lengths: np.ndarray, budget: np.ndarray) -> None:
+    """Every row's prompt and new tokens within max_position_embeddings (positions count per row
+    from its first token; a sink cache bounds them by n_sink + window)."""
+    limit = self.model.config.max_position_embeddings
+    cap = None if self.sink is None else sum(self.sink)
+    for r, (n, new) in enumerate(zip(lengths.tolist(), budget.tolist())):
+      which = "prompt" if len(lengths) == 1 else f"prompt {r}"
+      if n > limit:
+        raise ValueError(f"{which} of {n} tokens exceeds max_position_embeddings={limit}")
+      if cap is not None and min(n + new, cap) > limit:
+        raise ValueError(f"sink={self.sink}: n_sink + window = {cap} positions exceeds "
+                         f"max_position_embeddings={limit}; use a window <= {limit - self.sink[0]}")
+      if cap is None and n + new > limit:
+        raise ValueError(f"{which} of {n} tokens + max_new_tokens={new} = {n + new} positions "
+                         f"exceeds max_position_embeddings={limit}; lower max_new_tokens or use "
+                         "sink=(n_sink, window)")
+
   def start(self, prompts: Sequence[Sequence[int]], seed: int | jax.Array = 0,
             max_new_tokens: int | Sequence[int] | None = None) -> DecodeState:
     """Prefills left-padded prompts and samples each row's first token."""
@@ -377,6 +419,7 @@ class Generator:
         self.max_new_tokens if max_new_tokens is None else max_new_tokens, np.int32), (b,))
     if (budget < 1).any() or (budget > self.max_new_tokens).any():
       raise ValueError(f"max_new_tokens per row must be in 1..{self.max_new_tokens}, got {budget}")
+    self._check_positions(lengths, budget)
     if self.sink is not None:
       cache = cache_lib.init_sink_cache(cfg, b, *self.sink, dtype=self.cache_dtype)
     else:
@@ -428,6 +471,8 @@ class Generator:
     """Decodes up to `num_steps` tokens per row (default: until every row is done). `state` is
     donated: use the returned one."""
     num_steps = self.max_new_tokens if num_steps is None else num_steps
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+      raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
     graphdef, params = nnx.split(self.model)
     state, _ = _decode(graphdef, self.settings, params, state, jnp.asarray(num_steps, jnp.int32))
     return state
@@ -435,9 +480,11 @@ class Generator:
   def insert(self, state: DecodeState, row: int, new: DecodeState, new_row: int = 0
              ) -> DecodeState:
     """`state` with batch row `row` replaced by row `new_row` of `new` (from `start`)."""
-    b = state.token.shape[0]
+    b, nb = state.token.shape[0], new.token.shape[0]
     if not 0 <= row < b:
       raise ValueError(f"insert: row must be in 0..{b - 1}, got {row}")
+    if not 0 <= new_row < nb:
+      raise ValueError(f"insert: new_row must be in 0..{nb - 1}, got {new_row}")
     if self.sink is None and self.max_len is None:
       raise ValueError("insert needs a Generator with a fixed max_len (the cache length)")
     cache = cache_lib.insert_row(state.cache, row, new.cache, new_row)

@@ -13,7 +13,7 @@ import shutil
 from typing import Iterable, Mapping
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -23,13 +23,36 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
 
+def _read_json(file: str) -> dict:
+  """A JSON object from `file`; damage is one ValueError naming the file."""
+  try:
+    with open(file, encoding="utf-8") as f:
+      d = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{file} is not valid JSON ({e})") from None
+  if not isinstance(d, dict):
+    raise ValueError(f"{file}: expected a JSON object, got {type(d).__name__}")
+  return d
+
+
+def _open(file: str):
+  """`safe_open(file)`, with a damaged file reported as one ValueError naming it."""
+  try:
+    return safe_open(file, "numpy")
+  except SafetensorError as e:
+    raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
+
+
 def read_config(path: str) -> dict:
   """The parsed `config.json` of a checkpoint directory."""
+  if not os.path.isdir(path):
+    what = "is a file" if os.path.exists(path) else "does not exist"
+    raise FileNotFoundError(f"HuggingFace checkpoint {path} {what}; expected a directory with "
+                            "config.json and *.safetensors")
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"{path} is not a HuggingFace checkpoint: {cfg_path} is missing")
-  with open(cfg_path) as f:
-    return json.load(f)
+  return _read_json(cfg_path)
 
 
 class TensorReader:
@@ -43,8 +66,9 @@ class TensorReader:
     self.path = path
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
       self._file_of = {name: os.path.join(path, file) for name, file in weight_map.items()}
     else:
       files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -54,7 +78,7 @@ class TensorReader:
             "not supported: re-save with safe_serialization=True)")
       self._file_of = {}
       for file in files:
-        with safe_open(os.path.join(path, file), "numpy") as f:
+        with _open(os.path.join(path, file)) as f:
           for name in f.keys():
             self._file_of[name] = os.path.join(path, file)
     self._shapes = {}
@@ -62,7 +86,7 @@ class TensorReader:
       if not os.path.exists(file):
         raise FileNotFoundError(f"{path}: shard {os.path.basename(file)} named by {INDEX_FILE} "
                                 "is missing")
-      with safe_open(file, "numpy") as f:
+      with _open(file) as f:
         for name in f.keys():
           if self._file_of.get(name) == file:
             self._shapes[name] = tuple(f.get_slice(name).get_shape())
@@ -83,8 +107,18 @@ class TensorReader:
   def get(self, name: str) -> np.ndarray:
     if name not in self._shapes:
       raise KeyError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-    with safe_open(self._file_of[name], "numpy") as f:
-      return f.get_tensor(name)
+    with _open(self._file_of[name]) as f:
+      try:
+        return f.get_tensor(name)
+      except SafetensorError as e:
+        raise ValueError(f"{self._file_of[name]}: tensor {name!r} is unreadable ({e})") from None
+
+
+def _refuse_existing(path: str, names: Iterable[str]) -> None:
+  taken = [n for n in names if os.path.lexists(os.path.join(path, n))]
+  if taken:
+    raise FileExistsError(f"destination {path} already holds {', '.join(taken)}: choose a new "
+                          "directory")
 
 
 def write_tensors(path: str, tensors: Mapping[str, np.ndarray],
@@ -92,6 +126,7 @@ def write_tensors(path: str, tensors: Mapping[str, np.ndarray],
   """Writes `tensors` as `model.safetensors`, or as shards plus an index if they exceed the size.
 
   Returns the file names written. The metadata `{"format": "pt"}` is what transformers expects.
+  Refuses to overwrite a file.
   """
   os.makedirs(path, exist_ok=True)
   names = list(tensors)
@@ -106,16 +141,17 @@ def write_tensors(path: str, tensors: Mapping[str, np.ndarray],
     shards[-1].append(name)
     size += nbytes
   meta = {"format": "pt"}
+  files = [SINGLE_FILE] if len(shards) == 1 else [
+      f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+  _refuse_existing(path, files + ([] if len(shards) == 1 else [INDEX_FILE]))
   if len(shards) == 1:
     save_file({n: np.ascontiguousarray(tensors[n]) for n in names},
               os.path.join(path, SINGLE_FILE), metadata=meta)
     return [SINGLE_FILE]
-  files, weight_map = [], {}
-  for k, shard in enumerate(shards):
-    file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+  weight_map = {}
+  for file, shard in zip(files, shards):
     save_file({n: np.ascontiguousarray(tensors[n]) for n in shard}, os.path.join(path, file),
               metadata=meta)
-    files.append(file)
     weight_map.update({n: file for n in shard})
   with open(os.path.join(path, INDEX_FILE), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
@@ -123,10 +159,10 @@ def write_tensors(path: str, tensors: Mapping[str, np.ndarray],
 
 
 def copy_tokenizer_files(src: str, dst: str, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
-  """Copies the tokenizer files present in `src` into `dst`; returns the names copied."""
-  copied = []
-  for name in names:
-    if os.path.exists(os.path.join(src, name)):
-      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-      copied.append(name)
-  return copied
+  """Copies the tokenizer files present in `src` into `dst` (never over a file); returns the names
+  copied."""
+  present = [n for n in names if os.path.exists(os.path.join(src, n))]
+  _refuse_existing(dst, present)
+  for name in present:
+    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+  return present

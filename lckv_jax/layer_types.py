@@ -366,8 +366,8 @@ def parse_spec(spec: str, num_layers: int | None) -> LayerTypes:
 
 def main(argv: Sequence[str] | None = None) -> None:
   """`python -m lckv_jax.layer_types show LAYER_TYPES`: a text view of the attention graph."""
-  import argparse
-  parser = argparse.ArgumentParser(prog=PROG)
+  from lckv_jax import cli
+  parser = cli.ArgumentParser(prog=PROG)
   parser.add_argument("command", choices=["show"])
   parser.add_argument("layer_types", help="a layer_types string or preset name")
   parser.add_argument("--num_layers", type=int, default=None,

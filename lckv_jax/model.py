@@ -34,6 +34,56 @@ _REMAT_POLICIES = {
 }
 
 
+# -- input checks ----------------------------------------------------------------------------------
+
+
+def _concrete(x) -> bool:
+  """Whether `x` holds values, not a jit / grad / vmap tracer: checks of values then run."""
+  return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def check_inputs(config: ModelConfig, tokens, positions=None, segment_ids=None, *,
+                 from_zero: bool = True) -> None:
+  """Raises ValueError for a token id outside the vocabulary or a position past
+  `max_position_embeddings`, where JAX's gather would clamp or wrap the id without a word.
+
+  The length of a sequence with implicit positions 0..T-1 (`from_zero`) is checked statically,
+  under jit too; ids and explicit positions only when concrete (traced ones give NaN logits
+  instead, `_nan_rows`). Padding (segment id 0) is not checked.
+  """
+  vocab, limit = config.vocab_size, config.max_position_embeddings
+  if positions is None and from_zero and np.ndim(tokens) == 2 and np.shape(tokens)[1] > limit:
+    raise ValueError(f"a sequence of {np.shape(tokens)[1]} tokens exceeds "
+                     f"max_position_embeddings={limit} (positions 0..{np.shape(tokens)[1] - 1})")
+  real = (np.asarray(segment_ids) != 0) if _concrete(segment_ids) else True
+  if _concrete(tokens):
+    t = np.asarray(tokens)
+    bad = t[((t < 0) | (t >= vocab)) & real]
+    if bad.size:
+      raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab}) "
+                       f"(model.vocab_size={vocab})")
+  if _concrete(positions):
+    p = np.asarray(positions)
+    bad = p[((p < 0) | (p >= limit)) & real]
+    if bad.size:
+      raise ValueError(f"position {int(bad[0])} is outside [0, {limit}) "
+                       f"(max_position_embeddings={limit})")
+
+
+def _nan_rows(config: ModelConfig, logits_BxTxV, tokens, positions, segment_ids):
+  """NaN logits for rows holding an out-of-range token id or position (padding aside).
+
+  Concrete inputs raise in `check_inputs`; traced ones (a user's own jit) cannot, and a clamped
+  embedding would be a silently wrong answer. NaN makes the loss and a training loop's divergence
+  check fail loudly. The forward pass itself stays finite (ids are clipped before the gather),
+  so rows without a bad input keep finite gradients: `where` sends them their cotangent only.
+  """
+  vocab, limit = config.vocab_size, config.max_position_embeddings
+  ok_BxT = ((tokens >= 0) & (tokens < vocab) & (positions >= 0) & (positions < limit)) | (
+      segment_ids == 0)
+  return jnp.where(jnp.all(ok_BxT, axis=1)[:, None, None], logits_BxTxV, jnp.nan)
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -367,7 +417,8 @@ class Transformer(nnx.Module):
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
     ctx = self._context(positions, segment_ids, write_index, unpacked, contiguous)
-    h = self.embed[...].astype(cfg.compute_dtype)[tokens]
+    # Clipped, so that the pass stays finite for out-of-range ids (`_nan_rows` flags them).
+    h = self.embed[...].astype(cfg.compute_dtype)[jnp.clip(tokens, 0, cfg.vocab_size - 1)]
     states = [nnx.split(block.layers) for block in self.blocks]
     r = 0
     for seg, runs in self.segments:
@@ -383,7 +434,8 @@ class Transformer(nnx.Module):
     h = self.final_norm(h)
     head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
     logits = jnp.einsum("bte,ev->btv", h, head.astype(cfg.compute_dtype))
-    return logits.astype(jnp.float32), store
+    logits = _nan_rows(cfg, logits.astype(jnp.float32), tokens, positions, segment_ids)
+    return logits, store
 
   # -- modes -----------------------------------------------------------------------------------
 
@@ -397,7 +449,13 @@ class Transformer(nnx.Module):
       segment_ids: [batch, seq] document ids of packed sequences (0 = padding); attention never
         crosses a segment. Default: one segment.
       forward_passes, backward_passes: override the config's m and b.
+
+    Raises ValueError for a token id outside [0, vocab_size) or a position past
+    `max_position_embeddings` (`check_inputs`); under a jit of your own, where ids and positions
+    are not known, a row holding such an input gets NaN logits instead (the other rows and their
+    gradients are unaffected), so the loss is NaN rather than silently wrong.
     """
+    check_inputs(self.config, tokens, positions, segment_ids)
     if self.config.use_sequential:
       return self.sequential(tokens, positions, segment_ids)
     m = self.config.forward_passes if forward_passes is None else forward_passes
@@ -426,8 +484,12 @@ class Transformer(nnx.Module):
       fresh: the caller promises that every row's chunk starts at slot 0 of an empty cache, with
         positions 0..chunk-1 and no padding (a prefill of equal-length prompts): attention is
         then causal by index and takes the fused kernel (`config.attention_impl`).
+
+    Out-of-range token ids and positions raise when concrete, else give NaN logits in their row
+    (as in `__call__`); the cache then holds that chunk's KV of a clipped id.
     """
     cfg = self.config
+    check_inputs(cfg, tokens, positions, segment_ids, from_zero=False)
     if iterations is None:
       iterations = 1 if tokens.shape[1] == 1 else cfg.forward_passes + cfg.backward_passes
     if iterations < 1:
@@ -436,8 +498,12 @@ class Transformer(nnx.Module):
                          contiguous, last_logits, fresh)
 
   def sequential(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-    """The exact model: one token at a time, each seeing earlier tokens' KV (LCKV.md §4)."""
+    """The exact model: one token at a time, each seeing earlier tokens' KV (LCKV.md §4).
+
+    Bad token ids and positions raise or give NaN rows, as in `__call__`.
+    """
     from lckv_jax import cache as cache_lib  # the cache depends on the model config only
+    check_inputs(self.config, tokens, positions, segment_ids)
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -455,7 +521,9 @@ class Transformer(nnx.Module):
 
     xs = (jnp.arange(t), tokens.T, positions.T, segment_ids.T)
     _, logits_TxBxV = jax.lax.scan(body, cache, xs)
-    return jnp.swapaxes(logits_TxBxV, 0, 1)
+    # A bad token poisons its row's later logits too, as in the parallel mode.
+    return _nan_rows(self.config, jnp.swapaxes(logits_TxBxV, 0, 1), tokens, positions,
+                     segment_ids)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -11,10 +11,10 @@ nodes are sliding-window layers (`sw`); a shaded band is a cyclic group of the i
 
 from __future__ import annotations
 
-import argparse
 import textwrap
 from typing import Sequence
 
+from lckv_jax import cli
 from lckv_jax import layer_types as lt_lib
 
 KV_COLOR = "#d95f02"  # nodes that compute and cache KV
@@ -127,8 +127,8 @@ PROG = "python -m lckv_jax.visualize"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog=PROG,
-                                   description="Draw layer_types attention graphs side by side.")
+  parser = cli.ArgumentParser(prog=PROG,
+                              description="Draw layer_types attention graphs side by side.")
   parser.add_argument("out", help="image file to write (.png, .svg, .pdf)")
   parser.add_argument("layer_types", nargs="+", help="layer_types strings or preset names")
   parser.add_argument("--num_layers", type=int, default=None,
@@ -140,5 +140,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  from lckv_jax import cli
   cli.run(main, prog=PROG)

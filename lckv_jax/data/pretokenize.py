@@ -44,7 +44,7 @@ def pretokenize(input_spec: str, tokenizer_spec: str, output: str, text_field: s
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+  p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
   p.add_argument("--input", default="embedded",
                  help="'embedded', 'tfds:NAME[:SPLIT]' or comma-separated .txt/.jsonl/.parquet "
                       "files or globs")

@@ -67,7 +67,7 @@ def _spm_reason(e: RuntimeError) -> str:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+  p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
   p.add_argument("--input", default="embedded",
                  help="'embedded', 'tfds:NAME[:SPLIT]' or comma-separated .txt/.jsonl/.parquet "
                       "files or globs")

@@ -10,7 +10,6 @@ the continuation.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Sequence
@@ -89,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   from lckv_jax import checkpoint
   from lckv_jax.eval import lm_eval_adapter
   from lckv_jax.eval import perplexity as ppl_lib
-  p = argparse.ArgumentParser(prog=PROG)
+  p = cli.ArgumentParser(prog=PROG)
   p.add_argument("--checkpoint", required=True, help="lckv-jax model checkpoint directory")
   p.add_argument("--tasks", action="append", required=True, help="a JSONL task file (repeatable)")
   p.add_argument("--delimiter", default=" ")

@@ -22,7 +22,6 @@ defaults unless given), or the exact token-by-token mode with `sequential=True`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -270,7 +269,7 @@ def _check_flags(args, config) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
   from lckv_jax import checkpoint
   from lckv_jax.eval import lm_eval_adapter
-  p = argparse.ArgumentParser(prog=PROG)
+  p = cli.ArgumentParser(prog=PROG)
   p.add_argument("--checkpoint", required=True, help="lckv-jax model checkpoint directory")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--text_file", help="a UTF-8 text file, tokenized with the checkpoint's tokenizer")
