@@ -69,9 +69,6 @@ class Trainer:
                                           config.document_mask)
     self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, rep), donate_argnums=0)
-    # Compile the train step in the background while the parameters are made or restored: the
-    # first step of a 1B model then comes ~15 s sooner (XLA compiles without holding the GIL).
-    self._compiled_step = concurrent.futures.ThreadPoolExecutor(1).submit(self._compile_step)
     self.eval_step = jax.jit(step_lib.make_eval_step(self.model_config, config.document_mask),
                              in_shardings=(param_sh, self.batch_sharding), out_shardings=rep)
     self.is_main = jax.process_index() == 0
@@ -79,6 +76,7 @@ class Trainer:
     self.flops_per_token = flops.flops_per_token(self.model_config, config.seq_len)
     self.peak = flops.peak_flops_per_device(config.peak_tflops_per_device)
     self.stop_signal = None  # the signal that stopped the last train() (SIGTERM, SIGINT) or None
+    self._compiled_step = None  # a Future of the compiled train step, made by the first train()
 
   def _compile_step(self):
     k = self.grad_accum
@@ -93,19 +91,7 @@ class Trainer:
     """Fresh state: random parameters, or those of a model checkpoint (`lckv_jax.checkpoint`)."""
     if init_from:
       from lckv_jax import checkpoint
-      loaded = checkpoint.load_config(init_from)
-      diff = {f: (getattr(loaded, f), getattr(self.model_config, f))
-              for f in loaded.__dataclass_fields__
-              if getattr(loaded, f) != getattr(self.model_config, f)}
-      shaped = {f: ab for f, ab in diff.items() if f in _SHAPE_FIELDS}
-      if shaped:  # the parameters would not fit: name the fields and the flags that match
-        raise UserError(
-            f"--init_from={init_from} has other parameter shapes than config.model: "
-            + ", ".join(f"{f}={a!r} (run: {b!r})" for f, (a, b) in sorted(shaped.items()))
-            + "; to start from it pass " + " ".join(
-                f"--config.model.{f}={a}" for f, (a, _) in sorted(shaped.items())))
-      if diff:  # other fields (passes, dtype, kernels) follow the run's config
-        logging.warning("init_from %s: config fields differ (checkpoint, run): %s", init_from, diff)
+      self._check_init_from(init_from)
       model = checkpoint.load_model(init_from, **{
           f: getattr(self.model_config, f)
           for f in ("dtype", "forward_passes", "backward_passes", "scan_layers")})
@@ -117,6 +103,23 @@ class Trainer:
     opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
     return {"params": params, "opt_state": opt_state, "step": step}
+
+  def _check_init_from(self, init_from: str) -> None:
+    """Refuses a model checkpoint whose parameters have other shapes, naming the fields."""
+    from lckv_jax import checkpoint
+    loaded = checkpoint.load_config(init_from)
+    diff = {f: (getattr(loaded, f), getattr(self.model_config, f))
+            for f in loaded.__dataclass_fields__
+            if getattr(loaded, f) != getattr(self.model_config, f)}
+    shaped = {f: ab for f, ab in diff.items() if f in _SHAPE_FIELDS}
+    if shaped:  # the parameters would not fit: name the fields and the flags that match
+      raise UserError(
+          f"--init_from={init_from} has other parameter shapes than config.model: "
+          + ", ".join(f"{f}={a!r} (run: {b!r})" for f, (a, b) in sorted(shaped.items()))
+          + "; to start from it pass " + " ".join(
+              f"--config.model.{f}={a}" for f, (a, _) in sorted(shaped.items())))
+    if diff:  # other fields (passes, dtype, kernels) follow the run's config
+      logging.warning("init_from %s: config fields differ (checkpoint, run): %s", init_from, diff)
 
   def device_batch(self, batch: dict, micro_batches: int | None = None) -> dict:
     """Host rows [batch, seq] -> global arrays [micro_batches, batch/micro_batches, seq]."""
@@ -172,14 +175,22 @@ class Trainer:
     try:
       restored = ckpt.restore(self.abstract_state, lambda saved: check_resume(
           saved, cfg, f"the checkpoint in {ckpt.directory}"))
-    except Exception:
+      if restored is None and init_from:
+        self._check_init_from(init_from)  # before the compile below, which an exit waits for
+      if self._compiled_step is None:
+        # Compiled in the background while the parameters are made: the first step of
+        # configs/1b.py on an H200 comes 9 s sooner (XLA compiles without holding the GIL).
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        self._compiled_step = pool.submit(self._compile_step)
+        pool.shutdown(wait=False)  # the compile runs on; the pool takes nothing more
+      if restored is None:
+        state, start, data_state = self.init_state(init_from), 0, {"step": 0}
+      else:
+        start, state, data_state = restored
+        logging.info("resumed from step %d of %s", start, ckpt.directory)
+    except BaseException:
       ckpt.close()
       raise
-    if restored is None:
-      state, start, data_state = self.init_state(init_from), 0, {"step": 0}
-    else:
-      start, state, data_state = restored
-      logging.info("resumed from step %d of %s", start, ckpt.directory)
     it = StepIterator(self.data.train)
     it.set_state(data_state)
     stop = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
@@ -234,8 +245,8 @@ class Trainer:
         if pbar is not None:
           pbar.write(f"step {n}: eval_loss {ev['eval_loss']:.4f}, eval_ppl {ev['eval_ppl']:.2f}")
 
-    train_step = self._compiled_step.result() if start < stop else None
     try:
+      train_step = self._compiled_step.result() if start < stop else None
       step = start
       while step < stop:
         batch = self.device_batch(next(it))
