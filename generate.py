@@ -5,7 +5,8 @@
 
 A checkpoint is a directory written by `lckv_jax.checkpoint.save_model` (training exports, or
 `python -m lckv_jax.convert from-hf SRC DST`). The tokenizer is the HF tokenizer saved in the
-checkpoint directory if there is one, else UTF-8 bytes (models with a vocabulary of >= 256).
+checkpoint directory (train.py --export_model writes it there), else UTF-8 bytes for a model with
+a vocabulary of 256.
 """
 
 from __future__ import annotations
@@ -21,13 +22,31 @@ _NO_CHECKPOINT = (
     "`python train.py --config=configs/tiny.py --workdir=W --export_model=DIR` or "
     "`python -m lckv_jax.convert from-hf SRC DIR`")
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+class _PromptTokenizer:
+  """A training tokenizer (lckv_jax.data.tokenizer) that starts prompts with BOS, as training
+  started documents (`data.add_bos`), and returns plain lists of ids."""
+
+  def __init__(self, tok):
+    self.tok, self.eos_id = tok, tok.eos_id
+
+  def encode(self, text):
+    ids = [int(i) for i in self.tok.encode(text)]
+    return ([self.tok.bos_id] if self.tok.bos_id is not None else []) + ids
+
+  def decode(self, ids):
+    return self.tok.decode(ids)
+
+
 def load_tokenizer(checkpoint: str, vocab_size: int):
-  """The checkpoint's HF tokenizer if saved beside it, else bytes (vocab >= 256), else an error."""
-  if any(os.path.exists(os.path.join(checkpoint, f)) for f in _TOKENIZER_FILES):
+  """The tokenizer saved beside the checkpoint: a HuggingFace one (from `convert from-hf`, with
+  tokenizer_config.json) through transformers; one exported by train.py (tokenizer.model,
+  tokenizer.json or vocab.json + merges.txt) through lckv_jax; bytes only for a 256-token model."""
+  has = lambda f: os.path.exists(os.path.join(checkpoint, f))
+  if has("tokenizer_config.json"):
     try:
       import transformers
     except ImportError:
@@ -38,10 +57,19 @@ def load_tokenizer(checkpoint: str, vocab_size: int):
     except Exception as e:  # noqa: BLE001 - tokenizers raise bare Exceptions on damaged files
       raise cli.UserError(f"{checkpoint}: cannot load the tokenizer saved there "
                           f"({cli.one_line(e)})") from e
+  if any(has(f) for f in _TOKENIZER_FILES):
+    from lckv_jax.data.tokenizer import load_tokenizer as load_training_tokenizer
+    tok = load_training_tokenizer(checkpoint)
+    if tok.vocab_size > vocab_size:
+      raise cli.UserError(f"the tokenizer in {checkpoint} has {tok.vocab_size} tokens but the "
+                          f"model only {vocab_size}: they do not belong together")
+    return _PromptTokenizer(tok)
   from lckv_jax.generation import ByteTokenizer
-  if vocab_size < 256:
-    raise cli.UserError(f"no tokenizer in {checkpoint} and the vocabulary ({vocab_size}) is too "
-                        "small for the byte-level fallback (needs >= 256)")
+  if vocab_size != ByteTokenizer.vocab_size:  # bytes into a 32k model: fluent-looking nonsense
+    raise cli.UserError(
+        f"no tokenizer in {checkpoint} (tokenizer.model, tokenizer.json, vocab.json) and "
+        f"model.vocab_size={vocab_size} is not the byte vocabulary (256): copy the tokenizer "
+        "the model was trained with into that directory (train.py --export_model does)")
   return ByteTokenizer()
 
 

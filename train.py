@@ -131,7 +131,10 @@ def _export(trainer, state, path: str) -> None:
   params_state.replace_by_pure_dict(state["params"])
   nnx.update(model, params_state)
   checkpoint.save_model(path, model)
-  print(f"exported the model to {path}")
+  from lckv_jax.data.tokenizer import save_tokenizer
+  files = save_tokenizer(trainer.data.tokenizer, path)  # generate.py decodes with the same ids
+  print(f"exported the model to {path}" + (f" with its tokenizer ({', '.join(files)})"
+                                           if files else " (byte-level: no tokenizer file)"))
 
 
 def main(argv):

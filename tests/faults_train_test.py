@@ -323,3 +323,45 @@ def test_train_py_divergence_exits_3_naming_the_step(tmp_path):
   err = [line for line in out.stderr.splitlines() if "error:" in line]
   assert len(err) == 1 and "training diverged at step" in err[0], out.stderr[-3000:]
   assert _steps(str(tmp_path)) == []  # the first step overflowed: nothing non-finite saved
+
+
+def test_an_exported_model_carries_its_tokenizer_and_bytes_never_stand_in(tmp_path):
+  sys.path.insert(0, ROOT)
+  import generate as generate_py
+  from lckv_jax.data.tokenizer import ByteTokenizer, load_tokenizer, save_tokenizer
+  from lckv_jax.eval import lm_eval_adapter
+  tok = load_tokenizer("kjv-bpe-32k")
+  assert save_tokenizer(tok, str(tmp_path)) == ["tokenizer.model"]
+  assert save_tokenizer(ByteTokenizer(), str(tmp_path)) == []
+  text = "And God said, Let there be light: and there was light."
+  ids = [int(i) for i in tok.encode(text)]
+  loaded = generate_py.load_tokenizer(str(tmp_path), 32000)
+  assert loaded.encode(text) == [tok.bos_id] + ids  # prompts start as training documents did
+  assert loaded.decode(ids) == text and loaded.eos_id == tok.eos_id
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  # A 32,000-token model without its tokenizer: an error, never UTF-8 bytes in its place.
+  with pytest.raises(cli.UserError, match="model.vocab_size=32000 is not the byte vocabulary"):
+    generate_py.load_tokenizer(str(empty), 32000)
+  with pytest.raises(FileNotFoundError, match="model.vocab_size=32000 is not the byte vocab"):
+    lm_eval_adapter.load_tokenizer(str(empty), vocab_size=32000)
+  assert isinstance(generate_py.load_tokenizer(str(empty), 256), ByteTokenizer)
+
+
+def test_train_export_then_generate_end_to_end(tmp_path):
+  export = tmp_path / "model"
+  out = _train_py(f"--workdir={tmp_path / 'wd'}", "--config.model.hidden_size=32",
+                  "--config.model.num_heads=4", "--config.model.intermediate_size=64",
+                  "--config.data.max_documents=20", "--config.progress_bar=False",
+                  "--max_steps=3", f"--export_model={export}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"exported the model to {export}" in out.stdout
+  gen = subprocess.run([sys.executable, "generate.py", f"--checkpoint={export}",
+                        "--prompt=In the beginning", "--max_new_tokens=4"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=240)
+  assert gen.returncode == 0, gen.stderr[-3000:]
+  assert gen.stdout.startswith("In the beginning")
+  # The same export target again is refused before any training.
+  again = _train_py(f"--workdir={tmp_path / 'wd2'}", f"--export_model={export}")
+  assert again.returncode == cli.EXIT_USER_ERROR and "already exists" in again.stderr
+  assert not os.path.exists(tmp_path / "wd2" / "checkpoints")

@@ -36,6 +36,7 @@ class ByteTokenizer:
 class SentencePieceTokenizer:
 
   def __init__(self, path: str):
+    self.path = path
     try:
       import sentencepiece as spm
     except ImportError:
@@ -77,6 +78,7 @@ class HFTokenizer:
   """A HuggingFace `tokenizers.Tokenizer`: from a tokenizer.json `path`, or given as `tok`."""
 
   def __init__(self, path: str, tok=None):
+    self.path = path
     if tok is None:
       try:
         tok = _import_tokenizers(path).Tokenizer.from_file(path)
@@ -106,7 +108,9 @@ def gpt2_bpe_tokenizer(vocab_path: str, merges_path: str) -> HFTokenizer:
   tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vocab_path, merges_path))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
-  return HFTokenizer(vocab_path, tok)
+  out = HFTokenizer(vocab_path, tok)
+  out.merges_path = merges_path
+  return out
 
 
 # Tokenizers that ship with the package, by name (data.tokenizer='kjv-bpe-32k').
@@ -178,3 +182,22 @@ def check_vocab(tokenizer, model_vocab_size: int, spec: str | None = None) -> No
         f"data.tokenizer={spec or 'byte'!r} has {tokenizer.vocab_size} tokens but "
         f"model.vocab_size={model_vocab_size}; set --config.model.vocab_size="
         f"{tokenizer.vocab_size} (or larger)")
+
+
+def save_tokenizer(tokenizer, directory: str) -> list[str]:
+  """Writes the files that `load_tokenizer(directory)` reads back as `tokenizer` (none for bytes,
+  the fallback of a 256-token model); returns their names. A model exported with its tokenizer is
+  then decoded with the ids it was trained on, never with another tokenizer's."""
+  import shutil
+  if isinstance(tokenizer, ByteTokenizer):
+    return []
+  src = tokenizer.path
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    pairs = [(src, "tokenizer.model")]
+  elif getattr(tokenizer, "merges_path", None):  # GPT-2 BPE
+    pairs = [(src, "vocab.json"), (tokenizer.merges_path, "merges.txt")]
+  else:
+    pairs = [(src, "tokenizer.json")]
+  for a, name in pairs:
+    shutil.copyfile(a, os.path.join(directory, name))
+  return [name for _, name in pairs]

@@ -66,7 +66,8 @@ def checkpoint_dir(path: str, flag: str = "path") -> str:
   return full
 
 
-def load_tokenizer(path: str, required: bool = False, flag: str = "tokenizer"):
+def load_tokenizer(path: str, required: bool = False, flag: str = "tokenizer",
+                   vocab_size: int | None = None):
   """The tokenizer of a checkpoint directory, or of a tokenizer file or directory.
 
   transformers' AutoTokenizer, else lckv_jax's own loader (SentencePiece .model, tokenizer.json,
@@ -82,6 +83,12 @@ def load_tokenizer(path: str, required: bool = False, flag: str = "tokenizer"):
     if required:
       raise FileNotFoundError(f"{flag}={path!r} holds no tokenizer files "
                               f"({' or '.join(_TOKENIZER_FILES)})")
+    if vocab_size is not None and vocab_size != 256:  # bytes into a 32k model: wrong numbers
+      raise FileNotFoundError(
+          f"{flag}={path!r} holds no tokenizer files ({' or '.join(_TOKENIZER_FILES)}) and "
+          f"model.vocab_size={vocab_size} is not the byte vocabulary (256): copy the model's "
+          "tokenizer there (train.py --export_model does), or score bytes on purpose with "
+          "--byte_tokenizer")
     log.warning("%s has no tokenizer files; using UTF-8 bytes as tokens", path)
     return ByteTokenizer()
   reasons = []
@@ -190,7 +197,8 @@ class LCKVEvalModel:
     from lckv_jax import checkpoint
     path = checkpoint_dir(path, flag)
     if tokenizer is None:
-      tokenizer = load_tokenizer(path, flag=flag)
+      tokenizer = load_tokenizer(path, flag=flag,
+                                 vocab_size=checkpoint.load_config(path).vocab_size)
     model = checkpoint.load_model(path, **({"dtype": dtype} if dtype else {}))
     return cls(model, tokenizer, **kwargs)
 

@@ -246,7 +246,8 @@ def _read_tokens(args, checkpoint_dir: str, vocab_size: int) -> np.ndarray:
     name = where = f"--tokens={args.tokens!r}"
   else:
     tok = (lm_eval_adapter.ByteTokenizer() if args.byte_tokenizer
-           else lm_eval_adapter.load_tokenizer(checkpoint_dir, flag="--checkpoint"))
+           else lm_eval_adapter.load_tokenizer(checkpoint_dir, flag="--checkpoint",
+                                               vocab_size=vocab_size))
     tokens = np.asarray(tok.encode(sources.read_text(args.text_file)), np.int64)
     name, where = args.text_file, f"{args.text_file} (tokenized)"
   if len(tokens) < 2:
