@@ -85,8 +85,9 @@ _INIT_FROM = flags.DEFINE_string("init_from", None, "Start from the parameters o
                                  "checkpoint (lckv_jax.checkpoint format, e.g. converted from HF); "
                                  "ignored when the workdir already has a checkpoint.")
 _EXPORT = flags.DEFINE_string("export_model", None, "After training, also write the parameters "
-                              "as a model checkpoint (lckv_jax.checkpoint format) to this dir "
-                              "(must not exist yet, or be empty).")
+                              "and the tokenizer as a model checkpoint (lckv_jax.checkpoint "
+                              "format) to this dir (must not exist yet, or be empty). Default: "
+                              "<workdir>/model once the run reaches config.steps.")
 flags.DEFINE_bool("debug", False, "Show tracebacks of user errors (or set LCKV_DEBUG=1).")
 
 
@@ -179,9 +180,45 @@ def main(argv):
     print(f"stopped by signal {trainer.stop_signal} at step {int(state['step'])} after saving a "
           f"checkpoint; run the same command to resume (exit code {code})", file=sys.stderr)
     return code
-  if _EXPORT.value:
-    _export(trainer, state, _EXPORT.value)
+  export = _EXPORT.value
+  if not export and int(state["step"]) >= config.steps:  # a finished run ends with a model
+    export = os.path.join(trainer.workdir, "model")
+    if os.path.exists(export):
+      print(f"{export} exists (exported when this run first finished); not written again")
+    else:
+      _export(trainer, state, export)
+  elif export:
+    _export(trainer, state, export)
+  print(_summary(trainer, state, history, export))
   return 0
+
+
+def _summary(trainer, state, history, export) -> str:
+  """What the run did, where its outputs are, and the commands to run next."""
+  wd, step = trainer.workdir, int(state["step"])
+  last = next((h for h in reversed(history) if "loss" in h), None)
+  ev = next((h for h in reversed(history) if "eval_loss" in h), None)
+  done = f"done: step {step} of {trainer.config.steps}"
+  if last:
+    done += f", loss {last['loss']:.4f}"
+  if ev:
+    done += f", held-out loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}"
+  evaluate = " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv, "--mode=evaluate"])
+  lines = [done,
+           f"  checkpoints  {wd}/checkpoints (the same command resumes; a larger "
+           "--config.steps goes on)",
+           f"  metrics      {wd}/metrics.jsonl; TensorBoard: tensorboard --logdir {wd}/tensorboard"
+           " (pip install tensorboard)"]
+  if export:
+    lines += [f"  model        {export}",
+              "next:",
+              f"  python generate.py --checkpoint={export} --prompt='In the beginning'",
+              f"  python -m lckv_jax.eval.perplexity --checkpoint={export} --text_file=FILE",
+              f"  {evaluate}"]
+  else:
+    lines += ["next:", f"  {evaluate}",
+              "  add --export_model=DIR (or run to config.steps) for a model that generate.py reads"]
+  return "\n".join(lines)
 
 
 def _main(argv):

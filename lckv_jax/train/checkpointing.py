@@ -82,6 +82,12 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def has_steps(workdir: str) -> bool:
+  """Whether `<workdir>/checkpoints` holds a step (readable or not)."""
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3):

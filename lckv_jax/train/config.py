@@ -233,7 +233,12 @@ def check_resume(saved: dict, config: ml_collections.ConfigDict, where: str = "t
     more = f" (also changed: {', '.join(others)})" if others else ""
     raise ValueError(f"config.{k}={b!r} but {where} was trained with {k}={a!r}{more}; resume "
                      "with the saved value or start in a new --workdir")
-  if model_only:
+  if model_only:  # evaluating: the model must match; other data is allowed but said aloud
+    data = {k: ov for k, ov in changed.items() if k.startswith("data.")}
+    if data:
+      logging.warning("scoring %s on other data than it was trained on (saved -> now): %s; pass "
+                      "the training run's data flags to score its own held-out split", where,
+                      ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(data.items())))
     return
   if "steps" in changed:
     a, b = changed.pop("steps")

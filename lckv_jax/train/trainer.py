@@ -171,12 +171,12 @@ class Trainer:
   def _train(self, max_steps, init_from):
     cfg = self.config
     self.stop_signal = None
+    if init_from and not checkpointing.has_steps(self.workdir):
+      self._check_init_from(init_from)  # before anything is written, or compiled in background
     ckpt = checkpointing.Checkpointer(self.workdir, cfg.checkpoint.keep)
     try:
       restored = ckpt.restore(self.abstract_state, lambda saved: check_resume(
           saved, cfg, f"the checkpoint in {ckpt.directory}"))
-      if restored is None and init_from:
-        self._check_init_from(init_from)  # before the compile below, which an exit waits for
       if self._compiled_step is None:
         # Compiled in the background while the parameters are made: the first step of
         # configs/1b.py on an H200 comes 9 s sooner (XLA compiles without holding the GIL).
