@@ -217,7 +217,8 @@ def _summary(trainer, state, history, export) -> str:
               f"  {evaluate}"]
   else:
     lines += ["next:", f"  {evaluate}",
-              "  add --export_model=DIR (or run to config.steps) for a model that generate.py reads"]
+              "  add --export_model=DIR (or run to config.steps) for a model that generate.py "
+              "reads"]
   return "\n".join(lines)
 
 

@@ -139,7 +139,7 @@ def _number(config, name: str, low: float | None = None, high: float | None = No
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the train sections; raises ValueError naming the field, the value and what is allowed."""
+  """Checks the train sections; a ValueError names the field, the value and what is allowed."""
   for name in ("steps", "batch_size", "seq_len", "log_every"):
     _number(config, name, 1, integer=True)
   for name in ("grad_accum", "micro_batch_per_device", "eval_every", "seed", "checkpoint.every",
