@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from lckv_jax import hf as hf_io
 from lckv_jax.config import ModelConfig
 from lckv_jax.model import Transformer, relayout
 
@@ -118,14 +119,7 @@ def load_config(path: str) -> ModelConfig:
   path = os.path.abspath(path)
   _check_model_dir(path)
   cfg_path = os.path.join(path, CONFIG_FILE)
-  try:
-    with open(cfg_path, encoding="utf-8") as f:
-      d = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{cfg_path} is not valid JSON ({e}): the checkpoint is damaged") from None
-  if not isinstance(d, dict):
-    raise ValueError(f"{cfg_path}: expected a JSON object of ModelConfig fields, got "
-                     f"{type(d).__name__}")
+  d = hf_io.read_json(cfg_path)
   try:
     return config_from_dict(d)
   except (TypeError, ValueError) as e:

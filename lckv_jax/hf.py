@@ -23,7 +23,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
 
-def _read_json(file: str) -> dict:
+def read_json(file: str) -> dict:
   """A JSON object from `file`; damage is one ValueError naming the file."""
   try:
     with open(file, encoding="utf-8") as f:
@@ -52,7 +52,7 @@ def read_config(path: str) -> dict:
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"{path} is not a HuggingFace checkpoint: {cfg_path} is missing")
-  return _read_json(cfg_path)
+  return read_json(cfg_path)
 
 
 class TensorReader:
@@ -66,7 +66,7 @@ class TensorReader:
     self.path = path
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-      weight_map = _read_json(index).get("weight_map")
+      weight_map = read_json(index).get("weight_map")
       if not isinstance(weight_map, dict):
         raise ValueError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
       self._file_of = {name: os.path.join(path, file) for name, file in weight_map.items()}

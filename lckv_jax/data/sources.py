@@ -85,15 +85,20 @@ def _read_txt(path: str) -> list[str]:
   return [d for d in text.replace("\f", "\n\n\n\n").split("\n\n\n\n") if d.strip()]
 
 
-def _read_jsonl(path: str, text_field: str) -> list[str]:
-  docs = []
+def read_jsonl(path: str) -> Iterator[tuple[int, object]]:
+  """(line number from 1, parsed value) of each non-blank line; bad JSON names the line."""
   for n, line in read_lines(path):
     if not line.strip():
       continue
     try:
-      row = json.loads(line)
+      yield n, json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def _read_jsonl(path: str, text_field: str) -> list[str]:
+  docs = []
+  for n, row in read_jsonl(path):
     if not isinstance(row, dict) or text_field not in row:
       raise ValueError(f"{path}:{n}: no field data.text_field={text_field!r}")
     text = row[text_field]

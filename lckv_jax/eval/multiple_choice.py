@@ -24,15 +24,9 @@ _FIELDS = ("context", "choices", "label")
 
 def load_task(path: str) -> list[dict]:
   """Reads and validates a JSONL task file; errors name the line and the field."""
-  from lckv_jax.data.sources import read_lines
+  from lckv_jax.data.sources import read_jsonl
   examples = []
-  for n, line in read_lines(path):
-    if not line.strip():
-      continue
-    try:
-      ex = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+  for n, ex in read_jsonl(path):
     examples.append(_check_example(ex, f"{path}:{n}"))
   if not examples:
     raise ValueError(f"no examples in {path}: give JSON lines {{\"context\": str, \"choices\": "
