@@ -84,10 +84,10 @@ def smoke_model(seed: int = 0, std: float = 0.1) -> Transformer:
   params = nnx.state(model, nnx.Param)
   # Drawn with numpy: compiling JAX's initialisers takes seconds on a CPU.
   rng = np.random.RandomState(seed)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params.to_pure_dict())
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
   new = [jnp.asarray((1.0 if "scale" in jax.tree_util.keystr(p) else 0.0)
                      + std * rng.standard_normal(x.shape), x.dtype) for p, x in leaves]
-  params.replace_by_pure_dict(jax.tree_util.tree_unflatten(treedef, new))
+  nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, new))
   nnx.update(model, params)
   return model
 
@@ -113,7 +113,7 @@ def train_model(steps: int, workdir: str | None, m: int = 7, b: int = 2
   evals = [h for h in history if "eval_loss" in h]
   model = abstract_model(trainer.model_config)
   params = nnx.state(model, nnx.Param)
-  params.replace_by_pure_dict(jax.device_get(state["params"]))
+  nnx.replace_by_pure_dict(params, jax.device_get(state["params"]))
   nnx.update(model, params)
   log = dict(config="configs/tiny.py", forward_passes=m, backward_passes=b, steps=steps,
              workdir=workdir, final_loss=losses[-1] if losses else None,

@@ -82,7 +82,7 @@ def save_model(path: str, model: Transformer) -> None:
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_FILE), "x") as f:
     json.dump(config_to_dict(model.config), f, indent=2)
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, PARAMS_DIR), params)
 
@@ -222,10 +222,10 @@ def load_model(path: str, **overrides) -> Transformer:
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        nnx.state(abstract, nnx.Param).to_pure_dict())
+                        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
   params = _restore(path, target, overrides)
   param_state = nnx.state(abstract, nnx.Param)
-  param_state.replace_by_pure_dict(params)
+  nnx.replace_by_pure_dict(param_state, params)
   model = nnx.merge(graphdef, state)
   nnx.update(model, param_state)
   return relayout(model, scan_layers, free_source=True)

@@ -548,12 +548,12 @@ def relayout(model: Transformer, scan_layers: bool, *, free_source: bool = False
                                                 rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   params = nnx.state(abstract, nnx.Param)
-  new = params.to_pure_dict()
-  new.update({k: v for k, v in nnx.state(model, nnx.Param).to_pure_dict().items()
+  new = nnx.to_pure_dict(params)
+  new.update({k: v for k, v in nnx.to_pure_dict(nnx.state(model, nnx.Param)).items()
               if k != "blocks"})
   host = {}
   if free_source:
-    host = {i: jax.tree.map(np.asarray, model.layer_params(i).to_pure_dict())
+    host = {i: jax.tree.map(np.asarray, nnx.to_pure_dict(model.layer_params(i)))
             for i in range(cfg.num_layers)}
     for block in model.blocks:
       for x in jax.tree.leaves(nnx.state(block, nnx.Param)):
@@ -561,14 +561,14 @@ def relayout(model: Transformer, scan_layers: bool, *, free_source: bool = False
 
   def layer(i):
     return host.pop(i) if free_source else jax.tree.map(
-        np.asarray, model.layer_params(i).to_pure_dict())
+        np.asarray, nnx.to_pure_dict(model.layer_params(i)))
 
   for r, run in enumerate(abstract.runs):
     for o in range(run.period):
       per_layer = [layer(run.layer(b, o)) for b in range(run.num_blocks)]
       new["blocks"][r]["layers"][o] = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)),
                                                    *per_layer)
-  params.replace_by_pure_dict(new)
+  nnx.replace_by_pure_dict(params, new)
   out = nnx.merge(graphdef, state)
   nnx.update(out, params)
   return out

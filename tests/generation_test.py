@@ -28,11 +28,11 @@ def make(seed=0, std=0.1, **kw):
   """A random tiny model with weights large enough that every path moves the output."""
   model = Transformer(ModelConfig(**{**TINY, **kw}), rngs=nnx.Rngs(seed))
   params = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params.to_pure_dict())
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   new = [(1.0 if "scale" in jax.tree_util.keystr(p) else 0.0)
          + std * jax.random.normal(k, x.shape, x.dtype) for (p, x), k in zip(leaves, keys)]
-  params.replace_by_pure_dict(jax.tree_util.tree_unflatten(treedef, new))
+  nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, new))
   nnx.update(model, params)
   return model
 

@@ -19,14 +19,14 @@ def make(seed=0, std=0.1, **kw):
   cfg = ModelConfig(**{**TINY, **kw})
   model = Transformer(cfg, rngs=nnx.Rngs(seed))
   # Larger-than-default random weights (norm scales near 1) so every path moves the output.
-  state = nnx.state(model, nnx.Param).to_pure_dict()
+  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   new = [(1.0 if "scale" in jax.tree_util.keystr(path) else 0.0)
          + std * jax.random.normal(key, x.shape, x.dtype)
          for (path, x), key in zip(leaves, keys)]
   params = nnx.state(model, nnx.Param)
-  params.replace_by_pure_dict(jax.tree_util.tree_unflatten(treedef, new))
+  nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, new))
   nnx.update(model, params)
   return model
 
@@ -154,7 +154,7 @@ def test_gradients_flow_through_exactly_the_last_b_iterations(m, b):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for i in range(model.config.num_layers):
     r, blk, o = model.layer_location(i)
-    got = jax.tree.map(lambda x: x[blk], grads.blocks[r].layers[o]).to_pure_dict()
+    got = nnx.to_pure_dict(jax.tree.map(lambda x: x[blk], grads.blocks[r].layers[o]))
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=2e-4),
                  got, ref["layers"][i])
   np.testing.assert_allclose(grads.embed[...], ref["embed"], atol=1e-6, rtol=2e-4)
@@ -214,7 +214,7 @@ def test_scan_layers_does_not_change_the_function():
   plain.final_norm.scale[...] = scanned.final_norm.scale[...]
   plain.lm_head[...] = scanned.lm_head[...]
   for i in range(6):
-    plain.set_layer_params(i, scanned.layer_params(i).to_pure_dict())
+    plain.set_layer_params(i, nnx.to_pure_dict(scanned.layer_params(i)))
   toks = tokens()
   np.testing.assert_allclose(forward(plain, toks), forward(scanned, toks), atol=1e-6)
 
@@ -264,7 +264,7 @@ def test_first_token_of_a_diagonal_masked_layer_sees_nothing():
   toks = tokens(length=5)
   before = forward(model, toks)
   for i in range(4):
-    p = model.layer_params(i).to_pure_dict()
+    p = nnx.to_pure_dict(model.layer_params(i))
     p["attn"]["o_proj"] = p["attn"]["o_proj"] * 3.0
     model.set_layer_params(i, p)
   after = forward(model, toks)

@@ -18,7 +18,7 @@ def extract_params(model) -> dict:
   cfg = model.config
   layers = []
   for i in range(cfg.num_layers):
-    lp = model.layer_params(i).to_pure_dict()
+    lp = nnx.to_pure_dict(model.layer_params(i))
     layers.append(lp)
   p = {"embed": model.embed[...], "final_norm": model.final_norm.scale[...], "layers": layers}
   if not cfg.tie_word_embeddings:

@@ -100,8 +100,8 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules=None) -> P:
 
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules=None) -> dict:
   """Pure dict of NamedShardings for the Param state of a model (abstract or concrete)."""
-  logical = nnx.get_partition_spec(abstract_params).to_pure_dict()
-  shapes = abstract_params.to_pure_dict()
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+  shapes = nnx.to_pure_dict(abstract_params)
   return jax.tree.map(
       lambda spec, x: NamedSharding(mesh, logical_to_spec(tuple(spec), x.shape, mesh, rules)),
       logical, shapes, is_leaf=lambda x: isinstance(x, P))
