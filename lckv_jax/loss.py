@@ -19,7 +19,9 @@ def next_token_loss(logits_BxTxV, tokens_BxT, loss_mask_BxT=None, z_loss: float 
     segment_ids_BxT: packed document ids; a target in another document than its context (the
       first token of each document) and padding targets (id 0) are not predicted.
   Returns:
-    (loss, metrics) with metrics {'loss', 'z_loss', 'tokens'}: 'loss' is the cross-entropy alone.
+    (loss, metrics) with metrics {'loss', 'log_z_sq', 'tokens'}: 'loss' is the cross-entropy alone;
+    'log_z_sq' is mean(log(Z)^2), what the z-loss weighs (reported whatever the weight, since a
+    growing normaliser is worth watching even with z_loss=0).
   """
   logits = logits_BxTxV[:, :-1].astype(jnp.float32)
   targets = tokens_BxT[:, 1:]
@@ -35,4 +37,4 @@ def next_token_loss(logits_BxTxV, tokens_BxT, loss_mask_BxT=None, z_loss: float 
   count = jnp.maximum(mask.sum(), 1.0)
   ce = (nll * mask).sum() / count
   zl = (jnp.square(log_z) * mask).sum() / count
-  return ce + z_loss * zl, {"loss": ce, "z_loss": zl, "tokens": mask.sum()}
+  return ce + z_loss * zl, {"loss": ce, "log_z_sq": zl, "tokens": mask.sum()}

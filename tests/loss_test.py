@@ -40,6 +40,11 @@ def test_loss_mask_and_z_loss():
   log_z = np.asarray(jax.nn.logsumexp(logits[:, :-1], -1))
   zl = (log_z ** 2 * np.asarray(mask[:, 1:])).sum() / np.asarray(mask[:, 1:]).sum()
   np.testing.assert_allclose(loss, m["loss"] + 1e-2 * zl, rtol=1e-5)
+  # The metric is named for what it measures: it is reported whatever the z-loss weight.
+  np.testing.assert_allclose(m["log_z_sq"], zl, rtol=1e-5)
+  _, m0 = next_token_loss(logits, tokens, mask)
+  np.testing.assert_allclose(m0["log_z_sq"], zl, rtol=1e-5)
+  assert "z_loss" not in m0
 
 
 def test_float32_even_for_bf16_logits():

@@ -1,6 +1,6 @@
 """The jitted train and eval steps over pure-dict parameters.
 
-Parameters are a pure dict (`nnx.State.to_pure_dict()`); the model is rebuilt inside the step
+Parameters are a pure dict (`nnx.to_pure_dict(state)`); the model is rebuilt inside the step
 from an abstract template (`nnx.eval_shape`), so nothing concrete is closed over. A batch is
 `{'tokens', 'positions', 'segment_ids'}` of shape [micro_batches, batch, seq]: micro-batches
 are scanned and their gradients summed weighted by predicted tokens, so k micro-batches give the
@@ -29,7 +29,7 @@ def init_params(config: ModelConfig, seed: int, shardings=None) -> dict:
   """Random parameters as a pure dict, created directly with `shardings` (no host copy)."""
   def init():
     model = Transformer(config, rngs=nnx.Rngs(seed))
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
   return jax.jit(init, out_shardings=shardings)()
 
 
@@ -45,7 +45,7 @@ def model_apply_fn(config: ModelConfig, document_mask: bool = True) -> Callable:
 
   def apply(params, tokens, positions, segment_ids):
     state = nnx.state(abstract)
-    state.replace_by_pure_dict(params)
+    nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state)
     if not document_mask:
       return model(tokens)
@@ -58,8 +58,8 @@ def _loss_sum(apply, params, mb, z_loss):
   loss, m = next_token_loss(logits, mb["tokens"], z_loss=z_loss,
                             segment_ids_BxT=mb["segment_ids"])
   # Sums (mean x count), so micro-batches combine exactly; the count is a constant.
-  return loss * m["tokens"], {"loss": m["loss"] * m["tokens"], "z_loss": m["z_loss"] * m["tokens"],
-                              "tokens": m["tokens"]}
+  return loss * m["tokens"], {"loss": m["loss"] * m["tokens"],
+                              "log_z_sq": m["log_z_sq"] * m["tokens"], "tokens": m["tokens"]}
 
 
 def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, lr_schedule,
@@ -77,15 +77,15 @@ def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, lr_sc
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, m)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    sums0 = {"loss": 0.0, "z_loss": 0.0, "tokens": 0.0}
+    sums0 = {"loss": 0.0, "log_z_sq": 0.0, "tokens": 0.0}
     sums0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), sums0)
     (grads, sums), _ = jax.lax.scan(micro, (zeros, sums0), batch)
     n = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / n, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    metrics = {"loss": sums["loss"] / n, "z_loss": sums["z_loss"] / n, "tokens": sums["tokens"],
-               "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(new_params),
+    metrics = {"loss": sums["loss"] / n, "log_z_sq": sums["log_z_sq"] / n, "tokens": sums["tokens"],
+               "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(new_params),
                "lr": lr_schedule(state["step"])}
     return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
