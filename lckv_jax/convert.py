@@ -339,7 +339,7 @@ def _model_from_layers(config: ModelConfig, top: dict, layers: Sequence[dict]) -
   """Builds a Transformer from per-layer param dicts without random initialisation."""
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  target = nnx.state(abstract, nnx.Param).to_pure_dict()
+  target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   dtype = config.weights_dtype
 
   def fill(ref, value, where):
@@ -361,7 +361,7 @@ def _model_from_layers(config: ModelConfig, top: dict, layers: Sequence[dict]) -
           target["blocks"][r]["layers"][o], *[layers[i] for i in idx])
     params["blocks"][r] = {"layers": block}
   param_state = nnx.state(abstract, nnx.Param)
-  param_state.replace_by_pure_dict(params)
+  nnx.replace_by_pure_dict(param_state, params)
   model = nnx.merge(graphdef, state)
   nnx.update(model, param_state)
   return model
@@ -411,7 +411,7 @@ def hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
   if not config.tie_word_embeddings:
     out["lm_head.weight"] = np.asarray(model.lm_head[...]).T
   for i in range(config.num_layers):
-    lp = jax.tree.map(np.asarray, model.layer_params(i).to_pure_dict())
+    lp = jax.tree.map(np.asarray, nnx.to_pure_dict(model.layer_params(i)))
     p = f"model.layers.{i}."
     out[p + "self_attn.q_proj.weight"] = lp["attn"]["q_proj"].reshape(e, h * d).T
     if "k_proj" in lp["attn"]:
@@ -426,11 +426,35 @@ def hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
   return {n: np.ascontiguousarray(v) for n, v in out.items()}
 
 
+def special_token_ids(directory: str | None, vocab_size: int) -> dict[str, int | None] | None:
+  """The bos / eos / pad ids of the model in `directory`: its `generation_config.json` (kept from
+  an import), else its tokenizer's; {bos: None, eos: None} for a byte-level model without a
+  tokenizer; None when unknown. HuggingFace assumes 1 and 2 where config.json names no ids, which
+  is wrong for most tokenizers, so the export writes what the model was trained with."""
+  if directory and os.path.exists(os.path.join(directory, hf_io.GENERATION_CONFIG)):
+    gen = hf_io.read_json(os.path.join(directory, hf_io.GENERATION_CONFIG))
+    return {k: gen[k] for k in hf_io.SPECIAL_TOKENS if k in gen}
+  from lckv_jax.data import tokenizer as tok_lib
+  names = ("tokenizer.json", "tokenizer.model", "vocab.json")
+  if directory and any(os.path.exists(os.path.join(directory, n)) for n in names):
+    try:
+      tok = tok_lib.load_tokenizer(directory)
+    except (OSError, ValueError, ImportError) as e:
+      log.warning("%s: tokenizer not readable (%s); config.json gets no bos/eos ids", directory,
+                  cli.one_line(e))
+      return None
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+  if vocab_size == tok_lib.ByteTokenizer.vocab_size:
+    return {"bos_token_id": None, "eos_token_id": None}  # UTF-8 bytes: no special tokens
+  return None
+
+
 def export_hf(model: Transformer, path: str, *, reference_attention: str = "flash",
               max_shard_bytes: int | None = None, tokenizer_from: str | None = None) -> dict:
   """Writes `model` as a HuggingFace checkpoint directory; returns the config.json written.
 
   `path` must be new or an empty directory (nothing is overwritten), outside `tokenizer_from`.
+  The bos / eos / pad ids go into config.json and `generation_config.json` (`special_token_ids`).
   """
   checkpoint.check_destination(path, tokenizer_from)
   os.makedirs(path, exist_ok=True)
@@ -438,12 +462,25 @@ def export_hf(model: Transformer, path: str, *, reference_attention: str = "flas
   if hf["model_type"] == "lckv-llama" and model.config.sliding_window is not None:
     log.warning("sliding_window: lckv-jax %d is written as %s (reference %s-attention convention)",
                 model.config.sliding_window, hf["sliding_window"], reference_attention)
+  ids = special_token_ids(tokenizer_from, model.config.vocab_size)
+  if ids is None:
+    log.warning("no tokenizer or %s in %s: config.json names no bos/eos ids (HuggingFace then "
+                "assumes 1 and 2)", hf_io.GENERATION_CONFIG, tokenizer_from)
+  hf.update(ids or {})
   hf_io.write_tensors(path, hf_tensors(model), max_shard_bytes)
   with open(os.path.join(path, "config.json"), "x") as f:
     json.dump(hf, f, indent=2)
-  if tokenizer_from:
-    hf_io.copy_tokenizer_files(tokenizer_from, path)
+  copied = hf_io.copy_tokenizer_files(tokenizer_from, path) if tokenizer_from else []
+  if ids is not None and hf_io.GENERATION_CONFIG not in copied:
+    write_generation_config(path, ids)
   return hf
+
+
+def write_generation_config(path: str, ids: dict[str, int | None]) -> None:
+  """A `generation_config.json` with the model's special token ids, as transformers writes it."""
+  gen = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
+  with open(os.path.join(path, hf_io.GENERATION_CONFIG), "x") as f:
+    json.dump(gen, f, indent=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,6 +568,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                       param_dtype=args.param_dtype)
     checkpoint.save_model(args.dst, model)
     copied = hf_io.copy_tokenizer_files(args.src, args.dst)
+    ids = {k: v for k, v in hf_io.read_config(args.src).items() if k in hf_io.SPECIAL_TOKENS}
+    if hf_io.GENERATION_CONFIG not in copied and ids:  # kept, so to-hf writes them back
+      write_generation_config(args.dst, ids)
     c = model.config
     print(f"wrote {args.dst}: layer_types={c.layer_types}, KV layers {list(c.layer_spec.kv_layers)}, "
           f"kv_init={args.kv_init}, sliding_window={c.sliding_window}, force_nodiag={c.force_nodiag}"

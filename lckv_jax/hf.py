@@ -18,9 +18,13 @@ from safetensors.numpy import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Copied next to a converted checkpoint, in both directions, so tokenizer loaders find them.
+# Copied next to a converted checkpoint, in both directions, so tokenizer loaders find them and
+# HuggingFace's generate() stops at the model's own EOS (generation_config.json).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
+                   "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "generation_config.json")
+GENERATION_CONFIG = "generation_config.json"
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def read_json(file: str) -> dict:

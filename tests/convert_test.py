@@ -65,7 +65,7 @@ def _rel_err(a, b):
 
 
 def _params(model):
-  return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 @pytest.mark.parametrize("which", ["single", "sharded", "tied"])
@@ -99,7 +99,7 @@ def test_kv_average_and_copy(hf_dirs, layer_types, groups):
   avg = convert.import_hf(hf_dirs["single"], layer_types=layer_types)
   cp = convert.import_hf(hf_dirs["single"], layer_types=layer_types, kv_init="copy")
   for i in range(L):
-    a, c = avg.layer_params(i).to_pure_dict(), cp.layer_params(i).to_pure_dict()
+    a, c = nnx.to_pure_dict(avg.layer_params(i)), nnx.to_pure_dict(cp.layer_params(i))
     q = sd[f"model.layers.{i}.self_attn.q_proj.weight"].T.reshape(32, 8, 4)
     np.testing.assert_array_equal(a["attn"]["q_proj"], q)
     np.testing.assert_array_equal(a["mlp"]["down_proj"], sd[f"model.layers.{i}.mlp.down_proj.weight"].T)
@@ -185,11 +185,11 @@ def test_lckv_llama_checkpoint_loads(hf_dirs, tmp_path):
   assert convert.import_hf(path, reference_attention="eager").config.sliding_window == 6
   assert all(c.layer_spec.diag_masked)
   # Importing with the checkpoint's own layer_types keeps every K/V weight as it is.
-  k = model.layer_params(2).to_pure_dict()["attn"]["k_proj"]
+  k = nnx.to_pure_dict(model.layer_params(2))["attn"]["k_proj"]
   np.testing.assert_array_equal(k, sd["model.layers.2.self_attn.k_proj.weight"].T.reshape(32, 2, 4))
   # Re-targeting: layer 1 used layer 2's K/V in the source, so layer 2 = mean(src 2, src 2) etc.
   cla = convert.import_hf(path, layer_types="0_0_2_2")
-  k0 = cla.layer_params(0).to_pure_dict()["attn"]["k_proj"]
+  k0 = nnx.to_pure_dict(cla.layer_params(0))["attn"]["k_proj"]
   expected = (sd["model.layers.0.self_attn.k_proj.weight"] +
               sd["model.layers.2.self_attn.k_proj.weight"]) / 2
   np.testing.assert_allclose(k0, expected.T.reshape(32, 2, 4), rtol=1e-6, atol=1e-7)
@@ -243,3 +243,53 @@ def test_rope_and_config_mapping():
   assert convert.config_to_hf(convert.config_from_hf(base))["model_type"] == "llama"
   assert convert.config_to_hf(convert.config_from_hf(base, force_nodiag=True))[
       "model_type"] == "lckv-llama"
+
+
+def test_special_token_ids_travel_through_from_hf_and_to_hf(hf_dirs, tmp_path):
+  """to-hf used to drop bos/eos ids, so transformers assumed 1 and 2 and never stopped."""
+  src = tmp_path / "src"
+  os.makedirs(src)
+  cfg = json.load(open(os.path.join(hf_dirs["single"], "config.json")))
+  cfg.update(bos_token_id=5, eos_token_id=7, pad_token_id=0)
+  json.dump(cfg, open(src / "config.json", "w"))
+  for name in ("model.safetensors",):
+    os.symlink(os.path.join(hf_dirs["single"], name), src / name)
+  dst, out = str(tmp_path / "jax"), str(tmp_path / "hf")
+  convert.main(["from-hf", str(src), dst])  # the source has no generation_config.json
+  assert json.load(open(os.path.join(dst, "generation_config.json"))) == {
+      "_from_model_config": True, "bos_token_id": 5, "eos_token_id": 7, "pad_token_id": 0}
+  convert.main(["to-hf", dst, out])
+  back = transformers.AutoConfig.from_pretrained(out)
+  assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (5, 7, 0)
+  gen = transformers.GenerationConfig.from_pretrained(out)
+  assert (gen.bos_token_id, gen.eos_token_id) == (5, 7)
+
+
+def test_export_takes_the_ids_from_the_tokenizer_or_says_there_are_none(tmp_path, caplog):
+  from lckv_jax.data import tokenizer as tok_lib
+  sp = tok_lib.load_tokenizer("kjv-bpe-32k")
+  tok_dir = tmp_path / "tok"
+  os.makedirs(tok_dir)
+  tok_lib.save_tokenizer(sp, str(tok_dir))
+  assert convert.special_token_ids(str(tok_dir), sp.vocab_size) == {
+      "bos_token_id": sp.bos_id, "eos_token_id": sp.eos_id}
+  assert sp.eos_id is not None
+  # A byte-level model has no special tokens: null, not HuggingFace's default 1 and 2.
+  model = convert.import_hf(convert_test_byte_dir(tmp_path))
+  hf = convert.export_hf(model, str(tmp_path / "out"), tokenizer_from=str(tmp_path / "empty"))
+  assert hf["bos_token_id"] is None and hf["eos_token_id"] is None
+  assert transformers.AutoConfig.from_pretrained(str(tmp_path / "out")).eos_token_id is None
+  # Unknown (no tokenizer, not 256 tokens): a warning, and no ids are invented.
+  assert convert.special_token_ids(str(tmp_path / "empty"), 96) is None
+
+
+def convert_test_byte_dir(tmp_path):
+  """A random 256-token HF Llama (a byte-level vocabulary) and an empty folder beside it."""
+  torch.manual_seed(3)
+  cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=32)
+  path = tmp_path / "byte"
+  transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+  os.makedirs(tmp_path / "empty")
+  return str(path)
