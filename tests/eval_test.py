@@ -23,10 +23,10 @@ def _make(config, seed):
   graphdef, state = nnx.split(abstract)
   params = nnx.state(abstract, nnx.Param)
   rng = np.random.RandomState(seed)
-  params.replace_by_pure_dict(jax.tree_util.tree_map_with_path(
+  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.asarray((1.0 if "scale" in jax.tree_util.keystr(path) else 0.0)
                                   + 0.1 * rng.standard_normal(x.shape), jnp.float32),
-      params.to_pure_dict()))
+      nnx.to_pure_dict(params)))
   model = nnx.merge(graphdef, state)
   nnx.update(model, params)
   return model
@@ -188,6 +188,9 @@ def test_multiple_choice(lckv_model, tmp_path, capsys):
   np.testing.assert_allclose(flat, [ll for ll, _ in direct], rtol=1e-6)
   acc = np.mean([int(np.argmax(lls)) == e["label"] for lls, e in zip(r["loglikelihoods"], examples)])
   assert r["acc"] == acc
+  # The documented delimiter: choices with their own leading space and --delimiter='' score the same.
+  spaced = [{**e, "choices": [" " + c for c in e["choices"]]} for e in examples]
+  assert multiple_choice.evaluate(lm, spaced, "")["loglikelihoods"] == r["loglikelihoods"]
   # The CLI, on a saved checkpoint.
   ckpt = str(tmp_path / "ckpt")
   checkpoint.save_model(ckpt, lckv_model)

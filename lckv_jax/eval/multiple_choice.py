@@ -85,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   p = cli.ArgumentParser(prog=PROG)
   p.add_argument("--checkpoint", required=True, help="lckv-jax model checkpoint directory")
   p.add_argument("--tasks", action="append", required=True, help="a JSONL task file (repeatable)")
-  p.add_argument("--delimiter", default=" ")
+  p.add_argument("--delimiter", default=" ",
+                 help="put between context and each choice (default one space, as lm-eval); "
+                 "use '' when choices begin with their own space")
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--max_length", type=int, default=None)
   p.add_argument("--forward_passes", type=int, default=None)
