@@ -110,10 +110,14 @@ def figure(specs: Sequence[str], num_layers: int | None = None,
     handles.append(Patch(facecolor="white", edgecolor="black", ls="--", label="sliding window"))
   if any(lt.has_cycle for lt in parsed):
     handles.append(Patch(facecolor=CYCLE_COLOR, label="cyclic group (m + b iterations)"))
-  fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize=7,
-             frameon=False)
-  fig.subplots_adjust(left=0.02, right=0.98, top=0.9, bottom=0.05 + 0.6 / (0.42 * n + 1.9),
-                      wspace=0.05)
+  # As many legend columns as the width holds (a label is about 1.9 inches at 7 points), and a
+  # bottom margin as tall as the legend's rows, so one narrow graph keeps its whole legend.
+  width, height = fig.get_size_inches()
+  ncol = max(1, min(3, len(handles), int(width // 1.9)))
+  rows = -(-len(handles) // ncol)
+  fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+  fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.45 / height,
+                      bottom=(0.2 + 0.16 * rows) / height, wspace=0.05)
   return fig
 
 

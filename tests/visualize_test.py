@@ -12,7 +12,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_show_image_writes_a_png_and_keeps_the_text(tmp_path, capsys):
-  pytest.importorskip("matplotlib", reason="drawing needs matplotlib (requirements-dev.txt)")
+  pytest.importorskip("matplotlib", reason="drawing needs matplotlib (requirements.txt)")
   L.main(["show", "lckv", "--num_layers", "8"])
   text = capsys.readouterr().out
   png = tmp_path / "lckv.png"
@@ -23,7 +23,7 @@ def test_show_image_writes_a_png_and_keeps_the_text(tmp_path, capsys):
 
 
 def test_side_by_side_figure_of_presets_and_literal_strings(tmp_path):
-  pytest.importorskip("matplotlib", reason="drawing needs matplotlib (requirements-dev.txt)")
+  pytest.importorskip("matplotlib", reason="drawing needs matplotlib (requirements.txt)")
   fig = visualize.figure(["llama", "lckv", "cla", "yoco", "mixattention"], 22)
   assert len(fig.axes) == 5
   assert [ax.get_title().splitlines()[-1] for ax in fig.axes] == [
@@ -32,6 +32,19 @@ def test_side_by_side_figure_of_presets_and_literal_strings(tmp_path):
   path = tmp_path / "graphs.png"
   visualize.main([str(path), "0_3_5_3_4_5_6", "1_1_3_3"])
   assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("specs", [["lckv"], ["0_6_6_6_6_6_6_7"], ["llama", "lckv"],
+                                   ["llama", "lckv", "cla", "yoco"]])
+def test_legend_fits_inside_the_figure_below_the_graphs(specs):
+  """One narrow graph used to clip its three-column legend at both sides."""
+  pytest.importorskip("matplotlib", reason="drawing needs matplotlib (requirements.txt)")
+  fig = visualize.figure(specs, 8)
+  fig.canvas.draw()
+  renderer = fig._get_renderer()  # noqa: SLF001 - the renderer the figure was drawn with
+  legend, page = fig.legends[0].get_window_extent(renderer), fig.bbox
+  assert page.x0 <= legend.x0 and legend.x1 <= page.x1 and page.y0 <= legend.y0
+  assert all(ax.get_tightbbox(renderer).y0 > legend.y1 for ax in fig.axes)
 
 
 def test_tracks_nest_overlapping_arrows_and_reuse_free_tracks():
