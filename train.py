@@ -3,6 +3,7 @@
   python train.py --config=configs/tiny.py --workdir=/tmp/tiny          # train; run again to resume
   python train.py --config=configs/tiny.py --config.model.layer_types=cla --workdir=/tmp/cla
   python train.py --config=configs/tiny.py --workdir=/tmp/tiny --mode=evaluate
+  python train.py --config=configs/1b.py --show_config   # every config field, its value, meaning
 
 Metrics go to <workdir>/metrics.jsonl and TensorBoard events in <workdir>/tensorboard;
 checkpoints to <workdir>/checkpoints. SIGTERM or Ctrl-C saves a checkpoint and stops.
@@ -89,6 +90,8 @@ _EXPORT = flags.DEFINE_string("export_model", None, "After training, also write 
                               "format) to this dir (must not exist yet, or be empty). Default: "
                               "<workdir>/model once the run reaches config.steps.")
 flags.DEFINE_bool("debug", False, "Show tracebacks of user errors (or set LCKV_DEBUG=1).")
+_SHOW_CONFIG = flags.DEFINE_bool("show_config", False, "Print every field of the config (file and "
+                                 "--config.* overrides) with its value and meaning, then exit.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -129,7 +132,7 @@ def _export(trainer, state, path: str) -> None:
   from lckv_jax.train.step import abstract_model
   model = abstract_model(trainer.model_config)
   params_state = nnx.state(model, nnx.Param)
-  params_state.replace_by_pure_dict(state["params"])
+  nnx.replace_by_pure_dict(params_state, state["params"])
   nnx.update(model, params_state)
   checkpoint.save_model(path, model)
   from lckv_jax.data.tokenizer import save_tokenizer
@@ -138,11 +141,27 @@ def _export(trainer, state, path: str) -> None:
                                            if files else " (byte-level: no tokenizer file)"))
 
 
+def _adopt_init_from(config, init_from: str) -> None:
+  """The run's model fields and tokenizer become the checkpoint's, except those set on the
+  command line; says what it took."""
+  from lckv_jax.train.config import adopt_init_from
+  explicit = {a[len("--config."):].split("=", 1)[0] for a in sys.argv[1:]
+              if a.startswith("--config.")}
+  for note in adopt_init_from(config, init_from, explicit):
+    print(note, flush=True)
+
+
 def main(argv):
   del argv
+  if _SHOW_CONFIG.value:
+    from lckv_jax.train.config import describe
+    print(describe(_CONFIG.value))
+    return 0
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   config = _CONFIG.value
+  if _INIT_FROM.value:
+    _adopt_init_from(config, _INIT_FROM.value)
   print(describe_data(config), flush=True)
   logging.getLogger().setLevel(logging.INFO)
   if not flags.FLAGS["verbosity"].present:  # orbax's INFO lines (~70 a save) drown the bar
@@ -189,11 +208,23 @@ def main(argv):
       _export(trainer, state, export)
   elif export:
     _export(trainer, state, export)
-  print(_summary(trainer, state, history, export))
+  import jax
+  plot = _plot_metrics(trainer.workdir) if jax.process_index() == 0 else None
+  print(_summary(trainer, state, history, export, plot))
   return 0
 
 
-def _summary(trainer, state, history, export) -> str:
+def _plot_metrics(workdir: str) -> str | None:
+  """Draws <workdir>/metrics.png; a run that trained is not failed by a picture."""
+  from lckv_jax import metrics_plot
+  try:
+    return metrics_plot.save([workdir])
+  except (ImportError, OSError, ValueError) as e:
+    logging.warning("no metrics plot: %s", cli.one_line(e))
+    return None
+
+
+def _summary(trainer, state, history, export, plot=None) -> str:
   """What the run did, where its outputs are, and the commands to run next."""
   wd, step = trainer.workdir, int(state["step"])
   last = next((h for h in reversed(history) if "loss" in h), None)
@@ -207,8 +238,8 @@ def _summary(trainer, state, history, export) -> str:
   lines = [done,
            f"  checkpoints  {wd}/checkpoints (the same command resumes; a larger "
            "--config.steps goes on)",
-           f"  metrics      {wd}/metrics.jsonl; TensorBoard: tensorboard --logdir {wd}/tensorboard"
-           " (pip install tensorboard)"]
+           f"  metrics      {wd}/metrics.jsonl" + (f", plotted in {plot}" if plot else ""),
+           f"  TensorBoard  tensorboard --logdir {wd}/tensorboard"]
   if export:
     lines += [f"  model        {export}",
               "next:",

@@ -291,6 +291,55 @@ def test_init_from_other_shapes_names_the_fields(trainer, tmp_path):
   assert not os.path.exists(tmp_path / "wd" / "checkpoints")  # nothing left behind
 
 
+def _saved_model(path, **changes):
+  from flax import nnx
+  from lckv_jax import checkpoint
+  from lckv_jax.model import Transformer
+  from lckv_jax.train.config import model_config
+  cfg = model_config(_config()).replace(**changes)
+  checkpoint.save_model(str(path), Transformer(cfg, rngs=nnx.Rngs(1)))
+  return str(path)
+
+
+def test_init_from_adopts_the_checkpoints_model_and_tokenizer(tmp_path):
+  """The README's up-training path used to need six hand-copied --config.model.* flags."""
+  from lckv_jax.data.tokenizer import SHIPPED
+  from lckv_jax.train.config import adopt_init_from, model_config
+  m = _saved_model(tmp_path / "m", hidden_size=48, num_layers=2, layer_types="llama",
+                   rope_theta=500.0)
+  c = _config()
+  notes = adopt_init_from(c, m)
+  mc = model_config(c)
+  assert (mc.hidden_size, mc.num_layers, mc.layer_types, mc.rope_theta) == (48, 2, "0_1", 500.0)
+  assert len(notes) == 1 and "hidden_size=48 (config: 32)" in notes[0]
+  assert "layer_types=0_1 (config: 0_2_2_3)" in notes[0]
+  # A field set on the command line stays; the trainer's shape check then names it.
+  c = _config()
+  adopt_init_from(c, m, explicit={"model.hidden_size"})
+  assert model_config(c).hidden_size == 32 and model_config(c).num_layers == 2
+  # The checkpoint's tokenizer replaces the config's, unless the command line names one.
+  shutil.copyfile(SHIPPED["kjv-bpe-32k"], os.path.join(m, "tokenizer.model"))
+  c = _config()
+  notes = adopt_init_from(c, m)
+  assert c.data.tokenizer == m and any("tokenizer tokenizer.model of the checkpoint" in n
+                                       for n in notes)
+  c = _config()
+  notes = adopt_init_from(c, m, explicit={"data.tokenizer"})
+  assert c.data.tokenizer == "byte" and any("the ids must match" in n for n in notes)
+
+
+def test_train_py_init_from_another_shape_trains_and_says_what_it_took(tmp_path):
+  m = _saved_model(tmp_path / "m", hidden_size=48, num_layers=2, layer_types="llama",
+                   max_position_embeddings=128)
+  out = _train_py(f"--workdir={tmp_path / 'wd'}", f"--init_from={m}", "--max_steps=2",
+                  "--config.steps=2", "--config.eval_every=0")
+  assert out.returncode == 0, out.stderr[-2000:]
+  took = next(l for l in out.stdout.splitlines() if "the model is the checkpoint's" in l)
+  assert "hidden_size=48 (config: 192)" in took and "num_layers=2 (config: 4)" in took
+  from lckv_jax import checkpoint
+  assert checkpoint.load_config(str(tmp_path / "wd" / "model")).hidden_size == 48
+
+
 def _train_py(*args, timeout=240):
   return subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=timeout)

@@ -10,7 +10,7 @@ import pytest
 
 from lckv_jax.data import pipeline
 from lckv_jax.train import optim, step as step_lib
-from lckv_jax.train.config import default_config, model_config
+from lckv_jax.train.config import default_config, from_file, model_config
 from lckv_jax.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +110,28 @@ def test_train_py_reports_a_bad_config_in_one_line(tmp_path):
   err = [l for l in out.stderr.splitlines() if l.startswith("train.py: error:")]
   assert len(err) == 1 and "layer_types='garbage'" in err[0]
   assert "Traceback" not in out.stderr
+
+
+def test_every_config_field_has_its_meaning_and_show_config_prints_them():
+  from lckv_jax.train.config import describe, field_help
+  helps = field_help()
+  c = default_config()
+  fields = [f"{s}.{k}" for s, v in c.items() if hasattr(v, "keys") for k in v] + [
+      k for k, v in c.items() if not hasattr(v, "keys")]
+  assert sorted(f for f in fields if not helps.get(f)) == []
+  assert helps["model.forward_passes"].startswith("m: iterations")
+  assert "shipped" in helps["data.tokenizer"]  # a comment continued on the next line
+  out = subprocess.run(
+      [sys.executable, "train.py", "--config=configs/tiny.py", "--config.optimizer.lr=0.0123",
+       "--show_config"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert len(lines) == len(fields)
+  lr = next(l for l in lines if l.startswith("--config.optimizer.lr="))
+  assert lr.split()[0] == "--config.optimizer.lr=0.0123" and lr.endswith("# peak learning rate")
+  expected = from_file(os.path.join(ROOT, "configs", "tiny.py"))
+  expected.optimizer.lr = 0.0123
+  assert out.stdout.strip() == describe(expected)
 
 
 def test_flops_count_the_extra_passes_of_the_cyclic_group():

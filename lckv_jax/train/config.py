@@ -74,7 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.tfds_train_split = "train"  # TFDS split (slicing allowed: 'train[:10%]')
   c.data.tfds_eval_split = ""  # TFDS held-out split; '' = hold out eval_fraction of the train split
   c.data.tfds_data_dir = ""  # TFDS data_dir; '' = its default (~/tensorflow_datasets)
-  c.data.tokenizer = "byte"  # 'byte', SentencePiece .model, tokenizer.json, GPT-2 vocab.json/dir
+  c.data.tokenizer = "byte"  # 'byte', 'kjv-bpe-32k' (shipped), a SentencePiece .model, a
+  #                             tokenizer.json, a GPT-2 vocab.json or a folder of one
   c.data.add_bos = True  # prepend the tokenizer's BOS token (if any); array_record: set at writing
   c.data.eval_fraction = 0.02  # share of documents held out for evaluation
   c.data.eval_batches = 0  # cap on eval batches (0 = the whole held-out split)
@@ -90,6 +91,50 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 500  # steps between checkpoints (0 = only at the end / on a signal)
   c.checkpoint.keep = 3  # checkpoints kept (the newest; at least 1)
   return c
+
+
+def field_help() -> dict[str, str]:
+  """{'optimizer.lr': 'peak learning rate', 'model.layer_types': ..., ...}: the comment beside
+  each field where its default is set (default_config, ModelConfig), so the help text has one
+  source and cannot drift from the defaults."""
+  import inspect
+  import re
+  out = {}
+  for prefix, source, pattern in (
+      ("", inspect.getsource(default_config), r"^\s*c\.([\w.]+) = [^#]*#\s?(.*)$"),
+      ("model.", inspect.getsource(ModelConfig), r"^\s*(\w+): [^=]+= [^#]*#\s?(.*)$")):
+    last = None
+    for line in source.splitlines():
+      m = re.match(pattern, line)
+      if m:
+        last = prefix + m.group(1)
+        out[last] = m.group(2).strip()
+      elif last and re.match(r"^\s*#\s{2,}", line):  # an indented comment goes on
+        out[last] += " " + line.strip().lstrip("#").strip()
+      else:
+        last = None
+  return out
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every field of `config` as `--config.path=value  # meaning`, the lines `--show_config`
+  prints."""
+  helps = field_help()
+  flat: list[tuple[str, object]] = []
+
+  def walk(node, path):
+    for key in sorted(node.keys(), key=lambda k: (isinstance(node[k], ml_collections.ConfigDict),
+                                                  k)):
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, f"{path}{key}.")
+      else:
+        flat.append((path + key, value))
+  walk(config, "")
+  rows = [(f"--config.{k}={v!r}" if isinstance(v, str) else f"--config.{k}={v}", helps.get(k, ""))
+          for k, v in flat]
+  width = min(max(len(a) for a, _ in rows), 56)
+  return "\n".join(f"{a:<{width}}  # {h}" if h else a for a, h in rows)
 
 
 def from_file(path: str) -> ml_collections.ConfigDict:
@@ -111,6 +156,62 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if unknown:
     raise ValueError(f"config.model has unknown field(s) {unknown}; allowed: {sorted(fields)}")
   return ModelConfig(**values)
+
+
+# What a model checkpoint *is*: its parameters' shapes and what they mean. A run started with
+# --init_from takes these from the checkpoint unless the command line sets them; how it trains
+# (passes, dtype, remat, kernels) stays the run's.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                       "num_kv_heads", "head_dim", "tie_word_embeddings", "layer_types",
+                       "rope_theta", "rope_scaling", "rms_norm_eps", "max_position_embeddings",
+                       "sliding_window", "force_nodiag")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def adopt_init_from(config: ml_collections.ConfigDict, init_from: str,
+                    explicit: set[str] = frozenset()) -> list[str]:
+  """Makes `config` describe the model in the checkpoint `init_from`: its architecture fields
+  and its tokenizer, except those in `explicit` (dotted names given on the command line, e.g.
+  'model.layer_types'). Returns what changed, as lines to show the user; a mismatch that is left
+  (an explicit field) is caught by the trainer's shape check or warned about here."""
+  from lckv_jax import checkpoint
+  loaded = checkpoint.load_config(init_from)
+  before = model_config(config)
+  for f in ARCHITECTURE_FIELDS:
+    if f"model.{f}" in explicit:
+      continue
+    value = getattr(loaded, f)
+    if f == "layer_types":
+      value = str(loaded.layer_spec)
+    elif f == "rope_scaling":
+      value = loaded.rope_scaling_dict
+    config.model[f] = value
+  after = model_config(config)
+  changed = [f for f in ARCHITECTURE_FIELDS if f != "layer_types" and
+             getattr(before, f) != getattr(after, f)]
+  if str(before.layer_spec) != str(after.layer_spec):
+    changed.insert(ARCHITECTURE_FIELDS.index("layer_types"), "layer_types")
+  notes = []
+  if changed:
+    notes.append(f"--init_from={init_from}: the model is the checkpoint's: " + ", ".join(
+        f"{f}={getattr(after, f)!r} (config: {getattr(before, f)!r})" if f != "layer_types" else
+        f"layer_types={after.layer_spec} (config: {before.layer_spec})" for f in changed))
+  files = [n for n in _TOKENIZER_FILES if os.path.exists(os.path.join(init_from, n))]
+  theirs = init_from if files else ("byte" if loaded.vocab_size == 256 else None)
+  if "data.tokenizer" not in explicit:
+    if theirs is None:
+      notes.append(f"--init_from={init_from} has no tokenizer file: training tokenizes with "
+                   f"data.tokenizer={config.data.tokenizer!r}; the checkpoint must use its ids")
+    elif theirs != config.data.tokenizer:
+      notes.append(f"--init_from={init_from}: tokenizer "
+                   + (f"{files[0]} of the checkpoint" if files else "'byte' (256 ids)")
+                   + f" (config: {config.data.tokenizer!r})")
+      config.data.tokenizer = theirs
+  elif theirs is not None and theirs != config.data.tokenizer:
+    notes.append(f"--init_from={init_from} was trained with "
+                 + (f"its own {files[0]}" if files else "byte ids")
+                 + f", not --config.data.tokenizer={config.data.tokenizer!r}: the ids must match")
+  return notes
 
 
 def model_from_file(path: str, **changes) -> ModelConfig:

@@ -54,7 +54,7 @@ class Trainer:
     abstract = step_lib.abstract_model(self.model_config)
     param_sh = sharding.param_shardings(nnx.state(abstract, nnx.Param), self.mesh)
     abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                   nnx.state(abstract, nnx.Param).to_pure_dict())
+                                   nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     rep = sharding.replicated(self.mesh)
     opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, param_sh,
@@ -95,7 +95,7 @@ class Trainer:
       model = checkpoint.load_model(init_from, **{
           f: getattr(self.model_config, f)
           for f in ("dtype", "forward_passes", "backward_passes", "scan_layers")})
-      params = nnx.state(model, nnx.Param).to_pure_dict()
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       params = jax.device_put(params, self.state_shardings["params"])
     else:
       params = step_lib.init_params(self.model_config, self.config.seed,
@@ -277,10 +277,18 @@ class Trainer:
             pbar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m.get('tokens_per_s', 0):,.0f}")
         if pbar is not None:
           pbar.update(1)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != stop:
-          evaluate(step)
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-          save(step)
+        do_eval = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step != stop
+        do_save = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0
+        if do_eval or do_save:
+          # tokens_per_s measures training: the time of evals and saves is left out of it.
+          jax.block_until_ready(state)
+          t_pause = time.perf_counter()
+          if do_eval:
+            evaluate(step)
+          if do_save:
+            save(step)
+          if t_last is not None:
+            t_last += time.perf_counter() - t_pause
         if self.stop_signal is not None:
           break
       if self.stop_signal is None and step == cfg.steps and step > start:
