@@ -13,7 +13,9 @@
   `max_position_embeddings`.
 - `mesh=`: parameters sharded over the `tensor` axis, the batch and cache over `data`.
 
-Decode semantics: exact (LCKV.md §5). The reference's off-by-one ("whynlp_main") is not offered.
+Decode semantics: exact by default (LCKV.md §5); `ModelConfig.decode_semantics="whynlp_main"`
+reproduces the reference code's decoding of upward-attending layers (a zero key, the newest KV
+dropped) for comparisons with its released models.
 """
 
 from __future__ import annotations
