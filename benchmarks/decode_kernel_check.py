@@ -2,14 +2,12 @@
 
 Checks numerics (bf16, against a float32 dense reference) and times one layer's attention for a
 batch of rows whose valid prefix is a fraction of the buffer (the XLA path reads every slot).
+Prints its numbers; writes no record.
 
-  python benchmarks/decode_kernel_check.py
+  python -m benchmarks.decode_kernel_check
 """
-import os
-import sys
+import argparse
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +26,8 @@ def timed(f, *args, n=20):
   return (time.perf_counter() - t) / n
 
 
-def main():
+def main(argv=None):
+  argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
   key = jax.random.key(0)
   print(jax.devices()[0].device_kind, jax.__version__)
   # (batch, heads, kv_heads, head_dim, slots): the 1b shape and the 30b (MHA, head_dim 128) one.

@@ -5,11 +5,13 @@ times: timed, under `jax.profiler` (device kernels read back from the trace), an
 timed. Reports per token: wall time, the device's kernel time (sum of kernel durations), the
 number of kernels, the idle gaps between them, the largest kernels; and XLA's memory analysis of
 the compiled decode loop (its temporary buffers against the cache, which a donated, in-place
-loop does not need to copy). Appends one JSON line per run to `--out`; `XLA_FLAGS` is recorded,
-so flag variants are one run each:
+loop does not need to copy). Each run is one line of `--out`, by default
+`decode_profile_<device>.jsonl` (`records`), under the setting shape, layer_types, sizes and
+`--tag`: a re-run of a setting replaces its line. `XLA_FLAGS` is recorded, so flag variants are
+one run each, named by their tag:
 
-  python benchmarks/decode_profile.py --shape=1b --layer_types=llama --batch=32
-  XLA_FLAGS=--xla_gpu_enable_command_buffer= python benchmarks/decode_profile.py --tag=no_graphs
+  python -m benchmarks.decode_profile --shape=1b --layer_types=llama --batch=32 --tag=default
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= python -m benchmarks.decode_profile --tag=no_graphs
 
 A wall time well above the kernel time, with gaps between kernels, means the host launches
 kernels more slowly than the device runs them (launch overhead).
@@ -22,21 +24,18 @@ import collections
 import glob
 import json
 import os
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from benchmarks.throughput import _cache_len, build  # noqa: E402  (the benchmark's model)
-from lckv_jax import generation as gen_lib  # noqa: E402
-from lckv_jax.cache import cache_bytes  # noqa: E402
+from benchmarks import records
+from benchmarks.common import cache_len, default_out, serving_model  # throughput.py's model
+from lckv_jax import generation as gen_lib
+from lckv_jax.cache import cache_bytes
 
 
 def device_kernels(trace_dir: str) -> tuple[list[tuple[str, int, int]], dict]:
@@ -79,6 +78,12 @@ def summarize(kernels, steps: int, top: int = 15) -> dict:
                     us_per_token=round(d / steps / 1e3, 2)) for n, (c, d) in largest])
 
 
+def setting(args) -> str:
+  """'1b_llama_b32_p512_g256_no_graphs': the model, the sizes and the tag (the variant)."""
+  return (f"{args.shape}_{args.layer_types.replace(':', '-')}_b{args.batch}_p{args.prompt}"
+          f"_g{args.gen}{'_' + args.tag if args.tag else ''}")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shape", default="1b")
@@ -90,14 +95,14 @@ def main(argv=None):
   p.add_argument("--decode_attention", default="auto")
   p.add_argument("--sliding_window", type=int, default=None)
   p.add_argument("--tag", default="")
-  p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."),
-                                               "decode_profile.jsonl"))
+  p.add_argument("--out", default=None, help="JSON-lines record file (default "
+                 "decode_profile_<device>.jsonl in $OUT, else in benchmarks/results)")
   p.add_argument("--hlo", default=None, help="also write the compiled decode loop's HLO here")
   args = p.parse_args(argv)
   if args.steps >= args.gen:
     raise SystemExit(f"--steps ({args.steps}) must be below --gen ({args.gen})")
 
-  model = build(args, args.layer_types, decode_attention=args.decode_attention)
+  model = serving_model(args, args.layer_types, decode_attention=args.decode_attention)
   cfg = model.config
   gen = gen_lib.Generator(model, max_new_tokens=args.gen, unstack=False)
   rng = np.random.RandomState(0)
@@ -125,11 +130,12 @@ def main(argv=None):
   compiled = gen_lib._decode.lower(graphdef, gen.settings, params, state,
                                    jnp.asarray(args.steps, jnp.int32)).compile()
   mem = compiled.memory_analysis()
-  slots = _cache_len(args.prompt, args.gen)
+  slots = cache_len(args.prompt, args.gen)
   if args.hlo:
     with open(args.hlo, "w") as f:
       f.write(compiled.as_text())
-  record = dict(
+  record = records.entry(
+      setting(args),
       shape=args.shape, layer_types=args.layer_types, batch=args.batch, prompt=args.prompt,
       gen=args.gen, steps=args.steps, tag=args.tag, xla_flags=os.environ.get("XLA_FLAGS", ""),
       decode_attention=args.decode_attention, device=jax.devices()[0].device_kind,
@@ -138,8 +144,9 @@ def main(argv=None):
       decode_temp_bytes=getattr(mem, "temp_size_in_bytes", None),
       decode_alias_bytes=getattr(mem, "alias_size_in_bytes", None),
       trace_lines=lines, **summarize(kernels, args.steps))
-  with open(args.out, "a") as f:
-    f.write(json.dumps(record) + "\n")
+  out = args.out or records.record_path(default_out(), "decode_profile",
+                                        jax.devices()[0].device_kind, ext="jsonl")
+  records.update(out, [record])
   print(json.dumps({k: v for k, v in record.items() if k != "largest"}), flush=True)
   for row in record.get("largest", []):
     print("  ", row)

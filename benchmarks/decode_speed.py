@@ -3,9 +3,11 @@
 Random weights in bf16, prompt of P tokens, G generated tokens (no early stop), batch B.
 Throughput = B * G / (prefill + decode time); decode-only tokens/s and prefill time are reported
 too. Each phase is timed after a warm-up call with the same shapes, so compile time is excluded
-(and reported separately). Writes one JSON per run.
+(and reported separately). Each run is an entry of `decode_speed_<device>.json` (`records`) under
+the setting `setting` names: a re-run of a setting replaces its entry.
 
-  python benchmarks/decode_speed.py --shape=1b --layer_types=lckv --batch=32 --prompt=512 --gen=256
+  python -m benchmarks.decode_speed --shape=1b --layer_types=lckv --batch=32 --prompt=512 \
+      --gen=256
 """
 
 from __future__ import annotations
@@ -14,27 +16,23 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
 from flax import nnx
 
+from benchmarks import records
+from benchmarks.common import SHAPES, command, config_path, default_out
 from lckv_jax import Transformer
 from lckv_jax.cache import cache_bytes
 from lckv_jax.generation import Generator
 from lckv_jax.train.config import model_from_file
 
-SHAPES = ("tiny", "50m", "1b", "7b", "30b")  # the model sections of configs/<shape>.py
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def run(args) -> dict:
   config = model_from_file(
-      os.path.join(ROOT, "configs", f"{args.shape}.py"), layer_types=args.layer_types,
+      config_path(args.shape), layer_types=args.layer_types,
       dtype=args.dtype, param_dtype=args.dtype, max_position_embeddings=args.prompt + args.gen,
       scan_layers=not args.no_scan, remat="none", decode_attention=args.decode_attention)
   model = Transformer(config, rngs=nnx.Rngs(0))
@@ -65,7 +63,7 @@ def run(args) -> dict:
       scan_layers=config.scan_layers, decode_attention=args.decode_attention,
       xla_flags=os.environ.get("XLA_FLAGS", ""),
       dtype=args.dtype, device=jax.devices()[0].device_kind, jax=jax.__version__,
-      python=platform.python_version(), command="python " + " ".join(sys.argv),
+      python=platform.python_version(), command=args.command,
       first_call_s=round(compile_s, 2), prefill_s=round(prefill_s, 4),
       decode_s=round(decode_s, 4), step_ms=round(1000 * decode_s / (g - 1), 3),
       tokens_per_s=round(b * g / (prefill_s + decode_s), 1),
@@ -74,8 +72,15 @@ def run(args) -> dict:
       first_run=[round(x, 3) for x in first])
 
 
-def main():
-  p = argparse.ArgumentParser()
+def setting(args) -> str:
+  """'1b_lckv_b32_p512_g256_unrolled_pallas': shape, layer_types, sizes, `_unrolled` for
+  --no_scan, then --tag."""
+  return (f"{args.shape}_{args.layer_types.replace(':', '-')}_b{args.batch}_p{args.prompt}"
+          f"_g{args.gen}{'_unrolled' if args.no_scan else ''}{args.tag}")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shape", choices=SHAPES, default="tiny")
   p.add_argument("--layer_types", default="lckv")
   p.add_argument("--batch", type=int, default=32)
@@ -85,16 +90,16 @@ def main():
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--no_scan", action="store_true", help="unroll the layers (scan_layers=False)")
   p.add_argument("--decode_attention", default="auto", choices=("auto", "pallas", "xla"))
-  p.add_argument("--tag", default="", help="suffix of the JSON file name")
-  p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-  args = p.parse_args()
+  p.add_argument("--tag", default="", help="suffix of the run's setting (see `setting`)")
+  p.add_argument("--out", default=default_out(),
+                 help="folder of the record file (default $OUT, else benchmarks/results)")
+  args = p.parse_args(argv)
+  args.command = command("benchmarks.decode_speed", argv)
   result = run(args)
   print(json.dumps(result))
-  os.makedirs(args.out, exist_ok=True)
-  name = (f"decode_{args.shape}_{args.layer_types.replace(':', '-')}_b{args.batch}"
-          f"_p{args.prompt}_g{args.gen}{'_unrolled' if args.no_scan else ''}{args.tag}.json")
-  with open(os.path.join(args.out, name), "w") as f:
-    json.dump(result, f, indent=2)
+  path = records.record_path(args.out, "decode_speed", result["device"])
+  records.update(path, [records.entry(setting(args), **result)])
+  return path
 
 
 if __name__ == "__main__":

@@ -2,16 +2,20 @@
 
 Each record has at least `label` (e.g. "1b llama"), `prompt`, `gen`, `batch`, `tokens_per_s`
 (end-to-end: prefill + decode), `decode_tokens_per_s` and `max_batch` (true at the largest batch
-that fits in memory). A JSON file holds one record or a list of them.
+that fits in memory). A JSON file holds one record or a list of them (a record file of
+`benchmarks.throughput`, whose entries `--settings` selects by their setting). The figure of
+benchmarks/results/throughput.md, every run under the 24 GB cap at 5+2043 and 512+1024:
 
-  python benchmarks/plot_throughput.py benchmarks/results/throughput_*.json \
-      --out benchmarks/results/throughput.png
+  python -m benchmarks.plot_throughput benchmarks/results/throughput_h100_80gb_hbm3.json \
+      --settings "_p5_g2043_(b32|max_25.5GB)|_p512_g1024_max_25.5GB" \
+      --title "H100 under a 24 GB cap (XLA_PYTHON_CLIENT_MEM_FRACTION=0.30), bf16, random weights" \
+      --out benchmarks/results/throughput_24gb.png
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import re
 from collections import defaultdict
 
 import matplotlib
@@ -21,6 +25,8 @@ matplotlib.use("Agg")  # files only: no display on benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
+
+from benchmarks import records  # noqa: E402
 
 REQUIRED = ("label", "prompt", "gen", "batch", "tokens_per_s", "decode_tokens_per_s")
 
@@ -79,31 +85,22 @@ def plot(records: list[dict], path: str, title: str | None = None) -> None:
   plt.close(fig)
 
 
-def load(paths: list[str]) -> list[dict]:
-  """Records of the JSON files (each a record or a list of records), checked for the keys."""
-  records = []
-  for p in paths:
-    with open(p) as f:
-      data = json.load(f)
-    for r in data if isinstance(data, list) else [data]:
-      missing = [k for k in REQUIRED if k not in r]
-      if missing:
-        raise ValueError(f"{p}: a record lacks {missing}")
-      records.append(r)
-  return records
-
-
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("files", nargs="+", help="JSON files of throughput records")
   parser.add_argument("--out", default="benchmarks/results/throughput.png", help="PNG to write")
   parser.add_argument("--title", default=None)
+  parser.add_argument("--settings", default=None,
+                      help="regular expression: only entries whose setting it finds (re.search)")
   parser.add_argument("--superseded_max", nargs="*", default=[],
                       help="JSON files whose largest-batch records a later run superseded: only "
                            "their other batches are plotted")
   args = parser.parse_args(argv)
-  records = load(args.files) + [r for r in load(args.superseded_max) if not r.get("max_batch")]
-  plot(records, args.out, args.title)
+  found = (records.load(args.files, REQUIRED)
+           + [r for r in records.load(args.superseded_max, REQUIRED) if not r.get("max_batch")])
+  if args.settings:
+    found = [r for r in found if re.search(args.settings, r.get("setting", ""))]
+  plot(found, args.out, args.title)
   print(f"wrote {args.out}")
 
 

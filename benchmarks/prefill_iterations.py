@@ -26,14 +26,17 @@ Data: the held-out split that `train.py` uses for the embedded corpus (every 50t
 first the opening bytes of every held-out chapter (in split order), then the next non-overlapping
 window of every chapter long enough, and so on. Positions restart at 0 in every window.
 
+Each run is an entry of `prefill_iterations_<device>.json` (`records`) whose setting is its
+`--tag`: a re-run of a tag replaces its entry.
+
   # the real run (a checkpoint written by train.py --export_model)
-  python benchmarks/prefill_iterations.py --checkpoint=/tmp/pi-tiny/model --tag=tiny
+  python -m benchmarks.prefill_iterations --checkpoint=/tmp/pi-tiny/model --tag=tiny
   # no checkpoint: trains configs/tiny.py with m=7, b=2 in-process first (--train_steps)
-  python benchmarks/prefill_iterations.py --train_steps=300
+  python -m benchmarks.prefill_iterations --train_steps=300
   # seconds: a random float32 model, 8-token prompts
-  python benchmarks/prefill_iterations.py --smoke --out=/tmp/pi
+  python -m benchmarks.prefill_iterations --smoke --out=/tmp/pi
   # speed only, TinyLlama-1.1B shape, random bf16 weights (e.g. on an H100)
-  python benchmarks/prefill_iterations.py --only_timing --time_shape=1b --time_batch=32 \\
+  python -m benchmarks.prefill_iterations --only_timing --time_shape=1b --time_batch=32 \\
       --time_prompt=512
 """
 
@@ -42,21 +45,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import platform
-import sys
 import tempfile
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import records
+from benchmarks.common import RESULTS, command, config_path
 from lckv_jax import cache as cache_lib
 from lckv_jax.config import ModelConfig
 from lckv_jax.generation import prefill
@@ -98,7 +98,7 @@ def train_model(steps: int, workdir: str | None, m: int = 7, b: int = 2
   from lckv_jax.train.config import from_file
   from lckv_jax.train.step import abstract_model
   from lckv_jax.train.trainer import Trainer
-  cfg = from_file(os.path.join(ROOT, "configs", "tiny.py"))
+  cfg = from_file(config_path("tiny"))
   cfg.model.forward_passes, cfg.model.backward_passes = m, b
   cfg.steps = steps
   cfg.progress_bar = False
@@ -304,8 +304,7 @@ def time_shape(shape: str, batch: int, prompt: int, iterations, repeats: int,
                sequential: bool) -> dict:
   """Prefill time of a random bf16 model of configs/<shape>.py (last logits only) for each k."""
   from lckv_jax.train.config import model_from_file
-  path = os.path.join(ROOT, "configs", f"{shape}.py")
-  base = model_from_file(path)
+  base = model_from_file(config_path(shape))
   cfg = base.replace(dtype="bfloat16", param_dtype="bfloat16", remat="none",
                      max_position_embeddings=max(base.max_position_embeddings, prompt))
   model = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -426,9 +425,9 @@ def parse_args(argv=None):
                  help="skip timing the sequential (exact) prefill of --time_shape")
   p.add_argument("--only_timing", action="store_true",
                  help="skip the quality study: only --time_shape timing (needs --time_shape)")
-  p.add_argument("--tag", default=None, help="output name prefill_iterations_<tag>.json "
+  p.add_argument("--tag", default=None, help="the run's setting in its record file "
                  "(default: smoke, tiny, or the time shape with --only_timing)")
-  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+  p.add_argument("--out", default=RESULTS, help="folder of the record file")
   args = p.parse_args(argv)
   smoke = args.smoke
   args.iterations = args.iterations or list(DEFAULT_ITERATIONS)
@@ -450,9 +449,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   dev = jax.devices()[0]
-  result = dict(tag=args.tag, command="python " + " ".join(
-      [os.path.relpath(os.path.abspath(__file__), ROOT)] + list(sys.argv[1:] if argv is None
-                                                               else argv)),
+  result = dict(tag=args.tag, command=command("benchmarks.prefill_iterations", argv),
                 device=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
                 python=platform.python_version(), iterations=args.iterations, tol=args.tol,
                 prefill_kwargs=PREFILL_KW)
@@ -508,11 +505,9 @@ def main(argv=None) -> dict:
                                         not args.no_time_sequential)
   result["table_markdown"] = table(result)
   print(result["table_markdown"])
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"prefill_iterations_{args.tag}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {path}")
+  path = records.record_path(args.out, "prefill_iterations", dev.device_kind)
+  records.update(path, [records.entry(args.tag, **result)])
+  print(f"wrote {args.tag!r} to {path}")
   return result
 
 

@@ -18,9 +18,12 @@ decode steps (bytes: weights + every layer's read of the valid KV it attends to,
 `lckv_jax.roofline`) and reports measured / roofline. The prefill is compared with its
 (iterations-pass) FLOPs over the matmul rate.
 
-  python benchmarks/throughput.py --shape=1b --layer_types llama lckv --prompt=512 --gen=1536 \
+Every run (one model at one batch) is an entry of `throughput_<device>.json` (`records`), under
+the setting `setting` names: a re-run of a setting replaces its entry.
+
+  python -m benchmarks.throughput --shape=1b --layer_types llama lckv --prompt=512 --gen=1536 \
       --batch 32 128 --max_batch
-  python benchmarks/throughput.py --smoke     # a tiny model on any device, seconds
+  python -m benchmarks.throughput --smoke     # a tiny model on any device, seconds
 """
 
 from __future__ import annotations
@@ -30,22 +33,18 @@ import gc
 import json
 import os
 import platform
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
 from flax import nnx
 
-from lckv_jax import Transformer
+from benchmarks import records
+from benchmarks.common import cache_len, command, default_out, serving_model
 from lckv_jax import roofline as rl
-from lckv_jax.cache import cache_bytes, rounded_slots
+from lckv_jax.cache import cache_bytes
 from lckv_jax.generation import Generator
-from lckv_jax.train.config import model_from_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA workspace, cuBLAS/cuDNN/Triton autotuning scratch (allocated after the cache, when a new
 # batch compiles) and allocator fragmentation: 2 GiB + 10% of the device limit. With 2 GiB alone
 # the 1b llama run under a 24 GB cap ran out of memory in the prefill at the predicted batch.
@@ -139,13 +138,13 @@ def memory_need(config, batch: int, prompt: int, gen: int, weights: int, limit: 
                 cache_copies: int = 1) -> int:
   """Device bytes of a run at `batch`: weights, cache, decode state, prefill chunk, reserve.
 
-  `cache_copies`: cache-sized buffers at the peak. The first H100 runs (`*_runA`, and those of
-  stop 10 with `--cache_copies=2`) held two: the first token's sampling returned a copy of the
+  `cache_copies`: cache-sized buffers at the peak. The first H100 runs (stop 10, some with
+  `--cache_copies=2`) held two: the first token's sampling returned a copy of the
   decode state (now donated), and XLA's decode attention keeps the whole cache in a second,
   transposed layout inside the decode loop (the Pallas kernel, now used at every buffer length
-  on a GPU, does not; `benchmarks/decode_profile.py` reads the loop's temporary bytes).
+  on a GPU, does not; `benchmarks.decode_profile` reads the loop's temporary bytes).
   """
-  slots = _cache_len(prompt, gen)
+  slots = cache_len(prompt, gen)
   cache = cache_copies * cache_bytes(config, batch, slots, metadata=True)
   rows = prefill_rows(config, batch, prompt, limit)
   chunk = rows * prompt * _prefill_bytes_per_token(config)
@@ -161,23 +160,9 @@ def _prefill_bytes_per_token(config) -> int:
   return 2 * (16 * config.hidden_size + 6 * config.intermediate_size)
 
 
-def _cache_len(prompt: int, gen: int) -> int:
-  return rounded_slots(prompt + gen - 1)  # as Generator._cache_len without max_len
-
-
 # ---------------------------------------------------------------------------------------------
 # One run.
 # ---------------------------------------------------------------------------------------------
-
-
-def build(args, layer_types: str, **overrides) -> Transformer:
-  """Random bf16 weights in the serving layout; `overrides` replace further config fields."""
-  config = model_from_file(
-      os.path.join(ROOT, "configs", f"{args.shape}.py"), layer_types=layer_types,
-      dtype="bfloat16", param_dtype="bfloat16", scan_layers=False, remat="none",
-      max_position_embeddings=max(args.prompt + args.gen, 16),
-      **({"sliding_window": args.sliding_window} if args.sliding_window else {}), **overrides)
-  return Transformer(config, rngs=nnx.Rngs(0))
 
 
 def run_once(model, args, batch: int, ceilings: dict, limit: int) -> dict:
@@ -214,7 +199,7 @@ def run_once(model, args, batch: int, ceilings: dict, limit: int) -> dict:
       tokens_per_s=round(batch * g / total, 1),
       decode_tokens_per_s=round(batch * (g - 1) / decode_s, 1) if g > 1 else None,
       compile_prefill_s=round(pre.compile, 2), compile_decode_s=round(dec.compile, 2),
-      cache_bytes=cache_bytes(cfg, batch, _cache_len(p, g)),
+      cache_bytes=cache_bytes(cfg, batch, cache_len(p, g)),
       peak_bytes=int(stats.get("peak_bytes_in_use", 0)), bytes_limit=limit)
   last = p + g
   bound = rl.roofline_bound(rl.decode_step_bytes(cfg, batch, last)["total"],
@@ -228,8 +213,18 @@ def run_once(model, args, batch: int, ceilings: dict, limit: int) -> dict:
   return record
 
 
+def setting(record: dict, tag: str = "") -> str:
+  """The setting of a run's record: label, P, G, and the batch, or `max_<device limit>GB` for
+  the largest batch that fits (found again at each run); then `tag`. E.g.
+  '1b_lckv-10_p5_g2043_max_25.5GB', '1b_llama_p512_g256_b32'."""
+  name = record["label"].replace(" ", "_").replace(":", "-")
+  batch = (f"max_{record['bytes_limit'] / 1e9:.1f}GB" if record.get("max_batch")
+           else f"b{record['batch']}")
+  return f"{name}_p{record['prompt']}_g{record['gen']}_{batch}{tag}"
+
+
 def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
-  model = build(args, layer_types)
+  model = serving_model(args, layer_types)
   cfg = model.config
   weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   limit = _device_limit()
@@ -240,7 +235,7 @@ def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
       raise SystemExit("--max_batch needs a device that reports its memory limit (a GPU)")
     fits = lambda b: memory_need(cfg, b, args.prompt, args.gen, weights, limit,
                                  args.cache_copies) <= limit
-    per_row = cache_bytes(cfg, 1, _cache_len(args.prompt, args.gen), metadata=True)
+    per_row = cache_bytes(cfg, 1, cache_len(args.prompt, args.gen), metadata=True)
     max_b = find_max_batch(fits, start=max(1, (limit - weights) // (2 * per_row)))
     if max_b < 1:
       raise SystemExit(f"{args.shape} {layer_types}: even batch 1 does not fit in {limit} bytes")
@@ -249,9 +244,9 @@ def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
   common = dict(label=label, shape=args.shape, layer_types=cfg.layer_types,
                 sliding_window=cfg.sliding_window, weights_bytes=weights,
                 device=jax.devices()[0].device_kind, jax=jax.__version__,
-                python=platform.python_version(), command="python " + " ".join(sys.argv),
+                python=platform.python_version(), command=args.command,
                 mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), **ceilings)
-  records, good = [], 0
+  found, good = [], 0
   for b in batches:
     is_max = b == max_b
     r = None
@@ -278,13 +273,13 @@ def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
     if r is None:
       continue
     r.update(common, max_batch=is_max, predicted_max_batch=max_b if is_max else None)
-    records.append(r)
+    found.append(records.entry(setting(r, args.tag), **r))
     print(json.dumps({k: r[k] for k in ("label", "batch", "prompt", "gen", "tokens_per_s",
                                         "decode_tokens_per_s", "prefill_s", "step_ms")}
                      | {k: r.get(k) for k in ("decode_roofline_fraction", "prefill_vs_flops",
                                               "compile_decode_s", "peak_bytes")}), flush=True)
   del model
-  return records
+  return found
 
 
 def main(argv=None):
@@ -299,7 +294,7 @@ def main(argv=None):
   p.add_argument("--prefill_iterations", type=int, default=None, help="default m + b")
   p.add_argument("--sliding_window", type=int, default=None,
                  help="window of the 's' layers (needed by yoco and mixattention)")
-  p.add_argument("--tag", default="", help="suffix of the JSON file name")
+  p.add_argument("--tag", default="", help="suffix of each run's setting (see `setting`)")
   p.add_argument("--cache_copies", type=int, default=1,
                  help="cache-sized buffers the memory model allows for at the peak (see "
                       "memory_need)")
@@ -309,9 +304,10 @@ def main(argv=None):
   p.add_argument("--decode_steps", type=int, default=None,
                  help="run only the first N decode steps and project the rest (marked projected)")
   p.add_argument("--smoke", action="store_true", help="tiny model, tiny sizes (CI)")
-  p.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "benchmarks",
-                                                                      "results")))
+  p.add_argument("--out", default=default_out(),
+                 help="folder of the record file (default $OUT, else benchmarks/results)")
   args = p.parse_args(argv)
+  args.command = command("benchmarks.throughput", argv)
   if args.smoke:
     args.shape, args.prompt, args.gen, args.batch = "tiny", 8, 4, [2]
   small = args.smoke or jax.default_backend() == "cpu"
@@ -321,14 +317,10 @@ def main(argv=None):
       matmul_flops_per_s=rl.measure_matmul_rate(**({"n": 128, "repeats": 2} if small else {})))
   print(f"ceilings: HBM {ceilings['hbm_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
         f"{ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  records = []
-  path = os.path.join(args.out, f"throughput_{args.shape}_p{args.prompt}_g{args.gen}{args.tag}"
-                      ".json")
+  path = records.record_path(args.out, "throughput", jax.devices()[0].device_kind)
   for lt in args.layer_types:
-    records += run_model(args, lt, ceilings)
-    with open(path, "w") as f:  # after every model, so a later failure keeps the earlier ones
-      json.dump(records, f, indent=1)
+    # After every model, so a later failure keeps the earlier ones.
+    records.update(path, run_model(args, lt, ceilings))
   return path
 
 

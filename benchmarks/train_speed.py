@@ -2,53 +2,36 @@
 
 A step is `value_and_grad` of the next-token loss plus an AdamW update, jitted, on random tokens,
 bf16 compute and float32 parameters. FLOPs count the iteration plan's extra passes
-(`lckv_jax.train.flops`). Writes one JSON per run.
+(`lckv_jax.train.flops`). Each run is an entry of `train_speed_<device>.json` (`records`) under
+the setting `setting` names: a re-run of a setting replaces its entry.
 
-  python benchmarks/train_speed.py --shape=1b --layer_types=lckv --batch=8 --seq=2048
-  python benchmarks/train_speed.py --shape=7b --compile_only   # AOT compile on abstract inputs
+  python -m benchmarks.train_speed --shape=1b --layer_types=lckv --batch=8 --seq=2048
+  python -m benchmarks.train_speed --shape=7b --compile_only   # AOT compile on abstract inputs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks import records
+from benchmarks.common import SHAPES, command, config_path, default_out, packed_rows
 from lckv_jax import Transformer
-from lckv_jax.train.config import model_from_file
 from lckv_jax.loss import next_token_loss
+from lckv_jax.train.config import model_from_file
 from lckv_jax.train.flops import flops_per_token, peak_flops_per_device
-
-SHAPES = ("tiny", "50m", "1b", "7b", "30b")  # the model sections of configs/<shape>.py
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def packed_rows(batch: int, seq: int, docs: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Positions and segment ids [batch, seq] of `docs` documents per row at random boundaries,
-  positions restarting per document (what the data pipeline makes with document_mask=True)."""
-  rng = np.random.RandomState(seed)
-  seg, pos = np.zeros((batch, seq), np.int32), np.zeros((batch, seq), np.int32)
-  for r in range(batch):
-    cuts = np.sort(rng.choice(np.arange(1, seq), docs - 1, replace=False))
-    for d, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, seq])):
-      seg[r, a:b], pos[r, a:b] = d + 1, np.arange(b - a)
-  return jnp.asarray(pos), jnp.asarray(seg)
 
 
 def run(args) -> dict:
   config = model_from_file(
-      os.path.join(ROOT, "configs", f"{args.shape}.py"), layer_types=args.layer_types,
+      config_path(args.shape), layer_types=args.layer_types,
       forward_passes=args.m, backward_passes=args.b, dtype=args.dtype, param_dtype="float32",
       remat=args.remat, max_position_embeddings=max(2048, args.seq))
   tx = optax.adamw(1e-4)
@@ -78,7 +61,7 @@ def run(args) -> dict:
                 compile_s=round(compile_s, 2), device=jax.devices()[0].device_kind,
                 attention=abstract._fused_impl() or "dense",
                 jax=jax.__version__, python=platform.python_version(),
-                command="python " + " ".join(sys.argv))
+                command=args.command)
   mem = compiled.memory_analysis()
   if mem is not None:
     result["temp_bytes"] = int(getattr(mem, "temp_size_in_bytes", 0))
@@ -106,8 +89,15 @@ def run(args) -> dict:
   return result
 
 
-def main():
-  p = argparse.ArgumentParser()
+def setting(args, attention: str) -> str:
+  """'1b_lckv_b8_s2048_dots_cudnn_docs16': shape, layer_types, batch, length, remat, attention
+  path and, when packed, the documents per row."""
+  return (f"{args.shape}_{args.layer_types.replace(':', '-')}_b{args.batch}_s{args.seq}"
+          f"_{args.remat}_{attention}{f'_docs{args.docs}' if args.docs > 1 else ''}")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shape", choices=SHAPES, default="tiny")
   p.add_argument("--layer_types", default="lckv")
   p.add_argument("--m", type=int, default=7)
@@ -120,16 +110,15 @@ def main():
   p.add_argument("--docs", type=int, default=1,
                  help="documents packed per row (segment ids and positions); 1 = one sequence")
   p.add_argument("--compile_only", action="store_true")
-  p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-  args = p.parse_args()
+  p.add_argument("--out", default=default_out(),
+                 help="folder of the record file (default $OUT, else benchmarks/results)")
+  args = p.parse_args(argv)
+  args.command = command("benchmarks.train_speed", argv)
   result = run(args)
   print(json.dumps(result))
-  os.makedirs(args.out, exist_ok=True)
-  name = (f"train_speed_{args.shape}_{args.layer_types.replace(':', '-')}_b{args.batch}"
-          f"_s{args.seq}_{args.remat}_{result['attention']}"
-          f"{f'_docs{args.docs}' if args.docs > 1 else ''}.json")
-  with open(os.path.join(args.out, name), "w") as f:
-    json.dump(result, f, indent=2)
+  path = records.record_path(args.out, "train_speed", result["device"])
+  records.update(path, [records.entry(setting(args, result["attention"]), **result)])
+  return path
 
 
 if __name__ == "__main__":

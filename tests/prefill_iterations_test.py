@@ -1,21 +1,15 @@
-"""benchmarks/prefill_iterations.py: the smoke run, its JSON, and the numerics it relies on."""
+"""benchmarks.prefill_iterations: the smoke run, its record, and the numerics it relies on."""
 
-import importlib.util
-import json
-import os
-
+import jax
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import records
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location(
-      "prefill_iterations", os.path.join(REPO, "benchmarks", "prefill_iterations.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  import benchmarks.prefill_iterations as module
   return module
 
 
@@ -30,8 +24,8 @@ def smoke(bench, tmp_path_factory):
   result = bench.main(["--smoke", "--data", "random", "--iterations", "1", "2", str(PROMPT),
                        "--prompt_len", str(PROMPT), "--gen", "4", "--num_prompts", "2",
                        "--repeats", "1", "--out", str(out)])
-  with open(os.path.join(out, "prefill_iterations_smoke.json")) as f:
-    saved = json.load(f)
+  path = records.record_path(str(out), "prefill_iterations", jax.devices()[0].device_kind)
+  saved = records.find(records.read(path), "smoke")
   return result, saved
 
 
