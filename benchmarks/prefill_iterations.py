@@ -1,4 +1,5 @@
-"""Prefill iterations vs quality and speed (LCKV.md §4, §5): how many passes does a prompt need?
+"""Prefill iterations vs quality and speed (docs/spec.md §4, §5): how many passes does a prompt
+need?
 
 A model with a cycle (LCKV) encodes a prompt in parallel by running its cyclic layer group
 `iterations` times (default m + b). For each k in `--iterations` this script prefills held-out

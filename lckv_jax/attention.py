@@ -1,7 +1,7 @@
 """Attention of one layer: RoPE, the LCKV masks, the softmax kernel, and the projections.
 
 Which KV a layer reads is decided by the model (`model.py`); this module only knows how to attend
-queries to a given set of keys/values with positions and segment ids (LCKV.md §3).
+queries to a given set of keys/values with positions and segment ids (docs/spec.md §3).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def make_mask(q_pos_BxT, q_seg_BxT, k_pos_BxS, k_seg_BxS, *, diag_masked: bool,
   """Visibility [batch, q, k]: causal by position, same non-zero segment, optional diagonal/window.
 
   A window W covers the query's own position and the W-1 before it; with the diagonal masked the
-  query's own key drops out as well (LCKV.md §3.4).
+  query's own key drops out as well (docs/spec.md §3.4).
   """
   qp, kp = q_pos_BxT[:, :, None], k_pos_BxS[:, None, :]
   mask = (kp <= qp) & (q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]) & (k_seg_BxS[:, None, :] != 0)
@@ -97,11 +97,11 @@ def make_mask(q_pos_BxT, q_seg_BxT, k_pos_BxS, k_seg_BxS, *, diag_masked: bool,
 
 def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, *,
                           zero_key: bool = False) -> jax.Array:
-  """Softmax attention with GQA; a query with no visible key outputs zeros (LCKV.md §3.5).
+  """Softmax attention with GQA; a query with no visible key outputs zeros (docs/spec.md §3.5).
 
   Logits and softmax in float32. Returns [batch, q, heads, head_dim] in the dtype of v.
   `zero_key` adds one always-visible all-zero key and value (logit 0, value 0) to the softmax, as
-  the reference code's decoding does (LCKV.md §5, `decode_semantics='whynlp_main'`).
+  the reference code's decoding does (docs/spec.md §5, `decode_semantics='whynlp_main'`).
   """
   b, t, h, d = q_BxTxHxD.shape
   kv_heads = k_BxSxKxD.shape[2]
@@ -129,8 +129,8 @@ def fused_causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, *, diag_masked: bool
   """Attention of one chunk through `jax.nn.dot_product_attention` (cuDNN on GPU).
 
   Causal by index, the window as the kernel's local window, and the masked diagonal by shifting
-  (LCKV.md §3): query t >= 1 attends causally over keys 0..t-1, which is the causal attention of
-  queries 1..T-1 over keys 0..T-2; query 0 sees nothing and gets zeros. A window W covers the
+  (docs/spec.md §3): query t >= 1 attends causally over keys 0..t-1, which is the causal
+  attention of queries 1..T-1 over keys 0..T-2; query 0 sees nothing and gets zeros. A window W covers the
   query and W-1 keys before it; with the diagonal masked, W-1 keys.
 
   `segment_ids_BxT`: packed documents (0 = padding), positions +1 per token within a document
@@ -187,7 +187,7 @@ def param(rngs: nnx.Rngs, config: ModelConfig, shape, axes, *, init: str = "norm
 
 
 class Attention(nnx.Module):
-  """GQA attention. K/V projections exist only when the layer computes KV (LCKV.md §2)."""
+  """GQA attention. K/V projections exist only when the layer computes KV (docs/spec.md §2)."""
 
   def __init__(self, config: ModelConfig, computes_kv: bool, *, rngs: nnx.Rngs):
     e, h, k, d = (config.hidden_size, config.num_heads, config.num_kv_heads,

@@ -1,4 +1,4 @@
-"""The KV cache: buffers for the KV-computing layers only (LCKV.md §5, §8).
+"""The KV cache: buffers for the KV-computing layers only (docs/spec.md §5, §8).
 
 A cache is a plain dict `{('layer', j): KV}` over the layers that compute KV, each buffer
 `[batch, slots, kv_heads, head_dim]` with the position and segment of every slot (`seg == 0`
@@ -76,7 +76,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *,
 
 def cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype=None, *, ring: bool = True,
                 metadata: bool = False) -> int:
-  """Bytes of the K and V buffers of `init_cache` (LCKV.md §8), before allocating them.
+  """Bytes of the K and V buffers of `init_cache` (docs/spec.md §8), before allocating them.
 
   With `metadata`, the int32 position and segment of every slot are counted as well, so the
   result equals the bytes of every array of the cache.

@@ -42,7 +42,7 @@ class ModelConfig:
   sliding_window: int | None = None  # window W of layers marked 's' (query + W-1 keys before it)
   use_sequential: bool = False  # run the exact token-by-token mode instead of the iteration plan
   force_nodiag: bool = False  # mask the diagonal in every layer (the reference's released models)
-  decode_semantics: str = "exact"  # 'exact' (= sequential mode) or 'whynlp_main' (LCKV.md §5 compat)
+  decode_semantics: str = "exact"  # 'exact' (= sequential mode) or 'whynlp_main' (spec §5)
   # Numerics and compilation.
   dtype: str = "float32"  # compute dtype of activations
   param_dtype: str = "float32"  # storage dtype of parameters

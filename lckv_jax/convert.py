@@ -5,7 +5,7 @@
 
 `from-hf` reads a HuggingFace directory (`config.json` + `*.safetensors`, sharded or not) of
 `model_type` `llama` or `lckv-llama` (the authors' PyTorch code) and writes an lckv-jax model
-checkpoint (`lckv_jax.checkpoint.save_model`) for ANY `layer_types` (LCKV.md §6):
+checkpoint (`lckv_jax.checkpoint.save_model`) for ANY `layer_types` (docs/spec.md §6):
 
 - every weight of the same name is copied;
 - a KV-computing layer j gets Wk, Wv averaged over all layers i with `attends_to[i] == j`
@@ -19,7 +19,7 @@ checkpoint (`lckv_jax.checkpoint.save_model`) for ANY `layer_types` (LCKV.md §6
 the extra fields `layer_types`, `forward_passes`, `backward_passes`, `sliding_window`,
 `use_sequential`, `force_nodiag`. Tokenizer files found next to the source are copied.
 
-Sliding window (LCKV.md §3.4). Our window W covers the query and the W-1 keys before it, with
+Sliding window (docs/spec.md §3.4). Our window W covers the query and the W-1 keys before it, with
 the diagonal masked one key less. The reference's flash-attention path (its default, with which
 its checkpoints were trained) passes `window_size=(W_ref, W_ref)` to flash-attn, so a query sees
 W_ref + 1 keys (itself and W_ref before); with the diagonal masked it drops the query's own key

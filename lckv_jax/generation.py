@@ -1,4 +1,4 @@
-"""Generation: prefill a batch of prompts, then decode one token per pass (LCKV.md §4, §5).
+"""Generation: prefill a batch of prompts, then decode one token per pass (docs/spec.md §4, §5).
 
 - Prefill runs the prompt through `Transformer.step` with the iteration plan (`iterations`, default
   m + b); a prompt no longer than that number in a model with a cycle runs token by token instead
@@ -13,7 +13,7 @@
   `max_position_embeddings`.
 - `mesh=`: parameters sharded over the `tensor` axis, the batch and cache over `data`.
 
-Decode semantics: exact by default (LCKV.md §5); `ModelConfig.decode_semantics="whynlp_main"`
+Decode semantics: exact by default (docs/spec.md §5); `ModelConfig.decode_semantics="whynlp_main"`
 reproduces the reference code's decoding of upward-attending layers (a zero key, the newest KV
 dropped) for comparisons with its released models.
 """

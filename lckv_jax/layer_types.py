@@ -1,7 +1,7 @@
 """`layer_types`: which layer's KV each layer attends to, and the iteration plan it implies.
 
 Pure Python (no JAX), so configs, converters and the CLI can reason about a model without building
-it. See `../shared/LCKV.md` §2 and §4.
+it. See `docs/spec.md` §2 and §4.
 
 A `layer_types` string has one token per layer, joined by `_`: token i is `<j>` or `<j>s`, meaning
 layer i attends to the KV of layer j, with a sliding window when suffixed by `s`.
@@ -74,7 +74,7 @@ class LayerTypes:
     return "_".join(f"{j}{'s' if s else ''}" for j, s in zip(self.attends_to, self.sliding))
 
   def plan(self) -> tuple[Segment, ...]:
-    """Consecutive segments covering all layers (LCKV.md §4).
+    """Consecutive segments covering all layers (docs/spec.md §4).
 
     A layer that attends upward opens a cyclic group reaching to the highest layer attended from
     inside the group (extended while any member attends higher); everything else is plain.
@@ -98,7 +98,7 @@ class LayerTypes:
     return tuple(segments)
 
   def kv_bytes_per_token(self, num_kv_heads: int, head_dim: int, bytes_per_elem: int) -> int:
-    """Bytes of KV cache that one token occupies (LCKV.md §8)."""
+    """Bytes of KV cache that one token occupies (docs/spec.md §8)."""
     return len(self.kv_layers) * 2 * num_kv_heads * head_dim * bytes_per_elem
 
 

@@ -1,4 +1,4 @@
-"""The Llama decoder with cross-layer KV sharing, in Flax NNX (LCKV.md §1-§5).
+"""The Llama decoder with cross-layer KV sharing, in Flax NNX (docs/spec.md §1-§5).
 
 One pass of the layer stack is `_run_segment`; the iteration plan (`_cyclic_group`) repeats the
 passes of a cyclic group; the modes are thin drivers:
@@ -171,7 +171,8 @@ class _Context:
               put(entry.seg, self.segment_ids, index))
 
   def zeros(self, entry: KV | None) -> KV:
-    """The first iteration's KV of an upper layer: zeros at this chunk's slots (LCKV.md §4)."""
+    """The first iteration's KV of an upper layer: zeros at this chunk's slots
+    (docs/spec.md §4)."""
     c = self.config
     b, t = self.positions.shape
     z = jnp.zeros((b, t, c.num_kv_heads, c.resolved_head_dim), c.compute_dtype)
@@ -183,7 +184,7 @@ class _Context:
     return self.write_index is not None and self.positions.shape[1] == 1
 
   def compat_decode(self, role: lt_lib.Role) -> bool:
-    """The reference's decoding of an upward-attending layer (LCKV.md §5, 'whynlp_main'): it
+    """The reference's decoding of an upward-attending layer (docs/spec.md §5, 'whynlp_main'): it
     prepends a zero KV slot and drops the newest one, so token p sees {0, KV_0..KV_{p-2}}."""
     return role.upward and self.config.decode_semantics == "whynlp_main" and self.decoding
 
@@ -375,7 +376,7 @@ class Transformer(nnx.Module):
     return h, store
 
   def _cyclic_group(self, runs, states, h_in, store, ctx, forward_passes, backward_passes):
-    """LCKV.md §4: m iterations without gradients, then b with; each restarts from h_in."""
+    """docs/spec.md §4: m iterations without gradients, then b with; each restarts from h_in."""
     targets = [("layer", i) for run in runs for i in range(run.start, run.end)
                if self.config.layer_spec.computes_kv[i]]
     kv = {t: ctx.zeros(store.get(t)) for t in targets}
@@ -498,7 +499,7 @@ class Transformer(nnx.Module):
                          contiguous, last_logits, fresh)
 
   def sequential(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-    """The exact model: one token at a time, each seeing earlier tokens' KV (LCKV.md §4).
+    """The exact model: one token at a time, each seeing earlier tokens' KV (docs/spec.md §4).
 
     Bad token ids and positions raise or give NaN rows, as in `__call__`.
     """

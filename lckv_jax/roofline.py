@@ -6,7 +6,7 @@ row's cache including the new one. The counts are the ideal ones: every paramete
 `lckv_jax.kernels.decode`, reads only the valid slots; the XLA path reads every slot of a
 buffer, so there a step may read more.)
 
-The physics point (LCKV.md §8): each layer attends to some layer's KV, so llama and LCKV read
+The physics point (docs/spec.md §8): each layer attends to some layer's KV, so llama and LCKV read
 (almost) the same KV bytes per step at equal batch; LCKV's saving is cache *capacity* (fewer
 buffers), which buys a larger batch, not fewer bytes per token at a fixed batch.
 
@@ -115,7 +115,7 @@ def _causal_pairs(config: ModelConfig, layer: int, length: int) -> int:
 def prefill_flops(config: ModelConfig, batch: int, prompt_len: int, iterations: int) -> int:
   """FLOPs of encoding `batch` prompts of `prompt_len` tokens through the iteration plan.
 
-  Layers of a cyclic group run `iterations` times (LCKV.md §4, `Transformer.step`), the others
+  Layers of a cyclic group run `iterations` times (docs/spec.md §4, `Transformer.step`), the others
   once; the LM head runs once, for the last token only (the one whose logits are sampled).
   """
   total = 0

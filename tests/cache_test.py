@@ -30,7 +30,7 @@ def test_cache_holds_exactly_the_kv_layers_and_its_bytes(layer_types, kv_layers,
   slots = sum(3 if j in rings else n for j in kv_layers)
   assert cache_lib.cache_bytes(cfg, b, n) == cache_lib.nbytes(cache) == b * slots * 2 * 2 * 8 * 4
   assert cache_lib.cache_bytes(cfg, b, n, metadata=True) == cache_lib.nbytes(cache, metadata=True)
-  if not rings:  # the LCKV.md §8 formula
+  if not rings:  # the docs/spec.md §8 formula
     assert cache_lib.cache_bytes(cfg, b, n) == b * n * len(kv_layers) * 2 * 2 * 8 * 4
   full = cache_lib.init_cache(cfg, b, n, ring=False)
   assert cache_lib.nbytes(full) == b * n * len(kv_layers) * 2 * 2 * 8 * 4

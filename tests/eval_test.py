@@ -110,7 +110,8 @@ def test_perplexity_matches_direct_forward(lckv_model):
 
 
 def test_perplexity_iterations(lckv_model):
-  """With m + b >= sequence length the parallel plan equals the sequential mode (LCKV.md §4)."""
+  """With m + b >= sequence length the parallel plan equals the sequential mode
+  (docs/spec.md §4)."""
   tokens = np.random.RandomState(1).randint(0, 128, 9)
   seq = ppl.perplexity(lckv_model, tokens, context_len=8, sequential=True)
   exact = ppl.perplexity(lckv_model, tokens, context_len=8, forward_passes=7, backward_passes=1)

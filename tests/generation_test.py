@@ -55,7 +55,7 @@ def test_prefill_and_decode_give_the_sequential_logits(name, mode, window):
   model = make(layer_types=PRESETS[name], sliding_window=window)
   ps = prompts([7, 4])
   new = 5
-  # Parallel prefill with iterations >= prompt length is the exact model (LCKV.md §4).
+  # Parallel prefill with iterations >= prompt length is the exact model (docs/spec.md §4).
   g = generate(model, ps, max_new_tokens=new, return_logits=True, prefill_mode=mode,
                prefill_iterations=7 if mode == "parallel" else None)
   # The oracle: the sequential mode on the left-padded prompt + generated tokens.

@@ -112,7 +112,7 @@ def test_scan_runs_compress_deep_models():
 
 
 def test_kv_bytes_match_the_spec_example():
-  # LCKV.md §8: TinyLlama in bf16, 22,528 B per token for llama and 3,072 B for LCKV w=2.
+  # docs/spec.md §8: TinyLlama in bf16, 22,528 B per token for llama and 3,072 B for LCKV w=2.
   assert L.parse(L.llama(22)).kv_bytes_per_token(4, 64, 2) == 22528
   assert L.parse(L.lckv(22)).kv_bytes_per_token(4, 64, 2) == 3072
 

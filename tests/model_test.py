@@ -105,7 +105,7 @@ def test_parallel_matches_float64_reference(name, m, b):
 
 @pytest.mark.parametrize("name", ["lckv", "lckv_w0", "sandwich_cycle", "cla_top", "mixed"])
 def test_parallel_equals_sequential_when_iterations_cover_the_sequence(name):
-  # LCKV.md §4: after k iterations positions 0..k-1 are exact, so m + b >= T is exact.
+  # docs/spec.md §4: after k iterations positions 0..k-1 are exact, so m + b >= T is exact.
   lt = PRESET_STRINGS[name]
   model = make(num_layers=len(lt.split("_")), layer_types=lt)
   toks = tokens(length=9)
@@ -257,7 +257,7 @@ def test_padding_segments_are_never_attended():
 
 
 def test_first_token_of_a_diagonal_masked_layer_sees_nothing():
-  # LCKV.md §3.5: with no visible key the attention output is zeros, so with force_nodiag the
+  # docs/spec.md §3.5: with no visible key the attention output is zeros, so with force_nodiag the
   # first position's hidden state only goes through the MLPs: changing any attention weight of
   # any layer cannot change it.
   model = make(layer_types="llama", force_nodiag=True)

@@ -73,7 +73,7 @@ def test_prefill_with_k_at_least_prompt_len_is_exact(smoke):
   assert by_k[1]["cont_steps_max_abs_err"] > 1e-3
   mean_err = [by_k[k]["prompt_mean_abs_err"] for k in (1, 2, PROMPT)]
   assert mean_err[0] > mean_err[1] > mean_err[2]
-  # Positions 0..k-1 are exact after k iterations (LCKV.md §4).
+  # Positions 0..k-1 are exact after k iterations (docs/spec.md §4).
   for k, r in by_k.items():
     assert r["exact_prefix_len"] >= k
 

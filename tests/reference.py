@@ -1,4 +1,4 @@
-"""An independent, deliberately naive implementation of LCKV.md, for tests.
+"""An independent, deliberately naive implementation of docs/spec.md, for tests.
 
 No scans, no stacking, no shared code with `lckv_jax.model` beyond reading its parameters: a
 Python loop over layers and iterations, masks built element by element, GQA by repeating heads.
@@ -87,7 +87,8 @@ def _layer(cfg, i, p, h, kvs, positions, xp, silu):
 
 
 def logits(cfg, p, tokens, forward_passes, backward_passes, xp=jnp, stop=jax.lax.stop_gradient):
-  """Parallel-mode logits by the letter of LCKV.md §4 (m no-grad iterations, then b with grad)."""
+  """Parallel-mode logits by the letter of docs/spec.md §4 (m no-grad iterations, then b with
+  grad)."""
   silu = (lambda x: x / (1 + xp.exp(-x)))
   lt = cfg.layer_spec
   t_len = tokens.shape[1]

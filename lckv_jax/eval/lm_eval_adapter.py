@@ -15,8 +15,8 @@ is only defined when lm_eval is importable (an optional dependency).
 - `loglikelihood_rolling`: the perplexity code's windows (`perplexity.token_logprobs`, chunked,
   with the prefix token), so it equals `-perplexity(...).nll` of the same tokens.
 - `generate_until`: greedy. `decoder="generation"` uses `lckv_jax.generation.generate` (prefill
-  with the iteration plan, then exact cached decoding, LCKV.md §5); `decoder="parallel"` re-runs
-  the full parallel forward over a fixed buffer for each new token (a jitted loop: no cache,
+  with the iteration plan, then exact cached decoding, docs/spec.md §5); `decoder="parallel"`
+  re-runs the full parallel forward over a fixed buffer for each new token (a jitted loop: no cache,
   quadratic in the generated length; for cyclic layer types each step is the iteration plan over
   the whole sequence, not cached decoding). `"auto"` (default) takes `generation` when importable.
 """

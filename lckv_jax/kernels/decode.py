@@ -98,7 +98,8 @@ def decode_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, block_k: 
     q_BxHxD: [batch, heads, head_dim] queries (GQA: head h reads kv head h // (heads/kv_heads)).
     k_BxSxKxD, v_BxSxKxD: [batch, slots, kv_heads, head_dim] cache buffers.
     start_B, end_B: [batch] int32 first and one-past-last visible slot (0 <= start,
-      end - start <= slots); a row with end <= start sees nothing and gets zeros (LCKV.md §3.5).
+      end - start <= slots); a row with end <= start sees nothing and gets zeros
+      (docs/spec.md §3.5).
       Slot x is read at buffer index x % slots, so a ring buffer's window may wrap around.
     block_k: slots per inner step (halved until it divides `slots`; see `block_size`).
     interpret: run the kernel in the Pallas interpreter (CPU tests).

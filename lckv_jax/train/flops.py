@@ -1,4 +1,4 @@
-"""Training FLOPs per token, counting the iteration plan (LCKV.md §4), and MFU.
+"""Training FLOPs per token, counting the iteration plan (docs/spec.md §4), and MFU.
 
 A layer of a cyclic group runs m forward-only passes (cost 1 each) and b passes with gradients
 (cost 3 each: forward plus backward); any other layer costs 3. Matmul cost is 2 FLOPs per
