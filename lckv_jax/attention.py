@@ -130,8 +130,8 @@ def fused_causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, *, diag_masked: bool
 
   Causal by index, the window as the kernel's local window, and the masked diagonal by shifting
   (docs/spec.md §3): query t >= 1 attends causally over keys 0..t-1, which is the causal
-  attention of queries 1..T-1 over keys 0..T-2; query 0 sees nothing and gets zeros. A window W covers the
-  query and W-1 keys before it; with the diagonal masked, W-1 keys.
+  attention of queries 1..T-1 over keys 0..T-2; query 0 sees nothing and gets zeros. A window W
+  covers the query and W-1 keys before it; with the diagonal masked, W-1 keys.
 
   `segment_ids_BxT`: packed documents (0 = padding), positions +1 per token within a document
   (causal and window by index). Attention stays within a document through a [batch, 1, T, T]
