@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from lckv_jax.data.pipeline import StepIterator, make_datasets
-from lckv_jax.train import checkpointing, flops, optim, sharding, step as step_lib
+from lckv_jax.train import checkpointing, flops, memory, optim, sharding, step as step_lib
 from lckv_jax.cli import Diverged, UserError
 from lckv_jax.train.config import check_resume, model_config, resolve_grad_accum, validate
 from lckv_jax.train.workdir import WorkdirLock, check_writable_dir
@@ -64,6 +64,10 @@ class Trainer:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         {"params": abstract_params, "opt_state": abstract_opt,
          "step": jax.ShapeDtypeStruct((), jnp.int32)}, self.state_shardings)
+    # What a train step needs per device, known before anything compiles; `train` refuses a
+    # config that cannot fit (evaluation, which runs no train step, is not refused).
+    self.memory = memory.estimate(config, self.model_config, self.mesh, self.grad_accum,
+                                  self.abstract_state)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     train_step = step_lib.make_train_step(self.model_config, self.tx, self.lr, config.z_loss,
                                           config.document_mask)
@@ -140,7 +144,7 @@ class Trainer:
       return {}
     nll, count = 0.0, 0.0
     for i in range(len(self.data.eval)):
-      out = jax.device_get(self.eval_step(params, self.device_batch(self.data.eval[i], 1)))
+      out = jax.device_get(self.eval_step(params, self.device_batch(self.data.eval[i])))
       nll += float(out["nll_sum"])
       count += float(out["tokens"])
     loss = nll / max(count, 1.0)
@@ -171,6 +175,13 @@ class Trainer:
   def _train(self, max_steps, init_from):
     cfg = self.config
     self.stop_signal = None
+    # In seconds, naming the flags that fit, rather than by XLA's raw RESOURCE_EXHAUSTED after
+    # minutes of compiling; before the state is made or restored.
+    available = memory.device_memory(memory.local_device(self.mesh))
+    memory.check(self.memory, *available, cfg, self.model_config, self.mesh)
+    if self._compiled_step is None:
+      logging.info("memory: the train step needs an estimated %s; the device has %s",
+                   self.memory.describe(), memory.describe_available(*available))
     if init_from and not checkpointing.has_steps(self.workdir):
       self._check_init_from(init_from)  # before anything is written, or compiled in background
     ckpt = checkpointing.Checkpointer(self.workdir, cfg.checkpoint.keep)
@@ -247,6 +258,9 @@ class Trainer:
 
     try:
       train_step = self._compiled_step.result() if start < stop else None
+      if train_step is not None:  # XLA's own count, before the first step allocates it
+        memory.check_compiled(train_step, *available, self.memory, cfg, self.model_config,
+                              self.mesh)
       step = start
       while step < stop:
         batch = self.device_batch(next(it))
