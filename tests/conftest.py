@@ -1,8 +1,16 @@
+import contextlib
 import os
 import tempfile
 
 # Float32 matmuls at full precision on every backend, so reference comparisons are meaningful.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+# The tests' models are tiny, so a test's time is XLA compiling, not running: without XLA's
+# optimization passes the suite needs about half the CPU time (2 cores: 193 -> 100 s for two of
+# its slowest files). The numerics under test (masks, iteration plan, caches, references) do not
+# depend on them; the benchmarks and every real run keep XLA's defaults. Tests that measure
+# XLA's own memory use turn them back on (`xla_optimizations`).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # One XLA compilation cache for the whole run, shared by the test processes (pytest-xdist
 # workers, inherited through the environment) and the train.py / generate.py subprocesses that
@@ -21,3 +29,15 @@ def pytest_unconfigure(config):
   if _MADE_CACHE and not hasattr(config, "workerinput"):  # the process that made it removes it
     import shutil
     shutil.rmtree(_MADE_CACHE, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def xla_optimizations():
+  """XLA optimizes as it does outside the tests, inside this context (memory measurements)."""
+  import jax
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
