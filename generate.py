@@ -4,9 +4,10 @@
   python generate.py --checkpoint=DIR --prompts_file=prompts.txt --temperature=0.8 --top_p=0.9
 
 A checkpoint is a directory written by `lckv_jax.checkpoint.save_model` (training exports, or
-`python -m lckv_jax.convert from-hf SRC DST`). The tokenizer is the HF tokenizer saved in the
-checkpoint directory (train.py --export_model writes it there), else UTF-8 bytes for a model with
-a vocabulary of 256.
+`python -m lckv_jax.convert from-hf SRC DST`). The tokenizer is the one saved in the checkpoint
+directory (train.py --export_model and convert from-hf write it there), else UTF-8 bytes for a
+model with a vocabulary of 256 (`lckv_jax.tokenizer.load_tokenizer`). Prompts start with the
+tokenizer's BOS, as training started documents (`data.add_bos`).
 """
 
 from __future__ import annotations
@@ -22,55 +23,14 @@ _NO_CHECKPOINT = (
     "`python train.py --config=configs/tiny.py --workdir=W --export_model=DIR` or "
     "`python -m lckv_jax.convert from-hf SRC DIR`")
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-class _PromptTokenizer:
-  """A training tokenizer (lckv_jax.data.tokenizer) that starts prompts with BOS, as training
-  started documents (`data.add_bos`), and returns plain lists of ids."""
-
-  def __init__(self, tok):
-    self.tok, self.eos_id = tok, tok.eos_id
-
-  def encode(self, text):
-    ids = [int(i) for i in self.tok.encode(text)]
-    return ([self.tok.bos_id] if self.tok.bos_id is not None else []) + ids
-
-  def decode(self, ids):
-    return self.tok.decode(ids)
-
-
-def load_tokenizer(checkpoint: str, vocab_size: int):
-  """The tokenizer saved beside the checkpoint: a HuggingFace one (from `convert from-hf`, with
-  tokenizer_config.json) through transformers; one exported by train.py (tokenizer.model,
-  tokenizer.json or vocab.json + merges.txt) through lckv_jax; bytes only for a 256-token model."""
-  has = lambda f: os.path.exists(os.path.join(checkpoint, f))
-  if has("tokenizer_config.json"):
-    try:
-      import transformers
-    except ImportError:
-      raise cli.UserError(f"{checkpoint} holds a HuggingFace tokenizer, which needs transformers: "
-                          "pip install transformers") from None
-    try:
-      return transformers.AutoTokenizer.from_pretrained(checkpoint)
-    except Exception as e:  # noqa: BLE001 - tokenizers raise bare Exceptions on damaged files
-      raise cli.UserError(f"{checkpoint}: cannot load the tokenizer saved there "
-                          f"({cli.one_line(e)})") from e
-  if any(has(f) for f in _TOKENIZER_FILES):
-    from lckv_jax.data.tokenizer import load_tokenizer as load_training_tokenizer
-    tok = load_training_tokenizer(checkpoint)
-    if tok.vocab_size > vocab_size:
-      raise cli.UserError(f"the tokenizer in {checkpoint} has {tok.vocab_size} tokens but the "
-                          f"model only {vocab_size}: they do not belong together")
-    return _PromptTokenizer(tok)
-  from lckv_jax.generation import ByteTokenizer
-  if vocab_size != ByteTokenizer.vocab_size:  # bytes into a 32k model: fluent-looking nonsense
-    raise cli.UserError(
-        f"no tokenizer in {checkpoint} (tokenizer.model, tokenizer.json, vocab.json) and "
-        f"model.vocab_size={vocab_size} is not the byte vocabulary (256): copy the tokenizer "
-        "the model was trained with into that directory (train.py --export_model does)")
-  return ByteTokenizer()
+def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+  """The prompts' ids, each starting with BOS (where the tokenizer has one), as training
+  started documents (`data.add_bos`)."""
+  from lckv_jax import tokenizer as tok_lib
+  return [[int(i) for i in ids] for ids in tok_lib.encode_texts(tokenizer, prompts, add_bos=True)]
 
 
 def read_prompts(path: str) -> list[str]:
@@ -147,12 +107,14 @@ def main(argv=None) -> int:
   import numpy as np
   from lckv_jax.checkpoint import load_model
   from lckv_jax.generation import generate
+  from lckv_jax.tokenizer import load_tokenizer
 
   model = load_model(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {}))
   vocab = model.config.vocab_size
-  tokenizer = load_tokenizer(args.checkpoint, vocab)
-  eos_id = args.eos_id if args.eos_id is not None else getattr(
-      tokenizer, "eos_token_id", getattr(tokenizer, "eos_id", None))
+  # The tokenizer saved beside the model; bytes only for a 256-token model.
+  tokenizer = load_tokenizer(args.checkpoint, vocab_size=vocab, flag="--checkpoint",
+                             transformers=True)
+  eos_id = args.eos_id if args.eos_id is not None else tokenizer.eos_id
   if args.eos_id is not None and not 0 <= args.eos_id < vocab:
     raise cli.UserError(f"--eos_id must be in [0, {vocab}) (model.vocab_size={vocab}), got "
                         f"{args.eos_id}")
@@ -174,7 +136,7 @@ def main(argv=None) -> int:
       shown[0] = text
 
   t0 = time.perf_counter()
-  out = generate(model, prompts, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
+  out = generate(model, prompt_ids(tokenizer, prompts), max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  seed=args.seed, eos_id=eos_id, prefill_iterations=args.prefill_iterations,
                  sink=tuple(args.sink) if args.sink else None, stream=stream)
@@ -183,7 +145,8 @@ def main(argv=None) -> int:
   if single:
     sys.stdout.write("\n")
   else:
-    for p, text in zip(prompts, out.texts):
+    for p, ids in zip(prompts, out.tokens):
+      text = tokenizer.decode(ids)
       sys.stdout.write(f"{p}{text}\n---\n")
   n = sum(len(t) for t in out.tokens)
   decode_s = max(out.seconds - out.prefill_seconds, 1e-9)

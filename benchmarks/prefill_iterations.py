@@ -132,7 +132,7 @@ def heldout_windows(n: int, length: int, eval_fraction: float = EVAL_FRACTION) -
   """[n, length] byte tokens from the held-out chapters of the embedded corpus (see the doc)."""
   from lckv_jax.data.corpus import embedded_documents
   from lckv_jax.data.sources import split_documents
-  from lckv_jax.data.tokenizer import ByteTokenizer
+  from lckv_jax.tokenizer import ByteTokenizer
   _, held = split_documents(list(embedded_documents()), eval_fraction)
   docs = [ByteTokenizer().encode(d) for d in held]
   windows, r = [], 0

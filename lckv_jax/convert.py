@@ -434,9 +434,9 @@ def special_token_ids(directory: str | None, vocab_size: int) -> dict[str, int |
   if directory and os.path.exists(os.path.join(directory, hf_io.GENERATION_CONFIG)):
     gen = hf_io.read_json(os.path.join(directory, hf_io.GENERATION_CONFIG))
     return {k: gen[k] for k in hf_io.SPECIAL_TOKENS if k in gen}
-  from lckv_jax.data import tokenizer as tok_lib
-  names = ("tokenizer.json", "tokenizer.model", "vocab.json")
-  if directory and any(os.path.exists(os.path.join(directory, n)) for n in names):
+  from lckv_jax import tokenizer as tok_lib
+  if directory and any(os.path.exists(os.path.join(directory, n))
+                       for n in tok_lib.TOKENIZER_FILES):
     try:
       tok = tok_lib.load_tokenizer(directory)
     except (OSError, ValueError, ImportError) as e:

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from lckv_jax import cache as cache_lib
-from lckv_jax.data.tokenizer import ByteTokenizer  # noqa: F401  (the byte fallback, re-exported)
+from lckv_jax.tokenizer import ByteTokenizer  # noqa: F401  (the byte fallback, re-exported)
 from lckv_jax.model import Transformer, check_inputs, relayout
 from lckv_jax.sampling import Sampling, sample_with
 from lckv_jax.train.sharding import RULES, logical_to_spec

@@ -364,25 +364,6 @@ def parse_spec(spec: str, num_layers: int | None) -> LayerTypes:
   return parse(spec, num_layers)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m lckv_jax.layer_types show LAYER_TYPES`: a text view of the attention graph."""
-  from lckv_jax import cli
-  parser = cli.ArgumentParser(prog=PROG)
-  parser.add_argument("command", choices=["show"])
-  parser.add_argument("layer_types", help="a layer_types string or preset name")
-  parser.add_argument("--num_layers", type=int, default=None,
-                      help="layer count, needed for preset names")
-  parser.add_argument("--image", default=None,
-                      help="also draw the graph to this image file (.png, .svg; needs matplotlib)")
-  args = parser.parse_args(argv)
-  lt = parse_spec(args.layer_types, args.num_layers)
-  print(describe(lt))
-  if args.image:
-    from lckv_jax import visualize
-    visualize.save(args.image, [args.layer_types], args.num_layers)
-    print(f"\nwrote {args.image}")
-
-
 def describe(lt: LayerTypes) -> str:
   """A terminal picture: one row per layer, top layer first."""
   lines = [f"layer_types = {lt}", ""]
@@ -400,5 +381,7 @@ def describe(lt: LayerTypes) -> str:
 
 
 if __name__ == "__main__":
-  from lckv_jax import cli
-  cli.run(main, prog=PROG)
+  # `show` draws (--image), so its command line lives with the drawing, in visualize, which
+  # imports this module: never the reverse. Run as a script this file is the module __main__.
+  from lckv_jax import cli, visualize
+  cli.run(visualize.show_main, prog=PROG)

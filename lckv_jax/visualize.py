@@ -3,6 +3,9 @@
     python -m lckv_jax.layer_types show lckv --num_layers 8 --image=lckv.png   # one graph
     python -m lckv_jax.visualize docs/layer_types.png llama lckv cla yoco --num_layers 8
 
+Both command lines live here (`show_main`, `main`): `layer_types` stays pure and never imports
+this module.
+
 Layers are nodes from the bottom (layer 0) to the top; an arrow goes from each layer to the layer
 whose KV it reads (on the right when it reads upward, a cycle; on the left when it reads a lower
 layer); a layer without an arrow reads its own KV. Filled nodes compute and cache KV; dashed
@@ -128,6 +131,24 @@ def save(path: str, specs: Sequence[str], num_layers: int | None = None,
 
 
 PROG = "python -m lckv_jax.visualize"
+
+
+def show_main(argv: Sequence[str] | None = None) -> None:
+  """`python -m lckv_jax.layer_types show LAYER_TYPES [--image=F]`: the text view of the attention
+  graph (`layer_types.describe`), and its picture with --image."""
+  parser = cli.ArgumentParser(prog=lt_lib.PROG)
+  parser.add_argument("command", choices=["show"])
+  parser.add_argument("layer_types", help="a layer_types string or preset name")
+  parser.add_argument("--num_layers", type=int, default=None,
+                      help="layer count, needed for preset names")
+  parser.add_argument("--image", default=None,
+                      help="also draw the graph to this image file (.png, .svg; needs matplotlib)")
+  args = parser.parse_args(argv)
+  lt = lt_lib.parse_spec(args.layer_types, args.num_layers)
+  print(lt_lib.describe(lt))
+  if args.image:
+    save(args.image, [args.layer_types], args.num_layers)
+    print(f"\nwrote {args.image}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -266,7 +266,7 @@ def test_special_token_ids_travel_through_from_hf_and_to_hf(hf_dirs, tmp_path):
 
 
 def test_export_takes_the_ids_from_the_tokenizer_or_says_there_are_none(tmp_path, caplog):
-  from lckv_jax.data import tokenizer as tok_lib
+  from lckv_jax import tokenizer as tok_lib
   sp = tok_lib.load_tokenizer("kjv-bpe-32k")
   tok_dir = tmp_path / "tok"
   os.makedirs(tok_dir)

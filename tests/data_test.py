@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from lckv_jax import ModelConfig, Transformer
-from lckv_jax.data import corpus, pipeline, sources, tokenizer
+from lckv_jax import tokenizer
+from lckv_jax.data import corpus, pipeline, sources
 from lckv_jax.train.config import default_config
 
 
@@ -145,7 +146,7 @@ def test_sentencepiece_model(tmp_path):
   ds = pipeline.make_datasets(_data_cfg(max_documents=20, tokenizer=str(tmp_path / "sp.model")),
                               32, 2, 300)
   assert ds.train[0]["tokens"].max() < 300
-  assert pipeline.tokenize(["And God said"], t, add_bos=True)[0][0] == t.bos_id
+  assert tokenizer.encode_texts(t, ["And God said"], add_bos=True)[0][0] == t.bos_id
 
 
 def test_pretokenized_array_record_source(tmp_path):

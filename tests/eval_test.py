@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from lckv_jax import ModelConfig, Transformer, checkpoint
+from lckv_jax.tokenizer import ByteTokenizer
 from lckv_jax.eval import lm_eval_adapter, multiple_choice
 from lckv_jax.eval import perplexity as ppl
 
@@ -121,14 +122,14 @@ def test_perplexity_iterations(lckv_model):
 
 
 def test_loglikelihood_and_rolling(lckv_model):
-  tok = lm_eval_adapter.ByteTokenizer()
+  tok = ByteTokenizer()
   lm = lm_eval_adapter.LCKVEvalModel(lckv_model, tok, max_length=8, batch_size=1)
   requests = [("The cat", " sat"), ("", "hello"), ("a b ", "c"), ("x" * 30, " long tail")]
   results = lm.loglikelihood(requests)
   for (ctx, cont), (ll, greedy) in zip(requests, results):
     if ctx.endswith(" "):
       ctx, cont = ctx.rstrip(), " " + cont
-    whole = (tok.encode(ctx) or [0]) + tok.encode(cont)
+    whole = (list(tok.encode(ctx)) or [0]) + list(tok.encode(cont))
     whole = whole[-9:]  # max_length + 1
     direct = _direct_logp(lckv_model, whole)
     np.testing.assert_allclose(ll, direct[-len(cont):].sum(), rtol=1e-5)
@@ -139,7 +140,7 @@ def test_loglikelihood_and_rolling(lckv_model):
   assert r.tokens == len(TEXT)
   np.testing.assert_allclose(rolling, -r.nll, rtol=1e-6)
   direct = 0.0
-  for ctx, pred in _lm_eval_rolling_windows(tok.encode(TEXT), 0, 8):
+  for ctx, pred in _lm_eval_rolling_windows(list(tok.encode(TEXT)), 0, 8):
     logp = _direct_logp(lckv_model, ctx + pred[-1:])
     direct += logp[-len(pred):].sum()
   np.testing.assert_allclose(rolling, direct, rtol=1e-5)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lckv_jax import ModelConfig, checkpoint, cli
+from lckv_jax import tokenizer as tok_lib
 from lckv_jax import layer_types as L
 from lckv_jax import visualize
 from lckv_jax.data import pretokenize, sources, train_tokenizer
@@ -101,7 +102,7 @@ def test_perplexity_of_nothing_is_an_error(model):
     with pytest.raises(ValueError, match="no tokens to score"):
       ppl.perplexity(model, tokens, context_len=8)  # was Perplexity(0, 0): ppl 1.0
   with pytest.raises(ValueError, match="no tokens to score"):
-    ppl.perplexity_of_text(model, lm_eval_adapter.ByteTokenizer(), "a", context_len=8)
+    ppl.perplexity_of_text(model, tok_lib.ByteTokenizer(), "a", context_len=8)
 
 
 def test_windows_past_the_model_are_errors(model):
@@ -132,12 +133,12 @@ def test_adapter_paths(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"pretrained='.*nope' does not exist"):
     lm_eval_adapter.LCKVEvalModel.from_checkpoint(str(tmp_path / "nope"), flag="pretrained")
   with pytest.raises(FileNotFoundError, match=r"tokenizer='.*nope': no such file"):
-    lm_eval_adapter.load_tokenizer(str(tmp_path / "nope"), required=True)
+    tok_lib.load_tokenizer(str(tmp_path / "nope"), flag="tokenizer", transformers=True)
   with pytest.raises(FileNotFoundError, match=r"holds no tokenizer files"):
-    lm_eval_adapter.load_tokenizer(str(tmp_path), required=True)
+    tok_lib.load_tokenizer(str(tmp_path), flag="tokenizer", transformers=True)
   broken = _write(tmp_path / "tokenizer.json", '{"not": "a tokenizer"')  # was: bytes + warning
   with pytest.raises(ValueError, match=r"tokenizer='.*tokenizer.json': could not load"):
-    lm_eval_adapter.load_tokenizer(broken)
+    tok_lib.load_tokenizer(broken, flag="tokenizer", transformers=True)
 
 
 # -- multiple-choice task files -------------------------------------------------------------------
@@ -228,16 +229,17 @@ def test_data_command_lines(tmp_path, capsys):
 
 
 def test_layer_types_and_visualize_command_lines(tmp_path, capsys):
-  msg = _user_error(L.main, ["show", "lckvv"], L.PROG, capsys, r"layer_types 'lckvv' is neither")
+  show = visualize.show_main  # `python -m lckv_jax.layer_types show`
+  msg = _user_error(show, ["show", "lckvv"], L.PROG, capsys, r"layer_types 'lckvv' is neither")
   assert "llama, lckv, sandwich" in msg and "'0_2_2_3'" in msg  # what is allowed
-  _user_error(L.main, ["show", "0_1_x_3"], L.PROG, capsys, r"bad token 'x' at position 2")
-  _user_error(L.main, ["show", "lckv"], L.PROG, capsys, r"'lckv' needs num_layers")
-  _user_error(L.main, ["show", "lckv:9", "--num_layers", "8"], L.PROG, capsys,
+  _user_error(show, ["show", "0_1_x_3"], L.PROG, capsys, r"bad token 'x' at position 2")
+  _user_error(show, ["show", "lckv"], L.PROG, capsys, r"'lckv' needs num_layers")
+  _user_error(show, ["show", "lckv:9", "--num_layers", "8"], L.PROG, capsys,
               r"warmup_layers must be in 0..7")
   _user_error(visualize.main, [str(tmp_path / "x.png"), "0_1_x"], visualize.PROG, capsys,
               r"bad token 'x'")
   with pytest.raises(ValueError, match="bad token"):  # --debug: the exception, not one line
-    cli.run(L.main, ["show", "0_1_x", "--debug"], L.PROG)
+    cli.run(show, ["show", "0_1_x", "--debug"], L.PROG)
 
 
 def _module(args, cwd):

@@ -303,7 +303,7 @@ def _saved_model(path, **changes):
 
 def test_init_from_adopts_the_checkpoints_model_and_tokenizer(tmp_path):
   """The README's up-training path used to need six hand-copied --config.model.* flags."""
-  from lckv_jax.data.tokenizer import SHIPPED
+  from lckv_jax.tokenizer import SHIPPED
   from lckv_jax.train.config import adopt_init_from, model_config
   m = _saved_model(tmp_path / "m", hidden_size=48, num_layers=2, layer_types="llama",
                    rope_theta=500.0)
@@ -376,24 +376,24 @@ def test_train_py_divergence_exits_3_naming_the_step(tmp_path):
 def test_an_exported_model_carries_its_tokenizer_and_bytes_never_stand_in(tmp_path):
   sys.path.insert(0, ROOT)
   import generate as generate_py
-  from lckv_jax.data.tokenizer import ByteTokenizer, load_tokenizer, save_tokenizer
-  from lckv_jax.eval import lm_eval_adapter
+  from lckv_jax.tokenizer import ByteTokenizer, load_tokenizer, save_tokenizer
   tok = load_tokenizer("kjv-bpe-32k")
   assert save_tokenizer(tok, str(tmp_path)) == ["tokenizer.model"]
   assert save_tokenizer(ByteTokenizer(), str(tmp_path)) == []
   text = "And God said, Let there be light: and there was light."
   ids = [int(i) for i in tok.encode(text)]
-  loaded = generate_py.load_tokenizer(str(tmp_path), 32000)
-  assert loaded.encode(text) == [tok.bos_id] + ids  # prompts start as training documents did
+  # What generate.py and the evaluators load for a checkpoint directory.
+  for_model = lambda path, vocab: load_tokenizer(path, vocab_size=vocab, flag="--checkpoint",
+                                                 transformers=True)
+  loaded = for_model(str(tmp_path), 32000)
+  assert generate_py.prompt_ids(loaded, [text]) == [[tok.bos_id] + ids]  # as documents started
   assert loaded.decode(ids) == text and loaded.eos_id == tok.eos_id
   empty = tmp_path / "empty"
   empty.mkdir()
   # A 32,000-token model without its tokenizer: an error, never UTF-8 bytes in its place.
-  with pytest.raises(cli.UserError, match="model.vocab_size=32000 is not the byte vocabulary"):
-    generate_py.load_tokenizer(str(empty), 32000)
-  with pytest.raises(FileNotFoundError, match="model.vocab_size=32000 is not the byte vocab"):
-    lm_eval_adapter.load_tokenizer(str(empty), vocab_size=32000)
-  assert isinstance(generate_py.load_tokenizer(str(empty), 256), ByteTokenizer)
+  with pytest.raises(FileNotFoundError, match="model.vocab_size=32000 is not the byte vocabulary"):
+    for_model(str(empty), 32000)
+  assert isinstance(for_model(str(empty), 256), ByteTokenizer)
 
 
 def test_a_finished_run_exports_its_model_and_the_printed_next_command_works(tmp_path):
@@ -412,6 +412,20 @@ def test_a_finished_run_exports_its_model_and_the_printed_next_command_works(tmp
                        timeout=240)
   assert gen.returncode == 0, gen.stderr[-3000:]
   assert gen.stdout.startswith("In the beginning")
+  # The picture and the TensorBoard command it prints work too (tensorboard is a requirement).
+  assert f"plotted in {wd}/metrics.png" in out.stdout
+  assert (wd / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+  assert f"tensorboard --logdir {wd}/tensorboard" in out.stdout
+  import importlib.util
+  assert importlib.util.find_spec("tensorboard") is not None
+  # The printed evaluate command, as printed.
+  command = next(line.strip() for line in out.stdout.splitlines()
+                 if line.strip().endswith("--mode=evaluate"))
+  assert command.startswith("python train.py ")
+  ev = subprocess.run([sys.executable, *command.split(" ")[1:]], cwd=ROOT, capture_output=True,
+                      text=True, timeout=240)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 3
   # An explicit export target that exists is refused before any training.
   again = _train_py(f"--workdir={tmp_path / 'wd2'}", f"--export_model={wd / 'model'}")
   assert again.returncode == cli.EXIT_USER_ERROR and "already exists" in again.stderr

@@ -118,6 +118,7 @@ def test_kv_bytes_match_the_spec_example():
 
 
 def test_show_command_prints_the_graph(capsys):
-  L.main(["show", "lckv", "--num_layers", "8"])
+  from lckv_jax import visualize  # the `show` command lives with the drawing
+  visualize.show_main(["show", "lckv", "--num_layers", "8"])
   out = capsys.readouterr().out
   assert "0_6_6_6_6_6_6_7" in out and "3 of 8 layers" in out and "cyclic[1..6]" in out

@@ -13,10 +13,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_show_image_writes_a_png_and_keeps_the_text(tmp_path, capsys):
   pytest.importorskip("matplotlib", reason="drawing needs matplotlib (requirements.txt)")
-  L.main(["show", "lckv", "--num_layers", "8"])
+  visualize.show_main(["show", "lckv", "--num_layers", "8"])
   text = capsys.readouterr().out
   png = tmp_path / "lckv.png"
-  L.main(["show", "lckv", "--num_layers", "8", f"--image={png}"])
+  visualize.show_main(["show", "lckv", "--num_layers", "8", f"--image={png}"])
   out = capsys.readouterr().out
   assert out.startswith(text) and out.strip().endswith(f"wrote {png}")
   assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
@@ -60,8 +60,8 @@ def test_missing_matplotlib_gives_one_clear_error(tmp_path, monkeypatch, capsys)
   with pytest.raises(ImportError, match="pip install matplotlib"):
     visualize.figure(["llama"], 4)
   with pytest.raises(SystemExit) as exit_info:  # a user error: one line, exit 2
-    cli.run(L.main, ["show", "llama", "--num_layers", "4", f"--image={tmp_path / 'x.png'}"],
-            prog=L.PROG)
+    cli.run(visualize.show_main,
+            ["show", "llama", "--num_layers", "4", f"--image={tmp_path / 'x.png'}"], prog=L.PROG)
   assert exit_info.value.code == cli.EXIT_USER_ERROR
   captured = capsys.readouterr()
   assert "layer_types = 0_1_2_3" in captured.out

@@ -57,13 +57,6 @@ class _Rows:
     return {k: v[i] for k, v in self.rows.items()}
 
 
-def tokenize(docs: Sequence[str], tokenizer, add_bos: bool = False) -> list[np.ndarray]:
-  out = tokenizer.encode_batch(list(docs))
-  if add_bos and tokenizer.bos_id is not None:
-    out = [np.concatenate([[tokenizer.bos_id], t]).astype(np.int32) for t in out]
-  return out
-
-
 def train_dataset(rows: dict[str, np.ndarray], batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """Infinite batches of `batch_size` rows for this process: batch i is a pure function of i."""
@@ -125,43 +118,37 @@ class Datasets:
 def make_datasets(data_cfg, seq_len: int, batch_size: int, model_vocab_size: int,
                   process_index: int | None = None, process_count: int | None = None) -> Datasets:
   """Builds the train and held-out pipelines from the `data` section of the train config."""
-  from lckv_jax.data import corpus, sources
-  from lckv_jax.data.tokenizer import check_vocab, load_tokenizer
+  from lckv_jax import tokenizer as tok_lib
+  from lckv_jax.data import sources
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  tokenizer = load_tokenizer(data_cfg.tokenizer)
-  source, n_max = data_cfg.source, data_cfg.max_documents
-  eval_docs = None
-  if source == "array_record":  # already token ids: the tokenizer only decodes
-    docs = sources.load_token_documents(data_cfg.path, n_max)
+  tokenizer = tok_lib.load_tokenizer(data_cfg.tokenizer)
+  src = sources.source(data_cfg.source)
+  query = sources.Query(path=data_cfg.path, text_field=data_cfg.text_field,
+                        tfds_name=data_cfg.tfds_name, split=data_cfg.tfds_train_split,
+                        tfds_data_dir=data_cfg.tfds_data_dir,
+                        max_documents=data_cfg.max_documents)
+  if src.tokens:  # already token ids: the tokenizer only decodes
+    docs = sources.read_documents(data_cfg.source, query)
     lo = min((int(d.min()) for d in docs if len(d)), default=0)
     hi = max((int(d.max()) for d in docs if len(d)), default=0)
     if lo < 0 or hi >= model_vocab_size:
       raise ValueError(f"data.path={data_cfg.path!r} holds token ids in [{lo}, {hi}] but "
                        f"model.vocab_size={model_vocab_size}; set --config.model.vocab_size to "
                        "the vocabulary the files were written with (see <file>.json)")
-  else:
-    check_vocab(tokenizer, model_vocab_size, data_cfg.tokenizer)
-    if source == "embedded":
-      docs = list(corpus.embedded_documents())
-    elif source == "files":
-      docs = sources.load_documents(data_cfg.path, data_cfg.text_field)
-    elif source == "tfds":
-      load = lambda split: sources.load_tfds_documents(
-          data_cfg.tfds_name, split, data_cfg.text_field, data_cfg.tfds_data_dir, n_max)
-      docs = load(data_cfg.tfds_train_split)
-      eval_docs = load(data_cfg.tfds_eval_split) if data_cfg.tfds_eval_split else None
-    else:
-      raise ValueError(f"data.source must be 'embedded', 'files', 'array_record' or 'tfds', "
-                       f"got {source!r}")
-  if n_max:
-    docs = docs[:n_max]
+  else:  # before reading: a corpus can take minutes
+    tok_lib.check_vocab(tokenizer, model_vocab_size, data_cfg.tokenizer)
+    docs = sources.read_documents(data_cfg.source, query)
+  eval_docs = None
+  if src.splits and data_cfg.tfds_eval_split:
+    eval_docs = sources.read_documents(
+        data_cfg.source, dataclasses.replace(query, split=data_cfg.tfds_eval_split))
   if eval_docs is None:
     train_docs, eval_docs = sources.split_documents(docs, data_cfg.eval_fraction)
   else:
     train_docs = docs
-  pretokenized = source == "array_record"
-  encode = lambda ds: list(ds) if pretokenized else tokenize(ds, tokenizer, data_cfg.add_bos)
+  encode = lambda ds: list(ds) if src.tokens else tok_lib.encode_texts(tokenizer, ds,
+                                                                       data_cfg.add_bos)
   order = np.random.default_rng(data_cfg.seed).permutation(len(train_docs))
   train_tok = encode([train_docs[i] for i in order])
   train_rows = pack_documents(train_tok, seq_len)

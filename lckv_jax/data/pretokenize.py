@@ -15,9 +15,8 @@ import argparse
 import json
 
 from lckv_jax import cli
+from lckv_jax import tokenizer as tok_lib
 from lckv_jax.data import sources
-from lckv_jax.data.pipeline import tokenize
-from lckv_jax.data.tokenizer import load_tokenizer
 
 PROG = "python -m lckv_jax.data.pretokenize"
 
@@ -26,12 +25,12 @@ def pretokenize(input_spec: str, tokenizer_spec: str, output: str, text_field: s
                 add_bos: bool = True, max_documents: int = 0, chunk: int = 1024,
                 input_flag: str = "input_spec") -> dict:
   """Writes `output` (+ `output.json`) from 'embedded', 'tfds:NAME[:SPLIT]' or files; the note."""
-  tok = load_tokenizer(tokenizer_spec)
+  tok = tok_lib.load_tokenizer(tokenizer_spec)
   docs = sources.read_texts(input_spec, text_field, max_documents, input_flag)
 
   def token_docs():
     for i in range(0, len(docs), chunk):
-      yield from tokenize(docs[i:i + chunk], tok, add_bos)
+      yield from tok_lib.encode_texts(tok, docs[i:i + chunk], add_bos)
 
   n_docs, n_tokens = sources.write_token_documents(output, token_docs())
   note = {"format": "one record per document: little-endian int32 token ids",

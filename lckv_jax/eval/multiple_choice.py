@@ -80,6 +80,7 @@ def evaluate(lm, examples: Sequence[dict], delimiter: str = " ") -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
   from lckv_jax import checkpoint
+  from lckv_jax import tokenizer as tok_lib
   from lckv_jax.eval import lm_eval_adapter
   from lckv_jax.eval import perplexity as ppl_lib
   p = cli.ArgumentParser(prog=PROG)
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--byte_tokenizer", action="store_true", help="UTF-8 bytes as token ids")
   args = p.parse_args(argv)
   # Every check that needs no model first: loading one takes minutes.
-  path = lm_eval_adapter.checkpoint_dir(args.checkpoint, "--checkpoint")
+  path = ppl_lib.checkpoint_dir(args.checkpoint, "--checkpoint")
   lm_eval_adapter.check_options(checkpoint.load_config(path), args.max_length, args.batch_size)
   ppl_lib.check_passes(args.forward_passes, args.backward_passes)
   for task in args.tasks:
@@ -103,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       raise FileNotFoundError(f"--tasks={task!r}: no such file")
   tasks = [(task, load_task(task)) for task in args.tasks]
   lm = lm_eval_adapter.LCKVEvalModel.from_checkpoint(
-      path, lm_eval_adapter.ByteTokenizer() if args.byte_tokenizer else None,
+      path, tok_lib.ByteTokenizer() if args.byte_tokenizer else None,
       flag="--checkpoint", batch_size=args.batch_size, max_length=args.max_length,
       forward_passes=args.forward_passes, backward_passes=args.backward_passes)
   for task, examples in tasks:

@@ -86,6 +86,17 @@ class Scorer:
     return model_logits(self.state, jnp.asarray(inputs_BxT, jnp.int32), **self.static)
 
 
+def checkpoint_dir(path: str, flag: str = "path") -> str:
+  """`path` (user-expanded) if it is a directory; else an error naming `flag` (--checkpoint,
+  pretrained)."""
+  full = os.path.expanduser(path or "")
+  if not path or not os.path.isdir(full):
+    state = "is a file" if os.path.isfile(full) else "does not exist"
+    raise FileNotFoundError(f"{flag}={path!r} {state}; give an lckv-jax model checkpoint "
+                            "directory (config.json and params/)")
+  return full
+
+
 def check_passes(forward_passes: int | None, backward_passes: int | None) -> None:
   """Fails before compiling on pass counts the model would reject (None = the model's)."""
   for name, v, low in (("forward_passes", forward_passes, 0),
@@ -226,14 +237,15 @@ def perplexity(model_or_scorer, documents, *, context_len: int | None = None,
 
 
 def perplexity_of_text(model_or_scorer, tokenizer, text: str, **kwargs) -> Perplexity:
-  """`perplexity` of `tokenizer.encode(text)` (any object with `encode(str) -> list[int]`)."""
+  """`perplexity` of `tokenizer.encode(text)` (a `lckv_jax.tokenizer.Tokenizer`: no BOS is added;
+  pass `prefix_token` to score the first token too)."""
   return perplexity(model_or_scorer, np.asarray(tokenizer.encode(text), np.int64), **kwargs)
 
 
-def _read_tokens(args, checkpoint_dir: str, vocab_size: int) -> np.ndarray:
+def _read_tokens(args, path: str, vocab_size: int) -> np.ndarray:
   """The ids to score from --tokens (.npy) or --text_file (tokenized); a clear error if unusable."""
+  from lckv_jax import tokenizer as tok_lib
   from lckv_jax.data import sources
-  from lckv_jax.eval import lm_eval_adapter
   if args.tokens:
     try:
       tokens = np.load(args.tokens, allow_pickle=False)
@@ -245,9 +257,9 @@ def _read_tokens(args, checkpoint_dir: str, vocab_size: int) -> np.ndarray:
                        f"shape {getattr(tokens, 'shape', None)}")
     name = where = f"--tokens={args.tokens!r}"
   else:
-    tok = (lm_eval_adapter.ByteTokenizer() if args.byte_tokenizer
-           else lm_eval_adapter.load_tokenizer(checkpoint_dir, flag="--checkpoint",
-                                               vocab_size=vocab_size))
+    tok = (tok_lib.ByteTokenizer() if args.byte_tokenizer
+           else tok_lib.load_tokenizer(path, flag="--checkpoint", vocab_size=vocab_size,
+                                       transformers=True))
     tokens = np.asarray(tok.encode(sources.read_text(args.text_file)), np.int64)
     name, where = args.text_file, f"{args.text_file} (tokenized)"
   if len(tokens) < 2:
@@ -269,7 +281,6 @@ def _check_flags(args, config) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
   from lckv_jax import checkpoint
-  from lckv_jax.eval import lm_eval_adapter
   p = cli.ArgumentParser(prog=PROG)
   p.add_argument("--checkpoint", required=True, help="lckv-jax model checkpoint directory")
   src = p.add_mutually_exclusive_group(required=True)
@@ -283,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--batch_size", type=int, default=1)
   p.add_argument("--byte_tokenizer", action="store_true", help="UTF-8 bytes as token ids")
   args = p.parse_args(argv)
-  path = lm_eval_adapter.checkpoint_dir(args.checkpoint, "--checkpoint")
+  path = checkpoint_dir(args.checkpoint, "--checkpoint")
   for flag, f in (("--tokens", args.tokens), ("--text_file", args.text_file)):
     if f and not os.path.isfile(f):  # before the minutes of loading a model
       raise FileNotFoundError(f"{flag}={f!r}: no such file")

@@ -165,7 +165,6 @@ ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_la
                        "num_kv_heads", "head_dim", "tie_word_embeddings", "layer_types",
                        "rope_theta", "rope_scaling", "rms_norm_eps", "max_position_embeddings",
                        "sliding_window", "force_nodiag")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def adopt_init_from(config: ml_collections.ConfigDict, init_from: str,
@@ -196,7 +195,8 @@ def adopt_init_from(config: ml_collections.ConfigDict, init_from: str,
     notes.append(f"--init_from={init_from}: the model is the checkpoint's: " + ", ".join(
         f"{f}={getattr(after, f)!r} (config: {getattr(before, f)!r})" if f != "layer_types" else
         f"layer_types={after.layer_spec} (config: {before.layer_spec})" for f in changed))
-  files = [n for n in _TOKENIZER_FILES if os.path.exists(os.path.join(init_from, n))]
+  from lckv_jax.tokenizer import TOKENIZER_FILES
+  files = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(init_from, n))]
   theirs = init_from if files else ("byte" if loaded.vocab_size == 256 else None)
   if "data.tokenizer" not in explicit:
     if theirs is None:
