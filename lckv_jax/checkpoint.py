@@ -1,5 +1,8 @@
 """Model checkpoints: a directory with `config.json` (the ModelConfig) and `params/` (orbax).
 
+`config.json` holds what the model is at its top level and, under `"run"`, how it was run
+(`lckv_jax.config.RunConfig`): the defaults of `load_model`, which `run=` changes.
+
 This is the format that `python -m lckv_jax.convert from-hf` writes and that `generate.py` and
 fine-tuning in `train.py` read. Training runs keep their own CheckpointManager (optimizer and data
 state too) and can export a step to this format.
@@ -23,7 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lckv_jax import hf as hf_io
-from lckv_jax.config import ModelConfig
+from lckv_jax.config import RUN_FIELDS, ModelConfig, RunConfig
 from lckv_jax.model import Transformer, relayout
 
 CONFIG_FILE = "config.json"
@@ -31,18 +34,23 @@ PARAMS_DIR = "params"
 
 
 def config_to_dict(config: ModelConfig) -> dict:
-  d = dataclasses.asdict(config)
-  d["rope_scaling"] = config.rope_scaling_dict
-  return d
+  """config.json: what the model is, and under "run" how it was run (the defaults of a load)."""
+  return {**config.architecture(), "run": dataclasses.asdict(config.run)}
 
 
 def config_from_dict(d: dict) -> ModelConfig:
+  """The ModelConfig of a config.json; one written before the "run" section (all fields at the
+  top level) reads the same."""
+  d = dict(d)
+  run = d.pop("run", {})
+  if not isinstance(run, dict):
+    raise ValueError(f"field 'run' must be an object of RunConfig fields, got {run!r}")
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = sorted(set(d) - fields)
+  unknown = sorted(set(d) - fields) + [f"run.{k}" for k in sorted(set(run) - set(RUN_FIELDS))]
   if unknown:
     raise ValueError(f"unknown ModelConfig field(s) {unknown} (written by another version of "
                      f"lckv-jax?); known fields: {', '.join(sorted(fields))}")
-  return ModelConfig(**d)
+  return ModelConfig(**d, **run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,16 +213,21 @@ def _restore(path: str, target, overrides: dict):
       raise ValueError(f"{damaged} ({_cause(e)})") from e
 
 
-def load_model(path: str, **overrides) -> Transformer:
-  """Reads a model written by `save_model`; `overrides` replace config fields (e.g. dtype).
+def load_model(path: str, run: RunConfig | dict | None = None, **overrides) -> Transformer:
+  """Reads a model written by `save_model`.
 
+  `run` says how to run it (a RunConfig, or a dict of some of its fields: dtype, kernels, remat,
+  passes, ...); unset fields keep the values it was saved with. `overrides` replace config fields
+  by name, run fields or not (e.g. `param_dtype` casts the parameters as they load).
   `scan_layers=False` loads a checkpoint saved with stacked layers into one array per layer (the
   fast layout for decoding, `lckv_jax.model.relayout`) without two copies on the device.
   """
   path = os.path.abspath(path)
   config = load_config(path)
+  if run is not None:
+    config = config.with_run(run)
   scan_layers = overrides.pop("scan_layers", config.scan_layers)
-  unknown = sorted(set(overrides) - set(config_to_dict(config)))
+  unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
   if unknown:
     raise ValueError(f"load_model: unknown ModelConfig field(s) {unknown} in the overrides")
   if overrides:

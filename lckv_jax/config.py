@@ -1,4 +1,15 @@
-"""The model configuration: Llama's fields plus the cross-layer KV sharing ones."""
+"""The model configuration: Llama's fields plus the cross-layer KV sharing ones.
+
+`ModelConfig` holds two kinds of fields, and modules read both from it:
+
+- what the model *is* (`ARCHITECTURE_FIELDS`: sizes, `layer_types`, RoPE, norms, windows,
+  parameter dtype): a checkpoint's parameters mean something only under these, so a checkpoint
+  stores them, a resumed run must keep them, and `--init_from` adopts them;
+- how it *runs* (`RunConfig`: compute dtype, scanning, remat, kernels, the iteration plan's
+  passes, the exact or the reference's decoding, the sequential mode): a checkpoint stores the
+  values it was made with as defaults, and they may change on resume and when loading
+  (`checkpoint.load_model(dir, run=...)`).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +28,24 @@ _ROPE_SCALING = ("linear", "llama3")
 _DECODE_SEMANTICS = ("exact", "whynlp_main")
 _ATTENTION_IMPLS = ("auto", "cudnn", "xla", "dense", "splash")
 _DECODE_ATTENTION = ("auto", "pallas", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """How a model runs; the defaults are ModelConfig's. Validated where it is applied
+  (`ModelConfig.with_run`)."""
+  forward_passes: int = 7  # m: iterations of a cyclic group without gradients
+  backward_passes: int = 2  # b: iterations with gradients (truncated backprop), >= 1
+  use_sequential: bool = False  # run the exact token-by-token mode instead of the iteration plan
+  decode_semantics: str = "exact"  # 'exact' (= sequential mode) or 'whynlp_main' (spec §5)
+  dtype: str = "float32"  # compute dtype of activations
+  scan_layers: bool = True  # scan runs of identical layers (fast compiles for deep models)
+  remat: str = "none"  # rematerialisation of scanned blocks
+  attention_impl: str = "auto"  # kernel of parallel chunks
+  decode_attention: str = "auto"  # kernel of decode steps
+
+
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +179,31 @@ class ModelConfig:
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 
+  @property
+  def run(self) -> RunConfig:
+    """How this model runs (the fields of `RunConfig`)."""
+    return RunConfig(**{f: getattr(self, f) for f in RUN_FIELDS})
+
+  def with_run(self, run: "RunConfig | Mapping[str, Any]") -> "ModelConfig":
+    """The same model run as `run` says (a RunConfig, or a dict of some of its fields)."""
+    changes = dataclasses.asdict(run) if isinstance(run, RunConfig) else dict(run)
+    unknown = sorted(set(changes) - set(RUN_FIELDS))
+    if unknown:
+      raise ValueError(f"run: unknown field(s) {unknown}; a RunConfig has {', '.join(RUN_FIELDS)}"
+                       " (what the model is cannot change at load time)")
+    return self.replace(**changes)
+
+  def architecture(self) -> dict[str, Any]:
+    """What the model is: every field but the run fields, as plain JSON values."""
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+         if f.name not in RUN_FIELDS}
+    d["rope_scaling"] = self.rope_scaling_dict
+    return d
+
   def kv_cache_bytes_per_token(self) -> int:
     return self.layer_spec.kv_bytes_per_token(
         self.num_kv_heads, self.resolved_head_dim, jnp.dtype(self.compute_dtype).itemsize)
+
+
+ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
+                            if f.name not in RUN_FIELDS)

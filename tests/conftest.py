@@ -1,5 +1,7 @@
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 
 # Float32 matmuls at full precision on every backend, so reference comparisons are meaningful.
@@ -20,15 +22,9 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lckv-jax-tests-xla-")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-  _MADE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
-else:
-  _MADE_CACHE = None
-
-
-def pytest_unconfigure(config):
-  if _MADE_CACHE and not hasattr(config, "workerinput"):  # the process that made it removes it
-    import shutil
-    shutil.rmtree(_MADE_CACHE, ignore_errors=True)
+  # The process that made it removes it at exit, after the threads that may still write to it
+  # (a Trainer compiles its step in the background) have been joined.
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @contextlib.contextmanager

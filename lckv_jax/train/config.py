@@ -16,7 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from lckv_jax import layer_types as lt_lib
-from lckv_jax.config import ModelConfig
+from lckv_jax.config import ARCHITECTURE_FIELDS, RUN_FIELDS, ModelConfig
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -158,13 +158,11 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig(**values)
 
 
-# What a model checkpoint *is*: its parameters' shapes and what they mean. A run started with
-# --init_from takes these from the checkpoint unless the command line sets them; how it trains
-# (passes, dtype, remat, kernels) stays the run's.
-ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                       "num_kv_heads", "head_dim", "tie_word_embeddings", "layer_types",
-                       "rope_theta", "rope_scaling", "rms_norm_eps", "max_position_embeddings",
-                       "sliding_window", "force_nodiag")
+# A run started with --init_from takes what the checkpoint's model is (lckv_jax.config), unless
+# the command line sets it; how it trains (RunConfig: passes, dtype, remat, kernels) stays the
+# run's, and so do the parameter dtype it trains in and the initialisation it does not use.
+ADOPTED_FIELDS = tuple(f for f in ARCHITECTURE_FIELDS
+                       if f not in ("param_dtype", "initializer_range"))
 
 
 def adopt_init_from(config: ml_collections.ConfigDict, init_from: str,
@@ -176,7 +174,7 @@ def adopt_init_from(config: ml_collections.ConfigDict, init_from: str,
   from lckv_jax import checkpoint
   loaded = checkpoint.load_config(init_from)
   before = model_config(config)
-  for f in ARCHITECTURE_FIELDS:
+  for f in ADOPTED_FIELDS:
     if f"model.{f}" in explicit:
       continue
     value = getattr(loaded, f)
@@ -186,10 +184,10 @@ def adopt_init_from(config: ml_collections.ConfigDict, init_from: str,
       value = loaded.rope_scaling_dict
     config.model[f] = value
   after = model_config(config)
-  changed = [f for f in ARCHITECTURE_FIELDS if f != "layer_types" and
+  changed = [f for f in ADOPTED_FIELDS if f != "layer_types" and
              getattr(before, f) != getattr(after, f)]
   if str(before.layer_spec) != str(after.layer_spec):
-    changed.insert(ARCHITECTURE_FIELDS.index("layer_types"), "layer_types")
+    changed.insert(ADOPTED_FIELDS.index("layer_types"), "layer_types")
   notes = []
   if changed:
     notes.append(f"--init_from={init_from}: the model is the checkpoint's: " + ", ".join(
@@ -316,8 +314,10 @@ def check_resume(saved: dict, config: ml_collections.ConfigDict, where: str = "t
                  model_only: bool = False) -> None:
   """Compares the config saved with a checkpoint to the current one before resuming.
 
-  A changed `model` field is an error naming it (the parameters would not fit, or would mean
-  something else); a changed `steps` warns (the learning-rate schedule is stretched or cut);
+  A changed `model` field of what the model is (`ARCHITECTURE_FIELDS`, and `scan_layers`, the
+  layout of the saved state) is an error naming it (the parameters would not fit, or would mean
+  something else); a changed run field (`RunConfig`: dtype, remat, kernels, passes) warns in one
+  line with the other train fields; a changed `steps` warns (the learning-rate schedule is stretched or cut);
   other changed train fields warn in one line. Mesh, checkpoint and logging fields may change.
   `model_only`: check only the model (evaluating a checkpoint).
   """
@@ -327,7 +327,10 @@ def check_resume(saved: dict, config: ml_collections.ConfigDict, where: str = "t
   for flat in (now, old):  # a preset and its literal string are the same model
     flat["model.layer_types"] = _canonical_layer_types(flat)
   changed = {k: (old[k], v) for k, v in now.items() if old[k] != v}
-  model = {k: ov for k, ov in changed.items() if k.startswith("model.")}
+  # What the model is must not change; how it runs may (kernels, remat, dtype, passes), except
+  # scan_layers, which decides the layout of the saved parameters and optimizer state.
+  model = {k: ov for k, ov in changed.items() if k.startswith("model.")
+           and (k[len("model."):] not in RUN_FIELDS or k == "model.scan_layers")}
   if model:
     k, *others = sorted(model)
     a, b = model[k]
