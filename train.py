@@ -167,7 +167,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax's INFO lines (~70 a save) drown the bar
     for name in ("absl", "jax"):
       logging.getLogger(name).setLevel(logging.WARNING)
-  from lckv_jax.train import sharding
+  from lckv_jax import sharding
   from lckv_jax.train.workdir import check_new_target, check_writable_dir
   if _MODE.value == "train":
     check_writable_dir(_WORKDIR.value)

@@ -2,7 +2,7 @@
 
 A step is `value_and_grad` of the next-token loss plus an AdamW update, jitted, on random tokens,
 bf16 compute and float32 parameters. FLOPs count the iteration plan's extra passes
-(`lckv_jax.train.flops`). Each run is an entry of `train_speed_<device>.json` (`records`) under
+(`lckv_jax.flops`). Each run is an entry of `train_speed_<device>.json` (`records`) under
 the setting `setting` names: a re-run of a setting replaces its entry.
 
   python -m benchmarks.train_speed --shape=1b --layer_types=lckv --batch=8 --seq=2048
@@ -26,7 +26,7 @@ from benchmarks.common import SHAPES, command, config_path, default_out, packed_
 from lckv_jax import Transformer
 from lckv_jax.loss import next_token_loss
 from lckv_jax.train.config import model_from_file
-from lckv_jax.train.flops import flops_per_token, peak_flops_per_device
+from lckv_jax.flops import flops_per_token, peak_flops_per_device
 
 
 def run(args) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lckv_jax import layer_types as lt_lib
 from lckv_jax.attention import KV, apply_rope, rope_inv_freq, rope_tables
 from lckv_jax.config import ModelConfig
 
@@ -82,7 +83,8 @@ def cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype=None, *, ri
   result equals the bytes of every array of the cache.
   """
   itemsize = jnp.dtype(dtype or config.compute_dtype).itemsize
-  per_slot = 2 * config.num_kv_heads * config.resolved_head_dim * itemsize + (8 if metadata else 0)
+  per_slot = (lt_lib.kv_bytes_per_key(config.num_kv_heads, config.resolved_head_dim, itemsize)
+              + (8 if metadata else 0))
   return batch * per_slot * sum(buffer_slots(config, max_len, ring).values())
 
 

@@ -11,7 +11,8 @@
 - `sink=(n_sink, window)` decodes with a StreamingLLM attention-sink cache (`lckv_jax.cache`):
   constant memory, positions bounded by `n_sink + window`, so generation may run far past
   `max_position_embeddings`.
-- `mesh=`: parameters sharded over the `tensor` axis, the batch and cache over `data`.
+- `mesh=`: parameters, batch and cache placed by the one rules table (`lckv_jax.sharding`):
+  parameters over the `tensor` axis, the batch and cache rows over `data`.
 
 Decode semantics: exact by default (docs/spec.md §5); `ModelConfig.decode_semantics="whynlp_main"`
 reproduces the reference code's decoding of upward-attending layers (a zero key, the newest KV
@@ -33,10 +34,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from lckv_jax import cache as cache_lib
+from lckv_jax.attention import KV
 from lckv_jax.tokenizer import ByteTokenizer  # noqa: F401  (the byte fallback, re-exported)
 from lckv_jax.model import Transformer, check_inputs, relayout
 from lckv_jax.sampling import Sampling, sample_with
-from lckv_jax.train.sharding import RULES, logical_to_spec
+from lckv_jax.sharding import RULES, cache_shardings, logical_to_spec
 
 PREFILL_MODES = ("auto", "parallel", "sequential")
 
@@ -109,7 +111,7 @@ def _as_token_lists(prompts, tokenizer) -> tuple[list[list[int]], bool]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sharding: logical axis names of the parameters -> mesh axes (`lckv_jax.train.sharding.RULES`).
+# Sharding: logical axis names of the parameters -> mesh axes (`lckv_jax.sharding.RULES`).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -127,20 +129,22 @@ def shard_model(model: Transformer, mesh: Mesh, rules: dict | None = None) -> No
 
 
 def _shard_state(state, mesh: Mesh | None, rules: dict | None = None):
-  """Decode state on the mesh: batch over `data`, cache KV heads over `tensor`."""
+  """Decode state on the mesh: the cache as `cache_shardings` names it; every other array by its
+  batch axis (the first), the rest replicated."""
   if mesh is None:
     return state
   rules = {**RULES, **(rules or {})}
 
   def put(x):
+    if isinstance(x, KV):
+      return jax.device_put(x, cache_shardings(x, mesh, rules))
     if not isinstance(x, jax.Array) or x.ndim == 0 or jax.dtypes.issubdtype(
         x.dtype, jax.dtypes.prng_key):
       return x
-    axes = {4: ("batch", "length", "kv_heads", "head_dim")}.get(
-        x.ndim, ("batch",) + (None,) * (x.ndim - 1))
+    axes = ("activation_batch",) + (None,) * (x.ndim - 1)
     return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
 
-  return jax.tree.map(put, state)
+  return jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, KV))
 
 
 # ---------------------------------------------------------------------------------------------

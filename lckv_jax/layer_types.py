@@ -18,6 +18,15 @@ _TOKEN = re.compile(r"^(\d+)(s?)$")
 PROG = "python -m lckv_jax.layer_types"
 
 
+def kv_bytes_per_key(num_kv_heads: int, head_dim: int, bytes_per_elem: int) -> int:
+  """Bytes of the K and V of one token in one KV-computing layer (docs/spec.md §8).
+
+  The one count of KV-cache bytes: per token (`LayerTypes.kv_bytes_per_token`), per cache
+  (`cache.cache_bytes`, `cache.sink_cache_bytes`) and per decode step (`roofline`) multiply it.
+  """
+  return 2 * num_kv_heads * head_dim * bytes_per_elem
+
+
 @dataclasses.dataclass(frozen=True)
 class Segment:
   """A run of consecutive layers `[start, end)` in the iteration plan.
@@ -99,7 +108,7 @@ class LayerTypes:
 
   def kv_bytes_per_token(self, num_kv_heads: int, head_dim: int, bytes_per_elem: int) -> int:
     """Bytes of KV cache that one token occupies (docs/spec.md §8)."""
-    return len(self.kv_layers) * 2 * num_kv_heads * head_dim * bytes_per_elem
+    return len(self.kv_layers) * kv_bytes_per_key(num_kv_heads, head_dim, bytes_per_elem)
 
 
 def parse(layer_types: str, num_layers: int | None = None, *, force_nodiag: bool = False

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lckv_jax import layer_types as lt_lib
+from lckv_jax import layer_types as lt_lib, sharding
 from lckv_jax.attention import KV, Attention, make_mask, param, rope_inv_freq, rope_tables
 from lckv_jax.config import ModelConfig
 from lckv_jax.kernels import decode as decode_kernel
@@ -264,6 +264,7 @@ def _apply_run(run: lt_lib.Run, block_def, block_state, h, store: dict, ctx: _Co
     kvs.update({("block", o): e for o, e in own_b.items()})
     for o, (layer, role) in enumerate(zip(layers, run.roles)):
       h = _layer_pass(layer, role, ("block", o), h, kvs, ctx)
+      h = sharding.constrain(h, sharding.RESIDUAL)  # a layer boundary (no-op without a mesh)
     return h, {o: kvs[("block", o)] for o in computing}
 
   if ctx.config.remat != "none":
@@ -420,6 +421,7 @@ class Transformer(nnx.Module):
     ctx = self._context(positions, segment_ids, write_index, unpacked, contiguous)
     # Clipped, so that the pass stays finite for out-of-range ids (`_nan_rows` flags them).
     h = self.embed[...].astype(cfg.compute_dtype)[jnp.clip(tokens, 0, cfg.vocab_size - 1)]
+    h = sharding.constrain(h, sharding.RESIDUAL)
     states = [nnx.split(block.layers) for block in self.blocks]
     r = 0
     for seg, runs in self.segments:
@@ -434,7 +436,8 @@ class Transformer(nnx.Module):
       h = h[:, -1:]
     h = self.final_norm(h)
     head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-    logits = jnp.einsum("bte,ev->btv", h, head.astype(cfg.compute_dtype))
+    logits = sharding.constrain(jnp.einsum("bte,ev->btv", h, head.astype(cfg.compute_dtype)),
+                                sharding.LOGITS)
     logits = _nan_rows(cfg, logits.astype(jnp.float32), tokens, positions, segment_ids)
     return logits, store
 

@@ -24,8 +24,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from lckv_jax import layer_types as lt_lib
 from lckv_jax.config import ModelConfig
-from lckv_jax.train.flops import layer_matmul_params
+from lckv_jax.flops import attention_flops, layer_matmul_params
 
 # ---------------------------------------------------------------------------------------------
 # Counting.
@@ -41,11 +42,6 @@ def visible_keys(config: ModelConfig, layer: int, context: int) -> int:
   lt = config.layer_spec
   keys = min(context, config.sliding_window) if lt.sliding[layer] else context
   return max(keys - int(lt.diag_masked[layer]), 0)
-
-
-def _kv_bytes_per_key(config: ModelConfig, itemsize: int) -> int:
-  """K and V of one cached token of one KV layer: 2 * kv_heads * head_dim * itemsize bytes."""
-  return 2 * config.num_kv_heads * config.resolved_head_dim * itemsize
 
 
 def param_count(config: ModelConfig) -> int:
@@ -77,18 +73,14 @@ def decode_step_bytes(config: ModelConfig, batch: int, context: int, *,
   # also the LM head, which reads all of it.
   embed_read = v * e if config.tie_word_embeddings else min(batch, v) * e
   weights = (param_count(config) - v * e + embed_read) * param_bytes
-  per_key = batch * _kv_bytes_per_key(config, cache_itemsize)
+  per_key = batch * lt_lib.kv_bytes_per_key(config.num_kv_heads, config.resolved_head_dim,
+                                            cache_itemsize)
   # Every layer reads the KV it attends to, even when several layers share one buffer: each layer
   # is its own attention kernel, so the shared buffer streams from HBM once per reader.
   kv_read = per_key * sum(visible_keys(config, i, context) for i in range(config.num_layers))
   kv_write = per_key * len(lt.kv_layers)  # one new key and value per KV-computing layer
   return {"weights": weights, "kv_read": kv_read, "kv_write": kv_write,
           "total": weights + kv_read + kv_write}
-
-
-def _attention_flops(config: ModelConfig, batch: int, pairs: int) -> int:
-  """QK^T and PV over `pairs` (query, key) pairs: 2 matmuls * 2 FLOPs * heads * head_dim."""
-  return 2 * 2 * batch * config.num_heads * config.resolved_head_dim * pairs
 
 
 def decode_step_flops(config: ModelConfig, batch: int, context: int) -> dict[str, int]:
@@ -99,8 +91,8 @@ def decode_step_flops(config: ModelConfig, batch: int, context: int) -> dict[str
   """
   weights = sum(layer_matmul_params(config, i) for i in range(config.num_layers))
   matmul = 2 * batch * (weights + config.hidden_size * config.vocab_size)
-  attention = _attention_flops(
-      config, batch, sum(visible_keys(config, i, context) for i in range(config.num_layers)))
+  attention = batch * attention_flops(
+      config, sum(visible_keys(config, i, context) for i in range(config.num_layers)))
   return {"matmul": matmul, "attention": attention, "total": matmul + attention}
 
 
@@ -123,7 +115,7 @@ def prefill_flops(config: ModelConfig, batch: int, prompt_len: int, iterations: 
     runs = iterations if seg.cyclic else 1
     for i in seg.layers:
       matmul = 2 * batch * prompt_len * layer_matmul_params(config, i)
-      attention = _attention_flops(config, batch, _causal_pairs(config, i, prompt_len))
+      attention = batch * attention_flops(config, _causal_pairs(config, i, prompt_len))
       total += runs * (matmul + attention)
   return total + 2 * batch * config.hidden_size * config.vocab_size
 

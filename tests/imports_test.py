@@ -14,12 +14,6 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "lckv_jax"
 
-# Modules outside lckv_jax/train/ that still import from it.
-# moved by the sharding/accounting part of the issue
-KNOWN_TRAIN_IMPORTS = {
-    ("lckv_jax.generation", "lckv_jax.train.sharding"),
-    ("lckv_jax.roofline", "lckv_jax.train.flops"),
-}
 
 
 def _modules() -> dict[str, str]:
@@ -112,9 +106,7 @@ def test_the_core_does_not_stand_on_train():
   train = f"{PACKAGE}.train"
   found = {(m, d) for m, deps in import_graph().items() if not m.startswith(train)
            for d in deps if d == train or d.startswith(train + ".")}
-  assert found <= KNOWN_TRAIN_IMPORTS, sorted(found - KNOWN_TRAIN_IMPORTS)
-  # An exception that is gone should leave the list too, so that the list only shrinks.
-  assert found == KNOWN_TRAIN_IMPORTS, sorted(KNOWN_TRAIN_IMPORTS - found)
+  assert found == set(), sorted(found)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from lckv_jax import cli
-from lckv_jax.train import memory, sharding, step as step_lib
+from lckv_jax import sharding
+from lckv_jax.train import memory, step as step_lib
 from lckv_jax.train.config import default_config, from_file, model_config, resolve_grad_accum
 from lckv_jax.train.trainer import Trainer
 from tests.conftest import xla_optimizations

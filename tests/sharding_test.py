@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lckv_jax.train import sharding
+from lckv_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +38,36 @@ def test_logical_rules_one_table():
   assert sharding.logical_to_spec(("norm",), (8,), mesh) == P(None)
 
 
+def test_constrain_applies_only_under_a_mesh():
+  f = lambda x: sharding.constrain(x * 2, sharding.LOGITS)
+  x = jax.numpy.ones((4, 3, 8))
+  assert "sharding_constraint" not in str(jax.make_jaxpr(f)(x))
+  # A mesh of one device places nothing either.
+  one = jax.sharding.AbstractMesh((1, 1, 1), sharding.MESH_AXES)
+  assert "sharding_constraint" not in str(jax.make_jaxpr(sharding.under_mesh(one, f))(x))
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+  jaxpr = str(jax.make_jaxpr(sharding.under_mesh(mesh, f))(x))
+  assert "sharding_constraint" in jaxpr and "spec=P(('data', 'fsdp'), None, 'tensor')" in jaxpr
+
+
+def test_cache_shardings_name_the_cache_axes():
+  from lckv_jax import cache as cache_lib
+  from lckv_jax.config import ModelConfig
+  cfg = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=4,
+                    num_heads=4, num_kv_heads=2, layer_types="lckv")
+  cache = jax.eval_shape(lambda: cache_lib.init_cache(cfg, 4, 16))
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+  got = sharding.cache_shardings(cache, mesh)
+  assert got.keys() == cache.keys()
+  for e in got.values():  # k, v [batch, slots, kv_heads, head_dim]; pos, seg [batch, slots]
+    assert e.k.spec == e.v.spec == P(("data", "fsdp"), None, "tensor", None), e.k.spec
+    assert e.pos.spec == e.seg.spec == P(("data", "fsdp"), None), e.pos.spec
+  # The rules decide: a table that keeps heads whole replicates them.
+  whole = dict(sharding.RULES, cache_kv_heads=None)
+  e = next(iter(sharding.cache_shardings(cache, mesh, whole).values()))
+  assert e.k.spec == P(("data", "fsdp"), None, None, None), e.k.spec
+
+
 _SCRIPT = textwrap.dedent("""
     import jax, numpy as np, chex, sys
     sys.path.insert(0, %r)
@@ -45,6 +75,10 @@ _SCRIPT = textwrap.dedent("""
     from tests.train_test import tiny_config
     from lckv_jax.train.trainer import Trainer
     results = {}
+    # The activation constraints (sharding.constrain) of the residual stream [batch, seq, embed]
+    # and the logits [batch, seq, vocab], as the traced train step holds them.
+    residual = "spec=P(('data', 'fsdp'), None, None)"
+    logits = "spec=P(('data', 'fsdp'), None, 'tensor')"
     for name, (d, f, t), devs in [("one", (1, 1, 1), jax.devices()[:1]),
                                   ("mesh", (2, 2, 2), jax.devices())]:
       c = tiny_config(grad_accum=2)
@@ -52,6 +86,15 @@ _SCRIPT = textwrap.dedent("""
       tr = Trainer(c, "/tmp/unused", devices=devs, write_metrics=False)
       state = tr.init_state()
       batch = tr.device_batch(tr.data.train[0])
+      jaxpr = str(jax.make_jaxpr(tr.train_step)(state, batch))
+      constraints = jaxpr.count("sharding_constraint[")
+      if name == "one":
+        assert constraints == 0, constraints
+      else:  # each in the forward pass and, transposed, in the backward pass
+        assert jaxpr.count(residual) >= 2 and jaxpr.count(logits) >= 2, constraints
+        assert constraints == jaxpr.count(residual) + jaxpr.count(logits), constraints
+        hlo = tr.train_step.lower(state, batch).as_text()
+        assert "sharding_constraint" in hlo or "@Sharding" in hlo, "no constraint in the HLO"
       state, metrics = tr.train_step(state, batch)
       results[name] = (jax.device_get(state), jax.device_get(metrics))
       if name == "mesh":
@@ -65,7 +108,7 @@ _SCRIPT = textwrap.dedent("""
     (s1, m1), (s8, m8) = results["one"], results["mesh"]
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
     chex.assert_trees_all_close(s1["params"], s8["params"], atol=1e-5, rtol=0)
-    print("SHARDING_OK", float(m1["loss"]), float(m8["loss"]))
+    print("SHARDING_OK", float(m1["loss"]), float(m8["loss"]), constraints)
 """)
 
 

@@ -135,7 +135,7 @@ def test_every_config_field_has_its_meaning_and_show_config_prints_them():
 
 
 def test_flops_count_the_extra_passes_of_the_cyclic_group():
-  from lckv_jax.train import flops
+  from lckv_jax import flops
   base = model_config(tiny_config())
   llama = base.replace(layer_types="llama")
   lckv = base.replace(layer_types="3_3_3_3", forward_passes=7, backward_passes=2)

@@ -69,7 +69,8 @@ def _abstract_state(config: ml_collections.ConfigDict, model_config: ModelConfig
   """{'params', 'opt_state'} as ShapeDtypeStructs with shardings, as `Trainer` builds them."""
   import optax
   from flax import nnx
-  from lckv_jax.train import optim, sharding, step as step_lib
+  from lckv_jax import sharding
+  from lckv_jax.train import optim, step as step_lib
   tx, _ = optim.make_optimizer(config.optimizer, config.steps)
   abstract = nnx.state(step_lib.abstract_model(model_config), nnx.Param)
   param_sh = sharding.param_shardings(abstract, mesh)

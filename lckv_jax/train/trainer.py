@@ -18,7 +18,8 @@ import optax
 from flax import nnx
 
 from lckv_jax.data.pipeline import StepIterator, make_datasets
-from lckv_jax.train import checkpointing, flops, memory, optim, sharding, step as step_lib
+from lckv_jax import flops, sharding
+from lckv_jax.train import checkpointing, memory, optim, step as step_lib
 from lckv_jax.cli import Diverged, UserError
 from lckv_jax.train.config import check_resume, model_config, resolve_grad_accum, validate
 from lckv_jax.train.workdir import WorkdirLock, check_writable_dir
@@ -71,9 +72,12 @@ class Trainer:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     train_step = step_lib.make_train_step(self.model_config, self.tx, self.lr, config.z_loss,
                                           config.document_mask)
-    self.train_step = jax.jit(train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+    # Traced under the mesh, so that the model's activation constraints (`constrain`) apply.
+    self.train_step = jax.jit(sharding.under_mesh(self.mesh, train_step),
+                              in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, rep), donate_argnums=0)
-    self.eval_step = jax.jit(step_lib.make_eval_step(self.model_config, config.document_mask),
+    eval_step = step_lib.make_eval_step(self.model_config, config.document_mask)
+    self.eval_step = jax.jit(sharding.under_mesh(self.mesh, eval_step),
                              in_shardings=(param_sh, self.batch_sharding), out_shardings=rep)
     self.is_main = jax.process_index() == 0
     self.write_metrics = write_metrics and self.is_main

@@ -1,4 +1,5 @@
-"""Training FLOPs per token, counting the iteration plan (docs/spec.md §4), and MFU.
+"""FLOP counts: a training token under the iteration plan (docs/spec.md §4) and MFU; the per-layer
+matmul and attention counts that `roofline` builds decode and prefill counts from.
 
 A layer of a cyclic group runs m forward-only passes (cost 1 each) and b passes with gradients
 (cost 3 each: forward plus backward); any other layer costs 3. Matmul cost is 2 FLOPs per
@@ -26,11 +27,16 @@ def layer_matmul_params(config: ModelConfig, i: int) -> int:
   return n
 
 
+def attention_flops(config: ModelConfig, pairs: int) -> int:
+  """QK^T and PV over `pairs` (query, key) pairs: 2 matmuls * 2 FLOPs * heads * head_dim."""
+  return 2 * 2 * config.num_heads * config.resolved_head_dim * pairs
+
+
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   """FLOPs of one training token (forward + backward, all passes of the plan)."""
   lt = config.layer_spec
   m, b = config.forward_passes, config.backward_passes
-  attn = 4 * seq_len * config.num_heads * config.resolved_head_dim
+  attn = attention_flops(config, seq_len)  # the full square: every token against seq_len keys
   total = 0.0
   for seg in lt.plan():
     cost = (3 * b + m) if seg.cyclic else 3

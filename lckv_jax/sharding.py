@@ -1,12 +1,20 @@
 """The device mesh (data, fsdp, tensor) and the one rules table from logical axes to mesh axes.
 
-Parameters carry logical axis names in their `out_sharding` metadata (see `attention.param`);
-`RULES` maps each name to mesh axes. A dimension that a mesh axis does not divide, or whose mesh
-axis is already used by another dimension of the same array, is replicated instead.
+Model code names logical axes only; `RULES` maps each name to mesh axes, for training and serving
+alike. Three kinds of array carry names:
+
+- parameters, in their `out_sharding` metadata (see `attention.param`): `param_shardings`;
+- activations at layer boundaries (the residual stream, the logits): `constrain`, which applies
+  while a mesh is in context (`under_mesh`, `jax.set_mesh`) and does nothing otherwise;
+- the decode cache, whose arrays are named by what they hold (`attention.KV`): `cache_shardings`.
+
+A dimension that a mesh axis does not divide, or whose mesh axis is already used by another
+dimension of the same array, is replicated instead.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -15,12 +23,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lckv_jax.attention import KV
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes (a tuple shards over their product), or None (replicated).
 RULES: dict[str, tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
-    "length": None,
+    # Parameters.
     "vocab": ("tensor",),
     "embed": ("fsdp",),
     "mlp": ("tensor",),
@@ -29,7 +38,26 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "layers": None,
     "norm": None,
+    # Activations: rows over the batch axes; the residual stream whole on each tensor shard (the
+    # tensor-parallel matmuls reduce into it), the logits split by vocabulary like the LM head.
+    "activation_batch": ("data", "fsdp"),
+    "activation_length": None,
+    "activation_embed": None,
+    "activation_vocab": ("tensor",),
+    # The decode cache [batch, slots, kv_heads, head_dim]: rows as the activations, heads as the
+    # K/V projections that write them.
+    "cache_batch": ("data", "fsdp"),
+    "cache_slots": None,
+    "cache_kv_heads": ("tensor",),
+    "cache_head_dim": None,
 }
+
+# Logical axes of the activations that `model.Transformer` constrains.
+RESIDUAL = ("activation_batch", "activation_length", "activation_embed")  # h [batch, seq, embed]
+LOGITS = ("activation_batch", "activation_length", "activation_vocab")  # [batch, seq, vocab]
+# Logical axes of the arrays of one `attention.KV` cache entry.
+CACHE_KV = ("cache_batch", "cache_slots", "cache_kv_heads", "cache_head_dim")  # k, v
+CACHE_SLOTS = ("cache_batch", "cache_slots")  # pos, seg
 
 
 def maybe_initialize_distributed() -> bool:
@@ -109,8 +137,50 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules=None) -> dict:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches are [micro_batches, batch, seq]: the batch axis over (data, fsdp)."""
-  return NamedSharding(mesh, P(None, logical_to_spec(("batch",), (0,), mesh)[0], None))
+  return NamedSharding(mesh, P(None, logical_to_spec(("activation_batch",), (0,), mesh)[0], None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def cache_shardings(cache, mesh: Mesh, rules=None):
+  """NamedShardings of a decode cache: the same tree, each `attention.KV` entry a KV of shardings.
+
+  k, v [batch, slots, kv_heads, head_dim] follow `CACHE_KV`; pos, seg [batch, slots] `CACHE_SLOTS`.
+  `cache` may be a `{('layer', j): KV}` dict, one KV, or any tree of them (abstract or concrete).
+  """
+  def entry(e: KV) -> KV:
+    return KV(*(NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules))
+                for axes, x in zip((CACHE_KV, CACHE_KV, CACHE_SLOTS, CACHE_SLOTS), e)))
+
+  return jax.tree.map(entry, cache, is_leaf=lambda x: isinstance(x, KV))
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...], rules=None) -> jax.Array:
+  """`x` constrained to the sharding of its `logical_axes` when a mesh is in context, else `x`.
+
+  The mesh is the context's abstract mesh (`jax.sharding.get_abstract_mesh`), set by `under_mesh`
+  or `jax.set_mesh`; without one, or on a mesh of one device, `x` traces exactly as without the
+  call. `x`: any array whose dimensions `logical_axes` names, e.g. h [batch, seq, embed] with
+  `RESIDUAL`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:  # one device: nothing to place
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh, rules)))
+
+
+def under_mesh(mesh: Mesh, fn):
+  """`fn` run with `mesh` as the context's mesh, so that `constrain` inside it applies.
+
+  For a function that `jax.jit` traces (`jax.set_mesh` may not be entered under jit; the abstract
+  mesh may): `jax.jit(under_mesh(mesh, step), in_shardings=...)`.
+  """
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return run
