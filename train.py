@@ -183,6 +183,11 @@ def main(argv):
         f"m={mc.forward_passes} b={mc.backward_passes}; mesh {dict(trainer.mesh.shape)}, "
         f"{trainer.grad_accum} micro-batch(es) per step; train tokens "
         f"{trainer.data.train_tokens:,}, held-out {trainer.data.eval_tokens:,}", flush=True)
+  if _MODE.value == "train":
+    from lckv_jax.train import memory
+    available, _ = memory.device_memory(memory.local_device(trainer.mesh))
+    print(f"memory: about {trainer.memory.total / 1e9:,.2f} GB per device for a train step"
+          + (f", of {available / 1e9:,.1f} GB" if available else ""), flush=True)
   if _MODE.value == "evaluate":
     restored = trainer.restore_params()
     if restored is None:

@@ -183,9 +183,9 @@ class Trainer:
     # minutes of compiling; before the state is made or restored.
     available = memory.device_memory(memory.local_device(self.mesh))
     memory.check(self.memory, *available, cfg, self.model_config, self.mesh)
-    if self._compiled_step is None:
-      logging.info("memory: the train step needs an estimated %s; the device has %s",
-                   self.memory.describe(), memory.describe_available(*available))
+    if self._compiled_step is None:  # train.py prints it on its model line
+      logging.debug("memory: the train step needs an estimated %s; the device has %s",
+                    self.memory.describe(), memory.describe_available(*available))
     if init_from and not checkpointing.has_steps(self.workdir):
       self._check_init_from(init_from)  # before anything is written, or compiled in background
     ckpt = checkpointing.Checkpointer(self.workdir, cfg.checkpoint.keep)
