@@ -164,7 +164,7 @@ def _check_shapes(params_dir: str, stored, target, overrides: dict) -> None:
                      f"config{hint} does not have")
 
 
-def _drop_closed_loop_noise() -> None:
+def drop_closed_loop_noise() -> None:
   """Silences 'RuntimeError: Event loop is closed', which tensorstore reports through
   sys.unraisablehook for reads that orbax abandoned after a failure, even after the call returns;
   our own error says what went wrong. Every other unraisable exception is reported as before."""
@@ -183,7 +183,7 @@ def _drop_closed_loop_noise() -> None:
 @contextlib.contextmanager
 def _quiet_orbax():
   """orbax's WARNING lines about an unreadable checkpoint: the ValueError we raise replaces them."""
-  _drop_closed_loop_noise()
+  drop_closed_loop_noise()
   logger = logging.getLogger("absl")
   level = logger.level
   logger.setLevel(logging.ERROR)

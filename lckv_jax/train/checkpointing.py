@@ -150,6 +150,8 @@ class Checkpointer:
     newer than the one restored are moved aside (with `move_damaged`; a reader such as
     evaluation leaves them); if none restores, `CheckpointError`.
     """
+    from lckv_jax.checkpoint import drop_closed_loop_noise
+    drop_closed_loop_noise()  # a damaged step's abandoned reads report a closed loop later
     target = _flatten(abstract_state)
     damaged = []
     for step in reversed(self.all_steps()):
