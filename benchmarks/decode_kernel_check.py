@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lckv_jax.attention import dot_product_attention
-from lckv_jax.kernels.decode import decode_attention
+from lckv_jax.kernels.reference import dot_product_attention
+from lckv_jax.kernels.decode import prefix_attention
 
 
 def timed(f, *args, n=20):
@@ -41,7 +41,7 @@ def main(argv=None):
       end = jnp.full((b,), valid, jnp.int32)
       idx = jnp.arange(s)
       mask = ((idx[None] >= start[:, None]) & (idx[None] < end[:, None]))[:, None, :]
-      fused = jax.jit(decode_attention)
+      fused = jax.jit(prefix_attention)
       dense = jax.jit(lambda q, k, v, m: dot_product_attention(q[:, None], k, v, m)[:, 0])
       out = fused(q, k, v, start, end)
       ref = dot_product_attention(q[:, None].astype(jnp.float32), k.astype(jnp.float32),

@@ -27,6 +27,7 @@ from lckv_jax import Transformer
 from lckv_jax.loss import next_token_loss
 from lckv_jax.train.config import model_from_file
 from lckv_jax.flops import flops_per_token, peak_flops_per_device
+from lckv_jax.kernels import dispatch
 
 
 def run(args) -> dict:
@@ -59,7 +60,7 @@ def run(args) -> dict:
                 batch=args.batch, seq=args.seq, docs=args.docs, dtype=args.dtype,
                 remat=args.remat,
                 compile_s=round(compile_s, 2), device=jax.devices()[0].device_kind,
-                attention=abstract._fused_impl() or "dense",
+                attention=dispatch.resolve_attention_impl(config.attention_impl, config.dtype),
                 jax=jax.__version__, python=platform.python_version(),
                 command=args.command)
   mem = compiled.memory_analysis()

@@ -23,9 +23,10 @@ import numpy as np
 from flax import nnx
 
 from lckv_jax import layer_types as lt_lib, sharding
-from lckv_jax.attention import KV, Attention, make_mask, param, rope_inv_freq, rope_tables
+from lckv_jax.attention import KV, Attention, param, rope_inv_freq, rope_tables
 from lckv_jax.config import ModelConfig
-from lckv_jax.kernels import decode as decode_kernel
+from lckv_jax.kernels import dispatch
+from lckv_jax.kernels.reference import make_mask
 
 _REMAT_POLICIES = {
     "full": None,
@@ -143,12 +144,15 @@ class _Context:
   segment_ids: jax.Array  # [batch, seq]
   cos_sin: tuple[jax.Array, jax.Array]
   write_index: jax.Array | None  # [batch] first cache slot of this chunk; None without a cache
-  masks: dict  # (diag_masked, window) -> [batch, seq, seq], for the cache-free parallel mode
-  fused_impl: str | None = None  # kernel for chunks attending to their own keys (no dense mask)
-  packed: bool = False  # the fused kernel masks by segment ids (packed documents)
+  # The chunk attends to its own keys only, causal by index: no cache, or a fresh prefill at
+  # slot 0 of an empty cache (`Transformer.step(fresh=True)`); the fused kernels need that.
+  own_keys: bool = False
+  packed: bool = False  # rows of packed documents without a cache (fused kernels: segment ids)
   # The caller keeps each row's cache one sequence in contiguous slots [first valid, write_index]
   # (`Transformer.step(contiguous=True)`), so a decode step may read only that span.
   contiguous: bool = False
+  masks: dict = dataclasses.field(default_factory=dict)  # dense masks of the parallel mode, made
+  #                                                        once per (diag_masked, window)
 
   def write(self, entry: KV | None, k, v) -> KV:
     """Stores this chunk's KV for one layer: the whole entry without a cache, else at its slots."""
@@ -181,49 +185,48 @@ class _Context:
   @property
   def decoding(self) -> bool:
     """One token against a cache."""
-    return self.write_index is not None and self.positions.shape[1] == 1
+    return self.chunk is dispatch.Chunk.DECODE
+
+  @property
+  def chunk(self) -> dispatch.Chunk:
+    if self.write_index is None:
+      return dispatch.Chunk.PARALLEL
+    return dispatch.Chunk.DECODE if self.positions.shape[1] == 1 else dispatch.Chunk.PREFILL
 
   def compat_decode(self, role: lt_lib.Role) -> bool:
-    """The reference's decoding of an upward-attending layer (docs/spec.md §5, 'whynlp_main'): it
-    prepends a zero KV slot and drops the newest one, so token p sees {0, KV_0..KV_{p-2}}."""
-    return role.upward and self.config.decode_semantics == "whynlp_main" and self.decoding
+    """The reference's decoding of an upward-attending layer (docs/spec.md §5, 'whynlp_main'):
+    it prepends a zero KV slot and drops the newest one, so token p sees {0, KV_0..KV_{p-2}}."""
+    return (role.upward and self.config.decode_semantics == "whynlp_main"
+            and self.chunk is dispatch.Chunk.DECODE)
 
-  def fused(self, role: lt_lib.Role) -> tuple | None:
-    if self.fused_impl is None:
-      return None
-    return (self.fused_impl, role.diag_masked,
-            self.config.sliding_window if role.sliding else None,
-            self.segment_ids if self.packed else None)
+  def attention(self, role: lt_lib.Role, kv: KV) -> tuple[dispatch.Plan, dispatch.Inputs]:
+    """How layers of this role attend to `kv` in this call: the plan and the arrays its kernel
+    reads."""
+    window = self.config.sliding_window if role.sliding else None
+    mask = dispatch.Mask(role.diag_masked, window, self.packed,
+                         zero_key=self.compat_decode(role))
+    kernel = dispatch.choose(self.config, self.chunk, mask, own_keys=self.own_keys,
+                             contiguous=self.contiguous, slots=kv.k.shape[1])
+    plan = dispatch.Plan(self.chunk, kernel, mask)
+    if kernel == "pallas":
+      return plan, dispatch.Inputs(span=self._decode_span(role, kv))
+    if kernel != "dense":
+      return plan, dispatch.Inputs(segment_ids=self.segment_ids if self.packed else None)
+    return plan, dispatch.Inputs(dense_mask=self._dense_mask(role, kv, window))
 
-  def decode_span(self, role: lt_lib.Role, kv: KV) -> tuple | None:
-    """(start [batch], end [batch], interpret): the slots [start, end) a decode step attends to,
-    when the prefix-reading kernel applies; None for the dense mask."""
-    cfg = self.config
-    if not (self.contiguous and self.decoding) or self.compat_decode(role):
-      return None
-    impl, backend, slots = cfg.decode_attention, jax.default_backend(), kv.k.shape[1]
-    # auto: the kernel on a GPU, at any buffer length. At 4096 slots one layer's attention takes
-    # 65-72 us against XLA's 198 us (H100, 1b, batch 32); at 768 slots both paths decode at the
-    # same speed, but XLA's keeps the whole cache in a second, transposed layout inside the
-    # decode loop (its temporary buffers equal the cache: 554 of 558 MB; the kernel's: 7 MB).
-    if impl == "xla" or (impl == "auto" and backend != "gpu"):
-      return None
-    if decode_kernel.block_size(slots) is None:
-      return None
-    # A row's valid slots are the last ones written, up to this token's (contiguous rows; slot x
-    # at x % slots, so this holds for ring buffers, whose valid slots may wrap around). This
-    # token's slot is written by now: by its source, or with zeros for a source above
-    # (`_cyclic_group`); `end` then excludes it where the diagonal is masked.
+  def _decode_span(self, role: lt_lib.Role, kv: KV) -> tuple[jax.Array, jax.Array]:
+    """(start, end) [batch]: the cache slots a decode step attends to (contiguous rows)."""
+    # A row's valid slots are the last ones written, up to this token's (slot x at x % slots,
+    # so this holds for ring buffers, whose valid slots may wrap around). This token's slot is
+    # written by now: by its source, or with zeros for a source above (`_cyclic_group`); `end`
+    # then excludes it where the diagonal is masked.
     start = self.write_index + 1 - jnp.sum(kv.seg != 0, axis=1, dtype=jnp.int32)
     end = self.write_index + (0 if role.diag_masked else 1)  # this token's slot is write_index
     if role.sliding:
-      start = jnp.maximum(start, self.write_index + 1 - cfg.sliding_window)
-    return start, end, backend != "gpu"
+      start = jnp.maximum(start, self.write_index + 1 - self.config.sliding_window)
+    return start, end
 
-  def mask(self, role: lt_lib.Role, kv: KV) -> jax.Array | None:
-    window = self.config.sliding_window if role.sliding else None
-    if self.fused_impl is not None:
-      return None
+  def _dense_mask(self, role: lt_lib.Role, kv: KV, window: int | None) -> jax.Array:
     if self.write_index is None:
       return self.masks[(role.diag_masked, window)]
     mask = make_mask(self.positions, self.segment_ids, kv.pos, kv.seg,
@@ -240,10 +243,8 @@ def _layer_pass(layer: DecoderLayer, role: lt_lib.Role, own_key, h, kvs: dict, c
     k, v = layer.attn.project_kv(x, ctx.cos_sin)
     kvs[own_key] = ctx.write(kvs.get(own_key), k, v)
   source = kvs[role.source]
-  span = ctx.decode_span(role, source)
-  mask = None if span is not None else ctx.mask(role, source)
-  h = h + layer.attn(x, ctx.cos_sin, source, mask, zero_key=ctx.compat_decode(role),
-                     fused=ctx.fused(role), decode_span=span)
+  plan, inputs = ctx.attention(role, source)
+  h = h + layer.attn(x, ctx.cos_sin, source, plan, inputs)
   return h + layer.mlp(layer.post_attention_norm(h))
 
 
@@ -343,33 +344,24 @@ class Transformer(nnx.Module):
 
   # -- passes ----------------------------------------------------------------------------------
 
-  def _fused_impl(self) -> str | None:
-    """The fused kernel for chunks attending to their own keys, or None for the dense mask."""
-    impl = self.config.attention_impl
-    if impl == "auto":
-      backend, low = jax.default_backend(), self.config.dtype in ("bfloat16", "float16")
-      impl = {"gpu": "cudnn" if low else "dense", "tpu": "splash"}.get(backend, "dense")
-    return None if impl == "dense" else impl
-
   def _context(self, positions, segment_ids, write_index, unpacked: bool,
                contiguous: bool = False) -> _Context:
     cfg = self.config
     cos_sin = rope_tables(rope_inv_freq(cfg), positions)
-    masks = {}
-    fused_impl = self._fused_impl()
+    own_keys = write_index is None or unpacked
     # Packed documents without a cache (positions +1 per token within a document): splash masks
     # by segment ids; cuDNN takes the segments as a [batch, 1, T, T] mask beside its causal one.
     packed = not unpacked and write_index is None
-    if fused_impl is not None and (unpacked or packed):
-      return _Context(cfg, positions, segment_ids, cos_sin, write_index, masks, fused_impl, packed)
-    if write_index is None:
+    masks = {}
+    if write_index is None and dispatch.resolve_attention_impl(cfg.attention_impl,
+                                                                cfg.dtype) == "dense":
       lt = cfg.layer_spec
       for diag, sliding in set(zip(lt.diag_masked, lt.sliding)):
         window = cfg.sliding_window if sliding else None
         masks[(diag, window)] = make_mask(positions, segment_ids, positions, segment_ids,
                                           diag_masked=diag, window=window)
-    return _Context(cfg, positions, segment_ids, cos_sin, write_index, masks,
-                    contiguous=contiguous)
+    return _Context(cfg, positions, segment_ids, cos_sin, write_index, own_keys, packed,
+                    contiguous, masks)
 
   def _run_segment(self, runs, states, h, store, ctx):
     for run, (block_def, block_state) in zip(runs, states):

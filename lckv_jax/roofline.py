@@ -36,8 +36,9 @@ from lckv_jax.flops import attention_flops, layer_matmul_params
 def visible_keys(config: ModelConfig, layer: int, context: int) -> int:
   """Keys that the newest token of layer `layer` attends to, with `context` tokens cached.
 
-  As `attention.make_mask`: a window W covers the query and the W-1 keys before it, and a masked
-  diagonal drops the query's own key from what is left, so a diag-masked sliding layer sees W-1.
+  As `kernels.reference.make_mask`: a window W covers the query and the W-1 keys before it, and a
+  masked diagonal drops the query's own key from what is left, so a diag-masked sliding layer
+  sees W-1.
   """
   lt = config.layer_spec
   keys = min(context, config.sliding_window) if lt.sliding[layer] else context

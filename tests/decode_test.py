@@ -12,9 +12,9 @@ import pytest
 
 from lckv_jax import checkpoint
 from lckv_jax import generation as gen_lib
-from lckv_jax.attention import dot_product_attention
+from lckv_jax.kernels.reference import dot_product_attention
 from lckv_jax.generation import Generator, generate
-from lckv_jax.kernels.decode import block_size, decode_attention
+from lckv_jax.kernels.decode import block_size, prefix_attention
 from lckv_jax.model import relayout
 from tests.generation_test import PRESETS, make, prompts
 
@@ -32,7 +32,7 @@ def test_decode_kernel_equals_attention_over_the_span(heads, kv_heads, slots):
   k, v = (jnp.asarray(rng.normal(size=(b, slots, kv_heads, d)), jnp.float32) for _ in range(2))
   start = jnp.asarray([0, 3, slots // 2, 5])
   end = jnp.asarray([slots, slots // 2 + 1, slots - 1, 5])  # the last row sees nothing
-  out = decode_attention(q, k, v, start, end, block_k=16, interpret=True)
+  out = prefix_attention(q, k, v, start, end, block_k=16, interpret=True)
   idx = jnp.arange(slots)
   mask = ((idx[None] >= start[:, None]) & (idx[None] < end[:, None]))[:, None, :]
   ref = dot_product_attention(q[:, None], k, v, mask)[:, 0]
@@ -48,7 +48,7 @@ def test_decode_kernel_reads_a_ring_buffer_window_that_wraps():
   k, v = (jnp.asarray(rng.normal(size=(b, slots, 2, d)), jnp.float32) for _ in range(2))
   start = jnp.asarray([40, 17, 64, 50])
   end = jnp.asarray([72, 45, 70, 81])  # a full ring, a wrapped span, one inside, a full ring - 1
-  out = decode_attention(q, k, v, start, end, block_k=16, interpret=True)
+  out = prefix_attention(q, k, v, start, end, block_k=16, interpret=True)
   idx = jnp.arange(slots)
   mask = (((idx[None] - start[:, None]) % slots) < (end - start)[:, None])[:, None, :]
   ref = dot_product_attention(q[:, None], k, v, mask)[:, 0]
@@ -59,7 +59,7 @@ def test_decode_kernel_block_sizes():
   assert block_size(4096) == 128 and block_size(48) == 16 and block_size(96) == 32
   assert block_size(40) is None
   with pytest.raises(ValueError, match="multiple of 16"):
-    decode_attention(jnp.ones((1, 2, 4)), jnp.ones((1, 40, 2, 4)), jnp.ones((1, 40, 2, 4)),
+    prefix_attention(jnp.ones((1, 2, 4)), jnp.ones((1, 40, 2, 4)), jnp.ones((1, 40, 2, 4)),
                      jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32), interpret=True)
 
 
@@ -70,7 +70,7 @@ def test_decode_kernel_block_sizes():
 def test_generation_with_the_decode_kernel_equals_xla(name):
   # Left padding (rows of different lengths), upward reads with the diagonal masked, sliding
   # windows over full buffers and rings: the kernel reads [first valid slot, write_index].
-  kw = dict(layer_types=PRESETS[name], decode_attention="xla")
+  kw = dict(layer_types=PRESETS[name], decode_attention="dense")
   ps = prompts([9, 4, 6], seed=3)
   ref = generate(make(**kw), ps, max_new_tokens=6, return_logits=True)
   model = make(**{**kw, "decode_attention": "pallas"})
@@ -88,7 +88,7 @@ def test_generation_with_the_decode_kernel_over_ring_buffers_equals_xla(name, no
   kw = dict(layer_types=PRESETS[name], sliding_window=16, max_position_embeddings=64,
             force_nodiag=nodiag)
   ps = prompts([20, 3, 11], seed=9)
-  ref = generate(make(**kw, decode_attention="xla"), ps, max_new_tokens=12, return_logits=True)
+  ref = generate(make(**kw, decode_attention="dense"), ps, max_new_tokens=12, return_logits=True)
   out = generate(make(**kw, decode_attention="pallas"), ps, max_new_tokens=12,
                  return_logits=True)
   assert out.tokens == ref.tokens
@@ -98,7 +98,7 @@ def test_generation_with_the_decode_kernel_over_ring_buffers_equals_xla(name, no
 def test_sink_cache_decoding_with_the_kernel_equals_xla():
   ps = prompts([5, 3], seed=4)
   kw = dict(layer_types=PRESETS["lckv"], max_position_embeddings=64)
-  ref = generate(make(**kw, decode_attention="xla"), ps, max_new_tokens=20, sink=(2, 14),
+  ref = generate(make(**kw, decode_attention="dense"), ps, max_new_tokens=20, sink=(2, 14),
                  return_logits=True)
   out = generate(make(**kw, decode_attention="pallas"), ps, max_new_tokens=20, sink=(2, 14),
                  return_logits=True)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lckv_jax.attention import dot_product_attention, make_mask
+from lckv_jax.kernels.reference import dot_product_attention, make_mask
 from lckv_jax.kernels.tpu import splash_attention
 
 # One compilation per configuration (interpret-mode compiles dominate the run time).

@@ -288,7 +288,7 @@ def test_bad_token_shape_is_an_error():
 
 
 def test_zero_key_equals_attending_to_a_prepended_zero_slot():
-  from lckv_jax.attention import dot_product_attention
+  from lckv_jax.kernels.reference import dot_product_attention
   ks = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(ks[0], (2, 3, 4, 8))
   k = jax.random.normal(ks[1], (2, 5, 2, 8))

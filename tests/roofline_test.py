@@ -13,7 +13,7 @@ from flax import nnx
 
 from lckv_jax import ModelConfig, Transformer
 from lckv_jax import roofline as rf
-from lckv_jax.attention import make_mask
+from lckv_jax.kernels.reference import make_mask
 
 # E=32, H=4, K=2, D=8, F=48, V=64: per layer q = o = 1024, k + v = 1024, MLP 4608, norms 64.
 CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
@@ -88,7 +88,7 @@ def test_sliding_window_caps_the_keys_read():
   cfg = ModelConfig(**CFG, layer_types="0s_1s_2_3", sliding_window=4)
   assert rf.decode_step_bytes(cfg, 2, 10)["kv_read"] == 2 * (4 + 4 + 10 + 10) * KV_PER_KEY
   assert rf.decode_step_bytes(cfg, 2, 3)["kv_read"] == 2 * 4 * 3 * KV_PER_KEY  # within window
-  # A diag-masked sliding layer sees the W-1 keys before the query (attention.make_mask).
+  # A diag-masked sliding layer sees the W-1 keys before the query (kernels.reference.make_mask).
   up = ModelConfig(**CFG, layer_types="0s_2s_2_3", sliding_window=4)
   assert rf.decode_step_bytes(up, 2, 10)["kv_read"] == 2 * (4 + 3 + 10 + 10) * KV_PER_KEY
 

@@ -90,7 +90,7 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, o_ref, l_ref, m_ref, *, blo
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "interpret"))
-def decode_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, block_k: int = 128,
+def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, block_k: int = 128,
                      interpret: bool = False) -> jax.Array:
   """Softmax attention of one query per row over the cache slots [start, end) of that row.
 
@@ -111,7 +111,7 @@ def decode_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, block_k: 
   groups = h // kv_heads
   bk = block_size(slots, block_k)
   if bk is None:
-    raise ValueError(f"decode_attention: {slots} cache slots is not a multiple of {_MIN_BLOCK}")
+    raise ValueError(f"prefix_attention: {slots} cache slots is not a multiple of {_MIN_BLOCK}")
   blocks = slots // bk
   k_splits = _splits(b, kv_heads, blocks)
   split = math.ceil(blocks / k_splits) * bk

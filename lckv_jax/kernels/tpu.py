@@ -1,8 +1,8 @@
 """Splash attention (Pallas, Mosaic TPU) for unpacked and packed chunks.
 
-`splash_attention` computes exactly what `lckv_jax.attention.dot_product_attention` computes with
-`make_mask(pos, seg, pos, seg, diag_masked=..., window=...)` for a chunk attending to its own keys
-(no cache), without a dense [T, T] mask: the causal / diagonal / window part is a static splash
+`splash_attention` computes exactly what `lckv_jax.kernels.reference.dot_product_attention` computes
+with `make_mask(pos, seg, pos, seg, diag_masked=..., window=...)` for a chunk attending to its own
+keys (no cache), without a dense [T, T] mask: the causal / diagonal / window part is a static splash
 mask evaluated inside the kernel (with block sparsity, so blocks above the diagonal or outside the
 window are skipped), and the packed-document part is splash's segment ids.
 

@@ -87,13 +87,12 @@ def _abstract_state(config: ml_collections.ConfigDict, model_config: ModelConfig
 def materialises_scores(model_config: ModelConfig, backend: str | None = None) -> bool:
   """Whether training attention builds the [T, T] scores of every head (XLA's dense softmax).
 
-  As `model.Transformer._fused_impl` resolves 'auto': cuDNN on a GPU in bf16/fp16 and splash on
-  a TPU do not; the dense path (CPU, a GPU in float32) and jax's 'xla' implementation do.
+  The kernel the attention dispatch picks for training chunks: cuDNN on a GPU in bf16/fp16 and
+  splash on a TPU do not; the dense path (CPU, a GPU in float32) and jax's 'xla' implementation do.
   """
-  impl, backend = model_config.attention_impl, backend or jax.default_backend()
-  if impl == "auto":
-    low = model_config.dtype in ("bfloat16", "float16")
-    impl = {"gpu": "cudnn" if low else "dense", "tpu": "splash"}.get(backend, "dense")
+  from lckv_jax.kernels import dispatch
+  impl = dispatch.resolve_attention_impl(model_config.attention_impl, model_config.dtype,
+                                         backend or jax.default_backend())
   return impl in ("dense", "xla")
 
 

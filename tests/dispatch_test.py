@@ -1,0 +1,97 @@
+"""The attention dispatch: which kernel each kind of call gets, and every kernel it can pick on a
+CPU agrees with the dense reference on the calls it is picked for."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lckv_jax import ModelConfig
+from lckv_jax.attention import KV
+from lckv_jax.kernels import dispatch
+from lckv_jax.kernels.reference import make_mask
+
+BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+            num_kv_heads=2)
+P, D, F = dispatch.Chunk.PARALLEL, dispatch.Chunk.DECODE, dispatch.Chunk.PREFILL
+PLAIN, ZERO = dispatch.Mask(True, None), dispatch.Mask(True, None, zero_key=True)
+
+
+@pytest.mark.parametrize("backend,knobs,chunk,mask,own_keys,contiguous,slots,kernel", [
+    ("cpu", {}, P, PLAIN, True, False, 0, "dense"),
+    ("gpu", {"dtype": "bfloat16"}, P, PLAIN, True, False, 0, "cudnn"),
+    ("gpu", {}, P, PLAIN, True, False, 0, "dense"),  # cuDNN's fused kernel wants 16-bit
+    ("tpu", {}, P, PLAIN, True, False, 0, "splash"),
+    ("cpu", {"attention_impl": "xla"}, P, PLAIN, True, False, 0, "xla"),
+    ("gpu", {"dtype": "bfloat16"}, F, PLAIN, True, True, 128, "cudnn"),  # a fresh prefill
+    ("gpu", {"dtype": "bfloat16"}, F, PLAIN, False, True, 128, "dense"),  # into a filled cache
+    ("gpu", {}, D, PLAIN, False, True, 128, "pallas"),
+    ("gpu", {}, D, PLAIN, False, True, 40, "dense"),  # not whole blocks of the kernel
+    ("gpu", {}, D, PLAIN, False, False, 128, "dense"),  # rows not contiguous
+    ("gpu", {}, D, ZERO, False, True, 128, "dense"),  # the reference's decoding
+    ("gpu", {"decode_attention": "dense"}, D, PLAIN, False, True, 128, "dense"),
+    ("cpu", {}, D, PLAIN, False, True, 128, "dense"),
+    ("cpu", {"decode_attention": "pallas"}, D, PLAIN, False, True, 128, "pallas"),
+])
+def test_each_call_gets_its_kernel(monkeypatch, backend, knobs, chunk, mask, own_keys,
+                                   contiguous, slots, kernel):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  config = ModelConfig(**BASE, **knobs)
+  assert dispatch.choose(config, chunk, mask, own_keys=own_keys, contiguous=contiguous,
+                         slots=slots) == kernel
+  assert kernel in dispatch.KERNELS
+
+
+def test_one_name_per_kernel_in_both_knobs():
+  # 'xla' once meant the dense path for decode steps and XLA's fused op for chunks.
+  assert ModelConfig(**BASE, decode_attention="xla").decode_attention == "dense"
+  with pytest.raises(ValueError, match=r"decode_attention must be one of \('auto', 'pallas', "
+                                       r"'dense'\)"):
+    ModelConfig(**BASE, decode_attention="cudnn")
+
+
+def _random(seed, b=2, t=16, heads=4, kv_heads=2, d=8):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(ks[0], (b, t, heads, d))
+  k = jax.random.normal(ks[1], (b, t, kv_heads, d))
+  v = jax.random.normal(ks[2], (b, t, kv_heads, d))
+  return q, k, v
+
+
+@pytest.mark.parametrize("kernel", ["xla", "splash"])
+@pytest.mark.parametrize("diag_masked,window,packed", [
+    (False, None, False), (True, None, False), (True, 5, False), (False, 4, True),
+    (True, None, True)])
+def test_chunk_kernels_equal_the_dense_reference(kernel, diag_masked, window, packed):
+  q, k, v = _random(1)
+  b, t = q.shape[:2]
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  seg = jnp.ones((b, t), jnp.int32)
+  if packed:  # two documents per row, positions restarting, the second row's tail padding
+    seg = jnp.array([[1] * 7 + [2] * 9, [1] * 10 + [2] * 3 + [0] * 3], jnp.int32)
+    pos = jnp.array([list(range(7)) + list(range(9)), list(range(10)) + list(range(3)) + [0] * 3])
+  mask = dispatch.Mask(diag_masked, window, packed)
+  kv = KV(k, v, pos, seg)
+  dense = dispatch.attend(dispatch.Plan(P, "dense", mask), q, kv, dispatch.Inputs(
+      dense_mask=make_mask(pos, seg, pos, seg, diag_masked=diag_masked, window=window)))
+  got = dispatch.attend(dispatch.Plan(P, kernel, mask), q, kv,
+                        dispatch.Inputs(segment_ids=seg if packed else None))
+  real = np.asarray(seg != 0)[:, :, None, None]  # padding queries: zeros from both, not compared
+  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, dense, 0), atol=2e-5)
+
+
+def test_the_decode_kernel_equals_the_dense_reference():
+  q, k, v = _random(2, t=32)
+  b, slots = k.shape[:2]
+  filled = jnp.array([20, 9])  # valid slots [0, filled) per row; this token's slot is filled - 1
+  pos = jnp.broadcast_to(jnp.arange(slots), (b, slots))
+  seg = (pos < filled[:, None]).astype(jnp.int32)
+  kv = KV(k, v, pos, seg)
+  q1 = q[:, :1]
+  q_pos = (filled - 1)[:, None]
+  mask = dispatch.Mask(True, None)
+  dense = dispatch.attend(dispatch.Plan(D, "dense", mask), q1, kv, dispatch.Inputs(
+      dense_mask=make_mask(q_pos, jnp.ones_like(q_pos), pos, seg, diag_masked=True, window=None)))
+  got = dispatch.attend(dispatch.Plan(D, "pallas", mask), q1, kv,
+                        dispatch.Inputs(span=(jnp.zeros(b, jnp.int32), filled - 1)))
+  np.testing.assert_allclose(got, dense, atol=2e-5)
