@@ -328,6 +328,18 @@ def test_init_from_adopts_the_checkpoints_model_and_tokenizer(tmp_path):
   assert c.data.tokenizer == "byte" and any("the ids must match" in n for n in notes)
 
 
+def test_init_from_a_bfloat16_checkpoint_trains_in_the_runs_float32(trainer, tmp_path):
+  """A HuggingFace conversion keeps its bfloat16 weights; training used to refuse them."""
+  from lckv_jax import checkpoint
+  m = _saved_model(tmp_path / "m", param_dtype="bfloat16")
+  trainer.workdir = str(tmp_path / "wd")
+  state, _ = trainer.train(max_steps=1, init_from=m)
+  embed = state["params"]["embed"]
+  assert embed.dtype == np.float32 and int(state["step"]) == 1
+  saved = checkpoint.load_model(m).embed[...]
+  assert np.abs(np.asarray(embed) - np.asarray(saved, np.float32)).max() < 0.1  # one small step
+
+
 def test_train_py_init_from_another_shape_trains_and_says_what_it_took(tmp_path):
   m = _saved_model(tmp_path / "m", hidden_size=48, num_layers=2, layer_types="llama",
                    max_position_embeddings=128)

@@ -27,8 +27,10 @@ from lckv_jax.train.metrics import MetricWriter
 
 
 # ModelConfig fields that decide parameter shapes (a difference cannot be loaded).
+# Fields whose difference makes a checkpoint's parameters not fit (param_dtype does not: the
+# parameters are cast as they load, e.g. a bfloat16 HuggingFace conversion into float32 training).
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim", "tie_word_embeddings", "layer_types", "param_dtype")
+                 "num_kv_heads", "head_dim", "tie_word_embeddings", "layer_types")
 
 
 class Trainer:
@@ -102,7 +104,7 @@ class Trainer:
       self._check_init_from(init_from)
       model = checkpoint.load_model(init_from, **{
           f: getattr(self.model_config, f)
-          for f in ("dtype", "forward_passes", "backward_passes", "scan_layers")})
+          for f in ("dtype", "forward_passes", "backward_passes", "scan_layers", "param_dtype")})
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       params = jax.device_put(params, self.state_shardings["params"])
     else:
