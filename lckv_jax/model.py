@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -486,6 +487,11 @@ class Transformer(nnx.Module):
     """
     cfg = self.config
     check_inputs(cfg, tokens, positions, segment_ids, from_zero=False)
+    chex.assert_rank(tokens, 2)
+    for e in cache.values():  # the cache's boundary: this model's KV layout, this batch
+      chex.assert_shape([e.k, e.v], (tokens.shape[0], None, cfg.num_kv_heads,
+                                     cfg.resolved_head_dim))
+      chex.assert_shape([e.pos, e.seg], (tokens.shape[0], e.k.shape[1]))
     if iterations is None:
       iterations = 1 if tokens.shape[1] == 1 else cfg.forward_passes + cfg.backward_passes
     if iterations < 1:

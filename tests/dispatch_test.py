@@ -95,3 +95,26 @@ def test_the_decode_kernel_equals_the_dense_reference():
   got = dispatch.attend(dispatch.Plan(D, "pallas", mask), q1, kv,
                         dispatch.Inputs(span=(jnp.zeros(b, jnp.int32), filled - 1)))
   np.testing.assert_allclose(got, dense, atol=2e-5)
+
+
+def test_the_boundaries_refuse_shapes_that_do_not_fit():
+  q, k, v = _random(3)
+  b, t = q.shape[:2]
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  seg = jnp.ones((b, t), jnp.int32)
+  mask = dispatch.Mask(False, None)
+  plan = dispatch.Plan(P, "dense", mask)
+  inputs = dispatch.Inputs(dense_mask=make_mask(pos, seg, pos, seg, diag_masked=False, window=None))
+  with pytest.raises(AssertionError):  # head_dim of the keys differs from the queries'
+    dispatch.attend(plan, q, KV(k[..., :4], v[..., :4], pos, seg), inputs)
+  with pytest.raises(AssertionError):  # 3 kv heads do not divide 4 query heads
+    dispatch.attend(plan, q, KV(jnp.concatenate([k, k[:, :, :1]], 2),
+                                jnp.concatenate([v, v[:, :, :1]], 2), pos, seg), inputs)
+  # A model's cache of another batch size or layout is refused at `step`.
+  from flax import nnx
+  from lckv_jax import cache as cache_lib
+  from lckv_jax.model import Transformer
+  model = Transformer(ModelConfig(**BASE, layer_types="lckv"), rngs=nnx.Rngs(0))
+  cache = cache_lib.init_cache(model.config, 3, 16)
+  with pytest.raises(AssertionError):
+    model.step(jnp.ones((2, 1), jnp.int32), cache, jnp.zeros(2, jnp.int32))

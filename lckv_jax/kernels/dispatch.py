@@ -24,6 +24,7 @@ import dataclasses
 import enum
 from typing import Callable
 
+import chex
 import jax
 
 from lckv_jax.kernels import decode, fused, reference, tpu
@@ -133,4 +134,14 @@ KERNELS: dict[str, Callable] = {
 
 def attend(plan: Plan, q_BxTxHxD, kv, inputs: Inputs):
   """Runs the plan's kernel: [batch, q, heads, head_dim] attention outputs."""
-  return KERNELS[plan.kernel](q_BxTxHxD, kv, plan, inputs)
+  # The boundary every kernel shares, checked once while tracing (no cost in the compiled step).
+  chex.assert_rank([q_BxTxHxD, kv.k, kv.v, kv.pos, kv.seg], [4, 4, 4, 2, 2])
+  chex.assert_equal_shape([kv.k, kv.v])
+  chex.assert_equal_shape_prefix([q_BxTxHxD, kv.k, kv.pos], 1)  # batch
+  chex.assert_equal(q_BxTxHxD.shape[-1], kv.k.shape[-1])  # head_dim
+  chex.assert_equal(q_BxTxHxD.shape[2] % kv.k.shape[2], 0)  # GQA: kv heads divide heads
+  if plan.chunk is Chunk.DECODE:
+    chex.assert_axis_dimension(q_BxTxHxD, 1, 1)
+  out = KERNELS[plan.kernel](q_BxTxHxD, kv, plan, inputs)
+  chex.assert_equal_shape([out, q_BxTxHxD])
+  return out
