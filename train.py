@@ -40,15 +40,17 @@ def _config_path(argv: list[str]) -> str:
   return path
 
 
+def _override_keys(argv: list[str]) -> list[str]:
+  """The dotted field names that `--config.a.b=v` arguments set ('a.b')."""
+  return [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+
+
 def _check_overrides(argv: list[str]) -> None:
   """Each `--config.a.b=v` names an existing field; else the closest valid name."""
   from lckv_jax.train.config import from_file
   path = _config_path(argv)
   base = from_file(path.split(":")[0])
-  for a in argv:
-    if not a.startswith("--config."):
-      continue
-    key = a[len("--config."):].split("=", 1)[0]
+  for key in _override_keys(argv):
     node, parts = base, key.split(".")
     for depth, part in enumerate(parts):
       fields = list(node.keys()) if hasattr(node, "keys") else []
@@ -145,9 +147,7 @@ def _adopt_init_from(config, init_from: str) -> None:
   """The run's model fields and tokenizer become the checkpoint's, except those set on the
   command line; says what it took."""
   from lckv_jax.train.config import adopt_init_from
-  explicit = {a[len("--config."):].split("=", 1)[0] for a in sys.argv[1:]
-              if a.startswith("--config.")}
-  for note in adopt_init_from(config, init_from, explicit):
+  for note in adopt_init_from(config, init_from, set(_override_keys(sys.argv[1:]))):
     print(note, flush=True)
 
 

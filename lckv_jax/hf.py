@@ -20,9 +20,8 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Copied next to a converted checkpoint, in both directions, so tokenizer loaders find them and
 # HuggingFace's generate() stops at the model's own EOS (generation_config.json).
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "generation_config.json")
+COPIED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.json", "merges.txt", "generation_config.json")
 GENERATION_CONFIG = "generation_config.json"
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -162,7 +161,7 @@ def write_tensors(path: str, tensors: Mapping[str, np.ndarray],
   return files
 
 
-def copy_tokenizer_files(src: str, dst: str, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
+def copy_tokenizer_files(src: str, dst: str, names: Iterable[str] = COPIED_FILES) -> list[str]:
   """Copies the tokenizer files present in `src` into `dst` (never over a file); returns the names
   copied."""
   present = [n for n in names if os.path.exists(os.path.join(src, n))]

@@ -190,7 +190,8 @@ def test_multiple_choice(lckv_model, tmp_path, capsys):
   np.testing.assert_allclose(flat, [ll for ll, _ in direct], rtol=1e-6)
   acc = np.mean([int(np.argmax(lls)) == e["label"] for lls, e in zip(r["loglikelihoods"], examples)])
   assert r["acc"] == acc
-  # The documented delimiter: choices with their own leading space and --delimiter='' score the same.
+  # The documented delimiter: choices with their own leading space and --delimiter='' score
+  # the same.
   spaced = [{**e, "choices": [" " + c for c in e["choices"]]} for e in examples]
   assert multiple_choice.evaluate(lm, spaced, "")["loglikelihoods"] == r["loglikelihoods"]
   # The CLI, on a saved checkpoint.

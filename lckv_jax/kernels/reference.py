@@ -24,7 +24,8 @@ def make_mask(q_pos_BxT, q_seg_BxT, k_pos_BxS, k_seg_BxS, *, diag_masked: bool,
   query's own key drops out as well (docs/spec.md §3.4).
   """
   qp, kp = q_pos_BxT[:, :, None], k_pos_BxS[:, None, :]
-  mask = (kp <= qp) & (q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]) & (k_seg_BxS[:, None, :] != 0)
+  same_segment = q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
+  mask = (kp <= qp) & same_segment & (k_seg_BxS[:, None, :] != 0)
   if diag_masked:
     mask &= kp != qp
   if window is not None:

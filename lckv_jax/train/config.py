@@ -174,25 +174,17 @@ def adopt_init_from(config: ml_collections.ConfigDict, init_from: str,
   from lckv_jax import checkpoint
   loaded = checkpoint.load_config(init_from)
   before = model_config(config)
+  theirs_arch = loaded.architecture()
   for f in ADOPTED_FIELDS:
-    if f"model.{f}" in explicit:
-      continue
-    value = getattr(loaded, f)
-    if f == "layer_types":
-      value = str(loaded.layer_spec)
-    elif f == "rope_scaling":
-      value = loaded.rope_scaling_dict
-    config.model[f] = value
-  after = model_config(config)
-  changed = [f for f in ADOPTED_FIELDS if f != "layer_types" and
-             getattr(before, f) != getattr(after, f)]
-  if str(before.layer_spec) != str(after.layer_spec):
-    changed.insert(ADOPTED_FIELDS.index("layer_types"), "layer_types")
+    if f"model.{f}" not in explicit:
+      config.model[f] = theirs_arch[f]
+  after = model_config(config)  # presets resolve to their strings, so equal models compare equal
+  changed = [f for f in ADOPTED_FIELDS if getattr(before, f) != getattr(after, f)]
+  show = lambda c, f: c.layer_types if f == "layer_types" else repr(getattr(c, f))
   notes = []
   if changed:
     notes.append(f"--init_from={init_from}: the model is the checkpoint's: " + ", ".join(
-        f"{f}={getattr(after, f)!r} (config: {getattr(before, f)!r})" if f != "layer_types" else
-        f"layer_types={after.layer_spec} (config: {before.layer_spec})" for f in changed))
+        f"{f}={show(after, f)} (config: {show(before, f)})" for f in changed))
   from lckv_jax.tokenizer import TOKENIZER_FILES
   files = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(init_from, n))]
   theirs = init_from if files else ("byte" if loaded.vocab_size == 256 else None)
@@ -317,8 +309,8 @@ def check_resume(saved: dict, config: ml_collections.ConfigDict, where: str = "t
   A changed `model` field of what the model is (`ARCHITECTURE_FIELDS`, and `scan_layers`, the
   layout of the saved state) is an error naming it (the parameters would not fit, or would mean
   something else); a changed run field (`RunConfig`: dtype, remat, kernels, passes) warns in one
-  line with the other train fields; a changed `steps` warns (the learning-rate schedule is stretched or cut);
-  other changed train fields warn in one line. Mesh, checkpoint and logging fields may change.
+  line with the other train fields; a changed `steps` warns (the learning-rate schedule is
+  stretched or cut); other changed train fields warn in one line. Mesh, checkpoint and logging fields may change.
   `model_only`: check only the model (evaluating a checkpoint).
   """
   now = _flat(json.loads(config.to_json()))

@@ -26,7 +26,6 @@ from lckv_jax.train.workdir import WorkdirLock, check_writable_dir
 from lckv_jax.train.metrics import MetricWriter
 
 
-# ModelConfig fields that decide parameter shapes (a difference cannot be loaded).
 # Fields whose difference makes a checkpoint's parameters not fit (param_dtype does not: the
 # parameters are cast as they load, e.g. a bfloat16 HuggingFace conversion into float32 training).
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -102,9 +101,8 @@ class Trainer:
     if init_from:
       from lckv_jax import checkpoint
       self._check_init_from(init_from)
-      model = checkpoint.load_model(init_from, **{
-          f: getattr(self.model_config, f)
-          for f in ("dtype", "forward_passes", "backward_passes", "scan_layers", "param_dtype")})
+      model = checkpoint.load_model(init_from, run=self.model_config.run,
+                                    param_dtype=self.model_config.param_dtype)
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       params = jax.device_put(params, self.state_shardings["params"])
     else:
