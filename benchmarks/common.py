@@ -47,7 +47,7 @@ def serving_model(args, layer_types: str, **overrides):
   from flax import nnx
 
   from lckv_jax import Transformer
-  from lckv_jax.train.config import model_from_file
+  from lckv_jax.config import model_from_file
   config = model_from_file(
       config_path(args.shape), layer_types=layer_types,
       dtype="bfloat16", param_dtype="bfloat16", scan_layers=False, remat="none",

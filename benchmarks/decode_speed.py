@@ -27,7 +27,7 @@ from benchmarks.common import SHAPES, command, config_path, default_out
 from lckv_jax import Transformer
 from lckv_jax.cache import cache_bytes
 from lckv_jax.generation import Generator
-from lckv_jax.train.config import model_from_file
+from lckv_jax.config import model_from_file
 
 
 def run(args) -> dict:

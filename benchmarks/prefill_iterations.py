@@ -3,15 +3,15 @@ need?
 
 A model with a cycle (LCKV) encodes a prompt in parallel by running its cyclic layer group
 `iterations` times (default m + b). For each k in `--iterations` this script prefills held-out
-prompts with k iterations (`generation.prefill(..., mode="parallel", iterations=k)`) and measures,
-against the exact token-by-token model (`Transformer.sequential`):
+prompts with k iterations (`generation.prefill(..., prefill_mode="parallel", iterations=k)`) and
+measures, against the exact token-by-token model (`Transformer.sequential`):
 
 - logits error over the prompt (max / mean |logits_k - logits_exact|, all prompt positions), the
   error at the last prompt position separately (the logits that start generation), and how many
   leading positions are exact (theory: at least k);
 - prompt perplexity under the k-iteration prefill logits (teacher forcing over the prompt);
 - continuation perplexity: the prompt is prefilled with k iterations into a cache, then the next
-  `--gen` true tokens are scored with exact single-token steps (`model.step(..., iterations=1)`),
+  `--gen` true tokens are scored with exact single-token steps (`model.step(..., mode=DECODE)`),
   so the effect of an approximate prompt cache on later predictions is measured;
 - top-1 agreement with the exact model (last prompt position, all prompt positions, continuation);
 - prefill wall time (jitted, warm-up excluded, median of `--repeats`, `block_until_ready`), last
@@ -58,17 +58,15 @@ from flax import nnx
 
 from benchmarks import records
 from benchmarks.common import RESULTS, command, config_path
-from lckv_jax import cache as cache_lib
+from lckv_jax.cache import KVCache
 from lckv_jax.config import ModelConfig
 from lckv_jax.generation import prefill
+from lckv_jax.mode import Mode
 from lckv_jax.model import Transformer, count_params
 
 DEFAULT_ITERATIONS = (1, 2, 3, 5, 9)
 TIME_SHAPES = ("50m", "1b", "7b", "30b")  # model sections of configs/<shape>.py
 EVAL_FRACTION = 0.02  # the default data.eval_fraction of lckv_jax.train.config
-# Unpadded prompts into an empty cache: `fresh=True`, as `Generator.start` passes for equal-length
-# prompts (the fused attention kernel where one applies).
-PREFILL_KW = {"fresh": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,16 +185,11 @@ def _continue(graphdef, params, cache, tokens_BxG, start):
     i, tok = xs
     wi = jnp.full((b,), start + i, jnp.int32)
     logits, cache = model.step(tok[:, None], cache, wi, wi[:, None],
-                               jnp.ones((b, 1), jnp.int32), iterations=1)
+                               jnp.ones((b, 1), jnp.int32), mode=Mode.DECODE)
     return cache, logits[:, 0]
 
   _, logits = jax.lax.scan(body, cache, (jnp.arange(tokens_BxG.shape[1]), tokens_BxG.T))
   return jnp.swapaxes(logits, 0, 1)
-
-
-def _prompt_inputs(b: int, p: int):
-  positions = np.broadcast_to(np.arange(p, dtype=np.int32), (b, p)).copy()
-  return positions, np.ones((b, p), np.int32), np.zeros((b,), np.int32)
 
 
 def time_prefill(model: Transformer, tokens_BxP: np.ndarray, iterations: int | None,
@@ -204,16 +197,17 @@ def time_prefill(model: Transformer, tokens_BxP: np.ndarray, iterations: int | N
   """Median wall time of `prefill` (last logits only): parallel with k iterations, or
   sequential (exact) with `iterations=None`. A fresh cache per call (the cache is donated)."""
   b, p = tokens_BxP.shape
-  positions, segs, wi = _prompt_inputs(b, p)
   tokens = jnp.asarray(tokens_BxP)
-  mode = "sequential" if iterations is None else "parallel"
+  how = "sequential" if iterations is None else "parallel"
 
   def once():
-    cache = cache_lib.init_cache(model.config, b, p)
+    cache = KVCache.create(model.config, b, p)
     jax.block_until_ready(cache)
     t0 = time.perf_counter()
-    logits, cache = prefill(model, tokens, positions, segs, cache, wi, iterations=iterations or 1,
-                            mode=mode, **PREFILL_KW)
+    # Unpadded prompts into an empty cache, as `Generator.start` prefills equal-length prompts
+    # (the fused attention kernel where one applies).
+    logits, cache = prefill(model, tokens, None, None, cache, mode=Mode.PREFILL_EMPTY,
+                            iterations=iterations or 1, prefill_mode=how)
     jax.block_until_ready((logits, cache))
     return time.perf_counter() - t0
 
@@ -243,12 +237,11 @@ def quality(model: Transformer, windows: np.ndarray, prompt_len: int, iterations
       prompt_ppl=float(np.exp(_nll(ex_prompt[:, :-1], prompt_targets).mean())),
       cont_ppl=float(np.exp(_nll(ex_cont, cont_targets).mean())) if g else None,
       logits_abs_max=float(np.abs(ex_prompt).max()), exact_prefix_atol=atol)
-  positions, segs, wi = _prompt_inputs(b, p)
   rows = []
   for k in iterations:
-    cache = cache_lib.init_cache(model.config, b, total)
-    logits, cache = prefill(model, tokens[:, :p], positions, segs, cache, wi, iterations=k,
-                            mode="parallel", all_logits=True, **PREFILL_KW)
+    cache = KVCache.create(model.config, b, total)
+    logits, cache = prefill(model, tokens[:, :p], None, None, cache, mode=Mode.PREFILL_EMPTY,
+                            iterations=k, prefill_mode="parallel", all_logits=True)
     logits = np.asarray(logits)  # [B, P, V]
     if g > 1:
       steps = np.asarray(_continue(graphdef, params, cache, tokens[:, p:p + g - 1], p))
@@ -304,7 +297,7 @@ def stop_k(rows: list[dict], name: str, tol: float, against=("exact", "ref")) ->
 def time_shape(shape: str, batch: int, prompt: int, iterations, repeats: int,
                sequential: bool) -> dict:
   """Prefill time of a random bf16 model of configs/<shape>.py (last logits only) for each k."""
-  from lckv_jax.train.config import model_from_file
+  from lckv_jax.config import model_from_file
   base = model_from_file(config_path(shape))
   cfg = base.replace(dtype="bfloat16", param_dtype="bfloat16", remat="none",
                      max_position_embeddings=max(base.max_position_embeddings, prompt))
@@ -453,7 +446,7 @@ def main(argv=None) -> dict:
   result = dict(tag=args.tag, command=command("benchmarks.prefill_iterations", argv),
                 device=dev.device_kind, backend=jax.default_backend(), jax=jax.__version__,
                 python=platform.python_version(), iterations=args.iterations, tol=args.tol,
-                prefill_kwargs=PREFILL_KW)
+                prefill_kwargs={"mode": Mode.PREFILL_EMPTY.value})  # unpadded: fused kernels
   if not args.only_timing:
     if args.smoke:
       model, source = smoke_model(), "random float32 (smoke_model, weights N(0, 0.1))"

@@ -16,7 +16,7 @@ import re
 from benchmarks import records
 from benchmarks.common import config_path
 from lckv_jax import roofline as rl
-from lckv_jax.train.config import model_from_file
+from lckv_jax.config import model_from_file
 
 COLUMNS = ("model", "P+G", "batch", "device memory", "tok/s", "decode tok/s", "prefill s",
            "ms/step", "roofline ms/step", "measured/roofline", "prefill / FLOP time", "compile s")

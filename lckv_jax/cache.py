@@ -1,24 +1,34 @@
 """The KV cache: buffers for the KV-computing layers only (docs/spec.md §5, §8).
 
-A cache is a plain dict `{('layer', j): KV}` over the layers that compute KV, each buffer
-`[batch, slots, kv_heads, head_dim]` with the position and segment of every slot (`seg == 0`
-marks an empty slot, never attended). For LCKV `0_20_..._20_21` that is 3 buffers of 22 layers.
+A `KVCache` is a pytree holding, for every layer j that computes KV, a buffer `layers[j]`
+(`attention.KV`: k, v `[batch, slots, kv_heads, head_dim]`, and the position and segment of every
+slot, `seg == 0` marking an empty slot that is never attended). For LCKV `0_20_..._20_21` that is
+3 buffers of 22 layers. Its static part says how the buffers are laid out; the cache owns what
+follows from that: where a chunk is written (`write`), widening rings around a chunk and
+compacting them after (`widen`, `compact`), the sink cache's eviction (`evict_sink`), and rows
+(`insert_row`, `put_rows`, `left_align`).
 
 Three layouts, all read by `Transformer.step` the same way (attention masks by the stored
 `pos`/`seg`, never by slot order):
 
 - full: `max_len` slots; slot s holds the s-th token of the row (left padding included).
-- ring: a KV layer read only by sliding-window layers keeps `sliding_window` slots; slot s lives
-  at `s % sliding_window` (the model writes modulo the buffer length). A decode step (one token)
-  writes straight into the ring; a longer chunk needs `sliding_window + chunk - 1` slots, so
-  `with_room`/`compact` widen the ring around it (`generation.prefill` does this).
-- sink (StreamingLLM): `n_sink + window` slots for every KV layer, left-aligned: slot s holds
-  cache position s. When full, `sink_evict` drops the oldest non-sink token, shifts the rest
-  down one slot and re-rotates their keys one position back (HF SinkCache); the new token then
-  takes position `length` = `n_sink + window - 1`. Memory and positions stay bounded forever.
+- ring: a KV layer read only by sliding-window layers (`rings`) keeps `sliding_window` slots;
+  slot s lives at `s % slots` (`write` wraps modulo the buffer length). A decode step writes
+  straight into the ring; a longer chunk needs `sliding_window + chunk - 1` slots, so `widen` and
+  `compact` turn the ring around it (`generation.prefill` does this).
+- sink (StreamingLLM, `n_sink` set): `n_sink + window` slots for every KV layer, left-aligned:
+  slot s holds cache position s. When full, `evict_sink` drops the oldest non-sink token, shifts
+  the rest down one slot and re-rotates their keys one position back (HF SinkCache); the new
+  token then takes position `length` = `n_sink + window - 1`. Memory and positions stay bounded.
+
+`contiguous` is a promise about the contents: each row holds one sequence (one segment) in the
+contiguous slots [first non-empty slot, next write], as `Generator` keeps it; a decode step may
+then read only that span (`config.decode_attention`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -61,23 +71,9 @@ def _empty(config: ModelConfig, batch: int, slots: int, dtype) -> KV:
             jnp.zeros((batch, slots), jnp.int32))
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *,
-               ring: bool = True) -> dict:
-  """An empty cache for `batch` sequences of up to `max_len` tokens.
-
-  With `ring` (default), KV layers read only by sliding-window layers get a ring buffer of
-  `sliding_window` slots instead of `max_len`.
-  """
-  if batch < 1 or max_len < 1:
-    raise ValueError(f"cache needs batch >= 1 and max_len >= 1, got {batch} and {max_len}")
-  dtype = dtype or config.compute_dtype
-  return {("layer", j): _empty(config, batch, slots, dtype)
-          for j, slots in buffer_slots(config, max_len, ring).items()}
-
-
 def cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype=None, *, ring: bool = True,
                 metadata: bool = False) -> int:
-  """Bytes of the K and V buffers of `init_cache` (docs/spec.md §8), before allocating them.
+  """Bytes of the K and V buffers of `KVCache.create`, before allocating them (docs/spec.md §8).
 
   With `metadata`, the int32 position and segment of every slot are counted as well, so the
   result equals the bytes of every array of the cache.
@@ -89,24 +85,40 @@ def cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype=None, *, ri
 
 
 def sink_cache_bytes(config: ModelConfig, batch: int, n_sink: int, window: int, dtype=None) -> int:
-  """Bytes of the K and V buffers of `init_sink_cache`, whatever the generated length."""
+  """Bytes of the K and V buffers of `KVCache.create_sink`, whatever the generated length."""
   itemsize = jnp.dtype(dtype or config.compute_dtype).itemsize
   return batch * (n_sink + window) * config.layer_spec.kv_bytes_per_token(
       config.num_kv_heads, config.resolved_head_dim, itemsize)
 
 
-def nbytes(cache: dict, metadata: bool = False) -> int:
-  """Bytes the cache arrays occupy (K and V, plus positions and segments with `metadata`)."""
-  return sum(e.k.nbytes + e.v.nbytes + ((e.pos.nbytes + e.seg.nbytes) if metadata else 0)
-             for e in cache.values())
-
-
 # ---------------------------------------------------------------------------------------------
-# Ring buffers around a chunk.
+# Slots of one buffer.
 # ---------------------------------------------------------------------------------------------
 
 
-def relayout(entry: KV, end_B: jax.Array, slots: int) -> KV:
+def write(entry: KV, k_BxTxKxD, v_BxTxKxD, positions_BxT, segment_ids_BxT,
+          write_index_B) -> KV:
+  """`entry` with a chunk's KV at slots `write_index .. write_index + T - 1` of each row.
+
+  Slots wrap modulo the buffer length, so a short buffer is a ring; for a full-length buffer the
+  modulo changes nothing.
+  """
+  slots, t = entry.k.shape[1], k_BxTxKxD.shape[1]
+  if t > slots:
+    raise ValueError(f"a chunk of {t} tokens does not fit a cache buffer of {slots} slots")
+  if t == 1:  # a slice update, which XLA does in place
+    put = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
+    index = write_index_B % slots
+  else:
+    put = jax.vmap(lambda buf, new, i: buf.at[i].set(new))
+    index = (write_index_B[:, None] + jnp.arange(t)) % slots
+  return KV(put(entry.k, k_BxTxKxD.astype(entry.k.dtype), index),
+            put(entry.v, v_BxTxKxD.astype(entry.v.dtype), index),
+            put(entry.pos, positions_BxT, index),
+            put(entry.seg, segment_ids_BxT, index))
+
+
+def _rering(entry: KV, end_B: jax.Array, slots: int) -> KV:
   """A buffer of `slots` slots holding slot x at `x % slots`, for the last min(S, slots) slots.
 
   `entry` (S slots) holds slot x at `x % S` for x in [end - S, end - 1] (slots >= end are not
@@ -117,54 +129,17 @@ def relayout(entry: KV, end_B: jax.Array, slots: int) -> KV:
   end = end_B[:, None]
   x = end - slots + (jnp.arange(slots)[None, :] - end) % slots  # in [end - slots, end - 1]
   valid = (x >= 0) & (x >= end - keep)
-  src = x % old
+  return _take(entry, x % old, valid)
+
+
+def _take(entry: KV, src_BxS: jax.Array, valid_BxS: jax.Array) -> KV:
+  """Slot s of each row taken from slot `src[s]`, or empty where not `valid[s]`."""
   take = jax.vmap(lambda buf, idx: buf[idx])
-  kv_mask = valid[:, :, None, None]
-  return KV(jnp.where(kv_mask, take(entry.k, src), 0).astype(entry.k.dtype),
-            jnp.where(kv_mask, take(entry.v, src), 0).astype(entry.v.dtype),
-            jnp.where(valid, take(entry.pos, src), 0),
-            jnp.where(valid, take(entry.seg, src), 0))
-
-
-def with_room(config: ModelConfig, cache: dict, write_index_B: jax.Array, chunk: int, *,
-              empty: bool = False) -> dict:
-  """Widens ring buffers so that a chunk of `chunk` tokens at `write_index` sees its windows.
-
-  `empty`: the cache holds nothing yet and the chunk starts at slot 0; the ring then needs room
-  for the chunk alone (none when it fits), not for `sliding_window - 1` earlier keys as well.
-  Returns the cache to pass to `Transformer.step`; `compact` turns it back afterwards.
-  """
-  if not config.sliding_window:
-    return dict(cache)
-  need = chunk if empty else config.sliding_window + chunk - 1
-  out = dict(cache)
-  for j in ring_layers(config):
-    e = cache[("layer", j)]
-    if e.k.shape[1] < need:
-      out[("layer", j)] = relayout(e, write_index_B, need)
-  return out
-
-
-def compact(cache: dict, shapes: dict, end_B: jax.Array) -> dict:
-  """Shrinks buffers widened by `with_room` back to the slot counts of `shapes` (a cache)."""
-  out = dict(cache)
-  for key, e in cache.items():
-    slots = shapes[key].k.shape[1]
-    if e.k.shape[1] != slots:
-      out[key] = relayout(e, end_B, slots)
-  return out
-
-
-# ---------------------------------------------------------------------------------------------
-# StreamingLLM sink cache.
-# ---------------------------------------------------------------------------------------------
-
-
-def init_sink_cache(config: ModelConfig, batch: int, n_sink: int, window: int, dtype=None) -> dict:
-  """An empty attention-sink cache: `n_sink + window` slots for every KV layer."""
-  if n_sink < 0 or window < 1:
-    raise ValueError(f"sink cache needs n_sink >= 0 and window >= 1, got {n_sink} and {window}")
-  return init_cache(config, batch, n_sink + window, dtype, ring=False)
+  kv_mask = valid_BxS[:, :, None, None]
+  return KV(jnp.where(kv_mask, take(entry.k, src_BxS), 0).astype(entry.k.dtype),
+            jnp.where(kv_mask, take(entry.v, src_BxS), 0).astype(entry.v.dtype),
+            jnp.where(valid_BxS, take(entry.pos, src_BxS), 0),
+            jnp.where(valid_BxS, take(entry.seg, src_BxS), 0))
 
 
 def rerotate(config: ModelConfig, k_BxSxKxD: jax.Array, shift: int) -> jax.Array:
@@ -174,64 +149,169 @@ def rerotate(config: ModelConfig, k_BxSxKxD: jax.Array, shift: int) -> jax.Array
   return apply_rope(k_BxSxKxD, cos_sin)
 
 
-def sink_evict(config: ModelConfig, cache: dict, length_B: jax.Array, n_sink: int
-               ) -> tuple[dict, jax.Array]:
-  """Makes room for one token in full rows: drop the oldest non-sink token, shift, re-rotate.
+# ---------------------------------------------------------------------------------------------
+# The cache.
+# ---------------------------------------------------------------------------------------------
 
-  Rows are left-aligned (slot s = cache position s). Returns the cache and the new lengths, so the
-  next token is written at slot `length` with position `length`.
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """The buffers of the KV-computing layers and how they are laid out (see the module doc).
+
+  layers: KV-computing layer j -> its buffer (k, v [batch, slots, kv_heads, head_dim]; pos, seg
+    [batch, slots]). The only arrays; the other fields are static (part of the tree structure).
+  rings: the layers whose buffer is a ring of `window` slots.
+  window: the sliding window of the model (rings keep that many slots between chunks).
+  n_sink: the attention-sink layout's sink slots; None for the full and ring layouts.
+  contiguous: each row holds one sequence in contiguous slots (the caller's promise).
   """
-  out = {}
-  full = None
-  for key, e in cache.items():
-    cap = e.k.shape[1]
-    full = length_B >= cap
+  layers: dict[int, KV]
+  rings: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+  window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  n_sink: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  contiguous: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+  @classmethod
+  def create(cls, config: ModelConfig, batch: int, max_len: int, dtype=None, *,
+             ring: bool = True, contiguous: bool = False) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens.
+
+    With `ring` (default), KV layers read only by sliding-window layers get a ring buffer of
+    `sliding_window` slots instead of `max_len`.
+    """
+    if batch < 1 or max_len < 1:
+      raise ValueError(f"cache needs batch >= 1 and max_len >= 1, got {batch} and {max_len}")
+    dtype = dtype or config.compute_dtype
+    slots = buffer_slots(config, max_len, ring)
+    rings = tuple(j for j in ring_layers(config) if ring and slots[j] < max_len)
+    return cls({j: _empty(config, batch, n, dtype) for j, n in slots.items()}, rings,
+               config.sliding_window, None, contiguous)
+
+  @classmethod
+  def create_sink(cls, config: ModelConfig, batch: int, n_sink: int, window: int, dtype=None
+                  ) -> KVCache:
+    """An empty attention-sink cache: `n_sink + window` slots for every KV layer, one sequence
+    per row (left-aligned)."""
+    if n_sink < 0 or window < 1:
+      raise ValueError(f"sink cache needs n_sink >= 0 and window >= 1, got {n_sink} and {window}")
+    full = cls.create(config, batch, n_sink + window, dtype, ring=False, contiguous=True)
+    return dataclasses.replace(full, n_sink=n_sink)
+
+  # -- what it holds -------------------------------------------------------------------------
+
+  def __getitem__(self, layer: int) -> KV:
+    return self.layers[layer]
+
+  @property
+  def kv_layers(self) -> tuple[int, ...]:
+    return tuple(sorted(self.layers))
+
+  @property
+  def batch(self) -> int:
+    return next(iter(self.layers.values())).k.shape[0]
+
+  def slots(self, layer: int) -> int:
+    return self.layers[layer].k.shape[1]
+
+  def nbytes(self, metadata: bool = False) -> int:
+    """Bytes its arrays occupy (K and V, plus positions and segments with `metadata`)."""
+    return sum(e.k.nbytes + e.v.nbytes + ((e.pos.nbytes + e.seg.nbytes) if metadata else 0)
+               for e in self.layers.values())
+
+  def replace(self, **changes) -> KVCache:
+    return dataclasses.replace(self, **changes)
+
+  def with_layers(self, layers: dict[int, KV]) -> KVCache:
+    """The same layout holding `layers` (a forward pass's new buffers)."""
+    if set(layers) != set(self.layers):
+      raise ValueError(f"a cache of layers {self.kv_layers} cannot take layers {sorted(layers)}")
+    return dataclasses.replace(self, layers=dict(layers))
+
+  # -- rings around a chunk ------------------------------------------------------------------
+
+  def widen(self, write_index_B: jax.Array, chunk: int, *, empty: bool = False) -> KVCache:
+    """Rings widened so that a chunk of `chunk` tokens at `write_index` sees its windows.
+
+    `empty`: the cache holds nothing yet and the chunk starts at slot 0; a ring then needs room
+    for the chunk alone (none when it fits), not for `window - 1` earlier keys as well.
+    `compact(end, like=self)` turns the result back after the chunk.
+    """
+    need = chunk if empty else (self.window or 0) + chunk - 1
+    layers = dict(self.layers)
+    for j in self.rings:
+      if layers[j].k.shape[1] < need:
+        layers[j] = _rering(layers[j], write_index_B, need)
+    return dataclasses.replace(self, layers=layers)
+
+  def compact(self, end_B: jax.Array, like: KVCache) -> KVCache:
+    """Buffers widened by `widen` turned back to the slot counts of `like`; `end_B` [batch] is
+    the first unwritten slot of each row."""
+    layers = {j: e if e.k.shape[1] == like.slots(j) else _rering(e, end_B, like.slots(j))
+              for j, e in self.layers.items()}
+    return dataclasses.replace(self, layers=layers)
+
+  # -- the sink layout -----------------------------------------------------------------------
+
+  def evict_sink(self, config: ModelConfig, length_B: jax.Array) -> tuple[KVCache, jax.Array]:
+    """Makes room for one token in full rows: drop the oldest non-sink token, shift, re-rotate.
+
+    Rows are left-aligned (slot s = cache position s). Returns the cache and the new lengths, so
+    the next token is written at slot `length` with position `length`.
+    """
+    n_sink = self.n_sink
+    if n_sink is None:
+      raise ValueError("evict_sink needs a sink cache (KVCache.create_sink)")
+    cap = next(iter(self.layers.values())).k.shape[1]
     if n_sink >= cap:
       raise ValueError(f"sink cache: n_sink ({n_sink}) must be smaller than its {cap} slots")
+    full = length_B >= cap
 
-    def shift(x, fill=0):
-      pad = jnp.full_like(x[:, :1], fill)
-      return jnp.concatenate([x[:, :n_sink], x[:, n_sink + 1:], pad], axis=1)
+    def shift(x):
+      return jnp.concatenate([x[:, :n_sink], x[:, n_sink + 1:], jnp.zeros_like(x[:, :1])], axis=1)
 
-    k = shift(e.k)
-    k = jnp.concatenate([k[:, :n_sink], rerotate(config, k[:, n_sink:], -1)], axis=1)
-    pos = shift(e.pos)
-    pos = jnp.concatenate([pos[:, :n_sink], jnp.maximum(pos[:, n_sink:] - 1, 0)], axis=1)
-    shifted = KV(k, shift(e.v), pos, shift(e.seg))
-    out[key] = jax.tree.map(
-        lambda a, b: jnp.where(full.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), shifted, e)
-  if full is None:
-    return cache, length_B
-  cap = next(iter(cache.values())).k.shape[1]
-  return out, jnp.where(full, cap - 1, length_B)
+    layers = {}
+    for j, e in self.layers.items():
+      k = shift(e.k)
+      k = jnp.concatenate([k[:, :n_sink], rerotate(config, k[:, n_sink:], -1)], axis=1)
+      pos = shift(e.pos)
+      pos = jnp.concatenate([pos[:, :n_sink], jnp.maximum(pos[:, n_sink:] - 1, 0)], axis=1)
+      shifted = KV(k, shift(e.v), pos, shift(e.seg))
+      layers[j] = jax.tree.map(
+          lambda a, b: jnp.where(full.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), shifted, e)
+    return dataclasses.replace(self, layers=layers), jnp.where(full, cap - 1, length_B)
 
+  # -- rows ----------------------------------------------------------------------------------
 
-def left_align(cache: dict, pad_B: jax.Array) -> dict:
-  """Moves each row's content `pad` slots to the left (slot s <- s + pad), emptying the tail."""
-  out = {}
-  for key, e in cache.items():
-    slots = e.k.shape[1]
-    src = jnp.arange(slots)[None, :] + pad_B[:, None]
-    valid = src < slots
-    src = jnp.minimum(src, slots - 1)
-    take = jax.vmap(lambda buf, idx: buf[idx])
-    m = valid[:, :, None, None]
-    out[key] = KV(jnp.where(m, take(e.k, src), 0).astype(e.k.dtype),
-                  jnp.where(m, take(e.v, src), 0).astype(e.v.dtype),
-                  jnp.where(valid, take(e.pos, src), 0), jnp.where(valid, take(e.seg, src), 0))
-  return out
+  def left_align(self, pad_B: jax.Array) -> KVCache:
+    """Each row's content moved `pad` slots to the left (slot s <- s + pad), the tail emptied."""
+    layers = {}
+    for j, e in self.layers.items():
+      src = jnp.arange(e.k.shape[1])[None, :] + pad_B[:, None]
+      layers[j] = _take(e, jnp.minimum(src, e.k.shape[1] - 1), src < e.k.shape[1])
+    return dataclasses.replace(self, layers=layers)
 
+  def _check_same_layout(self, other: KVCache, what: str) -> None:
+    for j, e in self.layers.items():
+      if j not in other.layers or other[j].k.shape[2:] != e.k.shape[2:]:
+        raise ValueError(f"{what}: the caches differ at layer {j}: heads "
+                         f"{e.k.shape[2:]} vs {other.layers.get(j, e).k.shape[2:]}")
 
-# ---------------------------------------------------------------------------------------------
-# Rows.
-# ---------------------------------------------------------------------------------------------
+  def insert_row(self, row: int | jax.Array, other: KVCache, other_row: int = 0) -> KVCache:
+    """Batch row `row` replaced by row `other_row` of `other` (same layout and slots)."""
+    self._check_same_layout(other, "insert_row")
+    for j, e in self.layers.items():
+      if other.slots(j) != e.k.shape[1]:
+        raise ValueError(f"insert_row: the caches differ at layer {j}: {e.k.shape[1]} slots vs "
+                         f"{other.slots(j)}")
+    return self.with_layers({j: jax.tree.map(lambda a, b: a.at[row].set(b[other_row]), e,
+                                             other[j]) for j, e in self.layers.items()})
 
-
-def insert_row(cache: dict, row: int | jax.Array, other: dict, other_row: int = 0) -> dict:
-  """The cache with batch row `row` replaced by row `other_row` of `other` (same layout)."""
-  for key, e in cache.items():
-    if key not in other or other[key].k.shape[1:] != e.k.shape[1:]:
-      raise ValueError(f"insert_row: the caches differ at {key}: slots/heads "
-                       f"{e.k.shape[1:]} vs {other.get(key, e).k.shape[1:]}")
-  return {key: jax.tree.map(lambda a, b: a.at[row].set(b[other_row]), e, other[key])
-          for key, e in cache.items()}
+  def put_rows(self, rows: KVCache, start) -> KVCache:
+    """The first slots of rows `start..` replaced by `rows` (a cache of fewer rows and no more
+    slots per buffer); in place when the cache is donated."""
+    self._check_same_layout(rows, "put_rows")
+    return self.with_layers(jax.tree.map(
+        lambda a, r: jax.lax.dynamic_update_slice(a, r.astype(a.dtype),
+                                                  (start,) + (0,) * (a.ndim - 1)),
+        self.layers, rows.layers))

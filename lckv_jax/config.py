@@ -209,3 +209,36 @@ class ModelConfig:
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)
                             if f.name not in RUN_FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files (`configs/*.py`): what `--config=` names, read here so that tools outside
+# training (benchmarks, serving) take a model's shape from them without importing `train/`.
+# ---------------------------------------------------------------------------------------------
+
+
+def read_config_file(path: str):
+  """`get_config()` of a config file such as `configs/1b.py` (an ml_collections ConfigDict)."""
+  import importlib.util
+  import os
+  spec = importlib.util.spec_from_file_location("lckv_config", path)
+  if spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def model_config(config) -> ModelConfig:
+  """The ModelConfig of a ConfigDict's `model` section; errors name the field."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  values = config.model.to_dict()
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f"config.model has unknown field(s) {unknown}; allowed: {sorted(fields)}")
+  return ModelConfig(**values)
+
+
+def model_from_file(path: str, **changes) -> ModelConfig:
+  """The ModelConfig of a config file's `model` section, with `changes` applied."""
+  return model_config(read_config_file(path)).replace(**changes)

@@ -35,7 +35,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from lckv_jax import cache as cache_lib
 from lckv_jax.attention import KV
+from lckv_jax.cache import KVCache
 from lckv_jax.tokenizer import ByteTokenizer  # noqa: F401  (the byte fallback, re-exported)
+from lckv_jax.mode import Mode
 from lckv_jax.model import Transformer, check_inputs, relayout
 from lckv_jax.sampling import Sampling, sample_with
 from lckv_jax.sharding import RULES, cache_shardings, logical_to_spec
@@ -152,62 +154,74 @@ def _shard_state(state, mesh: Mesh | None, rules: dict | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(10,))
-def _prefill(graphdef, iterations: int, sequential: bool, all_logits: bool, fresh: bool,
-             empty: bool, params, tokens, positions, segment_ids, cache, write_index):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(9,))
+def _prefill(graphdef, mode: Mode, iterations: int, sequential: bool, all_logits: bool, params,
+             tokens, positions, segment_ids, cache: KVCache, write_index):
   model = nnx.merge(graphdef, params)
   if sequential:
+    if positions is None:  # Mode.PREFILL_EMPTY without padding
+      positions = write_index[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+      segment_ids = jnp.ones_like(tokens)
+
     def body(cache, xs):
       t, tok, pos, seg = xs
       logits, cache = model.step(tok[:, None], cache, write_index + t, pos[:, None], seg[:, None],
-                                 iterations=1, contiguous=True)
+                                 mode=Mode.DECODE)
       return cache, logits[:, 0]
     xs = (jnp.arange(tokens.shape[1]), tokens.T, positions.T, segment_ids.T)
     cache, logits_TxBxV = jax.lax.scan(body, cache, xs)
     logits = jnp.swapaxes(logits_TxBxV, 0, 1)
   else:
-    roomy = cache_lib.with_room(model.config, cache, write_index, tokens.shape[1], empty=empty)
-    logits, roomy = model.step(tokens, roomy, write_index, positions, segment_ids,
-                               iterations=iterations, last_logits=not all_logits, fresh=fresh)
-    cache = cache_lib.compact(roomy, cache, write_index + tokens.shape[1])
+    roomy = cache.widen(write_index, tokens.shape[1], empty=mode is Mode.PREFILL_EMPTY)
+    logits, roomy = model.step(tokens, roomy, write_index, positions, segment_ids, mode=mode,
+                               iterations=iterations, last_logits=not all_logits)
+    cache = roomy.compact(write_index + tokens.shape[1], like=cache)
   return (logits if all_logits else logits[:, -1]), cache
 
 
-def prefill(model: Transformer, tokens, positions, segment_ids, cache: dict, write_index, *,
-            iterations: int | None = None, mode: str = "auto", all_logits: bool = False,
-            fresh: bool = False, empty: bool = False):
+def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, write_index=None,
+            *, mode: Mode = Mode.PREFILL, iterations: int | None = None,
+            prefill_mode: str = "auto", all_logits: bool = False):
   """Runs a chunk of prompt tokens into `cache` (donated) at `write_index` [batch].
 
-  Each row's cache must hold one sequence in contiguous slots (chunks written one after the
-  other), as `Generator` does: decode steps read only that span.
-
   Args:
+    tokens: [batch, chunk]; positions, segment_ids: [batch, chunk] (left padding: segment 0), or
+      both None: positions `write_index + 0..chunk-1`, no padding.
+    mode: `Mode.PREFILL` (the chunk follows what each row's cache holds) or
+      `Mode.PREFILL_EMPTY` (every row starts at slot 0 of an empty cache; `write_index` may be
+      None): ring buffers are then not widened for earlier keys, and without positions and
+      segments the parallel prefill takes the fused attention kernel.
     iterations: passes of a cyclic group over the chunk; default forward_passes + backward_passes.
-    mode: 'auto' (sequential for a model with a cycle and a chunk no longer than `iterations`,
-      else parallel), 'parallel' or 'sequential'.
-    fresh: the chunk starts every row at slot 0 of an empty cache, without padding (positions
-      0..chunk-1): the parallel prefill then uses the fused attention kernel.
-    empty: the chunk starts every row at slot 0 of an empty cache (padding allowed): ring
-      buffers are not widened for earlier keys (implied by `fresh`).
+    prefill_mode: 'auto' (sequential for a model with a cycle and a chunk no longer than
+      `iterations`, else parallel), 'parallel' or 'sequential'.
   Returns:
     logits [batch, vocab] of the last token ([batch, chunk, vocab] with `all_logits`), and the
     cache.
   """
   cfg = model.config
-  if mode not in PREFILL_MODES:
-    raise ValueError(f"prefill mode must be one of {PREFILL_MODES}, got {mode!r}")
+  if prefill_mode not in PREFILL_MODES:
+    raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
+  if mode not in (Mode.PREFILL, Mode.PREFILL_EMPTY):
+    raise ValueError(f"prefill: mode must be Mode.PREFILL or Mode.PREFILL_EMPTY, got {mode}")
+  if (positions is None) != (segment_ids is None):
+    raise ValueError("prefill: give both positions and segment_ids, or neither")
   # Here, not in the jitted prefill, where ids and positions are no longer known.
   check_inputs(cfg, tokens, positions, segment_ids, from_zero=False)
   iterations = cfg.forward_passes + cfg.backward_passes if iterations is None else iterations
   if not isinstance(iterations, int) or iterations < 1:
     raise ValueError(f"prefill iterations must be an integer >= 1, got {iterations!r}")
+  if write_index is None:
+    if mode is not Mode.PREFILL_EMPTY:
+      raise ValueError("prefill: write_index [batch] is required in Mode.PREFILL")
+    write_index = np.zeros((tokens.shape[0],), np.int32)
   chunk = tokens.shape[1]
-  sequential = mode == "sequential" or (
-      mode == "auto" and cfg.layer_spec.has_cycle and (chunk <= iterations or cfg.use_sequential))
+  sequential = prefill_mode == "sequential" or (
+      prefill_mode == "auto" and cfg.layer_spec.has_cycle
+      and (chunk <= iterations or cfg.use_sequential))
   graphdef, params = nnx.split(model)
-  return _prefill(graphdef, iterations, sequential, all_logits, fresh, empty or fresh, params,
-                  jnp.asarray(tokens),
-                  jnp.asarray(positions), jnp.asarray(segment_ids), cache,
+  as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
+  return _prefill(graphdef, mode, iterations, sequential, all_logits, params, jnp.asarray(tokens),
+                  as_array(positions), as_array(segment_ids), cache,
                   jnp.asarray(write_index, jnp.int32))
 
 
@@ -217,18 +231,13 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: dict, wri
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _put_rows(cache: dict, rows: dict, start) -> dict:
-  """`cache` (donated, updated in place) with the first slots of rows start.. replaced by
-  `rows` (a cache of fewer rows and no more slots per buffer)."""
-  return jax.tree.map(
-      lambda a, r: jax.lax.dynamic_update_slice(a, r.astype(a.dtype),
-                                                (start,) + (0,) * (a.ndim - 1)),
-      cache, rows)
+def _put_rows(cache: KVCache, rows: KVCache, start) -> KVCache:
+  return cache.put_rows(rows, start)  # `cache` donated: in place
 
 
 class DecodeState(NamedTuple):
   """A running batch. Each row decodes on its own (own slot, position, budget, EOS)."""
-  cache: dict  # {('layer', j): KV}
+  cache: KVCache
   token: jax.Array  # [B] int32, the last sampled token: the next input
   write_index: jax.Array  # [B] int32, the slot `token` is written to
   position: jax.Array  # [B] int32, the RoPE position of `token`
@@ -245,7 +254,6 @@ class _Settings:
   sampling: Sampling
   eos_ids: tuple[int, ...]
   pad_id: int
-  n_sink: int | None
   stream: Callable | None
 
 
@@ -289,11 +297,11 @@ def _decode(graphdef, settings: _Settings, params, state: DecodeState, num_steps
   def body(carry):
     i, s = carry
     cache, write_index, position = s.cache, s.write_index, s.position
-    if settings.n_sink is not None:
-      cache, write_index = cache_lib.sink_evict(model.config, cache, write_index, settings.n_sink)
+    if cache.n_sink is not None:
+      cache, write_index = cache.evict_sink(model.config, write_index)
       position = write_index
     logits, cache = model.step(s.token[:, None], cache, write_index, position[:, None],
-                               jnp.ones_like(position)[:, None], iterations=1, contiguous=True)
+                               jnp.ones_like(position)[:, None], mode=Mode.DECODE)
     rng, key = jax.random.split(s.rng)
     active = ~s.done
     s = s._replace(cache=cache, rng=rng,
@@ -374,7 +382,7 @@ class Generator:
     self.prefill_iterations, self.prefill_mode = prefill_iterations, prefill_mode
     self.return_logits, self.cache_dtype = return_logits, cache_dtype
     self.prefill_batch = prefill_batch
-    self.settings = _Settings(sampling, eos_ids, pad_id, None if sink is None else sink[0], stream)
+    self.settings = _Settings(sampling, eos_ids, pad_id, stream)
     self.vocab_size = cfg.vocab_size
 
   def _cache_len(self, longest: int) -> int:
@@ -427,14 +435,14 @@ class Generator:
       raise ValueError(f"max_new_tokens per row must be in 1..{self.max_new_tokens}, got {budget}")
     self._check_positions(lengths, budget)
     if self.sink is not None:
-      cache = cache_lib.init_sink_cache(cfg, b, *self.sink, dtype=self.cache_dtype)
-    else:
-      cache = cache_lib.init_cache(cfg, b, max_len, self.cache_dtype)
+      cache = KVCache.create_sink(cfg, b, *self.sink, dtype=self.cache_dtype)
+    else:  # each row one sequence in contiguous slots: decode steps read only that span
+      cache = KVCache.create(cfg, b, max_len, self.cache_dtype, contiguous=True)
     rng = jax.random.key(seed) if isinstance(seed, int) else seed
     rng, key = jax.random.split(rng)
     logits, cache = self._prefill_rows(tokens, positions, segment_ids, cache)
     if self.sink is not None:  # rows left-aligned: slot = position
-      cache = cache_lib.left_align(cache, jnp.asarray(longest - lengths))
+      cache = cache.left_align(jnp.asarray(longest - lengths))
       write_index = jnp.asarray(lengths)
     else:
       write_index = jnp.full((b,), longest, jnp.int32)
@@ -457,18 +465,18 @@ class Generator:
     cfg = self.model.config
     b, longest = tokens.shape
     step = b if self.prefill_batch is None else min(self.prefill_batch, b)
-    fresh = bool((segment_ids != 0).all())  # equal lengths: no padding, positions 0..T-1
+    unpadded = bool((segment_ids != 0).all())  # equal lengths: positions 0..T-1, one segment
     logits = []
     for r in range(0, b, step):
       n = min(step, b - r)
       # The sink cache has no rings: its prompt slots are copied as written, left-aligned after.
-      sub = cache if n == b else cache_lib.init_cache(cfg, n, longest, self.cache_dtype,
-                                                      ring=self.sink is None)
-      arrays = _shard_state((jnp.asarray(tokens[r:r + n]), jnp.asarray(positions[r:r + n]),
-                             jnp.asarray(segment_ids[r:r + n]), sub), self.mesh)
-      out, sub = prefill(self.model, *arrays, jnp.zeros((n,), jnp.int32),
-                         iterations=self.prefill_iterations, mode=self.prefill_mode, fresh=fresh,
-                         empty=True)
+      sub = cache if n == b else KVCache.create(cfg, n, longest, self.cache_dtype,
+                                                ring=self.sink is None, contiguous=True)
+      rows = (None, None) if unpadded else (jnp.asarray(positions[r:r + n]),
+                                            jnp.asarray(segment_ids[r:r + n]))
+      arrays = _shard_state((jnp.asarray(tokens[r:r + n]), *rows, sub), self.mesh)
+      out, sub = prefill(self.model, *arrays, mode=Mode.PREFILL_EMPTY,
+                         iterations=self.prefill_iterations, prefill_mode=self.prefill_mode)
       logits.append(out)
       cache = sub if n == b else _put_rows(cache, sub, r)
     return (logits[0] if len(logits) == 1 else jnp.concatenate(logits)), cache
@@ -493,7 +501,7 @@ class Generator:
       raise ValueError(f"insert: new_row must be in 0..{nb - 1}, got {new_row}")
     if self.sink is None and self.max_len is None:
       raise ValueError("insert needs a Generator with a fixed max_len (the cache length)")
-    cache = cache_lib.insert_row(state.cache, row, new.cache, new_row)
+    cache = state.cache.insert_row(row, new.cache, new_row)
     rest = {f: jax.tree.map(lambda a, c: a.at[row].set(c[new_row]), getattr(state, f),
                             getattr(new, f))
             for f in DecodeState._fields if f not in ("cache", "rng")}

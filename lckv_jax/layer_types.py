@@ -285,11 +285,12 @@ def resolve(spec: str, num_layers: int) -> str:
 class Role:
   """What one layer does inside a repeated block, independent of the block's position.
 
-  `source` is ('block', offset) when the KV read is that of a layer in the same block, or
-  ('layer', j) for a fixed layer j outside the run (the same for every block).
+  `source` is the layer whose KV it reads: with `in_block`, the offset of a layer of the same
+  block; else a fixed layer j outside the run (the same for every block).
   """
   computes_kv: bool
-  source: tuple[str, int]
+  source: int
+  in_block: bool
   sliding: bool
   diag_masked: bool
   upward: bool = False  # reads a layer above itself (attends_top)
@@ -321,14 +322,11 @@ def _roles(lt: LayerTypes, start: int, period: int, num_blocks: int) -> tuple[Ro
     for o in range(period):
       i = block_start + o
       j = lt.attends_to[i]
-      if block_start <= j < block_start + period:
-        source = ("block", j - block_start)
-      elif start <= j < end:
+      in_block = block_start <= j < block_start + period
+      if not in_block and start <= j < end:
         return None  # reads another block of the same run: blocks would not be independent
-      else:
-        source = ("layer", j)
-      rs.append(Role(lt.computes_kv[i], source, lt.sliding[i], lt.diag_masked[i],
-                     lt.attends_top[i]))
+      rs.append(Role(lt.computes_kv[i], j - block_start if in_block else j, in_block,
+                     lt.sliding[i], lt.diag_masked[i], lt.attends_top[i]))
     if roles is None:
       roles = tuple(rs)
     elif tuple(rs) != roles:

@@ -1,11 +1,13 @@
 """The Llama decoder with cross-layer KV sharing, in Flax NNX (docs/spec.md §1-§5).
 
 One pass of the layer stack is `_run_segment`; the iteration plan (`_cyclic_group`) repeats the
-passes of a cyclic group; the modes are thin drivers:
+passes of a cyclic group; the entry points are thin drivers of the forward modes
+(`lckv_jax.mode.Mode`):
 
-- `Transformer.__call__`: the parallel mode (training, scoring), following the iteration plan.
-- `Transformer.step`: a chunk of tokens against a KV cache (prefill, decoding); a single token
-  runs one exact pass.
+- `Transformer.__call__`: `Mode.TRAIN`, the parallel mode (training, scoring), following the
+  iteration plan.
+- `Transformer.step`: a chunk of tokens against a `KVCache` (`PREFILL_EMPTY`, `PREFILL`); a
+  single token (`DECODE`) runs one exact pass.
 - `Transformer.sequential`: token by token through `step`, the exact model (the test oracle).
 
 Parameters of runs of identical layers are stacked along a leading `layers` axis and scanned
@@ -23,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lckv_jax import layer_types as lt_lib, sharding
+from lckv_jax import cache as cache_lib, layer_types as lt_lib, sharding
 from lckv_jax.attention import KV, Attention, param, rope_inv_freq, rope_tables
 from lckv_jax.config import ModelConfig
 from lckv_jax.kernels import dispatch
 from lckv_jax.kernels.reference import make_mask
+from lckv_jax.mode import Mode
 
 _REMAT_POLICIES = {
     "full": None,
@@ -139,19 +142,19 @@ class Block(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class _Context:
-  """Per-call constants shared by every layer: query positions, RoPE tables, cache write slots."""
+  """Per-call constants shared by every layer: the mode, query positions, RoPE tables, cache
+  write slots."""
   config: ModelConfig
+  mode: Mode
   positions: jax.Array  # [batch, seq]
   segment_ids: jax.Array  # [batch, seq]
   cos_sin: tuple[jax.Array, jax.Array]
-  write_index: jax.Array | None  # [batch] first cache slot of this chunk; None without a cache
-  # The chunk attends to its own keys only, causal by index: no cache, or a fresh prefill at
-  # slot 0 of an empty cache (`Transformer.step(fresh=True)`); the fused kernels need that.
+  write_index: jax.Array | None  # [batch] first cache slot of this chunk; None in TRAIN
+  # The chunk attends to its own keys only, causal by index: TRAIN, or PREFILL_EMPTY without
+  # padding; the fused kernels need that.
   own_keys: bool = False
   packed: bool = False  # rows of packed documents without a cache (fused kernels: segment ids)
-  # The caller keeps each row's cache one sequence in contiguous slots [first valid, write_index]
-  # (`Transformer.step(contiguous=True)`), so a decode step may read only that span.
-  contiguous: bool = False
+  contiguous: bool = False  # `KVCache.contiguous`: a decode step may read only each row's span
   masks: dict = dataclasses.field(default_factory=dict)  # dense masks of the parallel mode, made
   #                                                        once per (diag_masked, window)
 
@@ -159,21 +162,7 @@ class _Context:
     """Stores this chunk's KV for one layer: the whole entry without a cache, else at its slots."""
     if self.write_index is None:
       return KV(k, v, self.positions, self.segment_ids)
-    # Slots wrap modulo the buffer length, so a short buffer is a ring (sliding-window layers,
-    # see `lckv_jax.cache`); for a full-length buffer the modulo changes nothing.
-    slots, t = entry.k.shape[1], k.shape[1]
-    if t > slots:
-      raise ValueError(f"a chunk of {t} tokens does not fit a cache buffer of {slots} slots")
-    if t == 1:
-      put = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
-      index = self.write_index % slots
-    else:
-      put = jax.vmap(lambda buf, new, i: buf.at[i].set(new))
-      index = (self.write_index[:, None] + jnp.arange(t)) % slots
-    return KV(put(entry.k, k.astype(entry.k.dtype), index),
-              put(entry.v, v.astype(entry.v.dtype), index),
-              put(entry.pos, self.positions, index),
-              put(entry.seg, self.segment_ids, index))
+    return cache_lib.write(entry, k, v, self.positions, self.segment_ids, self.write_index)
 
   def zeros(self, entry: KV | None) -> KV:
     """The first iteration's KV of an upper layer: zeros at this chunk's slots
@@ -183,22 +172,11 @@ class _Context:
     z = jnp.zeros((b, t, c.num_kv_heads, c.resolved_head_dim), c.compute_dtype)
     return self.write(entry, z, z)
 
-  @property
-  def decoding(self) -> bool:
-    """One token against a cache."""
-    return self.chunk is dispatch.Chunk.DECODE
-
-  @property
-  def chunk(self) -> dispatch.Chunk:
-    if self.write_index is None:
-      return dispatch.Chunk.PARALLEL
-    return dispatch.Chunk.DECODE if self.positions.shape[1] == 1 else dispatch.Chunk.PREFILL
-
   def compat_decode(self, role: lt_lib.Role) -> bool:
     """The reference's decoding of an upward-attending layer (docs/spec.md §5, 'whynlp_main'):
     it prepends a zero KV slot and drops the newest one, so token p sees {0, KV_0..KV_{p-2}}."""
     return (role.upward and self.config.decode_semantics == "whynlp_main"
-            and self.chunk is dispatch.Chunk.DECODE)
+            and self.mode is Mode.DECODE)
 
   def attention(self, role: lt_lib.Role, kv: KV) -> tuple[dispatch.Plan, dispatch.Inputs]:
     """How layers of this role attend to `kv` in this call: the plan and the arrays its kernel
@@ -206,9 +184,9 @@ class _Context:
     window = self.config.sliding_window if role.sliding else None
     mask = dispatch.Mask(role.diag_masked, window, self.packed,
                          zero_key=self.compat_decode(role))
-    kernel = dispatch.choose(self.config, self.chunk, mask, own_keys=self.own_keys,
+    kernel = dispatch.choose(self.config, self.mode, mask, own_keys=self.own_keys,
                              contiguous=self.contiguous, slots=kv.k.shape[1])
-    plan = dispatch.Plan(self.chunk, kernel, mask)
+    plan = dispatch.Plan(self.mode, kernel, mask)
     if kernel == "pallas":
       return plan, dispatch.Inputs(span=self._decode_span(role, kv))
     if kernel != "dense":
@@ -237,42 +215,47 @@ class _Context:
     return mask
 
 
-def _layer_pass(layer: DecoderLayer, role: lt_lib.Role, own_key, h, kvs: dict, ctx: _Context):
-  """One decoder layer: write own KV if it computes KV, then attend to its source's KV."""
+def _layer_pass(layer: DecoderLayer, role: lt_lib.Role, offset: int, h, external: dict,
+                own: dict, ctx: _Context):
+  """One decoder layer: write own KV if it computes KV, then attend to its source's KV.
+
+  `own`: the KV of this block's layers by offset (updated here); `external`: the KV of layers
+  outside the run, by layer.
+  """
   x = layer.input_norm(h)
   if role.computes_kv:
     k, v = layer.attn.project_kv(x, ctx.cos_sin)
-    kvs[own_key] = ctx.write(kvs.get(own_key), k, v)
-  source = kvs[role.source]
+    own[offset] = ctx.write(own.get(offset), k, v)
+  source = own[role.source] if role.in_block else external[role.source]
   plan, inputs = ctx.attention(role, source)
   h = h + layer.attn(x, ctx.cos_sin, source, plan, inputs)
   return h + layer.mlp(layer.post_attention_norm(h))
 
 
 def _apply_run(run: lt_lib.Run, block_def, block_state, h, store: dict, ctx: _Context):
-  """Runs the layers of one run (a `lax.scan` over its blocks); returns h and updated KVs."""
+  """Runs the layers of one run (a `lax.scan` over its blocks); returns h and the store (layer ->
+  KV) with the run's KV layers updated."""
   computing = [o for o, r in enumerate(run.roles) if r.computes_kv]
   # KVs that blocks read from outside the run are constants of the scan.
-  external = {r.source: store[r.source] for r in run.roles if r.source[0] == "layer"}
+  external = {r.source: store[r.source] for r in run.roles if not r.in_block}
   # Existing entries of this run's own KV layers (cache buffers, or a previous iteration's KV
-  # read upward inside a block), per block.
-  own = [{o: store[key] for o in computing
-          if (key := ("layer", run.layer(b, o))) in store} for b in range(run.num_blocks)]
+  # read upward inside a block), per block, by offset.
+  own = [{o: store[run.layer(b, o)] for o in computing if run.layer(b, o) in store}
+         for b in range(run.num_blocks)]
 
   def body(h, xs):
     state, own_b = xs
     layers = nnx.merge(block_def, state)
-    kvs = dict(external)
-    kvs.update({("block", o): e for o, e in own_b.items()})
+    own_b = dict(own_b)
     for o, (layer, role) in enumerate(zip(layers, run.roles)):
-      h = _layer_pass(layer, role, ("block", o), h, kvs, ctx)
+      h = _layer_pass(layer, role, o, h, external, own_b, ctx)
       h = sharding.constrain(h, sharding.RESIDUAL)  # a layer boundary (no-op without a mesh)
-    return h, {o: kvs[("block", o)] for o in computing}
+    return h, {o: own_b[o] for o in computing}
 
   if ctx.config.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[ctx.config.remat], prevent_cse=False)
   store = dict(store)
-  if run.num_blocks == 1 or ctx.decoding:
+  if run.num_blocks == 1 or ctx.mode is Mode.DECODE:
     # A decode step unrolls the blocks: each layer's cache buffer is then updated in place, where
     # a scan would stack every buffer into its inputs and outputs and copy the whole cache per
     # token (H100, 1b llama, batch 32: 6.6 ms per token scanned, 3.0 unrolled, 1.8 with
@@ -280,13 +263,13 @@ def _apply_run(run: lt_lib.Run, block_def, block_state, h, store: dict, ctx: _Co
     # scan: unrolling the iteration plan multiplies compile time (7 s -> 43 s for 1b lckv).
     for b in range(run.num_blocks):
       h, ys = body(h, (jax.tree.map(lambda x: x[b], block_state), own[b]))
-      store.update({("layer", run.layer(b, o)): ys[o] for o in computing})
+      store.update({run.layer(b, o): ys[o] for o in computing})
     return h, store
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *own) if own[0] else own[0]
   h, ys = jax.lax.scan(body, h, (block_state, stacked))
   for o in computing:
     for b in range(run.num_blocks):
-      store[("layer", run.layer(b, o))] = jax.tree.map(lambda x: x[b], ys[o])
+      store[run.layer(b, o)] = jax.tree.map(lambda x: x[b], ys[o])
   return h, store
 
 
@@ -345,23 +328,25 @@ class Transformer(nnx.Module):
 
   # -- passes ----------------------------------------------------------------------------------
 
-  def _context(self, positions, segment_ids, write_index, unpacked: bool,
-               contiguous: bool = False) -> _Context:
+  def _context(self, mode: Mode, positions, segment_ids, write_index, default_inputs: bool,
+               contiguous: bool) -> _Context:
     cfg = self.config
     cos_sin = rope_tables(rope_inv_freq(cfg), positions)
-    own_keys = write_index is None or unpacked
+    # Default positions and one segment per row, and no earlier keys: plain causal attention by
+    # index, which a fused kernel does without a dense mask.
+    own_keys = mode is Mode.TRAIN or (mode is Mode.PREFILL_EMPTY and default_inputs)
     # Packed documents without a cache (positions +1 per token within a document): splash masks
     # by segment ids; cuDNN takes the segments as a [batch, 1, T, T] mask beside its causal one.
-    packed = not unpacked and write_index is None
+    packed = mode is Mode.TRAIN and not default_inputs
     masks = {}
-    if write_index is None and dispatch.resolve_attention_impl(cfg.attention_impl,
-                                                                cfg.dtype) == "dense":
+    if mode is Mode.TRAIN and dispatch.resolve_attention_impl(cfg.attention_impl,
+                                                               cfg.dtype) == "dense":
       lt = cfg.layer_spec
       for diag, sliding in set(zip(lt.diag_masked, lt.sliding)):
         window = cfg.sliding_window if sliding else None
         masks[(diag, window)] = make_mask(positions, segment_ids, positions, segment_ids,
                                           diag_masked=diag, window=window)
-    return _Context(cfg, positions, segment_ids, cos_sin, write_index, own_keys, packed,
+    return _Context(cfg, mode, positions, segment_ids, cos_sin, write_index, own_keys, packed,
                     contiguous, masks)
 
   def _run_segment(self, runs, states, h, store, ctx):
@@ -371,7 +356,7 @@ class Transformer(nnx.Module):
 
   def _cyclic_group(self, runs, states, h_in, store, ctx, forward_passes, backward_passes):
     """docs/spec.md §4: m iterations without gradients, then b with; each restarts from h_in."""
-    targets = [("layer", i) for run in runs for i in range(run.start, run.end)
+    targets = [i for run in runs for i in range(run.start, run.end)
                if self.config.layer_spec.computes_kv[i]]
     kv = {t: ctx.zeros(store.get(t)) for t in targets}
 
@@ -394,16 +379,12 @@ class Transformer(nnx.Module):
       (kv, h), _ = jax.lax.scan(body, (kv, h_in), None, length=backward_passes)
     return h, {**store, **kv}
 
-  def _forward(self, tokens, positions, segment_ids, store, write_index, forward_passes,
-               backward_passes, contiguous: bool = False, last_logits: bool = False,
-               fresh: bool = False):
+  def _forward(self, mode: Mode, tokens, positions, segment_ids, cache: cache_lib.KVCache | None,
+               write_index, forward_passes, backward_passes, last_logits: bool = False):
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq] integers, got shape {tokens.shape}")
-    # Default positions and one segment, without a cache: plain causal attention by index, which
-    # a fused kernel does without a dense mask.
-    # A fresh chunk (slot 0 of an empty cache, no padding) is such a chunk as well.
-    unpacked = (positions is None and segment_ids is None and write_index is None) or fresh
+    default_inputs = positions is None and segment_ids is None
     if positions is None:
       start = 0 if write_index is None else write_index[:, None]
       positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
@@ -411,7 +392,9 @@ class Transformer(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
-    ctx = self._context(positions, segment_ids, write_index, unpacked, contiguous)
+    ctx = self._context(mode, positions, segment_ids, write_index, default_inputs,
+                        cache is not None and cache.contiguous)
+    store = {} if cache is None else dict(cache.layers)  # layer -> KV
     # Clipped, so that the pass stays finite for out-of-range ids (`_nan_rows` flags them).
     h = self.embed[...].astype(cfg.compute_dtype)[jnp.clip(tokens, 0, cfg.vocab_size - 1)]
     h = sharding.constrain(h, sharding.RESIDUAL)
@@ -432,7 +415,8 @@ class Transformer(nnx.Module):
     logits = sharding.constrain(jnp.einsum("bte,ev->btv", h, head.astype(cfg.compute_dtype)),
                                 sharding.LOGITS)
     logits = _nan_rows(cfg, logits.astype(jnp.float32), tokens, positions, segment_ids)
-    return logits, store
+    return logits, (None if cache is None else cache.with_layers(
+        {j: store[j] for j in cache.layers}))
 
   # -- modes -----------------------------------------------------------------------------------
 
@@ -459,28 +443,27 @@ class Transformer(nnx.Module):
     b = self.config.backward_passes if backward_passes is None else backward_passes
     if m < 0 or b < 1:
       raise ValueError(f"need forward_passes >= 0 and backward_passes >= 1, got {m} and {b}")
-    logits, _ = self._forward(tokens, positions, segment_ids, {}, None, m, b)
+    logits, _ = self._forward(Mode.TRAIN, tokens, positions, segment_ids, None, None, m, b)
     return logits
 
-  def step(self, tokens, cache: dict, write_index, positions=None, segment_ids=None, *,
-           iterations: int | None = None, contiguous: bool = False,
-           last_logits: bool = False, fresh: bool = False) -> tuple[jax.Array, dict]:
+  def step(self, tokens, cache: cache_lib.KVCache, write_index=None, positions=None,
+           segment_ids=None, *, mode: Mode | None = None, iterations: int | None = None,
+           last_logits: bool = False) -> tuple[jax.Array, cache_lib.KVCache]:
     """A chunk of tokens against a cache: returns logits and the cache with this chunk's KV.
 
     Args:
       tokens: [batch, chunk].
-      cache: {('layer', j): KV} with buffers [batch, slots, kv_heads, head_dim] for every
-        KV-computing layer j (see `lckv_jax.cache`).
-      write_index: [batch] slot where this chunk's first token is written.
-      iterations: passes of a cyclic group over the chunk; default 1 for a single token (exact)
-        and m + b for longer chunks (the prefill of the reference).
-      contiguous: the caller promises that each row's cache holds one sequence (one segment) in
-        the contiguous slots [first non-empty slot, write_index], as `Generator` keeps it; a
-        decode step may then read only those slots (`config.decode_attention`).
+      cache: a `KVCache` (`lckv_jax.cache`) of this model and batch.
+      write_index: [batch] slot where this chunk's first token is written (default 0, for
+        `Mode.PREFILL_EMPTY` only).
+      positions, segment_ids: [batch, chunk]; default `write_index + 0..chunk-1` and one segment.
+      mode: `Mode.DECODE` (one token per row), `Mode.PREFILL` (a chunk after what the cache
+        holds) or `Mode.PREFILL_EMPTY` (a chunk from slot 0 of an empty cache: without positions
+        and segments, i.e. no padding, attention is causal by index and takes the fused kernel,
+        `config.attention_impl`). Default: DECODE for one token, else PREFILL.
+      iterations: passes of a cyclic group over the chunk; default 1 for DECODE (exact) and
+        m + b for a prefill (the prefill of the reference).
       last_logits: return the logits of the last token only ([batch, 1, vocab]).
-      fresh: the caller promises that every row's chunk starts at slot 0 of an empty cache, with
-        positions 0..chunk-1 and no padding (a prefill of equal-length prompts): attention is
-        then causal by index and takes the fused kernel (`config.attention_impl`).
 
     Out-of-range token ids and positions raise when concrete, else give NaN logits in their row
     (as in `__call__`); the cache then holds that chunk's KV of a clipped id.
@@ -488,37 +471,52 @@ class Transformer(nnx.Module):
     cfg = self.config
     check_inputs(cfg, tokens, positions, segment_ids, from_zero=False)
     chex.assert_rank(tokens, 2)
-    for e in cache.values():  # the cache's boundary: this model's KV layout, this batch
+    if not isinstance(cache, cache_lib.KVCache):
+      raise TypeError(f"step: cache must be a lckv_jax.cache.KVCache (KVCache.create), got "
+                      f"{type(cache).__name__}")
+    for e in cache.layers.values():  # the cache's boundary: this model's KV layout, this batch
       chex.assert_shape([e.k, e.v], (tokens.shape[0], None, cfg.num_kv_heads,
                                      cfg.resolved_head_dim))
       chex.assert_shape([e.pos, e.seg], (tokens.shape[0], e.k.shape[1]))
+    if set(cache.layers) != set(cfg.layer_spec.kv_layers):
+      raise ValueError(f"step: the cache holds layers {cache.kv_layers}, the model's KV layers "
+                       f"are {cfg.layer_spec.kv_layers}")
+    mode = mode or (Mode.DECODE if tokens.shape[1] == 1 else Mode.PREFILL)
+    if mode is Mode.TRAIN:
+      raise ValueError("step runs a chunk against a cache: mode must be DECODE, PREFILL or "
+                       "PREFILL_EMPTY (Mode.TRAIN is Transformer.__call__)")
+    if mode is Mode.DECODE and tokens.shape[1] != 1:
+      raise ValueError(f"Mode.DECODE takes one token per row, got chunks of {tokens.shape[1]}")
+    if write_index is None:
+      if mode is not Mode.PREFILL_EMPTY:
+        raise ValueError(f"step: write_index [batch] is required in {mode}")
+      write_index = jnp.zeros((tokens.shape[0],), jnp.int32)
     if iterations is None:
-      iterations = 1 if tokens.shape[1] == 1 else cfg.forward_passes + cfg.backward_passes
+      iterations = 1 if mode is Mode.DECODE else cfg.forward_passes + cfg.backward_passes
     if iterations < 1:
       raise ValueError(f"iterations must be >= 1, got {iterations}")
-    return self._forward(tokens, positions, segment_ids, cache, write_index, iterations - 1, 1,
-                         contiguous, last_logits, fresh)
+    return self._forward(mode, tokens, positions, segment_ids, cache, write_index,
+                         iterations - 1, 1, last_logits)
 
   def sequential(self, tokens, positions=None, segment_ids=None) -> jax.Array:
     """The exact model: one token at a time, each seeing earlier tokens' KV (docs/spec.md §4).
 
     Bad token ids and positions raise or give NaN rows, as in `__call__`.
     """
-    from lckv_jax import cache as cache_lib  # the cache depends on the model config only
     check_inputs(self.config, tokens, positions, segment_ids)
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
-    cache = cache_lib.init_cache(self.config, b, t)
+    cache = cache_lib.KVCache.create(self.config, b, t)
     graphdef, state = nnx.split(self)
 
     def body(cache, xs):
       i, tok, pos, seg = xs
       model = nnx.merge(graphdef, state)
       logits, cache = model.step(tok[:, None], cache, jnp.full((b,), i, jnp.int32),
-                                 pos[:, None], seg[:, None], iterations=1)
+                                 pos[:, None], seg[:, None], mode=Mode.DECODE)
       return cache, logits[:, 0]
 
     xs = (jnp.arange(t), tokens.T, positions.T, segment_ids.T)

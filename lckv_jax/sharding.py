@@ -148,7 +148,7 @@ def cache_shardings(cache, mesh: Mesh, rules=None):
   """NamedShardings of a decode cache: the same tree, each `attention.KV` entry a KV of shardings.
 
   k, v [batch, slots, kv_heads, head_dim] follow `CACHE_KV`; pos, seg [batch, slots] `CACHE_SLOTS`.
-  `cache` may be a `{('layer', j): KV}` dict, one KV, or any tree of them (abstract or concrete).
+  `cache` may be a `cache.KVCache`, one KV, or any tree of them (abstract or concrete).
   """
   def entry(e: KV) -> KV:
     return KV(*(NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules))

@@ -1,4 +1,5 @@
-"""The cache: KV layers only, bytes, ring buffers, and the StreamingLLM sink cache."""
+"""The cache: KV layers only, bytes, ring buffers, the StreamingLLM sink cache, and the
+KVCache pytree's own operations and checks."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,9 @@ from flax import nnx
 from lckv_jax import ModelConfig
 from lckv_jax import cache as cache_lib
 from lckv_jax.attention import KV, apply_rope, rope_inv_freq, rope_tables
+from lckv_jax.cache import KVCache
 from lckv_jax.generation import generate
+from lckv_jax.mode import Mode
 from tests.generation_test import make, prompts
 
 CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
@@ -22,20 +25,22 @@ CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, nu
 def test_cache_holds_exactly_the_kv_layers_and_its_bytes(layer_types, kv_layers, rings):
   cfg = ModelConfig(**CFG, layer_types=layer_types)
   b, n = 3, 10
-  cache = cache_lib.init_cache(cfg, b, n)
-  assert sorted(cache) == [("layer", j) for j in kv_layers]
-  assert cache_lib.ring_layers(cfg) == rings
-  for (_, j), e in cache.items():
+  cache = KVCache.create(cfg, b, n)
+  assert cache.kv_layers == kv_layers and cache.batch == b
+  assert cache_lib.ring_layers(cfg) == rings == cache.rings
+  for j, e in cache.layers.items():
     assert e.k.shape == e.v.shape == (b, 3 if j in rings else n, 2, 8)
   slots = sum(3 if j in rings else n for j in kv_layers)
-  assert cache_lib.cache_bytes(cfg, b, n) == cache_lib.nbytes(cache) == b * slots * 2 * 2 * 8 * 4
-  assert cache_lib.cache_bytes(cfg, b, n, metadata=True) == cache_lib.nbytes(cache, metadata=True)
+  assert cache_lib.cache_bytes(cfg, b, n) == cache.nbytes() == b * slots * 2 * 2 * 8 * 4
+  assert cache_lib.cache_bytes(cfg, b, n, metadata=True) == cache.nbytes(metadata=True)
   if not rings:  # the docs/spec.md §8 formula
     assert cache_lib.cache_bytes(cfg, b, n) == b * n * len(kv_layers) * 2 * 2 * 8 * 4
-  full = cache_lib.init_cache(cfg, b, n, ring=False)
-  assert cache_lib.nbytes(full) == b * n * len(kv_layers) * 2 * 2 * 8 * 4
-  bf16 = cache_lib.init_cache(cfg, b, n, jnp.bfloat16)
-  assert cache_lib.nbytes(bf16) == cache_lib.cache_bytes(cfg, b, n, jnp.bfloat16)
+  full = KVCache.create(cfg, b, n, ring=False)
+  assert full.rings == () and full.nbytes() == b * n * len(kv_layers) * 2 * 2 * 8 * 4
+  bf16 = KVCache.create(cfg, b, n, jnp.bfloat16)
+  assert bf16.nbytes() == cache_lib.cache_bytes(cfg, b, n, jnp.bfloat16)
+  # A window no shorter than the cache: nothing wraps, so no buffer is a ring to turn.
+  assert KVCache.create(cfg, b, 3).rings == ()
 
 
 def test_sequential_mode_on_ring_buffers_is_the_full_model():
@@ -45,30 +50,76 @@ def test_sequential_mode_on_ring_buffers_is_the_full_model():
   np.testing.assert_allclose(model.sequential(toks), model(toks), atol=1e-5, rtol=1e-5)
 
 
-def test_relayout_keeps_the_last_slots():
+def test_widen_and_compact_keep_the_last_slots_of_a_ring():
   b, s = 2, 4
   k = jnp.arange(b * s, dtype=jnp.float32).reshape(b, s, 1, 1)
   # A ring of 4 at end = 6 (row 0) and 3 (row 1): slot x at x % 4.
   pos = jnp.array([[4, 5, 2, 3], [0, 1, 2, 0]])
   seg = jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]])
-  ring = KV(k, k, pos, seg)
+  full = KV(k + 100, k + 100, pos, seg)  # layer 1 is not a ring: never turned
+  ring = KVCache({0: KV(k, k, pos, seg), 1: full}, rings=(0,), window=4)
   end = jnp.array([6, 3])
-  wide = cache_lib.relayout(ring, end, 7)
+  wide = ring.widen(end, 4)  # room for the window's 3 earlier keys and a chunk of 4
   # Slot x at x % 7: row 0 holds slots 2..5, row 1 slots 0..2.
-  assert wide.pos[0].tolist() == [0, 0, 2, 3, 4, 5, 0] and wide.seg[0].tolist() == [0, 0, 1, 1, 1, 1, 0]
-  assert wide.pos[1].tolist() == [0, 1, 2, 0, 0, 0, 0] and wide.seg[1].tolist() == [1, 1, 1, 0, 0, 0, 0]
-  back = cache_lib.relayout(wide, end, 4)
+  w = wide[0]
+  assert w.pos[0].tolist() == [0, 0, 2, 3, 4, 5, 0] and w.seg[0].tolist() == [0, 0, 1, 1, 1, 1, 0]
+  assert w.pos[1].tolist() == [0, 1, 2, 0, 0, 0, 0] and w.seg[1].tolist() == [1, 1, 1, 0, 0, 0, 0]
+  assert wide[1] is full and ring.widen(end, 1)[0].k.shape[1] == 4  # a decode step fits
+  assert ring.widen(end, 4, empty=True)[0].k.shape[1] == 4  # an empty cache: the chunk alone
+  back = wide.compact(end, like=ring)[0]
   assert back.pos.tolist() == pos.tolist() and back.seg.tolist() == seg.tolist()
   np.testing.assert_array_equal(back.k * back.seg[..., None, None], k * seg[..., None, None])
 
 
-def test_rerotate_moves_keys_to_new_positions():
-  cfg = ModelConfig(**CFG)
-  x = jax.random.normal(jax.random.key(0), (1, 5, 2, 8))
-  at = lambda p: rope_tables(rope_inv_freq(cfg), jnp.asarray(p)[None])
-  k7 = apply_rope(x, at([7, 8, 9, 10, 11]))
-  k4 = apply_rope(x, at([4, 5, 6, 7, 8]))
-  np.testing.assert_allclose(cache_lib.rerotate(cfg, k7, -3), k4, atol=1e-5)
+def test_kv_cache_is_a_pytree_whose_layout_is_static():
+  cfg = ModelConfig(**CFG, layer_types="0s_3_3s_3")
+  cache = KVCache.create(cfg, 2, 10, contiguous=True)
+  leaves, tree = jax.tree.flatten(cache)
+  assert len(leaves) == 4 * 2  # k, v, pos, seg of layers 0 and 3; nothing else is an array
+  back = jax.tree.unflatten(tree, leaves)
+  assert (back.rings, back.window, back.n_sink, back.contiguous) == ((0,), 3, None, True)
+  # The layout is part of the structure: jit retraces for another, and a tree op keeps it.
+  assert jax.jit(lambda c: c)(cache).rings == (0,)
+  assert jax.tree.structure(KVCache.create(cfg, 2, 10)) != tree
+  sink = KVCache.create_sink(cfg, 2, 1, 4)
+  assert sink.n_sink == 1 and sink.rings == () and sink.slots(0) == 5 and sink.contiguous
+
+
+def test_kv_cache_refuses_what_does_not_fit():
+  cfg = ModelConfig(**CFG, layer_types="lckv")
+  cache = KVCache.create(cfg, 2, 8)
+  with pytest.raises(ValueError, match="differ at layer 0: 8 slots vs 6"):
+    cache.insert_row(0, KVCache.create(cfg, 1, 6))
+  with pytest.raises(ValueError, match="differ at layer 0: heads"):
+    cache.insert_row(0, KVCache.create(cfg.replace(num_kv_heads=4), 1, 8))
+  with pytest.raises(ValueError, match="cannot take layers"):
+    cache.with_layers({0: cache[0]})
+  with pytest.raises(ValueError, match="needs a sink cache"):
+    cache.evict_sink(cfg, jnp.zeros(2, jnp.int32))
+  with pytest.raises(ValueError, match="batch >= 1 and max_len >= 1"):
+    KVCache.create(cfg, 0, 8)
+  e = cache[0]
+  with pytest.raises(ValueError, match="chunk of 9 tokens does not fit a cache buffer of 8"):
+    z = jnp.zeros((2, 9, 2, 8))
+    cache_lib.write(e, z, z, jnp.zeros((2, 9), jnp.int32), jnp.ones((2, 9), jnp.int32),
+                    jnp.zeros(2, jnp.int32))
+
+
+def test_step_checks_its_mode_and_cache():
+  model = make(layer_types="0_2_2_3")
+  cache = KVCache.create(model.config, 2, 8)
+  tok = jnp.ones((2, 3), jnp.int32)
+  with pytest.raises(TypeError, match="must be a lckv_jax.cache.KVCache"):
+    model.step(tok, dict(cache.layers), jnp.zeros(2, jnp.int32))
+  with pytest.raises(ValueError, match="DECODE takes one token per row"):
+    model.step(tok, cache, jnp.zeros(2, jnp.int32), mode=Mode.DECODE)
+  with pytest.raises(ValueError, match="Mode.TRAIN is Transformer.__call__"):
+    model.step(tok, cache, jnp.zeros(2, jnp.int32), mode=Mode.TRAIN)
+  with pytest.raises(ValueError, match="write_index .* is required in Mode.PREFILL"):
+    model.step(tok, cache)
+  other = KVCache.create(make(layer_types="llama").config, 2, 8)
+  with pytest.raises(ValueError, match=r"holds layers \(0, 1, 2, 3\), the model's KV layers"):
+    model.step(tok, other, jnp.zeros(2, jnp.int32))
 
 
 # -- StreamingLLM sink cache ---------------------------------------------------------------------
@@ -90,7 +141,7 @@ def _reference_sink_logits(model, prompt, generated, n_sink, window):
   def step(tok, cache, n):
     m = nnx.merge(graphdef, state)
     return m.step(tok[None, None], cache, n[None], n[None, None], jnp.ones((1, 1), jnp.int32),
-                  iterations=1)
+                  mode=Mode.DECODE)
 
   kept = []  # one {layer: (k unrotated, v)} per kept token
   logits_out = []
@@ -98,19 +149,20 @@ def _reference_sink_logits(model, prompt, generated, n_sink, window):
     if len(kept) == cap:
       kept.pop(n_sink)
     n = len(kept)
-    cache = cache_lib.init_cache(cfg, 1, cap, ring=False)
-    for key in cache:
+    cache = KVCache.create(cfg, 1, cap, ring=False)
+    layers = dict(cache.layers)
+    for j in layers:
       if n:
-        ks = jnp.stack([e[key][0] for e in kept])[None]  # [1, n, K, D]
+        ks = jnp.stack([e[j][0] for e in kept])[None]  # [1, n, K, D]
         ks = apply_rope(ks, rope_tables(inv, jnp.arange(n)[None]))
-        vs = jnp.stack([e[key][1] for e in kept])[None]
-        c = cache[key]
-        cache[key] = KV(c.k.at[:, :n].set(ks), c.v.at[:, :n].set(vs),
-                        c.pos.at[:, :n].set(jnp.arange(n)), c.seg.at[:, :n].set(1))
-    logits, cache = step(jnp.asarray(tok), cache, jnp.asarray(n, jnp.int32))
+        vs = jnp.stack([e[j][1] for e in kept])[None]
+        c = layers[j]
+        layers[j] = KV(c.k.at[:, :n].set(ks), c.v.at[:, :n].set(vs),
+                       c.pos.at[:, :n].set(jnp.arange(n)), c.seg.at[:, :n].set(1))
+    logits, cache = step(jnp.asarray(tok), cache.with_layers(layers), jnp.asarray(n, jnp.int32))
     back = rope_tables(inv, jnp.full((1, 1), -n))
-    kept.append({key: (apply_rope(e.k[:, n:n + 1], back)[0, 0], e.v[0, n])
-                 for key, e in cache.items()})
+    kept.append({j: (apply_rope(e.k[:, n:n + 1], back)[0, 0], e.v[0, n])
+                 for j, e in cache.layers.items()})
     if t >= len(prompt) - 1:
       logits_out.append(np.asarray(logits[0, 0]))
   return np.stack(logits_out)
@@ -140,10 +192,10 @@ def test_sink_cache_memory_is_constant_and_batches_mix_lengths():
   gen = Generator(model, max_new_tokens=20, sink=(1, 5))
   ps = prompts([2, 5], seed=11)
   state = gen.start(ps)
-  before = cache_lib.nbytes(state.cache)
+  before = state.cache.nbytes()
   assert before == cache_lib.sink_cache_bytes(model.config, 2, 1, 5)
   state = gen.decode(state)
-  assert cache_lib.nbytes(state.cache) == before
+  assert state.cache.nbytes() == before
   assert int(state.position.max()) <= 6
   batch = gen.results(state)
   for p, got in zip(ps, batch):

@@ -13,8 +13,10 @@ import pytest
 from lckv_jax import checkpoint
 from lckv_jax import generation as gen_lib
 from lckv_jax.kernels.reference import dot_product_attention
+from lckv_jax.cache import KVCache
 from lckv_jax.generation import Generator, generate
 from lckv_jax.kernels.decode import block_size, prefix_attention
+from lckv_jax.mode import Mode
 from lckv_jax.model import relayout
 from tests.generation_test import PRESETS, make, prompts
 
@@ -116,10 +118,12 @@ def test_fresh_prefill_takes_the_fused_kernel_and_equals_the_masked_one(name):
   model = make(layer_types=PRESETS[name], attention_impl="xla")
   t, pos, seg, _ = gen_lib.pad_prompts(prompts([10, 10], seed=5), 64)
   outs = []
-  for fresh in (False, True):
-    cache = gen_lib.cache_lib.init_cache(model.config, 2, 16)
-    logits, cache = gen_lib.prefill(model, t, pos, seg, cache, jnp.zeros(2, jnp.int32),
-                                    all_logits=True, fresh=fresh)
+  # Positions and segments given: the dense mask; none (no padding) into an empty cache: the
+  # fused kernel, causal by index.
+  for inputs, mode in (((pos, seg), Mode.PREFILL), ((None, None), Mode.PREFILL_EMPTY)):
+    cache = KVCache.create(model.config, 2, 16)
+    logits, cache = gen_lib.prefill(model, t, *inputs, cache, jnp.zeros(2, jnp.int32),
+                                    mode=mode, all_logits=True)
     outs.append((logits, cache))
   np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5)
   for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):

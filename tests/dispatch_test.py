@@ -10,10 +10,11 @@ from lckv_jax import ModelConfig
 from lckv_jax.attention import KV
 from lckv_jax.kernels import dispatch
 from lckv_jax.kernels.reference import make_mask
+from lckv_jax.mode import Mode
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
             num_kv_heads=2)
-P, D, F = dispatch.Chunk.PARALLEL, dispatch.Chunk.DECODE, dispatch.Chunk.PREFILL
+P, D, F, E = Mode.TRAIN, Mode.DECODE, Mode.PREFILL, Mode.PREFILL_EMPTY
 PLAIN, ZERO = dispatch.Mask(True, None), dispatch.Mask(True, None, zero_key=True)
 
 
@@ -23,7 +24,7 @@ PLAIN, ZERO = dispatch.Mask(True, None), dispatch.Mask(True, None, zero_key=True
     ("gpu", {}, P, PLAIN, True, False, 0, "dense"),  # cuDNN's fused kernel wants 16-bit
     ("tpu", {}, P, PLAIN, True, False, 0, "splash"),
     ("cpu", {"attention_impl": "xla"}, P, PLAIN, True, False, 0, "xla"),
-    ("gpu", {"dtype": "bfloat16"}, F, PLAIN, True, True, 128, "cudnn"),  # a fresh prefill
+    ("gpu", {"dtype": "bfloat16"}, E, PLAIN, True, True, 128, "cudnn"),  # an unpadded prefill
     ("gpu", {"dtype": "bfloat16"}, F, PLAIN, False, True, 128, "dense"),  # into a filled cache
     ("gpu", {}, D, PLAIN, False, True, 128, "pallas"),
     ("gpu", {}, D, PLAIN, False, True, 40, "dense"),  # not whole blocks of the kernel
@@ -112,9 +113,9 @@ def test_the_boundaries_refuse_shapes_that_do_not_fit():
                                 jnp.concatenate([v, v[:, :, :1]], 2), pos, seg), inputs)
   # A model's cache of another batch size or layout is refused at `step`.
   from flax import nnx
-  from lckv_jax import cache as cache_lib
+  from lckv_jax.cache import KVCache
   from lckv_jax.model import Transformer
   model = Transformer(ModelConfig(**BASE, layer_types="lckv"), rngs=nnx.Rngs(0))
-  cache = cache_lib.init_cache(model.config, 3, 16)
+  cache = KVCache.create(model.config, 3, 16)
   with pytest.raises(AssertionError):
     model.step(jnp.ones((2, 1), jnp.int32), cache, jnp.zeros(2, jnp.int32))

@@ -245,7 +245,7 @@ def test_generation_refuses_prompts_past_the_limits():
     gen_lib.generate(model, [[1, 2.5]])
   t, pos, seg, _ = gen_lib.pad_prompts([[1, 2, 3], [4]], VOCAB)
   t[1, 2] = VOCAB
-  cache = gen_lib.cache_lib.init_cache(model.config, 2, 8)
+  cache = gen_lib.KVCache.create(model.config, 2, 8)
   with pytest.raises(ValueError, match="token id 256 is outside"):
     gen_lib.prefill(model, t, pos, seg, cache, jnp.zeros(2, jnp.int32))
 

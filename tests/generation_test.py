@@ -67,10 +67,10 @@ def test_prefill_and_decode_give_the_sequential_logits(name, mode, window):
     np.testing.assert_allclose(g.logits[r], seq[r, start:start + new], atol=1e-4, rtol=1e-4)
     assert g.tokens[r] == np.argmax(seq[r, start:start + new], -1).tolist()
   if mode == "parallel":  # the prompt logits of the prefill too (row 0 has no padding)
-    cache = gen_lib.cache_lib.init_cache(model.config, 1, 12)
+    cache = gen_lib.KVCache.create(model.config, 1, 12)
     t, pos, sg, _ = gen_lib.pad_prompts(ps[:1], 64)
-    logits, _ = gen_lib.prefill(model, t, pos, sg, cache, jnp.zeros(1, jnp.int32), mode=mode,
-                                iterations=7, all_logits=True)
+    logits, _ = gen_lib.prefill(model, t, pos, sg, cache, jnp.zeros(1, jnp.int32),
+                                prefill_mode=mode, iterations=7, all_logits=True)
     np.testing.assert_allclose(logits[0], seq[0, :7], atol=1e-4, rtol=1e-4)
 
 
@@ -78,7 +78,7 @@ def test_short_prefill_is_the_approximation_of_the_plan():
   # With fewer iterations than tokens a cyclic model's prefill is the plan (m = 2, b = 1).
   model = make(layer_types="3_3_3_3")
   p = jnp.asarray(prompts([10]))
-  cache = gen_lib.cache_lib.init_cache(model.config, 1, 10)
+  cache = gen_lib.KVCache.create(model.config, 1, 10)
   logits, _ = gen_lib.prefill(model, p, jnp.arange(10)[None], jnp.ones_like(p), cache,
                               jnp.zeros(1, jnp.int32), iterations=3, all_logits=True)
   np.testing.assert_allclose(logits, model(p, forward_passes=2, backward_passes=1), atol=1e-5)

@@ -109,6 +109,24 @@ def test_the_core_does_not_stand_on_train():
   assert found == set(), sorted(found)
 
 
+# What trains may import `train/`: train.py, and the benchmarks that time or run training.
+TRAINING_ENTRY_POINTS = {"train", "benchmarks.train_speed", "benchmarks.prefill_iterations"}
+
+
+def test_only_training_entry_points_import_train():
+  modules = _modules()
+  scripts = {os.path.splitext(f)[0]: os.path.join(ROOT, f) for f in os.listdir(ROOT)
+             if f.endswith(".py")}
+  bench = os.path.join(ROOT, "benchmarks")
+  scripts.update({f"benchmarks.{os.path.splitext(f)[0]}": os.path.join(bench, f)
+                  for f in os.listdir(bench) if f.endswith(".py")})
+  train = f"{PACKAGE}.train"
+  found = {name for name, path in scripts.items()
+           if any(d == train or d.startswith(train + ".") for d in _imports(name, path, modules))}
+  assert "generate" in scripts and "benchmarks.decode_speed" in scripts
+  assert found <= TRAINING_ENTRY_POINTS, sorted(found - TRAINING_ENTRY_POINTS)
+
+
 if __name__ == "__main__":
   graph = import_graph()
   for c in cycles(graph):

@@ -95,8 +95,8 @@ def test_scan_runs_cover_every_layer_once_and_repeat_exactly(name, n):
         for o, role in enumerate(run.roles):
           i = run.layer(b, o)
           assert role.computes_kv == lt.computes_kv[i]
-          kind, j = role.source
-          assert (run.layer(b, j) if kind == "block" else j) == lt.attends_to[i]
+          j = role.source
+          assert (run.layer(b, j) if role.in_block else j) == lt.attends_to[i]
 
 
 def test_scan_runs_compress_deep_models():

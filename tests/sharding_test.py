@@ -51,20 +51,20 @@ def test_constrain_applies_only_under_a_mesh():
 
 
 def test_cache_shardings_name_the_cache_axes():
-  from lckv_jax import cache as cache_lib
+  from lckv_jax.cache import KVCache
   from lckv_jax.config import ModelConfig
   cfg = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=4,
                     num_heads=4, num_kv_heads=2, layer_types="lckv")
-  cache = jax.eval_shape(lambda: cache_lib.init_cache(cfg, 4, 16))
+  cache = jax.eval_shape(lambda: KVCache.create(cfg, 4, 16))
   mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES)
   got = sharding.cache_shardings(cache, mesh)
-  assert got.keys() == cache.keys()
-  for e in got.values():  # k, v [batch, slots, kv_heads, head_dim]; pos, seg [batch, slots]
+  assert isinstance(got, KVCache) and got.kv_layers == cache.kv_layers
+  for e in got.layers.values():  # k, v [batch, slots, kv_heads, head_dim]; pos, seg [batch, slots]
     assert e.k.spec == e.v.spec == P(("data", "fsdp"), None, "tensor", None), e.k.spec
     assert e.pos.spec == e.seg.spec == P(("data", "fsdp"), None), e.pos.spec
   # The rules decide: a table that keeps heads whole replicates them.
   whole = dict(sharding.RULES, cache_kv_heads=None)
-  e = next(iter(sharding.cache_shardings(cache, mesh, whole).values()))
+  e = next(iter(sharding.cache_shardings(cache, mesh, whole).layers.values()))
   assert e.k.spec == P(("data", "fsdp"), None, None, None), e.k.spec
 
 

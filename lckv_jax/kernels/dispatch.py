@@ -1,12 +1,14 @@
 """One attention dispatch: every attention call is described by a typed plan, and one table maps
 the plan's kernel to the function that runs it.
 
-A `Plan` says what kind of chunk attends (`Chunk`: a whole sequence without a cache, a prefill
-chunk written into a cache, one decode token per row), what it may see (`Mask`: causal always;
+A `Plan` says in which forward mode the call attends (`lckv_jax.mode.Mode`: whole sequences
+without a cache, a prefill chunk written into an empty or a filled cache, one decode token per
+row), what it may see (`Mask`: causal always;
 diagonal masked, sliding window, packed documents, the reference's zero key) and which kernel runs
 it. `choose` picks the kernel from the config's two knobs, one per kind of call:
 
-- `attention_impl`, chunks attending to their own keys (training, a fresh prefill): `dense`
+- `attention_impl`, chunks attending to their own keys (training, an unpadded prefill into an
+  empty cache): `dense`
   (the reference, `kernels/reference.py`), `xla` or `cudnn` (`jax.nn.dot_product_attention`,
   `kernels/fused.py`), `splash` (TPU, `kernels/tpu.py`); `auto` is cudnn on a GPU in 16-bit,
   splash on a TPU, dense otherwise;
@@ -21,19 +23,13 @@ dense reference, which runs any mask. Adding a kernel: one file in `kernels/`, o
 from __future__ import annotations
 
 import dataclasses
-import enum
 from typing import Callable
 
 import chex
 import jax
 
 from lckv_jax.kernels import decode, fused, reference, tpu
-
-
-class Chunk(enum.Enum):
-  PARALLEL = "parallel"  # a whole sequence, no cache (training, scoring)
-  PREFILL = "prefill"  # a chunk written into a cache and attending to it
-  DECODE = "decode"  # one token per row against a cache
+from lckv_jax.mode import Mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +43,7 @@ class Mask:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  chunk: Chunk
+  mode: Mode
   kernel: str  # a key of KERNELS
   mask: Mask
 
@@ -69,18 +65,18 @@ def resolve_attention_impl(impl: str, dtype: str, backend: str | None = None) ->
   return {"gpu": "cudnn" if low else "dense", "tpu": "splash"}.get(backend, "dense")
 
 
-def choose(config, chunk: Chunk, mask: Mask, *, own_keys: bool, contiguous: bool,
+def choose(config, mode: Mode, mask: Mask, *, own_keys: bool, contiguous: bool,
            slots: int) -> str:
   """The kernel of one call.
 
-  own_keys: the chunk attends to its own keys only, causal by index (no cache, or a fresh
-    prefill at slot 0 of an empty cache), which the fused kernels need.
-  contiguous: each row's cache is one sequence in contiguous slots (`Transformer.step`), which
-    the prefix-reading decode kernel needs.
+  own_keys: the chunk attends to its own keys only, causal by index (no cache, or an unpadded
+    prefill into an empty cache), which the fused kernels need.
+  contiguous: each row's cache is one sequence in contiguous slots (`KVCache.contiguous`),
+    which the prefix-reading decode kernel needs.
   slots: the cache buffer's length (the decode kernel needs whole blocks).
   """
   backend = jax.default_backend()
-  if chunk is Chunk.DECODE and contiguous and not mask.zero_key:
+  if mode is Mode.DECODE and contiguous and not mask.zero_key:
     impl = config.decode_attention
     # auto: the kernel on a GPU, at any buffer length. At 4096 slots one layer's attention
     # takes 65-72 us against XLA's 198 us (H100, 1b, batch 32); at 768 slots both decode at the
@@ -100,7 +96,7 @@ def _dense(q, kv, plan: Plan, inputs: Inputs):
 
 def _fused(implementation: str):
   def run(q, kv, plan: Plan, inputs: Inputs):
-    t = q.shape[1]  # the chunk's own keys: all of kv without a cache, slots 0..T-1 of a fresh one
+    t = q.shape[1]  # the chunk's own keys: all of kv without a cache, slots 0..T-1 of an empty one
     return fused.fused_causal_attention(q, kv.k[:, :t], kv.v[:, :t],
                                         diag_masked=plan.mask.diag_masked, window=plan.mask.window,
                                         implementation=implementation,
@@ -140,7 +136,7 @@ def attend(plan: Plan, q_BxTxHxD, kv, inputs: Inputs):
   chex.assert_equal_shape_prefix([q_BxTxHxD, kv.k, kv.pos], 1)  # batch
   chex.assert_equal(q_BxTxHxD.shape[-1], kv.k.shape[-1])  # head_dim
   chex.assert_equal(q_BxTxHxD.shape[2] % kv.k.shape[2], 0)  # GQA: kv heads divide heads
-  if plan.chunk is Chunk.DECODE:
+  if plan.mode is Mode.DECODE:
     chex.assert_axis_dimension(q_BxTxHxD, 1, 1)
   out = KERNELS[plan.kernel](q_BxTxHxD, kv, plan, inputs)
   chex.assert_equal_shape([out, q_BxTxHxD])

@@ -16,7 +16,9 @@ import ml_collections
 from ml_collections import config_dict
 
 from lckv_jax import layer_types as lt_lib
-from lckv_jax.config import ARCHITECTURE_FIELDS, RUN_FIELDS, ModelConfig
+from lckv_jax.config import ARCHITECTURE_FIELDS, RUN_FIELDS, ModelConfig, model_config
+# Config files are read by the core (`lckv_jax.config`); the names training has always used:
+from lckv_jax.config import model_from_file, read_config_file as from_file  # noqa: F401
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -137,27 +139,6 @@ def describe(config: ml_collections.ConfigDict) -> str:
   return "\n".join(f"{a:<{width}}  # {h}" if h else a for a, h in rows)
 
 
-def from_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file such as `configs/1b.py` (what `--config=` reads)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("lckv_config", path)
-  if spec is None or not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """The ModelConfig of `config.model`; errors name the field (ModelConfig validates)."""
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  values = config.model.to_dict()
-  unknown = sorted(set(values) - fields)
-  if unknown:
-    raise ValueError(f"config.model has unknown field(s) {unknown}; allowed: {sorted(fields)}")
-  return ModelConfig(**values)
-
-
 # A run started with --init_from takes what the checkpoint's model is (lckv_jax.config), unless
 # the command line sets it; how it trains (RunConfig: passes, dtype, remat, kernels) stays the
 # run's, and so do the parameter dtype it trains in and the initialisation it does not use.
@@ -202,11 +183,6 @@ def adopt_init_from(config: ml_collections.ConfigDict, init_from: str,
                  + (f"its own {files[0]}" if files else "byte ids")
                  + f", not --config.data.tokenizer={config.data.tokenizer!r}: the ids must match")
   return notes
-
-
-def model_from_file(path: str, **changes) -> ModelConfig:
-  """The ModelConfig of a config file's `model` section, with `changes` applied."""
-  return model_config(from_file(path)).replace(**changes)
 
 
 def _number(config, name: str, low: float | None = None, high: float | None = None,
