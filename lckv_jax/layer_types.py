@@ -168,8 +168,7 @@ def grouped(groups: Sequence[Sequence[int]], target: str) -> str:
     raise ValueError(f"grouped: groups must be non-empty and cover 0..L-1 in order, got {groups}")
   attends_to = []
   for g in groups:
-    t = {"bottom": g[0], "top": g[-1], "middle": g[(len(g) - 1) // 2]}[target]
-    attends_to += [t] * len(g)
+    attends_to += [_member(g, target)] * len(g)
   return _join(attends_to)
 
 
@@ -248,6 +247,78 @@ def mixattention(num_layers: int) -> str:
   return _join(attends_to, sliding)
 
 
+# The NAACL study's grid: how the layers are cut into groups (the partitioning) x which member
+# of a group provides its KV (the target). Each configuration keeps `kv_layers` KV layers, layer 0
+# among them; existing methods are special cases (docs/spec.md §2).
+PARTITIONS = ("pizza", "sandwich", "lasagna")
+TARGETS = ("bottom", "top", "middle")
+
+
+def _split(start: int, end: int, parts: int) -> list[list[int]]:
+  """Layers start..end-1 cut into `parts` consecutive groups of near-equal size, larger first."""
+  n = end - start
+  groups = []
+  for g in range(parts):
+    size = n // parts + (1 if g < n % parts else 0)
+    groups.append(list(range(start, start + size)))
+    start += size
+  return groups
+
+
+def _member(group: Sequence[int], target: str) -> int:
+  return {"bottom": group[0], "top": group[-1], "middle": group[(len(group) - 1) // 2]}[target]
+
+
+def study_groups(partition: str, target: str, num_layers: int, kv_layers: int
+                 ) -> list[list[int]]:
+  """The groups of a configuration of the study with `kv_layers` groups (one KV layer each).
+
+  - pizza: layers 0..n-2 alone, the rest one group (YOCO's shape);
+  - sandwich: n-1 layers alone, ceil((n-1)/2) at the bottom and the rest at the top, the middle
+    one group (LCKV's shape; an odd count puts the extra layer at the bottom);
+  - lasagna: n consecutive groups of near-equal size, larger first (CLA's shape). Where the
+    target of the first group would not be layer 0 (top; middle of 3 or more), layer 0 is a group
+    of its own and layers 1..L-1 make the other n-1, so that layer 0 stays a KV layer, as the
+    study keeps it in every configuration.
+  """
+  if partition not in PARTITIONS:
+    raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+  if target not in TARGETS:
+    raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+  if not isinstance(kv_layers, int) or not 2 <= kv_layers <= num_layers:
+    raise ValueError(f"{partition}-{target}: kv_layers must be an integer in 2..{num_layers} (the "
+                     f"study keeps layer 0 a KV layer), got {kv_layers!r}")
+  n, L = kv_layers, num_layers
+  if partition == "pizza":
+    return [[i] for i in range(n - 1)] + [list(range(n - 1, L))]
+  if partition == "sandwich":
+    bottom, top = (n - 1) - (n - 1) // 2, (n - 1) // 2
+    return ([[i] for i in range(bottom)] + [list(range(bottom, L - top))]
+            + [[i] for i in range(L - top, L)])
+  groups = _split(0, L, n)
+  if _member(groups[0], target) != 0:
+    groups = [[0]] + _split(1, L, n - 1)
+  return groups
+
+
+def study(partition: str, target: str, num_layers: int, kv_layers: int | None = None) -> str:
+  """A configuration of the study's grid, e.g. study('sandwich', 'middle', 22, 3) is
+  `0_10_10_..._10_21`. Default `kv_layers`: half the layers (a 2x smaller KV cache)."""
+  _check_layers(f"{partition}-{target}", num_layers, 2)
+  kv = num_layers // 2 if kv_layers is None else kv_layers
+  return grouped(study_groups(partition, target, num_layers, kv), target)
+
+
+def _study_preset(partition: str, target: str) -> Callable[..., str]:
+  def preset(num_layers: int, kv_layers: int | None = None) -> str:
+    return study(partition, target, num_layers, kv_layers)
+  preset.__doc__ = (f"The study's {partition}-{target}; the argument is the number of KV layers "
+                    "(default half the layers).")
+  return preset
+
+
+STUDY_PRESETS = tuple(f"{p}-{t}" for p in PARTITIONS for t in TARGETS)
+
 PRESETS: dict[str, Callable[..., str]] = {
     "llama": llama,
     "lckv": lckv,
@@ -255,7 +326,31 @@ PRESETS: dict[str, Callable[..., str]] = {
     "cla": cla,
     "yoco": yoco,
     "mixattention": mixattention,
+    **{name: _study_preset(*name.split("-")) for name in STUDY_PRESETS},
 }
+
+
+def known_names(spec: str, num_layers: int) -> list[str]:
+  """Every preset (with its argument) that gives the string `spec`, e.g. for LCKV's
+  `0_20_..._20_21`: ['lckv', 'lckv:2', 'sandwich-top:3']."""
+  target = resolve(spec, num_layers)
+  names = []
+  for name, fn in PRESETS.items():
+    args: list = [None]
+    if name in ("lckv", "sandwich"):
+      args += list(range(0, num_layers))
+    elif name == "cla":
+      args += list(range(1, num_layers + 1))
+    elif name in STUDY_PRESETS:
+      args += list(range(2, num_layers + 1))
+    for a in args:
+      try:
+        got = fn(num_layers) if a is None else fn(num_layers, a)
+      except ValueError:
+        continue
+      if got == target:
+        names.append(name if a is None else f"{name}:{a}")
+  return names
 
 
 def resolve(spec: str, num_layers: int) -> str:
