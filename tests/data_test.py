@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lckv_jax import ModelConfig, Transformer
 from lckv_jax import tokenizer
 from lckv_jax.data import corpus, pipeline, sources
 from lckv_jax.train.config import default_config
@@ -28,12 +27,9 @@ def test_pack_segments_and_positions():
                                 [[0, 1, 2, 3], [0, 0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 0]])
 
 
-def test_packed_documents_do_not_attend_across_boundaries():
+def test_packed_documents_do_not_attend_across_boundaries(tiny_model):
   """Perturbing the other document of a packed row leaves this document's logits unchanged."""
-  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
-                    num_heads=4, num_kv_heads=2, layer_types="lckv", forward_passes=1,
-                    backward_passes=1)
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  model = tiny_model(layer_types="lckv", forward_passes=1, backward_passes=1)
   rng = np.random.default_rng(0)
   a, b = rng.integers(0, 64, 6), rng.integers(0, 64, 10)
   rows = pipeline.pack_documents([a, b], 16)

@@ -16,7 +16,7 @@ from lckv_jax.kernels.reference import dot_product_attention
 from lckv_jax.generation import Generator, generate
 from lckv_jax.kernels.decode import block_size, prefix_attention
 from lckv_jax.model import relayout
-from tests.generation_test import PRESETS, make, prompts
+from tests.generation_test import PRESETS, prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,20 +67,21 @@ def test_decode_kernel_block_sizes():
 
 
 @pytest.mark.parametrize("name", ["lckv", "mixed"])
-def test_generation_with_the_decode_kernel_equals_xla(name):
+def test_generation_with_the_decode_kernel_equals_xla(name, tiny_model):
   # Left padding (rows of different lengths), upward reads with the diagonal masked, sliding
   # windows over full buffers and rings: the kernel reads [first valid slot, write_index].
   kw = dict(layer_types=PRESETS[name], decode_attention="dense")
   ps = prompts([9, 4, 6], seed=3)
-  ref = generate(make(**kw), ps, max_new_tokens=6, return_logits=True)
-  model = make(**{**kw, "decode_attention": "pallas"})
+  ref = generate(tiny_model(std=0.1, sliding_window=3, **kw), ps, max_new_tokens=6,
+                 return_logits=True)
+  model = tiny_model(std=0.1, sliding_window=3, **{**kw, "decode_attention": "pallas"})
   out = generate(model, ps, max_new_tokens=6, return_logits=True)
   assert out.tokens == ref.tokens
   np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name,nodiag", [("mixed", False), ("yoco", False), ("lckv", True)])
-def test_generation_with_the_decode_kernel_over_ring_buffers_equals_xla(name, nodiag):
+def test_generation_with_the_decode_kernel_over_ring_buffers_equals_xla(name, nodiag, tiny_model):
   # Windows of 16 slots: the rings of layers read only through windows are 16-slot buffers that
   # the kernel reads, and they wrap. The 3-token row is left-padded by 17 slots, so its valid
   # slots in a ring are fewer than the window after the wrap. force_nodiag masks the diagonal of
@@ -88,20 +89,21 @@ def test_generation_with_the_decode_kernel_over_ring_buffers_equals_xla(name, no
   kw = dict(layer_types=PRESETS[name], sliding_window=16, max_position_embeddings=64,
             force_nodiag=nodiag)
   ps = prompts([20, 3, 11], seed=9)
-  ref = generate(make(**kw, decode_attention="dense"), ps, max_new_tokens=12, return_logits=True)
-  out = generate(make(**kw, decode_attention="pallas"), ps, max_new_tokens=12,
+  ref = generate(tiny_model(std=0.1, **kw, decode_attention="dense"), ps, max_new_tokens=12,
+                 return_logits=True)
+  out = generate(tiny_model(std=0.1, **kw, decode_attention="pallas"), ps, max_new_tokens=12,
                  return_logits=True)
   assert out.tokens == ref.tokens
   np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
 
-def test_sink_cache_decoding_with_the_kernel_equals_xla():
+def test_sink_cache_decoding_with_the_kernel_equals_xla(tiny_model):
   ps = prompts([5, 3], seed=4)
   kw = dict(layer_types=PRESETS["lckv"], max_position_embeddings=64)
-  ref = generate(make(**kw, decode_attention="dense"), ps, max_new_tokens=20, sink=(2, 14),
-                 return_logits=True)
-  out = generate(make(**kw, decode_attention="pallas"), ps, max_new_tokens=20, sink=(2, 14),
-                 return_logits=True)
+  ref = generate(tiny_model(std=0.1, sliding_window=3, **kw, decode_attention="dense"), ps,
+                 max_new_tokens=20, sink=(2, 14), return_logits=True)
+  out = generate(tiny_model(std=0.1, sliding_window=3, **kw, decode_attention="pallas"), ps,
+                 max_new_tokens=20, sink=(2, 14), return_logits=True)
   assert out.tokens == ref.tokens
   np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
 
@@ -110,10 +112,10 @@ def test_sink_cache_decoding_with_the_kernel_equals_xla():
 
 
 @pytest.mark.parametrize("name", ["lckv", "yoco"])
-def test_fresh_prefill_takes_the_fused_kernel_and_equals_the_masked_one(name):
+def test_fresh_prefill_takes_the_fused_kernel_and_equals_the_masked_one(name, tiny_model):
   # attention_impl='xla' is jax.nn.dot_product_attention's causal path on the CPU: the same
   # formulation (causal by index, shifted diagonal, local window) as cuDNN on a GPU.
-  model = make(layer_types=PRESETS[name], attention_impl="xla")
+  model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS[name], attention_impl="xla")
   t, pos, seg, _ = gen_lib.pad_prompts(prompts([10, 10], seed=5), 64)
   outs = []
   for fresh in (False, True):
@@ -126,8 +128,8 @@ def test_fresh_prefill_takes_the_fused_kernel_and_equals_the_masked_one(name):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_prefill_in_row_chunks_equals_one_prefill():
-  model = make(layer_types=PRESETS["lckv"])
+def test_prefill_in_row_chunks_equals_one_prefill(tiny_model):
+  model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS["lckv"])
   ps = prompts([7, 3, 5, 7, 2], seed=6)
   whole = Generator(model, max_new_tokens=4, max_len=16, return_logits=True)
   chunked = Generator(model, max_new_tokens=4, max_len=16, return_logits=True, prefill_batch=2)
@@ -141,8 +143,9 @@ def test_prefill_in_row_chunks_equals_one_prefill():
 # -- weight layout ------------------------------------------------------------------------------
 
 
-def test_relayout_keeps_the_function_and_loads_unstacked(tmp_path):
-  model = make(layer_types="0_0_2_2")  # CLA: one scanned run of 2-layer blocks
+def test_relayout_keeps_the_function_and_loads_unstacked(tmp_path, tiny_model):
+  # CLA: one scanned run of 2-layer blocks
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="0_0_2_2")
   assert model.config.scan_layers and len(model.runs) == 1
   flat = relayout(model, scan_layers=False)
   assert not flat.config.scan_layers and len(flat.runs) == 4
@@ -191,10 +194,10 @@ def test_throughput_smoke(tmp_path):
   assert records[1]["cache_bytes"] < records[0]["cache_bytes"]  # LCKV caches 3 of 4 layers
 
 
-def test_start_hands_the_cache_through_without_a_copy():
+def test_start_hands_the_cache_through_without_a_copy(tiny_model):
   # `_first` (the first token) donates the decode state: its cache is the prefill's buffer, not
   # a copy, so a large batch never holds two caches at the start.
-  model = make(layer_types=PRESETS["lckv"])
+  model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS["lckv"])
   gen = Generator(model, max_new_tokens=4, max_len=32)
   state = gen.start(prompts([5, 5], seed=9))
   analysis = gen_lib._first.lower(gen.settings, state, jnp.zeros((2, 64)),

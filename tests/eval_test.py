@@ -3,39 +3,26 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from lckv_jax import ModelConfig, Transformer, checkpoint
+from lckv_jax import checkpoint
 from lckv_jax.tokenizer import ByteTokenizer
 from lckv_jax.eval import lm_eval_adapter, multiple_choice
 from lckv_jax.eval import perplexity as ppl
+from tests import tiny
 
-TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-            num_kv_heads=2, initializer_range=0.1, max_position_embeddings=64)
+# The models of these tests: a vocabulary of 128 (ASCII bytes) and 64 positions; weights
+# N(0, 0.1) (norm scales near 1), drawn without the slow eager initialisation.
+MODEL = dict(std=0.1, draw="numpy", vocab_size=128, initializer_range=0.1,
+             max_position_embeddings=64)
 TEXT = "The quick brown fox jumps over the lazy dog, twice."  # 51 bytes, ASCII < 128
-
-
-def _make(config, seed):
-  """Random weights (std 0.1, norm scales near 1) without the slow eager random init."""
-  abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  params = nnx.state(abstract, nnx.Param)
-  rng = np.random.RandomState(seed)
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.asarray((1.0 if "scale" in jax.tree_util.keystr(path) else 0.0)
-                                  + 0.1 * rng.standard_normal(x.shape), jnp.float32),
-      nnx.to_pure_dict(params)))
-  model = nnx.merge(graphdef, state)
-  nnx.update(model, params)
-  return model
 
 
 @pytest.fixture(scope="module")
 def lckv_model():
-  return _make(ModelConfig(**TINY, layer_types="0_2_2_3", forward_passes=2, backward_passes=1), 0)
+  return tiny.tiny_model(0, **MODEL, layer_types="0_2_2_3", forward_passes=2, backward_passes=1)
 
 
 @nnx.jit

@@ -12,23 +12,24 @@ import sys
 import numpy as np
 import pytest
 
-from lckv_jax import ModelConfig, checkpoint, cli
+from lckv_jax import checkpoint, cli
 from lckv_jax import tokenizer as tok_lib
 from lckv_jax import layer_types as L
 from lckv_jax import visualize
 from lckv_jax.data import pretokenize, sources, train_tokenizer
 from lckv_jax.eval import lm_eval_adapter, multiple_choice
 from lckv_jax.eval import perplexity as ppl
-from tests.eval_test import TINY, _make
+from tests import tiny
+from tests.eval_test import MODEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIMIT = TINY["max_position_embeddings"]
+LIMIT = MODEL["max_position_embeddings"]
 TASK = {"context": "The sky is", "choices": ["blue", "green"], "label": 0}
 
 
 @pytest.fixture(scope="module")
 def model():
-  return _make(ModelConfig(**TINY, layer_types="0_2_2_3", forward_passes=2, backward_passes=1), 0)
+  return tiny.tiny_model(0, **MODEL, layer_types="0_2_2_3", forward_passes=2, backward_passes=1)
 
 
 @pytest.fixture(scope="module")

@@ -16,22 +16,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lckv_jax import ModelConfig, Transformer, checkpoint, cli, convert
+from lckv_jax import checkpoint, cli, convert
 from lckv_jax import generation as gen_lib
 from lckv_jax.model import check_inputs
+from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import generate as generate_py  # noqa: E402  (the CLI script at the repository root)
 
 VOCAB, LIMIT = 256, 32
-TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-            num_kv_heads=2, layer_types="lckv", max_position_embeddings=LIMIT,
-            forward_passes=1, backward_passes=1)
-
-
-def make(seed=0, **kw):
-  return Transformer(ModelConfig(**{**TINY, **kw}), rngs=nnx.Rngs(seed))
+# The models of these tests: 256 token ids, 32 positions.
+LIMITED = dict(vocab_size=VOCAB, layer_types="lckv", max_position_embeddings=LIMIT,
+               forward_passes=1, backward_passes=1)
 
 
 def tokens(batch=2, length=8, seed=0):
@@ -53,7 +50,7 @@ def digest(path) -> dict:
 def dirs(tmp_path_factory):
   """An lckv-jax model checkpoint and its HuggingFace export (with a tokenizer file)."""
   root = tmp_path_factory.mktemp("faults")
-  model = make()
+  model = tiny.tiny_model(**LIMITED)
   checkpoint.save_model(str(root / "jax"), model)
   convert.export_hf(model, str(root / "hf"))
   (root / "hf" / "tokenizer.json").write_text('{"dummy": true}')
@@ -155,8 +152,8 @@ def _fwd(model, toks, pos=None, seg=None):
   return model(toks, pos, seg)
 
 
-def test_model_raises_on_out_of_range_ids_and_positions_naming_the_limit():
-  model = make()
+def test_model_raises_on_out_of_range_ids_and_positions_naming_the_limit(tiny_model):
+  model = tiny_model(**LIMITED)
   t = tokens()
   for bad, shown in ((VOCAB, "256"), (300, "300"), (-1, "-1")):
     t_bad = t.copy()
@@ -182,8 +179,8 @@ def test_model_raises_on_out_of_range_ids_and_positions_naming_the_limit():
   check_inputs(model.config, t, pos, seg)
 
 
-def test_traced_bad_ids_give_nan_rows_and_leave_other_rows_and_gradients_alone():
-  model = make()
+def test_traced_bad_ids_give_nan_rows_and_leave_other_rows_and_gradients_alone(tiny_model):
+  model = tiny_model(**LIMITED)
   good = tokens()
   bad = good.copy()
   bad[1, 5] = 300
@@ -225,8 +222,8 @@ def test_traced_bad_ids_give_nan_rows_and_leave_other_rows_and_gradients_alone()
 # -- generation ------------------------------------------------------------------------------------
 
 
-def test_generation_refuses_prompts_past_the_limits():
-  model = make()
+def test_generation_refuses_prompts_past_the_limits(tiny_model):
+  model = tiny_model(**LIMITED)
   with pytest.raises(ValueError, match="prompt of 33 tokens exceeds max_position_embeddings=32"):
     gen_lib.generate(model, [tokens(1, 33)[0].tolist()])
   with pytest.raises(ValueError, match=r"prompt of 20 tokens \+ max_new_tokens=16 = 36 positions "

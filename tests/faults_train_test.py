@@ -18,13 +18,14 @@ import pytest
 from lckv_jax import cli
 from lckv_jax.train import checkpointing
 from lckv_jax.train.trainer import Trainer
-from tests.train_test import ROOT, tiny_config
+from tests import tiny
+from tests.train_test import ROOT
 
 STEPS = 20
 
 
 def _config(**overrides):
-  c = tiny_config(**{"log_every": 1, **overrides})
+  c = tiny.tiny_train_config(**{"log_every": 1, **overrides})
   c.checkpoint.update(every=5, keep=3)
   return c
 

@@ -6,35 +6,18 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from lckv_jax import ModelConfig, Transformer
+from lckv_jax import ModelConfig
 from lckv_jax import generation as gen_lib
 from lckv_jax.generation import Generator, generate
 from tests import reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-            num_kv_heads=2, sliding_window=3)
 PRESETS = {"llama": "0_1_2_3", "lckv": "0_2_2_3", "cla": "0_0_2_2", "yoco": "0s_1s_2_2",
            "mixed": "0s_3_3s_3"}
-
-
-def make(seed=0, std=0.1, **kw):
-  """A random tiny model with weights large enough that every path moves the output."""
-  model = Transformer(ModelConfig(**{**TINY, **kw}), rngs=nnx.Rngs(seed))
-  params = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  new = [(1.0 if "scale" in jax.tree_util.keystr(p) else 0.0)
-         + std * jax.random.normal(k, x.shape, x.dtype) for (p, x), k in zip(leaves, keys)]
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, new))
-  nnx.update(model, params)
-  return model
 
 
 def prompts(lengths, seed=0, vocab=64):
@@ -51,8 +34,8 @@ def prompts(lengths, seed=0, vocab=64):
     # Windows longer than the prompts: the prefill's ring buffers hold the whole prompt, and
     # wrap during decoding.
     ("yoco", "auto", 8), ("mixed", "parallel", 8)])
-def test_prefill_and_decode_give_the_sequential_logits(name, mode, window):
-  model = make(layer_types=PRESETS[name], sliding_window=window)
+def test_prefill_and_decode_give_the_sequential_logits(name, mode, window, tiny_model):
+  model = tiny_model(std=0.1, layer_types=PRESETS[name], sliding_window=window)
   ps = prompts([7, 4])
   new = 5
   # Parallel prefill with iterations >= prompt length is the exact model (docs/spec.md §4).
@@ -74,9 +57,9 @@ def test_prefill_and_decode_give_the_sequential_logits(name, mode, window):
     np.testing.assert_allclose(logits[0], seq[0, :7], atol=1e-4, rtol=1e-4)
 
 
-def test_short_prefill_is_the_approximation_of_the_plan():
+def test_short_prefill_is_the_approximation_of_the_plan(tiny_model):
   # With fewer iterations than tokens a cyclic model's prefill is the plan (m = 2, b = 1).
-  model = make(layer_types="3_3_3_3")
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="3_3_3_3")
   p = jnp.asarray(prompts([10]))
   cache = gen_lib.cache_lib.init_cache(model.config, 1, 10)
   logits, _ = gen_lib.prefill(model, p, jnp.arange(10)[None], jnp.ones_like(p), cache,
@@ -114,9 +97,9 @@ def test_llama_greedy_tokens_match_huggingface_generate():
 # -- batching --------------------------------------------------------------------------------------
 
 
-def test_mixed_length_batch_eos_and_insertion():
+def test_mixed_length_batch_eos_and_insertion(tiny_model):
   # Left padding, ring buffers (layer 0) and a cycle (layers 1-3) in one model.
-  model = make(layer_types="0s_3_3s_3")
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="0s_3_3s_3")
   gen = Generator(model, max_new_tokens=6, max_len=16)
   a, b, c = prompts([5, 3, 7], seed=4)
   alone = [gen.results(gen.decode(gen.start([p])))[0] for p in (a, b, c)]
@@ -136,8 +119,8 @@ def test_mixed_length_batch_eos_and_insertion():
 # -- sampling, text, errors ----------------------------------------------------------------------
 
 
-def test_sampling_is_reproducible_per_seed_and_text_prompts_use_a_tokenizer():
-  model = make(layer_types="cla", vocab_size=256)
+def test_sampling_is_reproducible_per_seed_and_text_prompts_use_a_tokenizer(tiny_model):
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="cla", vocab_size=256)
   tok = gen_lib.ByteTokenizer()
   kw = dict(max_new_tokens=8, temperature=1.5, top_k=50, top_p=0.95, tokenizer=tok)
   g1, g2 = generate(model, "héllo", seed=3, **kw), generate(model, "héllo", seed=3, **kw)
@@ -146,8 +129,8 @@ def test_sampling_is_reproducible_per_seed_and_text_prompts_use_a_tokenizer():
   assert isinstance(g1.texts[0], str) and g1.texts[0] == tok.decode(g1.tokens[0])
 
 
-def test_bad_inputs_raise_clear_errors():
-  model = make()
+def test_bad_inputs_raise_clear_errors(tiny_model):
+  model = tiny_model(std=0.1, sliding_window=3)
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     generate(model, [[1, 2], []], max_new_tokens=2)
   with pytest.raises(ValueError, match="longer than the cache"):
@@ -183,9 +166,10 @@ def test_cli_without_checkpoint_explains_and_exits_2():
   assert "lckv_jax.convert from-hf" in out.stderr
 
 
-def test_cli_streams_from_a_checkpoint(tmp_path):
+def test_cli_streams_from_a_checkpoint(tmp_path, tiny_model):
   from lckv_jax.checkpoint import save_model
-  save_model(str(tmp_path / "ckpt"), make(layer_types="lckv", vocab_size=256))
+  save_model(str(tmp_path / "ckpt"),
+             tiny_model(std=0.1, sliding_window=3, layer_types="lckv", vocab_size=256))
   (tmp_path / "prompts.txt").write_text("ab\nxyz\n")
   out = _run(["generate.py", f"--checkpoint={tmp_path / 'ckpt'}", "--max_new_tokens=4",
               f"--prompts_file={tmp_path / 'prompts.txt'}"])
@@ -201,7 +185,8 @@ _SHARDED = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
     import json, jax, numpy as np
-    from tests.generation_test import make, prompts
+    from tests.generation_test import prompts
+    from tests.tiny import tiny_model
     from lckv_jax.generation import Generator, generate
     assert jax.device_count() == 8
     mesh = jax.make_mesh((2, 4), ("data", "tensor"),
@@ -209,17 +194,17 @@ _SHARDED = textwrap.dedent("""
     ps = prompts([5, 3, 6, 2], seed=5)
     out = {}
     for name in ("0s_2_2s_3",):
-      ref = generate(make(layer_types=name, num_kv_heads=4), ps, max_new_tokens=5,
-                     return_logits=True)
-      model = make(layer_types=name, num_kv_heads=4)
+      ref = generate(tiny_model(std=0.1, sliding_window=3, layer_types=name, num_kv_heads=4), ps,
+                     max_new_tokens=5, return_logits=True)
+      model = tiny_model(std=0.1, sliding_window=3, layer_types=name, num_kv_heads=4)
       got = generate(model, ps, max_new_tokens=5, return_logits=True, mesh=mesh)
       q = model.blocks[0].layers[0].attn.q_proj[...]
       out[name] = dict(same=got.tokens == ref.tokens,
                        err=float(np.abs(got.logits - ref.logits).max()),
                        q_shards=len(q.sharding.device_set), q_spec=str(q.sharding.spec))
       # The per-layer copy that Generator(unstack=True) decodes with is the one sharded.
-      gen = Generator(make(layer_types=name, num_kv_heads=4), max_new_tokens=5, mesh=mesh,
-                      unstack=True, return_logits=True)
+      gen = Generator(tiny_model(std=0.1, sliding_window=3, layer_types=name, num_kv_heads=4),
+                      max_new_tokens=5, mesh=mesh, unstack=True, return_logits=True)
       state = gen.decode(gen.start(ps))
       q = gen.model.blocks[0].layers[0].attn.q_proj[...]
       out[name + " unstacked"] = dict(

@@ -11,24 +11,9 @@ from flax import nnx
 from lckv_jax import ModelConfig, Transformer, count_params, layer_types
 from tests import reference
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-            num_kv_heads=2, sliding_window=3)
-
-
-def make(seed=0, std=0.1, **kw):
-  cfg = ModelConfig(**{**TINY, **kw})
-  model = Transformer(cfg, rngs=nnx.Rngs(seed))
-  # Larger-than-default random weights (norm scales near 1) so every path moves the output.
-  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  new = [(1.0 if "scale" in jax.tree_util.keystr(path) else 0.0)
-         + std * jax.random.normal(key, x.shape, x.dtype)
-         for (path, x), key in zip(leaves, keys)]
-  params = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, new))
-  nnx.update(model, params)
-  return model
+# The models of this file: weights N(0, 0.1), so that every path moves the output; a vocabulary of
+# 97; windows of 3 keys in the layers marked `s`.
+MODEL = dict(std=0.1, vocab_size=97, sliding_window=3)
 
 
 @functools.partial(nnx.jit, static_argnames=("m", "b"))
@@ -94,9 +79,9 @@ PRESET_STRINGS = {
 
 @pytest.mark.parametrize("name", sorted(PRESET_STRINGS))
 @pytest.mark.parametrize("m,b", [(0, 1), (2, 2)])
-def test_parallel_matches_float64_reference(name, m, b):
+def test_parallel_matches_float64_reference(name, m, b, tiny_model):
   lt = PRESET_STRINGS[name]
-  model = make(num_layers=len(lt.split("_")), layer_types=lt)
+  model = tiny_model(**MODEL, num_layers=len(lt.split("_")), layer_types=lt)
   toks = tokens(length=10)
   out = np.asarray(forward(model, toks, m=m, b=b))
   ref = reference.numpy_logits(model.config, reference.extract_params(model), toks, m, b)
@@ -104,10 +89,10 @@ def test_parallel_matches_float64_reference(name, m, b):
 
 
 @pytest.mark.parametrize("name", ["lckv", "lckv_w0", "sandwich_cycle", "cla_top", "mixed"])
-def test_parallel_equals_sequential_when_iterations_cover_the_sequence(name):
+def test_parallel_equals_sequential_when_iterations_cover_the_sequence(name, tiny_model):
   # docs/spec.md §4: after k iterations positions 0..k-1 are exact, so m + b >= T is exact.
   lt = PRESET_STRINGS[name]
-  model = make(num_layers=len(lt.split("_")), layer_types=lt)
+  model = tiny_model(**MODEL, num_layers=len(lt.split("_")), layer_types=lt)
   toks = tokens(length=9)
   seq = sequential(model, toks)
   par = forward(model, toks, m=7, b=2)
@@ -118,8 +103,8 @@ def test_parallel_equals_sequential_when_iterations_cover_the_sequence(name):
   assert float(jnp.abs(short[:, 3:] - seq[:, 3:]).max()) > 1e-3
 
 
-def test_more_forward_passes_converge_to_the_sequential_mode():
-  model = make(layer_types="3_3_3_3", std=0.05)
+def test_more_forward_passes_converge_to_the_sequential_mode(tiny_model):
+  model = tiny_model(std=0.05, vocab_size=97, sliding_window=3, layer_types="3_3_3_3")
   toks = tokens(length=24)
   seq = sequential(model, toks)
   errors = [float(jnp.abs(forward(model, toks, m=m, b=2) - seq).max())
@@ -146,8 +131,8 @@ def _reference_grads(model, toks, m, b):
 
 
 @pytest.mark.parametrize("m,b", [(3, 1), (1, 2), (0, 3)])
-def test_gradients_flow_through_exactly_the_last_b_iterations(m, b):
-  model = make(layer_types="0_3_3_3_3_5", num_layers=6)
+def test_gradients_flow_through_exactly_the_last_b_iterations(m, b, tiny_model):
+  model = tiny_model(**MODEL, layer_types="0_3_3_3_3_5", num_layers=6)
   toks = tokens(length=6)
   loss, grads = _loss_and_grads(model, toks, m, b)
   ref_loss, ref = _reference_grads(model, toks, m, b)
@@ -160,9 +145,9 @@ def test_gradients_flow_through_exactly_the_last_b_iterations(m, b):
   np.testing.assert_allclose(grads.embed[...], ref["embed"], atol=1e-6, rtol=2e-4)
 
 
-def test_truncation_changes_gradients_but_not_values():
+def test_truncation_changes_gradients_but_not_values(tiny_model):
   # Same m + b, so the same forward; different b, so different gradients.
-  model = make(layer_types="0_3_3_3_3_5", num_layers=6)
+  model = tiny_model(**MODEL, layer_types="0_3_3_3_3_5", num_layers=6)
   toks = tokens(length=6)
   l1, g1 = _loss_and_grads(model, toks, 3, 1)
   l3, g3 = _loss_and_grads(model, toks, 1, 3)
@@ -178,11 +163,11 @@ def test_truncation_changes_gradients_but_not_values():
 
 @pytest.mark.parametrize("preset", ["llama", "lckv", "lckv:0", "lckv:2", "sandwich", "cla",
                                     "cla:3", "yoco", "mixattention"])
-def test_kv_weights_exist_only_for_kv_computing_layers(preset):
+def test_kv_weights_exist_only_for_kv_computing_layers(preset, tiny_model):
   cfg_kw = dict(layer_types=preset)
-  model = make(**cfg_kw)
+  model = tiny_model(**MODEL, **cfg_kw)
   lt = model.config.layer_spec
-  llama = make(layer_types="llama")
+  llama = tiny_model(**MODEL, layer_types="llama")
   e, k, d = 32, 2, 8
   for i in range(4):
     has_kv = "k_proj" in model.layer_params(i)["attn"]
@@ -193,8 +178,8 @@ def test_kv_weights_exist_only_for_kv_computing_layers(preset):
 
 
 @pytest.mark.parametrize("preset", sorted(layer_types.PRESETS))
-def test_every_preset_runs_forward_and_backward(preset):
-  model = make(layer_types=preset, forward_passes=2, backward_passes=2)
+def test_every_preset_runs_forward_and_backward(preset, tiny_model):
+  model = tiny_model(**MODEL, layer_types=preset, forward_passes=2, backward_passes=2)
   toks = tokens(length=8)
 
   def loss_fn(model):
@@ -206,8 +191,8 @@ def test_every_preset_runs_forward_and_backward(preset):
   assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) == len(leaves)
 
 
-def test_scan_layers_does_not_change_the_function():
-  scanned = make(layer_types="0_0_2_2_4_4", num_layers=6)
+def test_scan_layers_does_not_change_the_function(tiny_model):
+  scanned = tiny_model(**MODEL, layer_types="0_0_2_2_4_4", num_layers=6)
   plain = Transformer(scanned.config.replace(scan_layers=False), rngs=nnx.Rngs(5))
   assert len(plain.blocks) == 6 and len(scanned.blocks) == 1
   plain.embed[...] = scanned.embed[...]
@@ -219,9 +204,9 @@ def test_scan_layers_does_not_change_the_function():
   np.testing.assert_allclose(forward(plain, toks), forward(scanned, toks), atol=1e-6)
 
 
-def test_remat_keeps_values_and_gradients():
-  model = make(layer_types="lckv", forward_passes=2)
-  remat = make(layer_types="lckv", forward_passes=2, remat="full")
+def test_remat_keeps_values_and_gradients(tiny_model):
+  model = tiny_model(**MODEL, layer_types="lckv", forward_passes=2)
+  remat = tiny_model(**MODEL, layer_types="lckv", forward_passes=2, remat="full")
   toks = tokens(length=6)
   l1, g1 = _loss_and_grads(model, toks, 2, 2)
   l2, g2 = _loss_and_grads(remat, toks, 2, 2)
@@ -233,8 +218,8 @@ def test_remat_keeps_values_and_gradients():
 
 
 @pytest.mark.parametrize("lt", ["0_1_2_3", "0_2_2_3", "0s_1s_2_2"])
-def test_packed_documents_do_not_attend_across_segments(lt):
-  model = make(layer_types=lt, forward_passes=8, backward_passes=1)
+def test_packed_documents_do_not_attend_across_segments(lt, tiny_model):
+  model = tiny_model(**MODEL, layer_types=lt, forward_passes=8, backward_passes=1)
   toks = tokens(batch=1, length=10)
   seg = jnp.array([[1] * 6 + [2] * 4])
   pos = jnp.array([list(range(6)) + list(range(4))])
@@ -247,8 +232,8 @@ def test_packed_documents_do_not_attend_across_segments(lt):
   np.testing.assert_allclose(out[:, 6:], forward(model, toks[:, 6:]), atol=2e-5)
 
 
-def test_padding_segments_are_never_attended():
-  model = make(layer_types="lckv", forward_passes=8, backward_passes=1)
+def test_padding_segments_are_never_attended(tiny_model):
+  model = tiny_model(**MODEL, layer_types="lckv", forward_passes=8, backward_passes=1)
   toks = tokens(batch=1, length=8)
   seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
   pos = jnp.array([[0, 0, 0, 0, 1, 2, 3, 4]])
@@ -256,11 +241,11 @@ def test_padding_segments_are_never_attended():
   np.testing.assert_allclose(out[:, 3:], forward(model, toks[:, 3:]), atol=2e-5)
 
 
-def test_first_token_of_a_diagonal_masked_layer_sees_nothing():
+def test_first_token_of_a_diagonal_masked_layer_sees_nothing(tiny_model):
   # docs/spec.md §3.5: with no visible key the attention output is zeros, so with force_nodiag the
   # first position's hidden state only goes through the MLPs: changing any attention weight of
   # any layer cannot change it.
-  model = make(layer_types="llama", force_nodiag=True)
+  model = tiny_model(**MODEL, layer_types="llama", force_nodiag=True)
   toks = tokens(length=5)
   before = forward(model, toks)
   for i in range(4):
@@ -272,14 +257,14 @@ def test_first_token_of_a_diagonal_masked_layer_sees_nothing():
   assert float(jnp.abs(before[:, 1:] - after[:, 1:]).max()) > 1e-3
 
 
-def test_jit_matches_eager():
-  model = make(layer_types="lckv")
+def test_jit_matches_eager(tiny_model):
+  model = tiny_model(**MODEL, layer_types="lckv")
   toks = tokens()
   np.testing.assert_allclose(forward(model, toks), model(toks), atol=1e-5)
 
 
-def test_bad_token_shape_is_an_error():
-  model = make()
+def test_bad_token_shape_is_an_error(tiny_model):
+  model = tiny_model(**MODEL)
   with pytest.raises(ValueError, match="tokens must be"):
     model(jnp.zeros((5,), jnp.int32))
 
@@ -301,8 +286,8 @@ def test_zero_key_equals_attending_to_a_prepended_zero_slot():
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_whynlp_main_decode_drops_the_newest_top_kv():
-  exact = make(layer_types="0_2_2_3")
+def test_whynlp_main_decode_drops_the_newest_top_kv(tiny_model):
+  exact = tiny_model(**MODEL, layer_types="0_2_2_3")
   compat = Transformer(exact.config.replace(decode_semantics="whynlp_main"), rngs=nnx.Rngs(0))
   nnx.update(compat, nnx.state(exact))
   toks = tokens(length=6)
@@ -312,7 +297,7 @@ def test_whynlp_main_decode_drops_the_newest_top_kv():
   # The parallel mode (training, prefill) is the same in both semantics.
   np.testing.assert_allclose(forward(exact, toks), forward(compat, toks), atol=1e-6)
   # Without upward-attending layers there is nothing to change.
-  llama = make(layer_types="llama")
+  llama = tiny_model(**MODEL, layer_types="llama")
   llama_compat = Transformer(llama.config.replace(decode_semantics="whynlp_main"),
                              rngs=nnx.Rngs(0))
   nnx.update(llama_compat, nnx.state(llama))
@@ -323,10 +308,10 @@ def test_whynlp_main_decode_drops_the_newest_top_kv():
 
 
 @pytest.mark.parametrize("lt", ["0_1_2_3", "0_2_2_3", "0s_1s_2_2", "3s_3s_3_3"])
-def test_fused_kernel_path_matches_the_dense_mask(lt):
+def test_fused_kernel_path_matches_the_dense_mask(lt, tiny_model):
   # `attention_impl='xla'` runs jax.nn.dot_product_attention with the causal flag, the local
   # window and the shifted masked diagonal: the same formulation cuDNN gets on a GPU.
-  dense = make(layer_types=lt, attention_impl="dense", forward_passes=2)
+  dense = tiny_model(**MODEL, layer_types=lt, attention_impl="dense", forward_passes=2)
   fused = Transformer(dense.config.replace(attention_impl="xla"), rngs=nnx.Rngs(0))
   nnx.update(fused, nnx.state(dense))
   toks = tokens(length=9)
@@ -338,11 +323,11 @@ def test_fused_kernel_path_matches_the_dense_mask(lt):
 
 
 @pytest.mark.parametrize("lt", ["0_1_2_3", "0_2_2_3", "0s_1s_2_2", "3s_3s_3_3"])
-def test_fused_kernel_path_with_packed_documents_matches_the_dense_mask(lt):
+def test_fused_kernel_path_with_packed_documents_matches_the_dense_mask(lt, tiny_model):
   # Packed rows: documents of 1, 4, 2 and 5 tokens, padding, positions restarting per document.
   # The fused kernel masks segments through a [B, 1, T, T] mask (what cuDNN gets on a GPU); a
   # one-token document's query sees nothing in diagonal-masked layers and must get zeros.
-  dense = make(layer_types=lt, attention_impl="dense", forward_passes=2)
+  dense = tiny_model(**MODEL, layer_types=lt, attention_impl="dense", forward_passes=2)
   fused = Transformer(dense.config.replace(attention_impl="xla"), rngs=nnx.Rngs(0))
   nnx.update(fused, nnx.state(dense))
   seg = jnp.asarray([[1, 2, 2, 2, 2, 3, 3, 4, 4, 4, 4, 4, 0],

@@ -12,28 +12,14 @@ from lckv_jax.data import pipeline
 from lckv_jax.train import optim, step as step_lib
 from lckv_jax.train.config import default_config, from_file, model_config
 from lckv_jax.train.trainer import Trainer
+from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-  """A very small LCKV model on a slice of the embedded corpus: the shared test config."""
-  c = default_config()
-  c.model.update(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-                 num_kv_heads=2, layer_types="lckv", forward_passes=1, backward_passes=1,
-                 max_position_embeddings=64)
-  c.update(seq_len=32, batch_size=8, steps=50, log_every=5, eval_every=0, progress_bar=False)
-  c.optimizer.update(lr=1e-2, warmup_steps=5)
-  c.data.update(max_documents=30, eval_batches=2)
-  c.checkpoint.update(every=10, keep=5)
-  for k, v in overrides.items():
-    c[k] = v
-  return c
-
-
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-  return Trainer(tiny_config(), str(tmp_path_factory.mktemp("train")))
+  return Trainer(tiny.tiny_train_config(), str(tmp_path_factory.mktemp("train")))
 
 
 def test_tiny_model_learns(trainer, tmp_path):
@@ -64,8 +50,8 @@ def test_resume_equals_straight_run_and_corrupt_checkpoint_is_skipped(trainer, t
   assert "unreadable" in caplog.text
 
 
-def test_grad_accumulation_equals_one_big_batch():
-  c = tiny_config()
+def test_grad_accumulation_equals_one_big_batch(tiny_train_config):
+  c = tiny_train_config()
   c.model.update(num_layers=2, layer_types="cla")  # accumulation does not depend on the plan
   mc = model_config(c)
   tx, lr = optim.make_optimizer(c.optimizer, c.steps)
@@ -89,8 +75,8 @@ def test_grad_accumulation_equals_one_big_batch():
     ({"mesh.data": 3}, r"mesh shape \(mesh.data=3, .* but there are 1"),
     ({"model.layer_types": "garbage"}, "layer_types='garbage' is invalid"),
 ])
-def test_bad_inputs_stop_with_one_clear_message(override, message, tmp_path):
-  c = tiny_config()
+def test_bad_inputs_stop_with_one_clear_message(override, message, tmp_path, tiny_train_config):
+  c = tiny_train_config()
   for key, value in override.items():
     if value == "EMPTY":
       (tmp_path / "empty.txt").write_text("")
@@ -134,9 +120,9 @@ def test_every_config_field_has_its_meaning_and_show_config_prints_them():
   assert out.stdout.strip() == describe(expected)
 
 
-def test_flops_count_the_extra_passes_of_the_cyclic_group():
+def test_flops_count_the_extra_passes_of_the_cyclic_group(tiny_train_config):
   from lckv_jax import flops
-  base = model_config(tiny_config())
+  base = model_config(tiny_train_config())
   llama = base.replace(layer_types="llama")
   lckv = base.replace(layer_types="3_3_3_3", forward_passes=7, backward_passes=2)
   # Every layer of an all-cyclic stack costs 3b + m = 13 forward passes instead of 3 (the KV
@@ -169,7 +155,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
   assert steps and steps[0] >= 2
 
 
-def test_resume_compares_the_saved_config(trainer, tmp_path, caplog):
+def test_resume_compares_the_saved_config(trainer, tmp_path, caplog, tiny_train_config):
   from lckv_jax.train import checkpointing
   trainer.workdir = str(tmp_path / "wd")
   ckpt = checkpointing.Checkpointer(trainer.workdir)
@@ -179,26 +165,26 @@ def test_resume_compares_the_saved_config(trainer, tmp_path, caplog):
   ckpt.close()
   # A changed field of what the model is is an error naming it, even one that keeps the
   # parameter shapes.
-  c = tiny_config()
+  c = tiny_train_config()
   c.model.rope_theta = 500.0
   with pytest.raises(ValueError, match=r"config.model.rope_theta=500.0 but the checkpoint .* "
                                        r"trained with model.rope_theta=10000.0"):
     Trainer(c, trainer.workdir).train(max_steps=2)
   # How it runs may change (here the iteration plan's passes): one warning, and it resumes.
-  c = tiny_config()
+  c = tiny_train_config()
   c.model.forward_passes = 2
   caplog.clear()
   state, _ = Trainer(c, trainer.workdir).train(max_steps=2)
   assert int(state["step"]) == 2 and "model.forward_passes: 1 -> 2" in caplog.text
   # A changed schedule length warns with both values, and the run resumes.
   caplog.clear()
-  state, _ = Trainer(tiny_config(steps=80), trainer.workdir).train(max_steps=2)
+  state, _ = Trainer(tiny_train_config(steps=80), trainer.workdir).train(max_steps=2)
   assert int(state["step"]) == 2
   assert "config.steps changed from 50" in caplog.text and "to 80" in caplog.text
 
 
-def test_document_mask_off_runs_the_packed_row_as_one_causal_sequence():
-  c = tiny_config()
+def test_document_mask_off_runs_the_packed_row_as_one_causal_sequence(tiny_train_config):
+  c = tiny_train_config()
   mc = model_config(c)
   params = step_lib.init_params(mc, 0)
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
