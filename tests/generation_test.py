@@ -13,9 +13,8 @@ import pytest
 from lckv_jax import ModelConfig
 from lckv_jax import generation as gen_lib
 from lckv_jax.generation import Generator, generate
-from tests import reference
+from tests import ROOT as REPO, reference
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"llama": "0_1_2_3", "lckv": "0_2_2_3", "cla": "0_0_2_2", "yoco": "0s_1s_2_2",
            "mixed": "0s_3_3s_3"}
 

@@ -11,9 +11,9 @@ script (`python -m lckv_jax.layer_types`), as the module `__main__`, which no mo
 import ast
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = "lckv_jax"
+from tests import ROOT
 
+PACKAGE = "lckv_jax"
 
 
 def _modules() -> dict[str, str]:

@@ -9,8 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lckv_jax import sharding
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
 
 
 def _mesh_cfg(data=-1, fsdp=1, tensor=1):

@@ -10,8 +10,8 @@ import re
 import pytest
 
 from benchmarks import records, tables
+from tests import ROOT as REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 

@@ -19,10 +19,9 @@ from lckv_jax import visualize
 from lckv_jax.data import pretokenize, sources, train_tokenizer
 from lckv_jax.eval import lm_eval_adapter, multiple_choice
 from lckv_jax.eval import perplexity as ppl
-from tests import tiny
-from tests.eval_test import MODEL
+from tests import ROOT, tiny
+from tests.eval.perplexity_test import MODEL
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT = MODEL["max_position_embeddings"]
 TASK = {"context": "The sky is", "choices": ["blue", "green"], "label": 0}
 

@@ -19,9 +19,8 @@ from flax import nnx
 from lckv_jax import checkpoint, cli, convert
 from lckv_jax import generation as gen_lib
 from lckv_jax.model import check_inputs
-from tests import tiny
+from tests import ROOT as REPO, tiny
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import generate as generate_py  # noqa: E402  (the CLI script at the repository root)
 

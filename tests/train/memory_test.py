@@ -17,7 +17,7 @@ from lckv_jax.train import memory, step as step_lib
 from lckv_jax.train.config import default_config, from_file, model_config, resolve_grad_accum
 from lckv_jax.train.trainer import Trainer
 from tests.conftest import xla_optimizations
-from tests.train_test import ROOT
+from tests import ROOT
 
 
 def _random_config(rng):

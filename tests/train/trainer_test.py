@@ -12,9 +12,7 @@ from lckv_jax.data import pipeline
 from lckv_jax.train import optim, step as step_lib
 from lckv_jax.train.config import default_config, from_file, model_config
 from lckv_jax.train.trainer import Trainer
-from tests import tiny
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT, tiny
 
 
 @pytest.fixture(scope="module")

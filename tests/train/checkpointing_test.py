@@ -18,8 +18,7 @@ import pytest
 from lckv_jax import cli
 from lckv_jax.train import checkpointing
 from lckv_jax.train.trainer import Trainer
-from tests import tiny
-from tests.train_test import ROOT
+from tests import ROOT, tiny
 
 STEPS = 20
 
@@ -75,7 +74,7 @@ def _run_script(body, workdir, timeout=240):
   script = textwrap.dedent(f"""
       import os, signal, sys
       sys.path.insert(0, {ROOT!r})
-      from tests.faults_train_test import _config
+      from tests.train.checkpointing_test import _config
       from lckv_jax.train import checkpointing
       from lckv_jax.train.trainer import Trainer
       WORKDIR = {workdir!r}

@@ -3,7 +3,6 @@ prefill, the per-layer weight layout, and the throughput benchmark end to end (C
 kernel runs in interpret mode)."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,6 @@ from lckv_jax.generation import Generator, generate
 from lckv_jax.kernels.decode import block_size, prefix_attention
 from lckv_jax.model import relayout
 from tests.generation_test import PRESETS, prompts
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- the kernel ---------------------------------------------------------------------------------
