@@ -5,7 +5,6 @@ import pytest
 from lckv_jax import ModelConfig
 
 
-
 def test_presets_resolve_at_construction(tiny_config):
   cfg = tiny_config(layer_types="lckv")
   assert cfg.layer_types == "0_2_2_3"
@@ -66,47 +65,3 @@ def test_every_field_is_either_the_model_or_how_it_runs(tiny_config):
     cfg.with_run({"hidden_size": 64})
   with pytest.raises(ValueError, match="ModelConfig.remat must be one of"):
     cfg.with_run({"remat": "sometimes"})
-
-
-def test_a_checkpoint_stores_the_model_and_loads_with_another_run(tmp_path, tiny_config):
-  import json
-  import numpy as np
-  from flax import nnx
-  from lckv_jax import checkpoint
-  from lckv_jax.model import Transformer
-  cfg = tiny_config(layer_types="lckv", forward_passes=3, backward_passes=1)
-  model = Transformer(cfg, rngs=nnx.Rngs(4))
-  checkpoint.save_model(str(tmp_path / "m"), model)
-  saved = json.loads((tmp_path / "m" / "config.json").read_text())
-  assert saved["run"]["forward_passes"] == 3 and "forward_passes" not in saved
-  assert saved["hidden_size"] == 32 and "dtype" not in saved
-  loaded = checkpoint.load_model(str(tmp_path / "m"), run={"dtype": "bfloat16", "remat": "full"})
-  assert loaded.config == cfg.with_run({"dtype": "bfloat16", "remat": "full"})
-  tokens = np.random.RandomState(0).randint(0, 64, (2, 8))
-  np.testing.assert_allclose(np.asarray(loaded(tokens), np.float32),
-                             np.asarray(model(tokens)), atol=0.1)  # bf16 compute, same weights
-  assert checkpoint.load_model(str(tmp_path / "m")).config == cfg  # the saved run by default
-  # A config.json from before the "run" section (every field at the top) reads the same.
-  old = {**cfg.architecture(), **{k: v for k, v in saved["run"].items()}}
-  (tmp_path / "m" / "config.json").write_text(json.dumps(old))
-  assert checkpoint.load_config(str(tmp_path / "m")) == cfg
-  (tmp_path / "m" / "config.json").write_text(json.dumps({**saved, "run": {"speed": "max"}}))
-  with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['run.speed'\]"):
-    checkpoint.load_config(str(tmp_path / "m"))
-
-
-def test_resume_refuses_another_model_and_allows_another_run(caplog):
-  import json
-  from lckv_jax.train.config import check_resume, default_config
-  saved = json.loads(default_config().to_json())
-  for field, value in (("remat", "full"), ("attention_impl", "xla"), ("forward_passes", 3),
-                       ("dtype", "bfloat16")):
-    now = default_config()
-    now.model[field] = value
-    check_resume(saved, now)
-    assert f"model.{field}" in caplog.text
-  for field, value in (("hidden_size", 64), ("scan_layers", False)):
-    now = default_config()
-    now.model[field] = value
-    with pytest.raises(ValueError, match=f"config.model.{field}={value!r} but the checkpoint"):
-      check_resume(saved, now)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from lckv_jax import ModelConfig
 from lckv_jax import generation as gen_lib
 from lckv_jax.generation import Generator, generate
 from tests import ROOT as REPO, reference
+from tests.checkpoint_test import LIMITED, VOCAB
 
 PRESETS = {"llama": "0_1_2_3", "lckv": "0_2_2_3", "cla": "0_0_2_2", "yoco": "0s_1s_2_2",
            "mixed": "0s_3_3s_3"}
@@ -24,7 +26,7 @@ def prompts(lengths, seed=0, vocab=64):
   return [rs.randint(0, vocab, n).tolist() for n in lengths]
 
 
-# -- exactness: prefill + decode = the sequential mode ----------------------------------------------
+# -- exactness: prefill + decode = the sequential mode ---------------------------------------------
 
 
 @pytest.mark.parametrize("name,mode,window", [
@@ -66,7 +68,7 @@ def test_short_prefill_is_the_approximation_of_the_plan(tiny_model):
   np.testing.assert_allclose(logits, model(p, forward_passes=2, backward_passes=1), atol=1e-5)
 
 
-# -- HuggingFace greedy generation ---------------------------------------------------------------
+# -- HuggingFace greedy generation -----------------------------------------------------------------
 
 
 def test_llama_greedy_tokens_match_huggingface_generate():
@@ -115,7 +117,7 @@ def test_mixed_length_batch_eos_and_insertion(tiny_model):
   assert gen.results(state) == [alone[2], alone[1]]
 
 
-# -- sampling, text, errors ----------------------------------------------------------------------
+# -- sampling, text, errors ------------------------------------------------------------------------
 
 
 def test_sampling_is_reproducible_per_seed_and_text_prompts_use_a_tokenizer(tiny_model):
@@ -156,25 +158,6 @@ def _run(args, **kw):
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=120, **kw)
-
-
-def test_cli_without_checkpoint_explains_and_exits_2():
-  out = _run(["generate.py", "--prompt=hi"])
-  assert out.returncode == 2
-  assert "train.py --config=configs/tiny.py" in out.stderr
-  assert "lckv_jax.convert from-hf" in out.stderr
-
-
-def test_cli_streams_from_a_checkpoint(tmp_path, tiny_model):
-  from lckv_jax.checkpoint import save_model
-  save_model(str(tmp_path / "ckpt"),
-             tiny_model(std=0.1, sliding_window=3, layer_types="lckv", vocab_size=256))
-  (tmp_path / "prompts.txt").write_text("ab\nxyz\n")
-  out = _run(["generate.py", f"--checkpoint={tmp_path / 'ckpt'}", "--max_new_tokens=4",
-              f"--prompts_file={tmp_path / 'prompts.txt'}"])
-  assert out.returncode == 0, out.stderr
-  assert "tokens/s" in out.stderr
-  assert out.stdout.count("xyz") == 1
 
 
 # -- sharded inference -----------------------------------------------------------------------------
@@ -222,3 +205,79 @@ def test_sharded_decode_matches_single_device():
     assert r["same"], (name, r)
     assert r["err"] < 1e-4, (name, r)
     assert r["q_shards"] == 8 and "tensor" in r["q_spec"], (name, r)
+
+
+# -- prefill: fused fresh chunks, row chunks, the first token --------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lckv", "yoco"])
+def test_fresh_prefill_takes_the_fused_kernel_and_equals_the_masked_one(name, tiny_model):
+  # attention_impl='xla' is jax.nn.dot_product_attention's causal path on the CPU: the same
+  # formulation (causal by index, shifted diagonal, local window) as cuDNN on a GPU.
+  model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS[name], attention_impl="xla")
+  t, pos, seg, _ = gen_lib.pad_prompts(prompts([10, 10], seed=5), 64)
+  outs = []
+  for fresh in (False, True):
+    cache = gen_lib.cache_lib.init_cache(model.config, 2, 16)
+    logits, cache = gen_lib.prefill(model, t, pos, seg, cache, jnp.zeros(2, jnp.int32),
+                                    all_logits=True, fresh=fresh)
+    outs.append((logits, cache))
+  np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_prefill_in_row_chunks_equals_one_prefill(tiny_model):
+  model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS["lckv"])
+  ps = prompts([7, 3, 5, 7, 2], seed=6)
+  whole = Generator(model, max_new_tokens=4, max_len=16, return_logits=True)
+  chunked = Generator(model, max_new_tokens=4, max_len=16, return_logits=True, prefill_batch=2)
+  a, b = whole.decode(whole.start(ps)), chunked.decode(chunked.start(ps))
+  assert whole.results(a) == chunked.results(b)
+  np.testing.assert_allclose(b.logits, a.logits, atol=1e-5)
+  with pytest.raises(ValueError, match="prefill_batch"):
+    Generator(model, max_new_tokens=4, prefill_batch=0)
+
+
+def test_start_hands_the_cache_through_without_a_copy(tiny_model):
+  # `_first` (the first token) donates the decode state: its cache is the prefill's buffer, not
+  # a copy, so a large batch never holds two caches at the start.
+  model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS["lckv"])
+  gen = Generator(model, max_new_tokens=4, max_len=32)
+  state = gen.start(prompts([5, 5], seed=9))
+  analysis = gen_lib._first.lower(gen.settings, state, jnp.zeros((2, 64)),
+                                  jax.random.key(0)).compile().memory_analysis()
+  cache = sum(x.nbytes for x in jax.tree.leaves(state.cache))
+  assert analysis.alias_size_in_bytes >= cache
+
+
+# -- bad inputs: prompts past the model's limits ---------------------------------------------------
+
+
+def tokens(batch=2, length=8, seed=0):
+  return np.random.RandomState(seed).randint(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+def test_generation_refuses_prompts_past_the_limits(tiny_model):
+  model = tiny_model(**LIMITED)
+  with pytest.raises(ValueError, match="prompt of 33 tokens exceeds max_position_embeddings=32"):
+    gen_lib.generate(model, [tokens(1, 33)[0].tolist()])
+  with pytest.raises(ValueError, match=r"prompt of 20 tokens \+ max_new_tokens=16 = 36 positions "
+                                       r"exceeds max_position_embeddings=32"):
+    gen_lib.generate(model, [tokens(1, 20)[0].tolist()], max_new_tokens=16)
+  with pytest.raises(ValueError, match=r"prompt 1 of 30 tokens \+ max_new_tokens=4"):
+    gen_lib.generate(model, [[1, 2], tokens(1, 30)[0].tolist()], max_new_tokens=4)
+  with pytest.raises(ValueError, match=r"n_sink \+ window = 40 positions exceeds "
+                                       "max_position_embeddings=32"):
+    gen_lib.generate(model, [[1, 2]], max_new_tokens=64, sink=(4, 36))
+  with pytest.raises(ValueError, match=r"token id 300 is outside the vocabulary \[0, 256\)"):
+    gen_lib.generate(model, [[1, 300]])
+  with pytest.raises(ValueError, match="token id -2 is outside"):
+    gen_lib.generate(model, np.asarray([[1, -2]]))
+  with pytest.raises(ValueError, match="token ids must be integers, got 2.5"):
+    gen_lib.generate(model, [[1, 2.5]])
+  t, pos, seg, _ = gen_lib.pad_prompts([[1, 2, 3], [4]], VOCAB)
+  t[1, 2] = VOCAB
+  cache = gen_lib.cache_lib.init_cache(model.config, 2, 8)
+  with pytest.raises(ValueError, match="token id 256 is outside"):
+    gen_lib.prefill(model, t, pos, seg, cache, jnp.zeros(2, jnp.int32))

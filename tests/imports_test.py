@@ -9,7 +9,9 @@ script (`python -m lckv_jax.layer_types`), as the module `__main__`, which no mo
 """
 
 import ast
+import glob
 import os
+import re
 
 from tests import ROOT
 
@@ -107,6 +109,20 @@ def test_the_core_does_not_stand_on_train():
   found = {(m, d) for m, deps in import_graph().items() if not m.startswith(train)
            for d in deps if d == train or d.startswith(train + ".")}
   assert found == set(), sorted(found)
+
+
+def test_the_package_stands_alone():
+  # Scripts import each other's public names only, never through sys.path; the core never
+  # imports the benchmarks.
+  for path in glob.glob(os.path.join(ROOT, "benchmarks", "*.py")):
+    with open(path) as f:
+      source = f.read()
+    assert "sys.path" not in source, path
+    for module, names in re.findall(r"from benchmarks\.?(\w*) import ([^\n]+)", source):
+      assert not any(n.strip().startswith("_") for n in names.split("#")[0].split(",")), path
+  for path in glob.glob(os.path.join(ROOT, "lckv_jax", "**", "*.py"), recursive=True):
+    with open(path) as f:
+      assert not re.search(r"^\s*(from|import) benchmarks", f.read(), re.M), path
 
 
 if __name__ == "__main__":

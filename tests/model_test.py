@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lckv_jax import ModelConfig, Transformer, count_params, layer_types
+from lckv_jax import ModelConfig, Transformer, checkpoint, count_params, layer_types
+from lckv_jax.generation import Generator, generate
+from lckv_jax.model import check_inputs, relayout
 from tests import reference
+from tests.checkpoint_test import LIMIT, LIMITED, VOCAB
+from tests.generation_test import prompts
 
 # The models of this file: weights N(0, 0.1), so that every path moves the output; a vocabulary of
 # 97; windows of 3 keys in the layers marked `s`.
@@ -31,7 +35,7 @@ def tokens(batch=2, length=12, seed=3, vocab=97):
   return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab)
 
 
-# -- HuggingFace Llama ---------------------------------------------------------------------------
+# -- HuggingFace Llama -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("tied,kv_heads,scan", [(False, 2, True), (True, 2, True),
@@ -63,7 +67,7 @@ def test_llama_matches_huggingface(tied, kv_heads, scan):
   assert np.linalg.norm(seq - ref) / np.linalg.norm(ref) < 1e-4
 
 
-# -- the iteration plan against the naive spec implementation -------------------------------------
+# -- the iteration plan against the naive spec implementation --------------------------------------
 
 PRESET_STRINGS = {
     "llama": "0_1_2_3",
@@ -115,7 +119,7 @@ def test_more_forward_passes_converge_to_the_sequential_mode(tiny_model):
   assert errors[5] < 1e-5, errors  # 24 = T iterations: exact
 
 
-# -- gradients -----------------------------------------------------------------------------------
+# -- gradients -------------------------------------------------------------------------------------
 
 
 def _loss_and_grads(model, toks, m, b):
@@ -158,7 +162,7 @@ def test_truncation_changes_gradients_but_not_values(tiny_model):
   assert float(jnp.abs(q1 - q3).max()) > 1e-4 * float(jnp.abs(q3).max())
 
 
-# -- structure -----------------------------------------------------------------------------------
+# -- structure -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("preset", ["llama", "lckv", "lckv:0", "lckv:2", "sandwich", "cla",
@@ -214,7 +218,7 @@ def test_remat_keeps_values_and_gradients(tiny_model):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), g1, g2)
 
 
-# -- masks ---------------------------------------------------------------------------------------
+# -- masks -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("lt", ["0_1_2_3", "0_2_2_3", "0s_1s_2_2"])
@@ -269,21 +273,7 @@ def test_bad_token_shape_is_an_error(tiny_model):
     model(jnp.zeros((5,), jnp.int32))
 
 
-# -- decode semantics ----------------------------------------------------------------------------
-
-
-def test_zero_key_equals_attending_to_a_prepended_zero_slot():
-  from lckv_jax.kernels.reference import dot_product_attention
-  ks = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(ks[0], (2, 3, 4, 8))
-  k = jax.random.normal(ks[1], (2, 5, 2, 8))
-  v = jax.random.normal(ks[2], (2, 5, 2, 8))
-  mask = jax.random.bernoulli(ks[3], 0.6, (2, 3, 5))
-  got = dot_product_attention(q, k, v, mask, zero_key=True)
-  z = jnp.zeros((2, 1, 2, 8))
-  want = dot_product_attention(q, jnp.concatenate([z, k], 1), jnp.concatenate([z, v], 1),
-                               jnp.concatenate([jnp.ones((2, 3, 1), bool), mask], 2))
-  np.testing.assert_allclose(got, want, atol=1e-6)
+# -- decode semantics ------------------------------------------------------------------------------
 
 
 def test_whynlp_main_decode_drops_the_newest_top_kv(tiny_model):
@@ -304,7 +294,7 @@ def test_whynlp_main_decode_drops_the_newest_top_kv(tiny_model):
   np.testing.assert_allclose(sequential(llama, toks), sequential(llama_compat, toks), atol=1e-6)
 
 
-# -- fused attention path ------------------------------------------------------------------------
+# -- fused attention path --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("lt", ["0_1_2_3", "0_2_2_3", "0s_1s_2_2", "3s_3s_3_3"])
@@ -346,3 +336,105 @@ def test_fused_kernel_path_with_packed_documents_matches_the_dense_mask(lt, tiny
   g_fused, g_dense = nnx.grad(loss)(fused), nnx.grad(loss)(dense)
   for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_dense)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+# -- bad inputs: ids and positions past the model's limits -----------------------------------------
+
+
+@nnx.jit
+def _fwd(model, toks, pos=None, seg=None):
+  return model(toks, pos, seg)
+
+
+def np_tokens(batch=2, length=8, seed=0):
+  return np.random.RandomState(seed).randint(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+def test_model_raises_on_out_of_range_ids_and_positions_naming_the_limit(tiny_model):
+  model = tiny_model(**LIMITED)
+  t = np_tokens()
+  for bad, shown in ((VOCAB, "256"), (300, "300"), (-1, "-1")):
+    t_bad = t.copy()
+    t_bad[1, 3] = bad
+    msg = rf"token id {shown} is outside the vocabulary \[0, 256\) \(model.vocab_size=256\)"
+    for call in (model, model.sequential):
+      with pytest.raises(ValueError, match=msg):
+        call(jnp.asarray(t_bad))
+  pos = np.tile(np.arange(8), (2, 1))
+  pos[0, -1] = LIMIT
+  with pytest.raises(ValueError, match=r"position 32 is outside \[0, 32\) "
+                                       r"\(max_position_embeddings=32\)"):
+    model(t, pos)
+  long = np_tokens(length=LIMIT + 1)
+  for call in (model, lambda x: _fwd(model, x)):  # eager, and static under jit
+    with pytest.raises(ValueError, match="33 tokens exceeds max_position_embeddings=32"):
+      call(long)
+  # Padding (segment 0) carries any id and position.
+  seg = np.ones_like(t)
+  seg[0, :2] = 0
+  t[0, :2], pos[0, :2] = -1, 99
+  pos[0, -1] = 7
+  check_inputs(model.config, t, pos, seg)
+
+
+def test_traced_bad_ids_give_nan_rows_and_leave_other_rows_and_gradients_alone(tiny_model):
+  model = tiny_model(**LIMITED)
+  good = np_tokens()
+  bad = good.copy()
+  bad[1, 5] = 300
+  ref = np.asarray(_fwd(model, good))
+  out = np.asarray(_fwd(model, bad))
+  assert np.isnan(out[1]).all()
+  np.testing.assert_allclose(out[0], ref[0], rtol=1e-6)
+  # Traced positions past the limit and bad ids on padding.
+  pos = np.tile(np.arange(8, dtype=np.int32), (2, 1))
+  pos[1, -1] = LIMIT
+  out = np.asarray(_fwd(model, good, pos))
+  assert np.isnan(out[1]).all() and np.isfinite(out[0]).all()
+  seg = np.ones_like(good)
+  seg[:, 0] = 0
+  padded = good.copy()
+  padded[:, 0] = -5
+  assert np.isfinite(np.asarray(_fwd(model, padded, None, seg))).all()
+
+  @nnx.jit
+  def grads(model, toks):
+    def loss(model):
+      logits = model(toks)
+      return jnp.mean(jax.nn.log_softmax(logits[0])[:, 0])  # row 0 only
+    return nnx.grad(loss)(model)
+
+  g_bad, g_good = grads(model, bad), grads(model, good)
+  leaves_bad = jax.tree.leaves(nnx.state(g_bad, nnx.Param))
+  assert all(np.isfinite(np.asarray(x)).all() for x in leaves_bad)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               nnx.state(g_bad, nnx.Param), nnx.state(g_good, nnx.Param))
+
+  # The whole batch's loss is NaN: a training loop's divergence check stops.
+  @nnx.jit
+  def batch_loss(model, toks):
+    return jnp.mean(jax.nn.log_softmax(model(toks)))
+  assert np.isnan(float(batch_loss(model, bad)))
+
+
+# -- weight layout ---------------------------------------------------------------------------------
+
+
+def test_relayout_keeps_the_function_and_loads_unstacked(tmp_path, tiny_model):
+  # CLA: one scanned run of 2-layer blocks
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="0_0_2_2")
+  assert model.config.scan_layers and len(model.runs) == 1
+  flat = relayout(model, scan_layers=False)
+  assert not flat.config.scan_layers and len(flat.runs) == 4
+  tokens = jnp.asarray(prompts([12, 12], seed=7))
+  np.testing.assert_allclose(flat(tokens), model(tokens), atol=1e-5)
+  np.testing.assert_allclose(relayout(flat, scan_layers=True)(tokens), model(tokens), atol=1e-5)
+  # Generator(unstack=True) decodes the same tokens from the per-layer copy.
+  ps = prompts([6, 3], seed=8)
+  assert (Generator(model, max_new_tokens=5, unstack=True).model.config.scan_layers is False)
+  assert generate(model, ps, max_new_tokens=5).tokens == generate(flat, ps, max_new_tokens=5).tokens
+  # A stacked checkpoint loads straight into the per-layer layout.
+  checkpoint.save_model(str(tmp_path / "m"), model)
+  loaded = checkpoint.load_model(str(tmp_path / "m"), scan_layers=False)
+  assert not loaded.config.scan_layers
+  np.testing.assert_allclose(loaded(tokens), model(tokens), atol=1e-5)

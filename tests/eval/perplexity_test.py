@@ -1,6 +1,7 @@
-"""Evaluation: perplexity windows, the lm-eval adapter, offline multiple choice."""
+"""Perplexity: its windows against lm-eval's, its numbers against a direct forward, its errors and
+command line. The model fixtures and the direct log-probs serve the other eval tests too."""
 
-import json
+import re
 
 import jax
 import numpy as np
@@ -8,16 +9,16 @@ import pytest
 from flax import nnx
 
 from lckv_jax import checkpoint
-from lckv_jax.tokenizer import ByteTokenizer
-from lckv_jax.eval import lm_eval_adapter, multiple_choice
+from lckv_jax import tokenizer as tok_lib
+from lckv_jax.eval import lm_eval_adapter
 from lckv_jax.eval import perplexity as ppl
 from tests import tiny
+from tests.cli_test import _user_error, _write
 
 # The models of these tests: a vocabulary of 128 (ASCII bytes) and 64 positions; weights
 # N(0, 0.1) (norm scales near 1), drawn without the slow eager initialisation.
 MODEL = dict(std=0.1, draw="numpy", vocab_size=128, initializer_range=0.1,
              max_position_embeddings=64)
-TEXT = "The quick brown fox jumps over the lazy dog, twice."  # 51 bytes, ASCII < 128
 
 
 @pytest.fixture(scope="module")
@@ -108,99 +109,79 @@ def test_perplexity_iterations(lckv_model):
   assert abs(rough.nll - seq.nll) > 1e-3
 
 
-def test_loglikelihood_and_rolling(lckv_model):
-  tok = ByteTokenizer()
-  lm = lm_eval_adapter.LCKVEvalModel(lckv_model, tok, max_length=8, batch_size=1)
-  requests = [("The cat", " sat"), ("", "hello"), ("a b ", "c"), ("x" * 30, " long tail")]
-  results = lm.loglikelihood(requests)
-  for (ctx, cont), (ll, greedy) in zip(requests, results):
-    if ctx.endswith(" "):
-      ctx, cont = ctx.rstrip(), " " + cont
-    whole = (list(tok.encode(ctx)) or [0]) + list(tok.encode(cont))
-    whole = whole[-9:]  # max_length + 1
-    direct = _direct_logp(lckv_model, whole)
-    np.testing.assert_allclose(ll, direct[-len(cont):].sum(), rtol=1e-5)
-    assert isinstance(greedy, bool)
-  # Rolling: equals the perplexity code's total NLL, and lm-eval's windows computed directly.
-  (rolling,) = lm.loglikelihood_rolling([(TEXT,)])
-  r = ppl.perplexity(lckv_model, tok.encode(TEXT), context_len=8, prefix_token=0)
-  assert r.tokens == len(TEXT)
-  np.testing.assert_allclose(rolling, -r.nll, rtol=1e-6)
-  direct = 0.0
-  for ctx, pred in _lm_eval_rolling_windows(list(tok.encode(TEXT)), 0, 8):
-    logp = _direct_logp(lckv_model, ctx + pred[-1:])
-    direct += logp[-len(pred):].sum()
-  np.testing.assert_allclose(rolling, direct, rtol=1e-5)
+# -- bad inputs: an error naming the window, id or flag --------------------------------------------
 
 
-def test_generate_until(lckv_model):
-  lm = lm_eval_adapter.LCKVEvalModel(lckv_model, max_length=32, max_gen_toks=4,
-                                     decoder="parallel")
-  prompt = lm.tok_encode("Hello")
-  ids = lm.greedy_tokens(prompt, 4)
-  expected = list(prompt)
-  for _ in range(4):
-    expected.append(int(np.argmax(_logits(lckv_model, expected)[-1])))
-  assert ids == expected[len(prompt):]
-  text = lm.tok_decode(ids)
-  (full,) = lm.generate_until([("Hello", {"until": [], "max_gen_toks": 4})])
-  assert full == text
-  if len(text) > 1 and text[1] not in text[:1]:
-    (cut,) = lm.generate_until([("Hello", {"until": [text[1]], "max_gen_toks": 4})])
-    assert cut == text[:1]
+LIMIT = MODEL["max_position_embeddings"]
 
 
-def test_generate_with_generation_module(lckv_model):
-  """decoder='generation' goes through lckv_jax.generation (prefill + exact cached decoding)."""
-  pytest.importorskip("lckv_jax.generation")
-  lm = lm_eval_adapter.LCKVEvalModel(lckv_model, max_length=32, max_gen_toks=3)
-  assert lm.decoder == "generation"
-  ids = lm.greedy_tokens([72, 101, 108, 108, 111], 3)
-  assert 1 <= len(ids) <= 3 and all(0 <= i < 128 for i in ids)
-  (text,) = lm.generate_until([("Hello", {"until": ["\n"]})])
-  assert isinstance(text, str)
+@pytest.fixture(scope="module")
+def model():
+  return tiny.tiny_model(0, **MODEL, layer_types="0_2_2_3", forward_passes=2, backward_passes=1)
 
 
-def test_multiple_choice(lckv_model, tmp_path, capsys):
-  examples = [{"context": "The sky is", "choices": ["blue", "green", "loud"], "label": 0},
-              {"context": "2 + 2 =", "choices": ["4", "5"], "label": 1},
-              {"context": "Cats say", "choices": ["meow", "woof", "moo", "quack"], "label": 2}]
-  path = tmp_path / "task.jsonl"
-  path.write_text("\n".join(json.dumps(e) for e in examples) + "\n")
-  loaded = multiple_choice.load_task(str(path))
-  assert loaded == examples
-  lm = lm_eval_adapter.LCKVEvalModel(lckv_model, max_length=8, batch_size=1)
-  r = multiple_choice.evaluate(lm, loaded)
-  assert r["n"] == 3
-  direct = lm.loglikelihood([(e["context"], " " + c) for e in examples for c in e["choices"]])
-  flat = [ll for lls in r["loglikelihoods"] for ll in lls]
-  np.testing.assert_allclose(flat, [ll for ll, _ in direct], rtol=1e-6)
-  acc = np.mean([int(np.argmax(lls)) == e["label"] for lls, e in zip(r["loglikelihoods"], examples)])
-  assert r["acc"] == acc
-  # The documented delimiter: choices with their own leading space and --delimiter='' score
-  # the same.
-  spaced = [{**e, "choices": [" " + c for c in e["choices"]]} for e in examples]
-  assert multiple_choice.evaluate(lm, spaced, "")["loglikelihoods"] == r["loglikelihoods"]
-  # The CLI, on a saved checkpoint.
-  ckpt = str(tmp_path / "ckpt")
-  checkpoint.save_model(ckpt, lckv_model)
-  multiple_choice.main(["--checkpoint", ckpt, "--tasks", str(path), "--byte_tokenizer",
-                        "--max_length=8", "--batch_size=1"])
-  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert out["task"] == "task.jsonl" and out["acc"] == acc and out["n"] == 3
-  # Malformed files name the line and the field.
-  path.write_text(json.dumps({"context": "a", "choices": ["b"], "label": 3}) + "\n")
-  with pytest.raises(ValueError, match=r"task.jsonl:1: field 'label'"):
-    multiple_choice.load_task(str(path))
+@pytest.fixture(scope="module")
+def ckpt(model, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("faults") / "ckpt")
+  checkpoint.save_model(path, model)
+  return path
 
 
-def test_adapter_rejects_out_of_vocab(lckv_model):
-  lm = lm_eval_adapter.LCKVEvalModel(lckv_model, max_length=16)
-  with pytest.raises(ValueError, match="vocab_size"):
-    lm.loglikelihood([("caf", "\u00e9")])  # UTF-8 bytes >= 128
+def test_perplexity_of_nothing_is_an_error(model):
+  for tokens in ([], [5], np.zeros(0, np.int64)):
+    with pytest.raises(ValueError, match="no tokens to score"):
+      ppl.perplexity(model, tokens, context_len=8)  # was Perplexity(0, 0): ppl 1.0
+  with pytest.raises(ValueError, match="no tokens to score"):
+    ppl.perplexity_of_text(model, tok_lib.ByteTokenizer(), "a", context_len=8)
 
 
-def test_lm_eval_registration():
-  pytest.importorskip("lm_eval")
-  from lm_eval.api.registry import get_model
-  assert get_model("lckv_jax") is lm_eval_adapter.LCKVLM
+def test_windows_past_the_model_are_errors(model):
+  tokens = np.random.RandomState(0).randint(0, 128, 20)
+  for context_len in (LIMIT + 1, 2048, 0):
+    with pytest.raises(ValueError, match=rf"context_len={context_len} must be in 1..{LIMIT} "
+                                         rf"\(the model's max_position_embeddings={LIMIT}\)"):
+      ppl.perplexity(model, tokens, context_len=context_len)
+  with pytest.raises(ValueError, match=r"stride=9 must be in 1..context_len=8"):
+    ppl.perplexity(model, tokens, context_len=8, stride=9)
+  with pytest.raises(ValueError, match=rf"max_length={LIMIT + 1} must be in 1..{LIMIT}"):
+    lm_eval_adapter.LCKVEvalModel(model, max_length=LIMIT + 1)
+
+
+def test_ids_past_the_vocabulary_are_errors(model):
+  with pytest.raises(ValueError, match=r"id 200 is outside 0..127 \(model.vocab_size=128\)"):
+    ppl.perplexity(model, [1, 200, 3], context_len=8)
+  with pytest.raises(ValueError, match=r"id -1 is outside 0..127"):
+    ppl.Scorer(model)(np.array([[1, -1]]), np.array([[2, 3]]))
+  with pytest.raises(ValueError, match=r"dtype float64, not integer token ids"):
+    ppl.perplexity(model, np.array([1.5, 2.0, 3.0]), context_len=8)
+  lm = lm_eval_adapter.LCKVEvalModel(model, max_length=16)
+  with pytest.raises(ValueError, match=r"prompt: id 195 .*model.vocab_size=128"):
+    lm.greedy_tokens(list("é".encode()), 2)  # UTF-8 bytes >= 128
+
+
+def test_perplexity_command_line(ckpt, tmp_path, capsys):
+  text = _write(tmp_path / "t.txt", "hello there")
+  run = lambda argv, match: _user_error(ppl.main, argv, ppl.PROG, capsys, match)
+  run(["--checkpoint", str(tmp_path / "nope"), "--text_file", text],
+      r"--checkpoint='.*nope' does not exist")
+  run(["--checkpoint", str(tmp_path), "--text_file", text], re.escape(str(tmp_path)))
+  run(["--checkpoint", ckpt, "--text_file", str(tmp_path / "missing.txt")],
+      r"--text_file='.*missing.txt': no such file")
+  run(["--checkpoint", ckpt, "--text_file", text, "--context_len", "2048"],
+      rf"context_len=2048 must be in 1..{LIMIT} \(the model's max_position_embeddings={LIMIT}\)")
+  run(["--checkpoint", ckpt, "--text_file", text, "--context_len", "0"], r"context_len=0")
+  run(["--checkpoint", ckpt, "--text_file", text, "--context_len", "8", "--stride", "9"],
+      r"stride=9 must be in 1..context_len=8")
+  run(["--checkpoint", ckpt, "--text_file", text, "--stride", "0"], r"stride=0")
+  run(["--checkpoint", ckpt, "--text_file", text, "--batch_size", "0"], r"--batch_size must be")
+  for name, data in (("empty.txt", ""), ("one.txt", "a")):
+    run(["--checkpoint", ckpt, "--byte_tokenizer", "--text_file", _write(tmp_path / name, data)],
+        rf"no tokens to score in .*{name}")
+  run(["--checkpoint", ckpt, "--byte_tokenizer", "--text_file",
+       _write(tmp_path / "l1.txt", b"\xe9t\xe9")], r"l1.txt: not UTF-8 text")
+  run(["--checkpoint", ckpt, "--byte_tokenizer", "--text_file", _write(tmp_path / "e.txt", "é!")],
+      r"e.txt \(tokenized\): id 195 is outside 0..127 \(model.vocab_size=128\)")
+  np.save(tmp_path / "ids.npy", np.array([1, 2, 500]))
+  run(["--checkpoint", ckpt, "--tokens", str(tmp_path / "ids.npy")],
+      r"--tokens='.*ids.npy': id 500 is outside")
+  run(["--checkpoint", ckpt, "--tokens", text], r"--tokens='.*t.txt' is not a .npy file")
