@@ -7,23 +7,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lckv_jax import ModelConfig
 from lckv_jax import cache as cache_lib
 from lckv_jax.attention import KV, apply_rope, rope_inv_freq, rope_tables
 from lckv_jax.cache import KVCache
 from lckv_jax.generation import generate
 from lckv_jax.mode import Mode
-from tests.generation_test import make, prompts
-
-CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-           num_kv_heads=2, sliding_window=3)
-
+from tests.generation_test import prompts
 
 @pytest.mark.parametrize("layer_types,kv_layers,rings", [
     ("llama", (0, 1, 2, 3), ()), ("lckv", (0, 2, 3), ()), ("cla", (0, 2), ()),
     ("yoco", (0, 1, 2), (0, 1)), ("0s_3_3s_3", (0, 3), (0,)), ("0s_0_2s_2s", (0, 2), (2,))])
-def test_cache_holds_exactly_the_kv_layers_and_its_bytes(layer_types, kv_layers, rings):
-  cfg = ModelConfig(**CFG, layer_types=layer_types)
+def test_cache_holds_exactly_the_kv_layers_and_its_bytes(layer_types, kv_layers, rings,
+                                                          tiny_config):
+  cfg = tiny_config(sliding_window=3, layer_types=layer_types)
   b, n = 3, 10
   cache = KVCache.create(cfg, b, n)
   assert cache.kv_layers == kv_layers and cache.batch == b
@@ -43,9 +39,9 @@ def test_cache_holds_exactly_the_kv_layers_and_its_bytes(layer_types, kv_layers,
   assert KVCache.create(cfg, b, 3).rings == ()
 
 
-def test_sequential_mode_on_ring_buffers_is_the_full_model():
+def test_sequential_mode_on_ring_buffers_is_the_full_model(tiny_model):
   # `Transformer.sequential` now decodes into ring buffers of 3 slots for layers 0 and 1.
-  model = make(layer_types="yoco")
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="yoco")
   toks = jnp.asarray(prompts([12, 12], seed=7))
   np.testing.assert_allclose(model.sequential(toks), model(toks), atol=1e-5, rtol=1e-5)
 
@@ -71,8 +67,8 @@ def test_widen_and_compact_keep_the_last_slots_of_a_ring():
   np.testing.assert_array_equal(back.k * back.seg[..., None, None], k * seg[..., None, None])
 
 
-def test_kv_cache_is_a_pytree_whose_layout_is_static():
-  cfg = ModelConfig(**CFG, layer_types="0s_3_3s_3")
+def test_kv_cache_is_a_pytree_whose_layout_is_static(tiny_config):
+  cfg = tiny_config(sliding_window=3, layer_types="0s_3_3s_3")
   cache = KVCache.create(cfg, 2, 10, contiguous=True)
   leaves, tree = jax.tree.flatten(cache)
   assert len(leaves) == 4 * 2  # k, v, pos, seg of layers 0 and 3; nothing else is an array
@@ -85,8 +81,8 @@ def test_kv_cache_is_a_pytree_whose_layout_is_static():
   assert sink.n_sink == 1 and sink.rings == () and sink.slots(0) == 5 and sink.contiguous
 
 
-def test_kv_cache_refuses_what_does_not_fit():
-  cfg = ModelConfig(**CFG, layer_types="lckv")
+def test_kv_cache_refuses_what_does_not_fit(tiny_config):
+  cfg = tiny_config(layer_types="lckv")
   cache = KVCache.create(cfg, 2, 8)
   with pytest.raises(ValueError, match="differ at layer 0: 8 slots vs 6"):
     cache.insert_row(0, KVCache.create(cfg, 1, 6))
@@ -105,8 +101,8 @@ def test_kv_cache_refuses_what_does_not_fit():
                     jnp.zeros(2, jnp.int32))
 
 
-def test_step_checks_its_mode_and_cache():
-  model = make(layer_types="0_2_2_3")
+def test_step_checks_its_mode_and_cache(tiny_model):
+  model = tiny_model(layer_types="0_2_2_3")
   cache = KVCache.create(model.config, 2, 8)
   tok = jnp.ones((2, 3), jnp.int32)
   with pytest.raises(TypeError, match="must be a lckv_jax.cache.KVCache"):
@@ -117,9 +113,18 @@ def test_step_checks_its_mode_and_cache():
     model.step(tok, cache, jnp.zeros(2, jnp.int32), mode=Mode.TRAIN)
   with pytest.raises(ValueError, match="write_index .* is required in Mode.PREFILL"):
     model.step(tok, cache)
-  other = KVCache.create(make(layer_types="llama").config, 2, 8)
+  other = KVCache.create(model.config.replace(layer_types="llama"), 2, 8)
   with pytest.raises(ValueError, match=r"holds layers \(0, 1, 2, 3\), the model's KV layers"):
     model.step(tok, other, jnp.zeros(2, jnp.int32))
+
+
+def test_rerotate_moves_keys_to_new_positions(tiny_config):
+  cfg = tiny_config(sliding_window=3)
+  x = jax.random.normal(jax.random.key(0), (1, 5, 2, 8))
+  at = lambda p: rope_tables(rope_inv_freq(cfg), jnp.asarray(p)[None])
+  k7 = apply_rope(x, at([7, 8, 9, 10, 11]))
+  k4 = apply_rope(x, at([4, 5, 6, 7, 8]))
+  np.testing.assert_allclose(cache_lib.rerotate(cfg, k7, -3), k4, atol=1e-5)
 
 
 # -- StreamingLLM sink cache ---------------------------------------------------------------------
@@ -168,8 +173,8 @@ def _reference_sink_logits(model, prompt, generated, n_sink, window):
   return np.stack(logits_out)
 
 
-def test_sink_cache_runs_past_the_window_and_matches_a_recomputation():
-  model = make(layer_types="0s_2_2_3", max_position_embeddings=12)
+def test_sink_cache_runs_past_the_window_and_matches_a_recomputation(tiny_model):
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="0s_2_2_3", max_position_embeddings=12)
   n_sink, window = 2, 6
   p = prompts([4], seed=9)[0]
   new = 4 * window  # 4x past the window, and past max_position_embeddings
@@ -179,16 +184,17 @@ def test_sink_cache_runs_past_the_window_and_matches_a_recomputation():
   np.testing.assert_allclose(g.logits[0], ref, atol=1e-4, rtol=1e-4)
   # The tokens are not those of the full-cache model once tokens are evicted.
   # The same weights with room for every position: the reference without a sink cache.
-  full = generate(make(layer_types="0s_2_2_3", max_position_embeddings=64), [p],
+  full = generate(tiny_model(std=0.1, sliding_window=3, layer_types="0s_2_2_3",
+                             max_position_embeddings=64), [p],
                   max_new_tokens=new, return_logits=True)
   assert float(np.abs(full.logits[0] - g.logits[0]).max()) > 1e-3
   np.testing.assert_allclose(full.logits[0, :window + n_sink - len(p)],
                              g.logits[0, :window + n_sink - len(p)], atol=1e-4, rtol=1e-4)
 
 
-def test_sink_cache_memory_is_constant_and_batches_mix_lengths():
+def test_sink_cache_memory_is_constant_and_batches_mix_lengths(tiny_model):
   from lckv_jax.generation import Generator
-  model = make(layer_types="lckv")
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="lckv")
   gen = Generator(model, max_new_tokens=20, sink=(1, 5))
   ps = prompts([2, 5], seed=11)
   state = gen.start(ps)

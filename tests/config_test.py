@@ -4,16 +4,13 @@ import pytest
 
 from lckv_jax import ModelConfig
 
-BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-            num_kv_heads=2)
 
-
-def test_presets_resolve_at_construction():
-  cfg = ModelConfig(**BASE, layer_types="lckv")
+def test_presets_resolve_at_construction(tiny_config):
+  cfg = tiny_config(layer_types="lckv")
   assert cfg.layer_types == "0_2_2_3"
   assert cfg.layer_spec.kv_layers == (0, 2, 3)
-  assert ModelConfig(**BASE).layer_types == "0_1_2_3"
-  assert hash(cfg) == hash(ModelConfig(**BASE, layer_types="0_2_2_3"))
+  assert tiny_config().layer_types == "0_1_2_3"
+  assert hash(cfg) == hash(tiny_config(layer_types="0_2_2_3"))
 
 
 @pytest.mark.parametrize("changes,match", [
@@ -34,18 +31,18 @@ def test_presets_resolve_at_construction():
     (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), r"rope_scaling: rope_type"),
     (dict(rms_norm_eps=0.0), r"rms_norm_eps must be > 0"),
 ])
-def test_bad_fields_are_named(changes, match):
+def test_bad_fields_are_named(changes, match, tiny_config):
   with pytest.raises(ValueError, match=match):
-    ModelConfig(**{**BASE, **changes})
+    tiny_config(**changes)
 
 
-def test_head_dim_may_be_given_explicitly():
-  cfg = ModelConfig(**{**BASE, "num_heads": 5, "num_kv_heads": 1, "head_dim": 16})
+def test_head_dim_may_be_given_explicitly(tiny_config):
+  cfg = tiny_config(num_heads=5, num_kv_heads=1, head_dim=16)
   assert cfg.resolved_head_dim == 16
 
 
-def test_rope_scaling_is_stored_hashable():
-  cfg = ModelConfig(**BASE, rope_scaling={"rope_type": "linear", "factor": 2.0})
+def test_rope_scaling_is_stored_hashable(tiny_config):
+  cfg = tiny_config(rope_scaling={"rope_type": "linear", "factor": 2.0})
   assert cfg.rope_scaling_dict == {"rope_type": "linear", "factor": 2.0}
   hash(cfg)
 
@@ -53,62 +50,18 @@ def test_rope_scaling_is_stored_hashable():
 # -- what the model is vs how it runs ---------------------------------------------------------
 
 
-def test_every_field_is_either_the_model_or_how_it_runs():
+def test_every_field_is_either_the_model_or_how_it_runs(tiny_config):
   import dataclasses
   from lckv_jax.config import ARCHITECTURE_FIELDS, RUN_FIELDS, RunConfig
   fields = [f.name for f in dataclasses.fields(ModelConfig)]
   assert sorted(ARCHITECTURE_FIELDS + RUN_FIELDS) == sorted(fields)
   assert not set(ARCHITECTURE_FIELDS) & set(RUN_FIELDS)
-  defaults = ModelConfig(**BASE)
+  defaults = tiny_config()
   assert defaults.run == RunConfig()  # the same defaults in both places
-  cfg = ModelConfig(**BASE, layer_types="lckv", dtype="bfloat16", remat="full")
-  assert cfg.with_run(RunConfig()) == ModelConfig(**BASE, layer_types="lckv")
+  cfg = tiny_config(layer_types="lckv", dtype="bfloat16", remat="full")
+  assert cfg.with_run(RunConfig()) == tiny_config(layer_types="lckv")
   assert cfg.with_run({"remat": "dots"}).remat == "dots"
   with pytest.raises(ValueError, match=r"run: unknown field\(s\) \['hidden_size'\]"):
     cfg.with_run({"hidden_size": 64})
   with pytest.raises(ValueError, match="ModelConfig.remat must be one of"):
     cfg.with_run({"remat": "sometimes"})
-
-
-def test_a_checkpoint_stores_the_model_and_loads_with_another_run(tmp_path):
-  import json
-  import numpy as np
-  from flax import nnx
-  from lckv_jax import checkpoint
-  from lckv_jax.model import Transformer
-  cfg = ModelConfig(**BASE, layer_types="lckv", forward_passes=3, backward_passes=1)
-  model = Transformer(cfg, rngs=nnx.Rngs(4))
-  checkpoint.save_model(str(tmp_path / "m"), model)
-  saved = json.loads((tmp_path / "m" / "config.json").read_text())
-  assert saved["run"]["forward_passes"] == 3 and "forward_passes" not in saved
-  assert saved["hidden_size"] == 32 and "dtype" not in saved
-  loaded = checkpoint.load_model(str(tmp_path / "m"), run={"dtype": "bfloat16", "remat": "full"})
-  assert loaded.config == cfg.with_run({"dtype": "bfloat16", "remat": "full"})
-  tokens = np.random.RandomState(0).randint(0, 64, (2, 8))
-  np.testing.assert_allclose(np.asarray(loaded(tokens), np.float32),
-                             np.asarray(model(tokens)), atol=0.1)  # bf16 compute, same weights
-  assert checkpoint.load_model(str(tmp_path / "m")).config == cfg  # the saved run by default
-  # A config.json from before the "run" section (every field at the top) reads the same.
-  old = {**cfg.architecture(), **{k: v for k, v in saved["run"].items()}}
-  (tmp_path / "m" / "config.json").write_text(json.dumps(old))
-  assert checkpoint.load_config(str(tmp_path / "m")) == cfg
-  (tmp_path / "m" / "config.json").write_text(json.dumps({**saved, "run": {"speed": "max"}}))
-  with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\) \['run.speed'\]"):
-    checkpoint.load_config(str(tmp_path / "m"))
-
-
-def test_resume_refuses_another_model_and_allows_another_run(caplog):
-  import json
-  from lckv_jax.train.config import check_resume, default_config
-  saved = json.loads(default_config().to_json())
-  for field, value in (("remat", "full"), ("attention_impl", "xla"), ("forward_passes", 3),
-                       ("dtype", "bfloat16")):
-    now = default_config()
-    now.model[field] = value
-    check_resume(saved, now)
-    assert f"model.{field}" in caplog.text
-  for field, value in (("hidden_size", 64), ("scan_layers", False)):
-    now = default_config()
-    now.model[field] = value
-    with pytest.raises(ValueError, match=f"config.model.{field}={value!r} but the checkpoint"):
-      check_resume(saved, now)

@@ -4,6 +4,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Float32 matmuls at full precision on every backend, so reference comparisons are meaningful.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
@@ -37,3 +39,28 @@ def xla_optimizations():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+# The tiny model (tests/tiny.py) as factory fixtures: `def test_x(tiny_model): tiny_model(...)`.
+# Imported in the fixtures, so that jax is imported after the settings above.
+
+
+@pytest.fixture(name="tiny_config")
+def _tiny_config():
+  """tiny_config(**overrides) -> ModelConfig of tests.tiny.TINY with the overrides."""
+  from tests import tiny
+  return tiny.tiny_config
+
+
+@pytest.fixture(name="tiny_model")
+def _tiny_model():
+  """tiny_model(seed=0, std=None, draw="jax", **overrides) -> Transformer (tests/tiny.py)."""
+  from tests import tiny
+  return tiny.tiny_model
+
+
+@pytest.fixture(name="tiny_train_config")
+def _tiny_train_config():
+  """tiny_train_config(**overrides) -> a train.py config of the tiny model (tests/tiny.py)."""
+  from tests import tiny
+  return tiny.tiny_train_config

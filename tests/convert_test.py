@@ -1,5 +1,6 @@
 """HuggingFace interop: import Llama / lckv-llama checkpoints, MLKV averaging, export round trip."""
 
+import hashlib
 import json
 import os
 
@@ -11,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from lckv_jax import checkpoint, convert
 from lckv_jax import hf as hf_io
+from tests.checkpoint_test import dirs  # noqa: F401  (a module fixture)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -293,3 +295,101 @@ def convert_test_byte_dir(tmp_path):
   transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
   os.makedirs(tmp_path / "empty")
   return str(path)
+
+
+# -- bad conversions: the source is never touched, the destination never overwritten ---------------
+
+
+def digest(path) -> dict:
+  """sha256 of every file under `path` (and the list of names), to prove nothing changed."""
+  out = {}
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      full = os.path.join(root, name)
+      out[os.path.relpath(full, path)] = (
+          hashlib.sha256(open(full, "rb").read()).hexdigest() if os.path.isfile(full) else "dir")
+  return out
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+  """Conversion must refuse before it loads anything."""
+  def fail(*a, **k):
+    raise AssertionError("conversion loaded weights before checking its destination")
+  monkeypatch.setattr(convert, "import_hf", fail)
+  monkeypatch.setattr(checkpoint, "load_model", fail)
+
+
+def test_from_hf_into_or_around_its_source_refuses_and_leaves_it_byte_identical(dirs, no_work):
+  src = dirs["hf"]
+  before = digest(src)
+  for dst, message in ((src, "is the source"), (os.path.join(src, "sub"), "inside the source"),
+                       (os.path.join(src, ".", ""), "is the source"),
+                       (str(dirs["root"]), "contains the source")):
+    with pytest.raises(FileExistsError, match=message):
+      convert.main(["from-hf", src, dst])
+  assert digest(src) == before
+
+
+def test_conversion_refuses_a_destination_that_holds_anything(dirs, tmp_path, no_work):
+  taken = tmp_path / "taken"
+  taken.mkdir()
+  (taken / "notes.txt").write_text("mine")
+  (tmp_path / "file").write_text("mine")
+  before = digest(tmp_path)
+  for command, src in (("from-hf", dirs["hf"]), ("to-hf", dirs["jax"])):
+    with pytest.raises(FileExistsError, match=r"already holds files \(notes.txt\)"):
+      convert.main([command, src, str(taken)])
+    with pytest.raises(FileExistsError, match="is a file"):
+      convert.main([command, src, str(tmp_path / "file")])
+  assert digest(tmp_path) == before
+
+
+def test_writers_never_overwrite_a_file(dirs, tmp_path):
+  model = checkpoint.load_model(dirs["jax"])
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "model.safetensors").write_bytes(b"precious")
+  with pytest.raises(FileExistsError, match="model.safetensors"):
+    convert.main(["to-hf", dirs["jax"], str(out)])
+  with pytest.raises(FileExistsError, match="already holds files"):
+    convert.export_hf(model, str(out))
+  with pytest.raises(FileExistsError, match="already holds files"):
+    checkpoint.save_model(str(out), model)
+  with pytest.raises(FileExistsError, match="is a file"):
+    checkpoint.save_model(str(out / "model.safetensors"), model)
+  assert (out / "model.safetensors").read_bytes() == b"precious"
+  assert sorted(os.listdir(out)) == ["model.safetensors"]
+  # An empty directory is a fine destination.
+  (tmp_path / "empty").mkdir()
+  checkpoint.save_model(str(tmp_path / "empty"), model)
+
+
+def test_conversion_sources_of_the_wrong_kind_name_the_other_command(dirs, tmp_path, no_work):
+  with pytest.raises(ValueError, match="`to-hf` converts it"):
+    convert.main(["from-hf", dirs["jax"], str(tmp_path / "a")])
+  with pytest.raises(ValueError, match="`from-hf` converts it"):
+    convert.main(["to-hf", dirs["hf"], str(tmp_path / "b")])
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    convert.main(["from-hf", str(tmp_path / "nowhere"), str(tmp_path / "c")])
+  with pytest.raises(ValueError, match="--max_shard_size.*'lots'"):
+    convert.main(["to-hf", dirs["jax"], str(tmp_path / "d"), "--max_shard_size=lots"])
+  assert not any(os.path.exists(tmp_path / n) for n in "abcd")
+
+
+def test_damaged_hf_sources_are_one_message_naming_the_file(dirs, tmp_path):
+  bad = tmp_path / "hf"
+  bad.mkdir()
+  (bad / "config.json").write_text("{not json")
+  with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+    convert.import_hf(str(bad))
+  cfg = json.load(open(os.path.join(dirs["hf"], "config.json")))
+  (bad / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(FileNotFoundError, match=r"no \*.safetensors"):
+    convert.import_hf(str(bad))
+  (bad / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage")
+  with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+    convert.import_hf(str(bad))
+  (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+  with pytest.raises(ValueError, match="model_type 'gpt2' is not supported; supported: llama"):
+    convert.import_hf(str(bad))

@@ -10,31 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from lckv_jax import ModelConfig, Transformer
+from lckv_jax import ModelConfig
 from lckv_jax import generation as gen_lib
+from lckv_jax.cache import KVCache
 from lckv_jax.generation import Generator, generate
-from tests import reference
+from lckv_jax.mode import Mode
+from tests import ROOT as REPO, reference
+from tests.checkpoint_test import LIMITED, VOCAB
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-            num_kv_heads=2, sliding_window=3)
 PRESETS = {"llama": "0_1_2_3", "lckv": "0_2_2_3", "cla": "0_0_2_2", "yoco": "0s_1s_2_2",
            "mixed": "0s_3_3s_3"}
-
-
-def make(seed=0, std=0.1, **kw):
-  """A random tiny model with weights large enough that every path moves the output."""
-  model = Transformer(ModelConfig(**{**TINY, **kw}), rngs=nnx.Rngs(seed))
-  params = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  new = [(1.0 if "scale" in jax.tree_util.keystr(p) else 0.0)
-         + std * jax.random.normal(k, x.shape, x.dtype) for (p, x), k in zip(leaves, keys)]
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, new))
-  nnx.update(model, params)
-  return model
 
 
 def prompts(lengths, seed=0, vocab=64):
@@ -42,7 +28,7 @@ def prompts(lengths, seed=0, vocab=64):
   return [rs.randint(0, vocab, n).tolist() for n in lengths]
 
 
-# -- exactness: prefill + decode = the sequential mode ----------------------------------------------
+# -- exactness: prefill + decode = the sequential mode ---------------------------------------------
 
 
 @pytest.mark.parametrize("name,mode,window", [
@@ -51,8 +37,8 @@ def prompts(lengths, seed=0, vocab=64):
     # Windows longer than the prompts: the prefill's ring buffers hold the whole prompt, and
     # wrap during decoding.
     ("yoco", "auto", 8), ("mixed", "parallel", 8)])
-def test_prefill_and_decode_give_the_sequential_logits(name, mode, window):
-  model = make(layer_types=PRESETS[name], sliding_window=window)
+def test_prefill_and_decode_give_the_sequential_logits(name, mode, window, tiny_model):
+  model = tiny_model(std=0.1, layer_types=PRESETS[name], sliding_window=window)
   ps = prompts([7, 4])
   new = 5
   # Parallel prefill with iterations >= prompt length is the exact model (docs/spec.md §4).
@@ -67,24 +53,24 @@ def test_prefill_and_decode_give_the_sequential_logits(name, mode, window):
     np.testing.assert_allclose(g.logits[r], seq[r, start:start + new], atol=1e-4, rtol=1e-4)
     assert g.tokens[r] == np.argmax(seq[r, start:start + new], -1).tolist()
   if mode == "parallel":  # the prompt logits of the prefill too (row 0 has no padding)
-    cache = gen_lib.KVCache.create(model.config, 1, 12)
+    cache = KVCache.create(model.config, 1, 12)
     t, pos, sg, _ = gen_lib.pad_prompts(ps[:1], 64)
     logits, _ = gen_lib.prefill(model, t, pos, sg, cache, jnp.zeros(1, jnp.int32),
                                 prefill_mode=mode, iterations=7, all_logits=True)
     np.testing.assert_allclose(logits[0], seq[0, :7], atol=1e-4, rtol=1e-4)
 
 
-def test_short_prefill_is_the_approximation_of_the_plan():
+def test_short_prefill_is_the_approximation_of_the_plan(tiny_model):
   # With fewer iterations than tokens a cyclic model's prefill is the plan (m = 2, b = 1).
-  model = make(layer_types="3_3_3_3")
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="3_3_3_3")
   p = jnp.asarray(prompts([10]))
-  cache = gen_lib.KVCache.create(model.config, 1, 10)
+  cache = KVCache.create(model.config, 1, 10)
   logits, _ = gen_lib.prefill(model, p, jnp.arange(10)[None], jnp.ones_like(p), cache,
                               jnp.zeros(1, jnp.int32), iterations=3, all_logits=True)
   np.testing.assert_allclose(logits, model(p, forward_passes=2, backward_passes=1), atol=1e-5)
 
 
-# -- HuggingFace greedy generation ---------------------------------------------------------------
+# -- HuggingFace greedy generation -----------------------------------------------------------------
 
 
 def test_llama_greedy_tokens_match_huggingface_generate():
@@ -114,9 +100,9 @@ def test_llama_greedy_tokens_match_huggingface_generate():
 # -- batching --------------------------------------------------------------------------------------
 
 
-def test_mixed_length_batch_eos_and_insertion():
+def test_mixed_length_batch_eos_and_insertion(tiny_model):
   # Left padding, ring buffers (layer 0) and a cycle (layers 1-3) in one model.
-  model = make(layer_types="0s_3_3s_3")
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="0s_3_3s_3")
   gen = Generator(model, max_new_tokens=6, max_len=16)
   a, b, c = prompts([5, 3, 7], seed=4)
   alone = [gen.results(gen.decode(gen.start([p])))[0] for p in (a, b, c)]
@@ -133,11 +119,11 @@ def test_mixed_length_batch_eos_and_insertion():
   assert gen.results(state) == [alone[2], alone[1]]
 
 
-# -- sampling, text, errors ----------------------------------------------------------------------
+# -- sampling, text, errors ------------------------------------------------------------------------
 
 
-def test_sampling_is_reproducible_per_seed_and_text_prompts_use_a_tokenizer():
-  model = make(layer_types="cla", vocab_size=256)
+def test_sampling_is_reproducible_per_seed_and_text_prompts_use_a_tokenizer(tiny_model):
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="cla", vocab_size=256)
   tok = gen_lib.ByteTokenizer()
   kw = dict(max_new_tokens=8, temperature=1.5, top_k=50, top_p=0.95, tokenizer=tok)
   g1, g2 = generate(model, "héllo", seed=3, **kw), generate(model, "héllo", seed=3, **kw)
@@ -146,8 +132,8 @@ def test_sampling_is_reproducible_per_seed_and_text_prompts_use_a_tokenizer():
   assert isinstance(g1.texts[0], str) and g1.texts[0] == tok.decode(g1.tokens[0])
 
 
-def test_bad_inputs_raise_clear_errors():
-  model = make()
+def test_bad_inputs_raise_clear_errors(tiny_model):
+  model = tiny_model(std=0.1, sliding_window=3)
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     generate(model, [[1, 2], []], max_new_tokens=2)
   with pytest.raises(ValueError, match="longer than the cache"):
@@ -176,24 +162,6 @@ def _run(args, **kw):
                         text=True, timeout=120, **kw)
 
 
-def test_cli_without_checkpoint_explains_and_exits_2():
-  out = _run(["generate.py", "--prompt=hi"])
-  assert out.returncode == 2
-  assert "train.py --config=configs/tiny.py" in out.stderr
-  assert "lckv_jax.convert from-hf" in out.stderr
-
-
-def test_cli_streams_from_a_checkpoint(tmp_path):
-  from lckv_jax.checkpoint import save_model
-  save_model(str(tmp_path / "ckpt"), make(layer_types="lckv", vocab_size=256))
-  (tmp_path / "prompts.txt").write_text("ab\nxyz\n")
-  out = _run(["generate.py", f"--checkpoint={tmp_path / 'ckpt'}", "--max_new_tokens=4",
-              f"--prompts_file={tmp_path / 'prompts.txt'}"])
-  assert out.returncode == 0, out.stderr
-  assert "tokens/s" in out.stderr
-  assert out.stdout.count("xyz") == 1
-
-
 # -- sharded inference -----------------------------------------------------------------------------
 
 _SHARDED = textwrap.dedent("""
@@ -201,7 +169,8 @@ _SHARDED = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
     import json, jax, numpy as np
-    from tests.generation_test import make, prompts
+    from tests.generation_test import prompts
+    from tests.tiny import tiny_model
     from lckv_jax.generation import Generator, generate
     assert jax.device_count() == 8
     mesh = jax.make_mesh((2, 4), ("data", "tensor"),
@@ -209,17 +178,17 @@ _SHARDED = textwrap.dedent("""
     ps = prompts([5, 3, 6, 2], seed=5)
     out = {}
     for name in ("0s_2_2s_3",):
-      ref = generate(make(layer_types=name, num_kv_heads=4), ps, max_new_tokens=5,
-                     return_logits=True)
-      model = make(layer_types=name, num_kv_heads=4)
+      ref = generate(tiny_model(std=0.1, sliding_window=3, layer_types=name, num_kv_heads=4), ps,
+                     max_new_tokens=5, return_logits=True)
+      model = tiny_model(std=0.1, sliding_window=3, layer_types=name, num_kv_heads=4)
       got = generate(model, ps, max_new_tokens=5, return_logits=True, mesh=mesh)
       q = model.blocks[0].layers[0].attn.q_proj[...]
       out[name] = dict(same=got.tokens == ref.tokens,
                        err=float(np.abs(got.logits - ref.logits).max()),
                        q_shards=len(q.sharding.device_set), q_spec=str(q.sharding.spec))
       # The per-layer copy that Generator(unstack=True) decodes with is the one sharded.
-      gen = Generator(make(layer_types=name, num_kv_heads=4), max_new_tokens=5, mesh=mesh,
-                      unstack=True, return_logits=True)
+      gen = Generator(tiny_model(std=0.1, sliding_window=3, layer_types=name, num_kv_heads=4),
+                      max_new_tokens=5, mesh=mesh, unstack=True, return_logits=True)
       state = gen.decode(gen.start(ps))
       q = gen.model.blocks[0].layers[0].attn.q_proj[...]
       out[name + " unstacked"] = dict(
@@ -238,3 +207,81 @@ def test_sharded_decode_matches_single_device():
     assert r["same"], (name, r)
     assert r["err"] < 1e-4, (name, r)
     assert r["q_shards"] == 8 and "tensor" in r["q_spec"], (name, r)
+
+
+# -- prefill: unpadded chunks into an empty cache, row chunks, the first token --------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lckv", "yoco"])
+def test_unpadded_empty_prefill_takes_the_fused_kernel_and_equals_the_masked_one(name, tiny_model):
+  # attention_impl='xla' is jax.nn.dot_product_attention's causal path on the CPU: the same
+  # formulation (causal by index, shifted diagonal, local window) as cuDNN on a GPU.
+  model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS[name], attention_impl="xla")
+  t, pos, seg, _ = gen_lib.pad_prompts(prompts([10, 10], seed=5), 64)
+  outs = []
+  # Positions and segments given: the dense mask; none (no padding) into an empty cache: the
+  # fused kernel, causal by index.
+  for inputs, mode in (((pos, seg), Mode.PREFILL), ((None, None), Mode.PREFILL_EMPTY)):
+    cache = KVCache.create(model.config, 2, 16)
+    logits, cache = gen_lib.prefill(model, t, *inputs, cache, jnp.zeros(2, jnp.int32),
+                                    mode=mode, all_logits=True)
+    outs.append((logits, cache))
+  np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_prefill_in_row_chunks_equals_one_prefill(tiny_model):
+  model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS["lckv"])
+  ps = prompts([7, 3, 5, 7, 2], seed=6)
+  whole = Generator(model, max_new_tokens=4, max_len=16, return_logits=True)
+  chunked = Generator(model, max_new_tokens=4, max_len=16, return_logits=True, prefill_batch=2)
+  a, b = whole.decode(whole.start(ps)), chunked.decode(chunked.start(ps))
+  assert whole.results(a) == chunked.results(b)
+  np.testing.assert_allclose(b.logits, a.logits, atol=1e-5)
+  with pytest.raises(ValueError, match="prefill_batch"):
+    Generator(model, max_new_tokens=4, prefill_batch=0)
+
+
+def test_start_hands_the_cache_through_without_a_copy(tiny_model):
+  # `_first` (the first token) donates the decode state: its cache is the prefill's buffer, not
+  # a copy, so a large batch never holds two caches at the start.
+  model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS["lckv"])
+  gen = Generator(model, max_new_tokens=4, max_len=32)
+  state = gen.start(prompts([5, 5], seed=9))
+  analysis = gen_lib._first.lower(gen.settings, state, jnp.zeros((2, 64)),
+                                  jax.random.key(0)).compile().memory_analysis()
+  cache = sum(x.nbytes for x in jax.tree.leaves(state.cache))
+  assert analysis.alias_size_in_bytes >= cache
+
+
+# -- bad inputs: prompts past the model's limits ---------------------------------------------------
+
+
+def tokens(batch=2, length=8, seed=0):
+  return np.random.RandomState(seed).randint(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+def test_generation_refuses_prompts_past_the_limits(tiny_model):
+  model = tiny_model(**LIMITED)
+  with pytest.raises(ValueError, match="prompt of 33 tokens exceeds max_position_embeddings=32"):
+    gen_lib.generate(model, [tokens(1, 33)[0].tolist()])
+  with pytest.raises(ValueError, match=r"prompt of 20 tokens \+ max_new_tokens=16 = 36 positions "
+                                       r"exceeds max_position_embeddings=32"):
+    gen_lib.generate(model, [tokens(1, 20)[0].tolist()], max_new_tokens=16)
+  with pytest.raises(ValueError, match=r"prompt 1 of 30 tokens \+ max_new_tokens=4"):
+    gen_lib.generate(model, [[1, 2], tokens(1, 30)[0].tolist()], max_new_tokens=4)
+  with pytest.raises(ValueError, match=r"n_sink \+ window = 40 positions exceeds "
+                                       "max_position_embeddings=32"):
+    gen_lib.generate(model, [[1, 2]], max_new_tokens=64, sink=(4, 36))
+  with pytest.raises(ValueError, match=r"token id 300 is outside the vocabulary \[0, 256\)"):
+    gen_lib.generate(model, [[1, 300]])
+  with pytest.raises(ValueError, match="token id -2 is outside"):
+    gen_lib.generate(model, np.asarray([[1, -2]]))
+  with pytest.raises(ValueError, match="token ids must be integers, got 2.5"):
+    gen_lib.generate(model, [[1, 2.5]])
+  t, pos, seg, _ = gen_lib.pad_prompts([[1, 2, 3], [4]], VOCAB)
+  t[1, 2] = VOCAB
+  cache = KVCache.create(model.config, 2, 8)
+  with pytest.raises(ValueError, match="token id 256 is outside"):
+    gen_lib.prefill(model, t, pos, seg, cache, jnp.zeros(2, jnp.int32))

@@ -9,11 +9,13 @@ script (`python -m lckv_jax.layer_types`), as the module `__main__`, which no mo
 """
 
 import ast
+import glob
 import os
+import re
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
+
 PACKAGE = "lckv_jax"
-
 
 
 def _modules() -> dict[str, str]:
@@ -125,6 +127,20 @@ def test_only_training_entry_points_import_train():
            if any(d == train or d.startswith(train + ".") for d in _imports(name, path, modules))}
   assert "generate" in scripts and "benchmarks.decode_speed" in scripts
   assert found <= TRAINING_ENTRY_POINTS, sorted(found - TRAINING_ENTRY_POINTS)
+
+
+def test_the_package_stands_alone():
+  # Scripts import each other's public names only, never through sys.path; the core never
+  # imports the benchmarks.
+  for path in glob.glob(os.path.join(ROOT, "benchmarks", "*.py")):
+    with open(path) as f:
+      source = f.read()
+    assert "sys.path" not in source, path
+    for module, names in re.findall(r"from benchmarks\.?(\w*) import ([^\n]+)", source):
+      assert not any(n.strip().startswith("_") for n in names.split("#")[0].split(",")), path
+  for path in glob.glob(os.path.join(ROOT, "lckv_jax", "**", "*.py"), recursive=True):
+    with open(path) as f:
+      assert not re.search(r"^\s*(from|import) benchmarks", f.read(), re.M), path
 
 
 if __name__ == "__main__":

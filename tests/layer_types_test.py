@@ -115,10 +115,3 @@ def test_kv_bytes_match_the_spec_example():
   # docs/spec.md §8: TinyLlama in bf16, 22,528 B per token for llama and 3,072 B for LCKV w=2.
   assert L.parse(L.llama(22)).kv_bytes_per_token(4, 64, 2) == 22528
   assert L.parse(L.lckv(22)).kv_bytes_per_token(4, 64, 2) == 3072
-
-
-def test_show_command_prints_the_graph(capsys):
-  from lckv_jax import visualize  # the `show` command lives with the drawing
-  visualize.show_main(["show", "lckv", "--num_layers", "8"])
-  out = capsys.readouterr().out
-  assert "0_6_6_6_6_6_6_7" in out and "3 of 8 layers" in out and "cyclic[1..6]" in out

@@ -8,27 +8,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lckv_jax import ModelConfig, Transformer, count_params, layer_types
+from lckv_jax import ModelConfig, Transformer, checkpoint, count_params, layer_types
+from lckv_jax.generation import Generator, generate
+from lckv_jax.model import check_inputs, relayout
 from tests import reference
+from tests.checkpoint_test import LIMIT, LIMITED, VOCAB
+from tests.generation_test import prompts
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-            num_kv_heads=2, sliding_window=3)
-
-
-def make(seed=0, std=0.1, **kw):
-  cfg = ModelConfig(**{**TINY, **kw})
-  model = Transformer(cfg, rngs=nnx.Rngs(seed))
-  # Larger-than-default random weights (norm scales near 1) so every path moves the output.
-  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  new = [(1.0 if "scale" in jax.tree_util.keystr(path) else 0.0)
-         + std * jax.random.normal(key, x.shape, x.dtype)
-         for (path, x), key in zip(leaves, keys)]
-  params = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, new))
-  nnx.update(model, params)
-  return model
+# The models of this file: weights N(0, 0.1), so that every path moves the output; a vocabulary of
+# 97; windows of 3 keys in the layers marked `s`.
+MODEL = dict(std=0.1, vocab_size=97, sliding_window=3)
 
 
 @functools.partial(nnx.jit, static_argnames=("m", "b"))
@@ -46,7 +35,7 @@ def tokens(batch=2, length=12, seed=3, vocab=97):
   return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab)
 
 
-# -- HuggingFace Llama ---------------------------------------------------------------------------
+# -- HuggingFace Llama -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("tied,kv_heads,scan", [(False, 2, True), (True, 2, True),
@@ -78,7 +67,7 @@ def test_llama_matches_huggingface(tied, kv_heads, scan):
   assert np.linalg.norm(seq - ref) / np.linalg.norm(ref) < 1e-4
 
 
-# -- the iteration plan against the naive spec implementation -------------------------------------
+# -- the iteration plan against the naive spec implementation --------------------------------------
 
 PRESET_STRINGS = {
     "llama": "0_1_2_3",
@@ -94,9 +83,9 @@ PRESET_STRINGS = {
 
 @pytest.mark.parametrize("name", sorted(PRESET_STRINGS))
 @pytest.mark.parametrize("m,b", [(0, 1), (2, 2)])
-def test_parallel_matches_float64_reference(name, m, b):
+def test_parallel_matches_float64_reference(name, m, b, tiny_model):
   lt = PRESET_STRINGS[name]
-  model = make(num_layers=len(lt.split("_")), layer_types=lt)
+  model = tiny_model(**MODEL, num_layers=len(lt.split("_")), layer_types=lt)
   toks = tokens(length=10)
   out = np.asarray(forward(model, toks, m=m, b=b))
   ref = reference.numpy_logits(model.config, reference.extract_params(model), toks, m, b)
@@ -104,10 +93,10 @@ def test_parallel_matches_float64_reference(name, m, b):
 
 
 @pytest.mark.parametrize("name", ["lckv", "lckv_w0", "sandwich_cycle", "cla_top", "mixed"])
-def test_parallel_equals_sequential_when_iterations_cover_the_sequence(name):
+def test_parallel_equals_sequential_when_iterations_cover_the_sequence(name, tiny_model):
   # docs/spec.md §4: after k iterations positions 0..k-1 are exact, so m + b >= T is exact.
   lt = PRESET_STRINGS[name]
-  model = make(num_layers=len(lt.split("_")), layer_types=lt)
+  model = tiny_model(**MODEL, num_layers=len(lt.split("_")), layer_types=lt)
   toks = tokens(length=9)
   seq = sequential(model, toks)
   par = forward(model, toks, m=7, b=2)
@@ -118,8 +107,8 @@ def test_parallel_equals_sequential_when_iterations_cover_the_sequence(name):
   assert float(jnp.abs(short[:, 3:] - seq[:, 3:]).max()) > 1e-3
 
 
-def test_more_forward_passes_converge_to_the_sequential_mode():
-  model = make(layer_types="3_3_3_3", std=0.05)
+def test_more_forward_passes_converge_to_the_sequential_mode(tiny_model):
+  model = tiny_model(std=0.05, vocab_size=97, sliding_window=3, layer_types="3_3_3_3")
   toks = tokens(length=24)
   seq = sequential(model, toks)
   errors = [float(jnp.abs(forward(model, toks, m=m, b=2) - seq).max())
@@ -130,7 +119,7 @@ def test_more_forward_passes_converge_to_the_sequential_mode():
   assert errors[5] < 1e-5, errors  # 24 = T iterations: exact
 
 
-# -- gradients -----------------------------------------------------------------------------------
+# -- gradients -------------------------------------------------------------------------------------
 
 
 def _loss_and_grads(model, toks, m, b):
@@ -146,8 +135,8 @@ def _reference_grads(model, toks, m, b):
 
 
 @pytest.mark.parametrize("m,b", [(3, 1), (1, 2), (0, 3)])
-def test_gradients_flow_through_exactly_the_last_b_iterations(m, b):
-  model = make(layer_types="0_3_3_3_3_5", num_layers=6)
+def test_gradients_flow_through_exactly_the_last_b_iterations(m, b, tiny_model):
+  model = tiny_model(**MODEL, layer_types="0_3_3_3_3_5", num_layers=6)
   toks = tokens(length=6)
   loss, grads = _loss_and_grads(model, toks, m, b)
   ref_loss, ref = _reference_grads(model, toks, m, b)
@@ -160,9 +149,9 @@ def test_gradients_flow_through_exactly_the_last_b_iterations(m, b):
   np.testing.assert_allclose(grads.embed[...], ref["embed"], atol=1e-6, rtol=2e-4)
 
 
-def test_truncation_changes_gradients_but_not_values():
+def test_truncation_changes_gradients_but_not_values(tiny_model):
   # Same m + b, so the same forward; different b, so different gradients.
-  model = make(layer_types="0_3_3_3_3_5", num_layers=6)
+  model = tiny_model(**MODEL, layer_types="0_3_3_3_3_5", num_layers=6)
   toks = tokens(length=6)
   l1, g1 = _loss_and_grads(model, toks, 3, 1)
   l3, g3 = _loss_and_grads(model, toks, 1, 3)
@@ -173,16 +162,16 @@ def test_truncation_changes_gradients_but_not_values():
   assert float(jnp.abs(q1 - q3).max()) > 1e-4 * float(jnp.abs(q3).max())
 
 
-# -- structure -----------------------------------------------------------------------------------
+# -- structure -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("preset", ["llama", "lckv", "lckv:0", "lckv:2", "sandwich", "cla",
                                     "cla:3", "yoco", "mixattention"])
-def test_kv_weights_exist_only_for_kv_computing_layers(preset):
+def test_kv_weights_exist_only_for_kv_computing_layers(preset, tiny_model):
   cfg_kw = dict(layer_types=preset)
-  model = make(**cfg_kw)
+  model = tiny_model(**MODEL, **cfg_kw)
   lt = model.config.layer_spec
-  llama = make(layer_types="llama")
+  llama = tiny_model(**MODEL, layer_types="llama")
   e, k, d = 32, 2, 8
   for i in range(4):
     has_kv = "k_proj" in model.layer_params(i)["attn"]
@@ -193,8 +182,8 @@ def test_kv_weights_exist_only_for_kv_computing_layers(preset):
 
 
 @pytest.mark.parametrize("preset", sorted(layer_types.PRESETS))
-def test_every_preset_runs_forward_and_backward(preset):
-  model = make(layer_types=preset, forward_passes=2, backward_passes=2)
+def test_every_preset_runs_forward_and_backward(preset, tiny_model):
+  model = tiny_model(**MODEL, layer_types=preset, forward_passes=2, backward_passes=2)
   toks = tokens(length=8)
 
   def loss_fn(model):
@@ -206,8 +195,8 @@ def test_every_preset_runs_forward_and_backward(preset):
   assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) == len(leaves)
 
 
-def test_scan_layers_does_not_change_the_function():
-  scanned = make(layer_types="0_0_2_2_4_4", num_layers=6)
+def test_scan_layers_does_not_change_the_function(tiny_model):
+  scanned = tiny_model(**MODEL, layer_types="0_0_2_2_4_4", num_layers=6)
   plain = Transformer(scanned.config.replace(scan_layers=False), rngs=nnx.Rngs(5))
   assert len(plain.blocks) == 6 and len(scanned.blocks) == 1
   plain.embed[...] = scanned.embed[...]
@@ -219,9 +208,9 @@ def test_scan_layers_does_not_change_the_function():
   np.testing.assert_allclose(forward(plain, toks), forward(scanned, toks), atol=1e-6)
 
 
-def test_remat_keeps_values_and_gradients():
-  model = make(layer_types="lckv", forward_passes=2)
-  remat = make(layer_types="lckv", forward_passes=2, remat="full")
+def test_remat_keeps_values_and_gradients(tiny_model):
+  model = tiny_model(**MODEL, layer_types="lckv", forward_passes=2)
+  remat = tiny_model(**MODEL, layer_types="lckv", forward_passes=2, remat="full")
   toks = tokens(length=6)
   l1, g1 = _loss_and_grads(model, toks, 2, 2)
   l2, g2 = _loss_and_grads(remat, toks, 2, 2)
@@ -229,12 +218,12 @@ def test_remat_keeps_values_and_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), g1, g2)
 
 
-# -- masks ---------------------------------------------------------------------------------------
+# -- masks -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("lt", ["0_1_2_3", "0_2_2_3", "0s_1s_2_2"])
-def test_packed_documents_do_not_attend_across_segments(lt):
-  model = make(layer_types=lt, forward_passes=8, backward_passes=1)
+def test_packed_documents_do_not_attend_across_segments(lt, tiny_model):
+  model = tiny_model(**MODEL, layer_types=lt, forward_passes=8, backward_passes=1)
   toks = tokens(batch=1, length=10)
   seg = jnp.array([[1] * 6 + [2] * 4])
   pos = jnp.array([list(range(6)) + list(range(4))])
@@ -247,8 +236,8 @@ def test_packed_documents_do_not_attend_across_segments(lt):
   np.testing.assert_allclose(out[:, 6:], forward(model, toks[:, 6:]), atol=2e-5)
 
 
-def test_padding_segments_are_never_attended():
-  model = make(layer_types="lckv", forward_passes=8, backward_passes=1)
+def test_padding_segments_are_never_attended(tiny_model):
+  model = tiny_model(**MODEL, layer_types="lckv", forward_passes=8, backward_passes=1)
   toks = tokens(batch=1, length=8)
   seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
   pos = jnp.array([[0, 0, 0, 0, 1, 2, 3, 4]])
@@ -256,11 +245,11 @@ def test_padding_segments_are_never_attended():
   np.testing.assert_allclose(out[:, 3:], forward(model, toks[:, 3:]), atol=2e-5)
 
 
-def test_first_token_of_a_diagonal_masked_layer_sees_nothing():
+def test_first_token_of_a_diagonal_masked_layer_sees_nothing(tiny_model):
   # docs/spec.md §3.5: with no visible key the attention output is zeros, so with force_nodiag the
   # first position's hidden state only goes through the MLPs: changing any attention weight of
   # any layer cannot change it.
-  model = make(layer_types="llama", force_nodiag=True)
+  model = tiny_model(**MODEL, layer_types="llama", force_nodiag=True)
   toks = tokens(length=5)
   before = forward(model, toks)
   for i in range(4):
@@ -272,37 +261,23 @@ def test_first_token_of_a_diagonal_masked_layer_sees_nothing():
   assert float(jnp.abs(before[:, 1:] - after[:, 1:]).max()) > 1e-3
 
 
-def test_jit_matches_eager():
-  model = make(layer_types="lckv")
+def test_jit_matches_eager(tiny_model):
+  model = tiny_model(**MODEL, layer_types="lckv")
   toks = tokens()
   np.testing.assert_allclose(forward(model, toks), model(toks), atol=1e-5)
 
 
-def test_bad_token_shape_is_an_error():
-  model = make()
+def test_bad_token_shape_is_an_error(tiny_model):
+  model = tiny_model(**MODEL)
   with pytest.raises(ValueError, match="tokens must be"):
     model(jnp.zeros((5,), jnp.int32))
 
 
-# -- decode semantics ----------------------------------------------------------------------------
+# -- decode semantics ------------------------------------------------------------------------------
 
 
-def test_zero_key_equals_attending_to_a_prepended_zero_slot():
-  from lckv_jax.kernels.reference import dot_product_attention
-  ks = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(ks[0], (2, 3, 4, 8))
-  k = jax.random.normal(ks[1], (2, 5, 2, 8))
-  v = jax.random.normal(ks[2], (2, 5, 2, 8))
-  mask = jax.random.bernoulli(ks[3], 0.6, (2, 3, 5))
-  got = dot_product_attention(q, k, v, mask, zero_key=True)
-  z = jnp.zeros((2, 1, 2, 8))
-  want = dot_product_attention(q, jnp.concatenate([z, k], 1), jnp.concatenate([z, v], 1),
-                               jnp.concatenate([jnp.ones((2, 3, 1), bool), mask], 2))
-  np.testing.assert_allclose(got, want, atol=1e-6)
-
-
-def test_whynlp_main_decode_drops_the_newest_top_kv():
-  exact = make(layer_types="0_2_2_3")
+def test_whynlp_main_decode_drops_the_newest_top_kv(tiny_model):
+  exact = tiny_model(**MODEL, layer_types="0_2_2_3")
   compat = Transformer(exact.config.replace(decode_semantics="whynlp_main"), rngs=nnx.Rngs(0))
   nnx.update(compat, nnx.state(exact))
   toks = tokens(length=6)
@@ -312,21 +287,21 @@ def test_whynlp_main_decode_drops_the_newest_top_kv():
   # The parallel mode (training, prefill) is the same in both semantics.
   np.testing.assert_allclose(forward(exact, toks), forward(compat, toks), atol=1e-6)
   # Without upward-attending layers there is nothing to change.
-  llama = make(layer_types="llama")
+  llama = tiny_model(**MODEL, layer_types="llama")
   llama_compat = Transformer(llama.config.replace(decode_semantics="whynlp_main"),
                              rngs=nnx.Rngs(0))
   nnx.update(llama_compat, nnx.state(llama))
   np.testing.assert_allclose(sequential(llama, toks), sequential(llama_compat, toks), atol=1e-6)
 
 
-# -- fused attention path ------------------------------------------------------------------------
+# -- fused attention path --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("lt", ["0_1_2_3", "0_2_2_3", "0s_1s_2_2", "3s_3s_3_3"])
-def test_fused_kernel_path_matches_the_dense_mask(lt):
+def test_fused_kernel_path_matches_the_dense_mask(lt, tiny_model):
   # `attention_impl='xla'` runs jax.nn.dot_product_attention with the causal flag, the local
   # window and the shifted masked diagonal: the same formulation cuDNN gets on a GPU.
-  dense = make(layer_types=lt, attention_impl="dense", forward_passes=2)
+  dense = tiny_model(**MODEL, layer_types=lt, attention_impl="dense", forward_passes=2)
   fused = Transformer(dense.config.replace(attention_impl="xla"), rngs=nnx.Rngs(0))
   nnx.update(fused, nnx.state(dense))
   toks = tokens(length=9)
@@ -338,11 +313,11 @@ def test_fused_kernel_path_matches_the_dense_mask(lt):
 
 
 @pytest.mark.parametrize("lt", ["0_1_2_3", "0_2_2_3", "0s_1s_2_2", "3s_3s_3_3"])
-def test_fused_kernel_path_with_packed_documents_matches_the_dense_mask(lt):
+def test_fused_kernel_path_with_packed_documents_matches_the_dense_mask(lt, tiny_model):
   # Packed rows: documents of 1, 4, 2 and 5 tokens, padding, positions restarting per document.
   # The fused kernel masks segments through a [B, 1, T, T] mask (what cuDNN gets on a GPU); a
   # one-token document's query sees nothing in diagonal-masked layers and must get zeros.
-  dense = make(layer_types=lt, attention_impl="dense", forward_passes=2)
+  dense = tiny_model(**MODEL, layer_types=lt, attention_impl="dense", forward_passes=2)
   fused = Transformer(dense.config.replace(attention_impl="xla"), rngs=nnx.Rngs(0))
   nnx.update(fused, nnx.state(dense))
   seg = jnp.asarray([[1, 2, 2, 2, 2, 3, 3, 4, 4, 4, 4, 4, 0],
@@ -361,3 +336,105 @@ def test_fused_kernel_path_with_packed_documents_matches_the_dense_mask(lt):
   g_fused, g_dense = nnx.grad(loss)(fused), nnx.grad(loss)(dense)
   for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_dense)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+# -- bad inputs: ids and positions past the model's limits -----------------------------------------
+
+
+@nnx.jit
+def _fwd(model, toks, pos=None, seg=None):
+  return model(toks, pos, seg)
+
+
+def np_tokens(batch=2, length=8, seed=0):
+  return np.random.RandomState(seed).randint(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+def test_model_raises_on_out_of_range_ids_and_positions_naming_the_limit(tiny_model):
+  model = tiny_model(**LIMITED)
+  t = np_tokens()
+  for bad, shown in ((VOCAB, "256"), (300, "300"), (-1, "-1")):
+    t_bad = t.copy()
+    t_bad[1, 3] = bad
+    msg = rf"token id {shown} is outside the vocabulary \[0, 256\) \(model.vocab_size=256\)"
+    for call in (model, model.sequential):
+      with pytest.raises(ValueError, match=msg):
+        call(jnp.asarray(t_bad))
+  pos = np.tile(np.arange(8), (2, 1))
+  pos[0, -1] = LIMIT
+  with pytest.raises(ValueError, match=r"position 32 is outside \[0, 32\) "
+                                       r"\(max_position_embeddings=32\)"):
+    model(t, pos)
+  long = np_tokens(length=LIMIT + 1)
+  for call in (model, lambda x: _fwd(model, x)):  # eager, and static under jit
+    with pytest.raises(ValueError, match="33 tokens exceeds max_position_embeddings=32"):
+      call(long)
+  # Padding (segment 0) carries any id and position.
+  seg = np.ones_like(t)
+  seg[0, :2] = 0
+  t[0, :2], pos[0, :2] = -1, 99
+  pos[0, -1] = 7
+  check_inputs(model.config, t, pos, seg)
+
+
+def test_traced_bad_ids_give_nan_rows_and_leave_other_rows_and_gradients_alone(tiny_model):
+  model = tiny_model(**LIMITED)
+  good = np_tokens()
+  bad = good.copy()
+  bad[1, 5] = 300
+  ref = np.asarray(_fwd(model, good))
+  out = np.asarray(_fwd(model, bad))
+  assert np.isnan(out[1]).all()
+  np.testing.assert_allclose(out[0], ref[0], rtol=1e-6)
+  # Traced positions past the limit and bad ids on padding.
+  pos = np.tile(np.arange(8, dtype=np.int32), (2, 1))
+  pos[1, -1] = LIMIT
+  out = np.asarray(_fwd(model, good, pos))
+  assert np.isnan(out[1]).all() and np.isfinite(out[0]).all()
+  seg = np.ones_like(good)
+  seg[:, 0] = 0
+  padded = good.copy()
+  padded[:, 0] = -5
+  assert np.isfinite(np.asarray(_fwd(model, padded, None, seg))).all()
+
+  @nnx.jit
+  def grads(model, toks):
+    def loss(model):
+      logits = model(toks)
+      return jnp.mean(jax.nn.log_softmax(logits[0])[:, 0])  # row 0 only
+    return nnx.grad(loss)(model)
+
+  g_bad, g_good = grads(model, bad), grads(model, good)
+  leaves_bad = jax.tree.leaves(nnx.state(g_bad, nnx.Param))
+  assert all(np.isfinite(np.asarray(x)).all() for x in leaves_bad)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               nnx.state(g_bad, nnx.Param), nnx.state(g_good, nnx.Param))
+
+  # The whole batch's loss is NaN: a training loop's divergence check stops.
+  @nnx.jit
+  def batch_loss(model, toks):
+    return jnp.mean(jax.nn.log_softmax(model(toks)))
+  assert np.isnan(float(batch_loss(model, bad)))
+
+
+# -- weight layout ---------------------------------------------------------------------------------
+
+
+def test_relayout_keeps_the_function_and_loads_unstacked(tmp_path, tiny_model):
+  # CLA: one scanned run of 2-layer blocks
+  model = tiny_model(std=0.1, sliding_window=3, layer_types="0_0_2_2")
+  assert model.config.scan_layers and len(model.runs) == 1
+  flat = relayout(model, scan_layers=False)
+  assert not flat.config.scan_layers and len(flat.runs) == 4
+  tokens = jnp.asarray(prompts([12, 12], seed=7))
+  np.testing.assert_allclose(flat(tokens), model(tokens), atol=1e-5)
+  np.testing.assert_allclose(relayout(flat, scan_layers=True)(tokens), model(tokens), atol=1e-5)
+  # Generator(unstack=True) decodes the same tokens from the per-layer copy.
+  ps = prompts([6, 3], seed=8)
+  assert (Generator(model, max_new_tokens=5, unstack=True).model.config.scan_layers is False)
+  assert generate(model, ps, max_new_tokens=5).tokens == generate(flat, ps, max_new_tokens=5).tokens
+  # A stacked checkpoint loads straight into the per-layer layout.
+  checkpoint.save_model(str(tmp_path / "m"), model)
+  loaded = checkpoint.load_model(str(tmp_path / "m"), scan_layers=False)
+  assert not loaded.config.scan_layers
+  np.testing.assert_allclose(loaded(tokens), model(tokens), atol=1e-5)

@@ -5,6 +5,8 @@ import re
 
 import pytest
 
+from tests import ROOT
+
 nbformat = pytest.importorskip(
     "nbformat", reason="the notebook test needs nbformat (pip install -r requirements-dev.txt)")
 nbclient = pytest.importorskip(
@@ -15,7 +17,6 @@ kernelspec = pytest.importorskip(
 pytest.importorskip("matplotlib", reason="the notebook draws with matplotlib "
                     "(pip install -r requirements-dev.txt)")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
 # Small enough for CI: a few training steps (the first one compiles), a short generation.
 CI_PARAMETERS = {"TRAIN_STEPS": 10, "PLOT_EVERY": 5, "GEN_TOKENS": 16}

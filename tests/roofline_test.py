@@ -1,10 +1,7 @@
-"""The decode roofline: bytes and FLOPs against hand counts and the model, the two measurements,
-and the throughput plot."""
+"""The decode roofline: bytes and FLOPs against hand counts and the model, and the two
+measurements."""
 
-import importlib.util
-import json
 import math
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +12,9 @@ from lckv_jax import ModelConfig, Transformer
 from lckv_jax import roofline as rf
 from lckv_jax.kernels.reference import make_mask
 
-# E=32, H=4, K=2, D=8, F=48, V=64: per layer q = o = 1024, k + v = 1024, MLP 4608, norms 64.
-CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
-           num_kv_heads=2)
+# The tiny model with F=48: E=32, H=4, K=2, D=8, F=48, V=64: per layer q = o = 1024, k + v = 1024,
+# MLP 4608, norms 64.
+F48 = dict(intermediate_size=48)
 KV_PER_KEY = 2 * 2 * 8 * 4  # K and V, 2 kv heads, head_dim 8, float32
 
 
@@ -40,8 +37,8 @@ def nbytes(x):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_llama_bytes_by_hand():
-  cfg = ModelConfig(**CFG)
+def test_llama_bytes_by_hand(tiny_config):
+  cfg = tiny_config(**F48)
   b = rf.decode_step_bytes(cfg, batch=3, context=10)
   # 4 layers * 7744 + final norm 32 + LM head 2048, plus 3 embedding rows of 32, in float32.
   assert b["weights"] == (4 * 7744 + 32 + 2048 + 3 * 32) * 4 == 132608
@@ -55,8 +52,8 @@ def test_llama_bytes_by_hand():
 @pytest.mark.parametrize("layer_types,tie,param_dtype", [
     ("llama", False, "float32"), ("lckv", False, "bfloat16"), ("cla", True, "float32"),
     ("lckv", True, "bfloat16")])
-def test_weights_match_the_model_parameters(layer_types, tie, param_dtype):
-  cfg = ModelConfig(**CFG, layer_types=layer_types, tie_word_embeddings=tie,
+def test_weights_match_the_model_parameters(layer_types, tie, param_dtype, tiny_config):
+  cfg = tiny_config(**F48, layer_types=layer_types, tie_word_embeddings=tie,
                     param_dtype=param_dtype)
   params = flat_params(cfg)
   total = sum(nbytes(x) for _, x in params)
@@ -68,11 +65,11 @@ def test_weights_match_the_model_parameters(layer_types, tie, param_dtype):
   assert rf.decode_step_bytes(cfg, batch, 7)["weights"] == total - nbytes(embed) + rows
 
 
-def test_lckv_reads_the_same_kv_but_one_key_less_on_diag_masked_layers():
+def test_lckv_reads_the_same_kv_but_one_key_less_on_diag_masked_layers(tiny_config):
   rng = np.random.default_rng(1)
   batch, context = (int(x) for x in rng.integers(2, 50, size=2))
-  llama = rf.decode_step_bytes(ModelConfig(**CFG), batch, context)
-  lckv_cfg = ModelConfig(**CFG, layer_types="lckv")
+  llama = rf.decode_step_bytes(tiny_config(**F48), batch, context)
+  lckv_cfg = tiny_config(**F48, layer_types="lckv")
   assert lckv_cfg.layer_types == "0_2_2_3"  # layer 1 attends upward: its diagonal is masked
   lckv = rf.decode_step_bytes(lckv_cfg, batch, context)
   assert llama["kv_read"] - lckv["kv_read"] == 1 * batch * KV_PER_KEY
@@ -80,22 +77,22 @@ def test_lckv_reads_the_same_kv_but_one_key_less_on_diag_masked_layers():
   assert llama["kv_write"] == 4 * batch * KV_PER_KEY
   # Fewer weights: layer 1 has no k/v projection.
   assert llama["weights"] - lckv["weights"] == 2 * 32 * 2 * 8 * 4
-  nodiag = rf.decode_step_bytes(ModelConfig(**CFG, force_nodiag=True), batch, context)
+  nodiag = rf.decode_step_bytes(tiny_config(**F48, force_nodiag=True), batch, context)
   assert llama["kv_read"] - nodiag["kv_read"] == 4 * batch * KV_PER_KEY
 
 
-def test_sliding_window_caps_the_keys_read():
-  cfg = ModelConfig(**CFG, layer_types="0s_1s_2_3", sliding_window=4)
+def test_sliding_window_caps_the_keys_read(tiny_config):
+  cfg = tiny_config(**F48, layer_types="0s_1s_2_3", sliding_window=4)
   assert rf.decode_step_bytes(cfg, 2, 10)["kv_read"] == 2 * (4 + 4 + 10 + 10) * KV_PER_KEY
   assert rf.decode_step_bytes(cfg, 2, 3)["kv_read"] == 2 * 4 * 3 * KV_PER_KEY  # within window
   # A diag-masked sliding layer sees the W-1 keys before the query (kernels.reference.make_mask).
-  up = ModelConfig(**CFG, layer_types="0s_2s_2_3", sliding_window=4)
+  up = tiny_config(**F48, layer_types="0s_2s_2_3", sliding_window=4)
   assert rf.decode_step_bytes(up, 2, 10)["kv_read"] == 2 * (4 + 3 + 10 + 10) * KV_PER_KEY
 
 
 @pytest.mark.parametrize("layer_types", ["llama", "lckv", "0s_2s_2_3", "yoco", "mixattention"])
-def test_visible_keys_agree_with_the_attention_mask(layer_types):
-  cfg = ModelConfig(**CFG, layer_types=layer_types, sliding_window=3)
+def test_visible_keys_agree_with_the_attention_mask(layer_types, tiny_config):
+  cfg = tiny_config(**F48, layer_types=layer_types, sliding_window=3)
   lt = cfg.layer_spec
   for context in np.random.default_rng(2).integers(1, 30, size=5):
     context = int(context)
@@ -113,14 +110,14 @@ def test_visible_keys_agree_with_the_attention_mask(layer_types):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_decode_flops_by_hand_and_from_the_parameters():
-  cfg = ModelConfig(**CFG)
+def test_decode_flops_by_hand_and_from_the_parameters(tiny_config):
+  cfg = tiny_config(**F48)
   f = rf.decode_step_flops(cfg, batch=3, context=10)
   assert f["matmul"] == 2 * 3 * (4 * 7680 + 2048) == 196608
   assert f["attention"] == 4 * 2 * 2 * 3 * 4 * 8 * 10 == 15360
   assert f["total"] == 196608 + 15360
   for layer_types, tie in (("lckv", False), ("cla", True)):
-    cfg = ModelConfig(**CFG, layer_types=layer_types, tie_word_embeddings=tie)
+    cfg = tiny_config(**F48, layer_types=layer_types, tie_word_embeddings=tie)
     params = flat_params(cfg)
     # Matmul weights: everything but norm scales and the embedding gather; a tied table is the head.
     weights = sum(x.size for p, x in params if p[-1] != "scale" and p != ("embed",))
@@ -140,13 +137,13 @@ def test_roofline_takes_the_slower_roof():
     assert rf.roofline_bound(b["total"], f["total"], 3.35e12, 989e12) == bound
 
 
-def test_prefill_flops_by_hand_and_linear_in_iterations_for_cyclic_layers_only():
+def test_prefill_flops_by_hand_and_linear_in_iterations_for_cyclic_layers_only(tiny_config):
   b, t = 2, 5
-  llama = ModelConfig(**CFG)
+  llama = tiny_config(**F48)
   # 4 layers * (matmuls 2*B*T*7680 + causal attention 2*2*B*H*D*T(T+1)/2) + head 2*B*E*V.
   by_hand = 4 * (2 * b * t * 7680 + 2 * 2 * b * 4 * 8 * 15) + 2 * b * 32 * 64
   assert [rf.prefill_flops(llama, b, t, it) for it in (1, 2, 9)] == [by_hand] * 3
-  lckv = ModelConfig(**CFG, layer_types="lckv")  # cyclic group: layers 1 (no KV, nodiag) and 2
+  lckv = tiny_config(**F48, layer_types="lckv")  # cyclic group: layers 1 (no KV, nodiag) and 2
   f = [rf.prefill_flops(lckv, b, t, it) for it in (1, 2, 3, 9)]
   per_iteration = (2 * b * t * 6656 + 2 * 2 * b * 4 * 8 * 10) + (2 * b * t * 7680 + 2 * 2 * b * 4 * 8 * 15)
   assert [x - f[0] for x in f] == [0, per_iteration, 2 * per_iteration, 8 * per_iteration]
@@ -163,38 +160,3 @@ def test_measurements_are_positive_and_finite():
   rate = rf.measure_matmul_rate(n=128, repeats=2)
   for x in (bw, rate):
     assert isinstance(x, float) and math.isfinite(x) and x > 0
-
-
-def _plot_module():
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
-                      "plot_throughput.py")
-  spec = importlib.util.spec_from_file_location("plot_throughput", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def _records(labels, batches, seed=0):
-  rng = np.random.default_rng(seed)
-  return [dict(label=label, prompt=512, gen=256, batch=batch,
-               tokens_per_s=float(rng.uniform(1e3, 2e4)),
-               decode_tokens_per_s=float(rng.uniform(1e3, 3e4)), max_batch=batch == batches[-1])
-          for label in labels for batch in batches]
-
-
-def test_plot_writes_a_png(tmp_path):
-  pytest.importorskip("matplotlib")
-  out = tmp_path / "throughput.png"
-  _plot_module().plot(_records(["1b llama", "1b lckv"], [8, 32]), str(out), title="decode")
-  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
-
-
-def test_plot_cli_reads_single_records_and_lists(tmp_path):
-  pytest.importorskip("matplotlib")
-  records = _records(["1b llama", "7b lckv"], [1, 4, 16], seed=3)
-  (tmp_path / "throughput_a.json").write_text(json.dumps(records[0]))
-  (tmp_path / "throughput_b.json").write_text(json.dumps(records[1:]))
-  out = tmp_path / "sizes.png"
-  _plot_module().main([str(tmp_path / "throughput_a.json"), str(tmp_path / "throughput_b.json"),
-                       "--out", str(out)])
-  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,8 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lckv_jax import sharding
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
 
 
 def _mesh_cfg(data=-1, fsdp=1, tensor=1):
@@ -50,11 +49,9 @@ def test_constrain_applies_only_under_a_mesh():
   assert "sharding_constraint" in jaxpr and "spec=P(('data', 'fsdp'), None, 'tensor')" in jaxpr
 
 
-def test_cache_shardings_name_the_cache_axes():
+def test_cache_shardings_name_the_cache_axes(tiny_config):
   from lckv_jax.cache import KVCache
-  from lckv_jax.config import ModelConfig
-  cfg = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=4,
-                    num_heads=4, num_kv_heads=2, layer_types="lckv")
+  cfg = tiny_config(vocab_size=256, layer_types="lckv")
   cache = jax.eval_shape(lambda: KVCache.create(cfg, 4, 16))
   mesh = jax.sharding.AbstractMesh((2, 2, 2), sharding.MESH_AXES)
   got = sharding.cache_shardings(cache, mesh)
@@ -72,7 +69,7 @@ _SCRIPT = textwrap.dedent("""
     import jax, numpy as np, chex, sys
     sys.path.insert(0, %r)
     assert jax.device_count() == 8, jax.devices()
-    from tests.train_test import tiny_config
+    from tests.tiny import tiny_train_config
     from lckv_jax.train.trainer import Trainer
     results = {}
     # The activation constraints (sharding.constrain) of the residual stream [batch, seq, embed]
@@ -81,7 +78,7 @@ _SCRIPT = textwrap.dedent("""
     logits = "spec=P(('data', 'fsdp'), None, 'tensor')"
     for name, (d, f, t), devs in [("one", (1, 1, 1), jax.devices()[:1]),
                                   ("mesh", (2, 2, 2), jax.devices())]:
-      c = tiny_config(grad_accum=2)
+      c = tiny_train_config(grad_accum=2)
       c.mesh.update(data=d, fsdp=f, tensor=t)
       tr = Trainer(c, "/tmp/unused", devices=devs, write_metrics=False)
       state = tr.init_state()
@@ -123,13 +120,13 @@ def test_train_step_on_8_devices_matches_1_device():
 _RESHARD_SCRIPT = textwrap.dedent("""
     import jax, numpy as np, chex, sys
     sys.path.insert(0, %r)
-    from tests.train_test import tiny_config
+    from tests.tiny import tiny_train_config
     from lckv_jax.train import checkpointing
     from lckv_jax.train.trainer import Trainer
     workdir = sys.argv[1]
 
     def trainer(mesh, devices):
-      c = tiny_config()
+      c = tiny_train_config()
       c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
       return Trainer(c, workdir, devices=devices, write_metrics=False)
 

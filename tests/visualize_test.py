@@ -7,6 +7,7 @@ import pytest
 from lckv_jax import cli
 from lckv_jax import layer_types as L
 from lckv_jax import visualize
+from tests.cli_test import _user_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -68,3 +69,24 @@ def test_missing_matplotlib_gives_one_clear_error(tmp_path, monkeypatch, capsys)
   assert captured.err == (f"{L.PROG}: error: drawing layer_types needs matplotlib, which is not "
                           "installed: pip install matplotlib\n")
   assert not (tmp_path / "x.png").exists()
+
+
+def test_show_command_prints_the_graph(capsys):
+  from lckv_jax import visualize  # the `show` command lives with the drawing
+  visualize.show_main(["show", "lckv", "--num_layers", "8"])
+  out = capsys.readouterr().out
+  assert "0_6_6_6_6_6_6_7" in out and "3 of 8 layers" in out and "cyclic[1..6]" in out
+
+
+def test_layer_types_and_visualize_command_lines(tmp_path, capsys):
+  show = visualize.show_main  # `python -m lckv_jax.layer_types show`
+  msg = _user_error(show, ["show", "lckvv"], L.PROG, capsys, r"layer_types 'lckvv' is neither")
+  assert "llama, lckv, sandwich" in msg and "'0_2_2_3'" in msg  # what is allowed
+  _user_error(show, ["show", "0_1_x_3"], L.PROG, capsys, r"bad token 'x' at position 2")
+  _user_error(show, ["show", "lckv"], L.PROG, capsys, r"'lckv' needs num_layers")
+  _user_error(show, ["show", "lckv:9", "--num_layers", "8"], L.PROG, capsys,
+              r"warmup_layers must be in 0..7")
+  _user_error(visualize.main, [str(tmp_path / "x.png"), "0_1_x"], visualize.PROG, capsys,
+              r"bad token 'x'")
+  with pytest.raises(ValueError, match="bad token"):  # --debug: the exception, not one line
+    cli.run(show, ["show", "0_1_x", "--debug"], L.PROG)

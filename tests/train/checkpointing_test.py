@@ -1,5 +1,9 @@
-"""A user's bad day with training, on purpose: kills, damaged checkpoints, divergence, two
-processes, bad flags. Each test asserts the behaviour and that no checkpoint was lost."""
+"""Checkpoints of a training run (lckv_jax.train.checkpointing) on a user's bad day, on purpose:
+kill -9 during a save, SIGTERM, truncated, bit-flipped and missing files. Each test asserts the
+behaviour and that no checkpoint was lost.
+
+The trainer's other fault tests share this file's compiled trainer, so they are here too:
+divergence, a second process on the workdir (train.workdir), bad run settings, --init_from."""
 
 import hashlib
 import json
@@ -18,13 +22,13 @@ import pytest
 from lckv_jax import cli
 from lckv_jax.train import checkpointing
 from lckv_jax.train.trainer import Trainer
-from tests.train_test import ROOT, tiny_config
+from tests import ROOT, tiny
 
 STEPS = 20
 
 
 def _config(**overrides):
-  c = tiny_config(**{"log_every": 1, **overrides})
+  c = tiny.tiny_train_config(**{"log_every": 1, **overrides})
   c.checkpoint.update(every=5, keep=3)
   return c
 
@@ -74,7 +78,7 @@ def _run_script(body, workdir, timeout=240):
   script = textwrap.dedent(f"""
       import os, signal, sys
       sys.path.insert(0, {ROOT!r})
-      from tests.faults_train_test import _config
+      from tests.train.checkpointing_test import _config
       from lckv_jax.train import checkpointing
       from lckv_jax.train.trainer import Trainer
       WORKDIR = {workdir!r}
@@ -301,33 +305,6 @@ def _saved_model(path, **changes):
   return str(path)
 
 
-def test_init_from_adopts_the_checkpoints_model_and_tokenizer(tmp_path):
-  """The README's up-training path used to need six hand-copied --config.model.* flags."""
-  from lckv_jax.tokenizer import SHIPPED
-  from lckv_jax.train.config import adopt_init_from, model_config
-  m = _saved_model(tmp_path / "m", hidden_size=48, num_layers=2, layer_types="llama",
-                   rope_theta=500.0)
-  c = _config()
-  notes = adopt_init_from(c, m)
-  mc = model_config(c)
-  assert (mc.hidden_size, mc.num_layers, mc.layer_types, mc.rope_theta) == (48, 2, "0_1", 500.0)
-  assert len(notes) == 1 and "hidden_size=48 (config: 32)" in notes[0]
-  assert "layer_types=0_1 (config: 0_2_2_3)" in notes[0]
-  # A field set on the command line stays; the trainer's shape check then names it.
-  c = _config()
-  adopt_init_from(c, m, explicit={"model.hidden_size"})
-  assert model_config(c).hidden_size == 32 and model_config(c).num_layers == 2
-  # The checkpoint's tokenizer replaces the config's, unless the command line names one.
-  shutil.copyfile(SHIPPED["kjv-bpe-32k"], os.path.join(m, "tokenizer.model"))
-  c = _config()
-  notes = adopt_init_from(c, m)
-  assert c.data.tokenizer == m and any("tokenizer tokenizer.model of the checkpoint" in n
-                                       for n in notes)
-  c = _config()
-  notes = adopt_init_from(c, m, explicit={"data.tokenizer"})
-  assert c.data.tokenizer == "byte" and any("the ids must match" in n for n in notes)
-
-
 def test_init_from_a_bfloat16_checkpoint_trains_in_the_runs_float32(trainer, tmp_path):
   """A HuggingFace conversion keeps its bfloat16 weights; training used to refuse them."""
   from lckv_jax import checkpoint
@@ -338,117 +315,3 @@ def test_init_from_a_bfloat16_checkpoint_trains_in_the_runs_float32(trainer, tmp
   assert embed.dtype == np.float32 and int(state["step"]) == 1
   saved = checkpoint.load_model(m).embed[...]
   assert np.abs(np.asarray(embed) - np.asarray(saved, np.float32)).max() < 0.1  # one small step
-
-
-def test_train_py_init_from_another_shape_trains_and_says_what_it_took(tmp_path):
-  m = _saved_model(tmp_path / "m", hidden_size=48, num_layers=2, layer_types="llama",
-                   max_position_embeddings=128)
-  out = _train_py(f"--workdir={tmp_path / 'wd'}", f"--init_from={m}", "--max_steps=2",
-                  "--config.steps=2", "--config.eval_every=0")
-  assert out.returncode == 0, out.stderr[-2000:]
-  took = next(l for l in out.stdout.splitlines() if "the model is the checkpoint's" in l)
-  assert "hidden_size=48 (config: 192)" in took and "num_layers=2 (config: 4)" in took
-  from lckv_jax import checkpoint
-  assert checkpoint.load_config(str(tmp_path / "wd" / "model")).hidden_size == 48
-
-
-def _train_py(*args, timeout=240):
-  return subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--config.model.layer_type=cla"], "did you mean config.model.layer_types?"),
-    (["--config.optimizer.lr=-1"], "config.optimizer.lr must be a number in (0, inf)"),
-    (["--config.optimizer.lr=abc"], "could not convert string to float"),
-    (["--config=configs/nope.py"], "config file 'configs/nope.py' does not exist"),
-])
-def test_train_py_user_errors_are_one_line_and_exit_2(tmp_path, args, message):
-  out = _train_py(f"--workdir={tmp_path}", *args)
-  assert out.returncode == cli.EXIT_USER_ERROR, out.stderr[-2000:]
-  lines = [line for line in out.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1 and message in lines[0] and lines[0].startswith("train.py: error:"), lines
-  debug = _train_py(f"--workdir={tmp_path}", *args, "--debug")
-  assert debug.returncode != 0 and ("Traceback" in debug.stderr or "FATAL" in debug.stderr or
-                                    message in debug.stderr)
-
-
-def test_train_py_divergence_exits_3_naming_the_step(tmp_path):
-  out = _train_py(f"--workdir={tmp_path}", "--config.model.hidden_size=32",
-                  "--config.model.num_heads=4", "--config.model.intermediate_size=64",
-                  "--config.data.max_documents=20", "--config.progress_bar=False",
-                  "--config.optimizer.lr=1e30", "--config.optimizer.warmup_steps=0",
-                  "--config.checkpoint.every=1", "--max_steps=30")
-  assert out.returncode == cli.EXIT_DIVERGED, out.stderr[-3000:]
-  err = [line for line in out.stderr.splitlines() if "error:" in line]
-  assert len(err) == 1 and "training diverged at step" in err[0], out.stderr[-3000:]
-  assert _steps(str(tmp_path)) == []  # the first step overflowed: nothing non-finite saved
-
-
-def test_an_exported_model_carries_its_tokenizer_and_bytes_never_stand_in(tmp_path):
-  sys.path.insert(0, ROOT)
-  import generate as generate_py
-  from lckv_jax.tokenizer import ByteTokenizer, load_tokenizer, save_tokenizer
-  tok = load_tokenizer("kjv-bpe-32k")
-  assert save_tokenizer(tok, str(tmp_path)) == ["tokenizer.model"]
-  assert save_tokenizer(ByteTokenizer(), str(tmp_path)) == []
-  text = "And God said, Let there be light: and there was light."
-  ids = [int(i) for i in tok.encode(text)]
-  # What generate.py and the evaluators load for a checkpoint directory.
-  for_model = lambda path, vocab: load_tokenizer(path, vocab_size=vocab, flag="--checkpoint",
-                                                 transformers=True)
-  loaded = for_model(str(tmp_path), 32000)
-  assert generate_py.prompt_ids(loaded, [text]) == [[tok.bos_id] + ids]  # as documents started
-  assert loaded.decode(ids) == text and loaded.eos_id == tok.eos_id
-  empty = tmp_path / "empty"
-  empty.mkdir()
-  # A 32,000-token model without its tokenizer: an error, never UTF-8 bytes in its place.
-  with pytest.raises(FileNotFoundError, match="model.vocab_size=32000 is not the byte vocabulary"):
-    for_model(str(empty), 32000)
-  assert isinstance(for_model(str(empty), 256), ByteTokenizer)
-
-
-def test_a_finished_run_exports_its_model_and_the_printed_next_command_works(tmp_path):
-  wd = tmp_path / "wd"
-  out = _train_py(f"--workdir={wd}", "--config.model.hidden_size=32", "--config.model.num_heads=4",
-                  "--config.model.intermediate_size=64", "--config.data.max_documents=20",
-                  "--config.progress_bar=False", "--config.steps=3", "--config.eval_every=0")
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert f"exported the model to {wd / 'model'}" in out.stdout
-  assert "done: step 3 of 3" in out.stdout and f"{wd}/metrics.jsonl" in out.stdout
-  command = next(line.strip() for line in out.stdout.splitlines()
-                 if line.strip().startswith("python generate.py"))
-  args = [a.strip("'") for a in command.split(" ", 2)[2].split(" --prompt=")]
-  gen = subprocess.run([sys.executable, "generate.py", args[0], f"--prompt={args[1]}",
-                        "--max_new_tokens=4"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=240)
-  assert gen.returncode == 0, gen.stderr[-3000:]
-  assert gen.stdout.startswith("In the beginning")
-  # The picture and the TensorBoard command it prints work too (tensorboard is a requirement).
-  assert f"plotted in {wd}/metrics.png" in out.stdout
-  assert (wd / "metrics.png").read_bytes()[:4] == b"\x89PNG"
-  assert f"tensorboard --logdir {wd}/tensorboard" in out.stdout
-  import importlib.util
-  assert importlib.util.find_spec("tensorboard") is not None
-  # The printed evaluate command, as printed.
-  command = next(line.strip() for line in out.stdout.splitlines()
-                 if line.strip().endswith("--mode=evaluate"))
-  assert command.startswith("python train.py ")
-  ev = subprocess.run([sys.executable, *command.split(" ")[1:]], cwd=ROOT, capture_output=True,
-                      text=True, timeout=240)
-  assert ev.returncode == 0, ev.stderr[-3000:]
-  assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 3
-  # An explicit export target that exists is refused before any training.
-  again = _train_py(f"--workdir={tmp_path / 'wd2'}", f"--export_model={wd / 'model'}")
-  assert again.returncode == cli.EXIT_USER_ERROR and "already exists" in again.stderr
-  assert not os.path.exists(tmp_path / "wd2" / "checkpoints")
-
-
-def test_evaluating_on_other_data_than_training_says_so(caplog):
-  from lckv_jax.train.config import check_resume
-  saved = json.loads(_config().to_json())
-  now = _config()
-  now.data.update(source="files", path="mine/*.jsonl")
-  check_resume(saved, now, "the checkpoint", model_only=True)
-  assert "on other data than it was trained on" in caplog.text
-  assert "data.source: 'embedded' -> 'files'" in caplog.text

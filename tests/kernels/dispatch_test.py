@@ -6,14 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lckv_jax import ModelConfig
 from lckv_jax.attention import KV
 from lckv_jax.kernels import dispatch
 from lckv_jax.kernels.reference import make_mask
 from lckv_jax.mode import Mode
 
-BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-            num_kv_heads=2)
 P, D, F, E = Mode.TRAIN, Mode.DECODE, Mode.PREFILL, Mode.PREFILL_EMPTY
 PLAIN, ZERO = dispatch.Mask(True, None), dispatch.Mask(True, None, zero_key=True)
 
@@ -35,20 +32,20 @@ PLAIN, ZERO = dispatch.Mask(True, None), dispatch.Mask(True, None, zero_key=True
     ("cpu", {"decode_attention": "pallas"}, D, PLAIN, False, True, 128, "pallas"),
 ])
 def test_each_call_gets_its_kernel(monkeypatch, backend, knobs, chunk, mask, own_keys,
-                                   contiguous, slots, kernel):
+                                   contiguous, slots, kernel, tiny_config):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  config = ModelConfig(**BASE, **knobs)
+  config = tiny_config(**knobs)
   assert dispatch.choose(config, chunk, mask, own_keys=own_keys, contiguous=contiguous,
                          slots=slots) == kernel
   assert kernel in dispatch.KERNELS
 
 
-def test_one_name_per_kernel_in_both_knobs():
+def test_one_name_per_kernel_in_both_knobs(tiny_config):
   # 'xla' once meant the dense path for decode steps and XLA's fused op for chunks.
-  assert ModelConfig(**BASE, decode_attention="xla").decode_attention == "dense"
+  assert tiny_config(decode_attention="xla").decode_attention == "dense"
   with pytest.raises(ValueError, match=r"decode_attention must be one of \('auto', 'pallas', "
                                        r"'dense'\)"):
-    ModelConfig(**BASE, decode_attention="cudnn")
+    tiny_config(decode_attention="cudnn")
 
 
 def _random(seed, b=2, t=16, heads=4, kv_heads=2, d=8):
@@ -98,7 +95,7 @@ def test_the_decode_kernel_equals_the_dense_reference():
   np.testing.assert_allclose(got, dense, atol=2e-5)
 
 
-def test_the_boundaries_refuse_shapes_that_do_not_fit():
+def test_the_boundaries_refuse_shapes_that_do_not_fit(tiny_model):
   q, k, v = _random(3)
   b, t = q.shape[:2]
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -112,10 +109,8 @@ def test_the_boundaries_refuse_shapes_that_do_not_fit():
     dispatch.attend(plan, q, KV(jnp.concatenate([k, k[:, :, :1]], 2),
                                 jnp.concatenate([v, v[:, :, :1]], 2), pos, seg), inputs)
   # A model's cache of another batch size or layout is refused at `step`.
-  from flax import nnx
   from lckv_jax.cache import KVCache
-  from lckv_jax.model import Transformer
-  model = Transformer(ModelConfig(**BASE, layer_types="lckv"), rngs=nnx.Rngs(0))
+  model = tiny_model(layer_types="lckv")
   cache = KVCache.create(model.config, 3, 16)
   with pytest.raises(AssertionError):
     model.step(jnp.ones((2, 1), jnp.int32), cache, jnp.zeros(2, jnp.int32))

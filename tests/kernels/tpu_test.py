@@ -120,14 +120,13 @@ def test_several_blocks_window_and_grad():
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
 
 
-def test_model_with_splash_equals_the_dense_mask_packed_and_unpacked():
+def test_model_with_splash_equals_the_dense_mask_packed_and_unpacked(tiny_config):
   # attention_impl='splash' (what 'auto' picks on TPU) through the whole model, interpreted on
   # the CPU: packed documents (segment ids) and the iteration plan of an LCKV model.
   from flax import nnx
 
-  from lckv_jax import ModelConfig, Transformer
-  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4,
-                    num_heads=4, num_kv_heads=2, layer_types="0s_2_2_3", sliding_window=5,
+  from lckv_jax import Transformer
+  cfg = tiny_config(intermediate_size=48, layer_types="0s_2_2_3", sliding_window=5,
                     forward_passes=2, backward_passes=1, attention_impl="dense")
   dense = Transformer(cfg, rngs=nnx.Rngs(0))
   splash_model = Transformer(cfg.replace(attention_impl="splash"), rngs=nnx.Rngs(0))

@@ -1,76 +1,17 @@
-"""benchmarks: the tables in the docs are the records' numbers; a record file keeps one entry per
-setting. Reads JSON and markdown only (no device work)."""
+"""benchmarks.records: a record file keeps one entry per setting, one file per benchmark and
+device; the records' settings are those a re-run names."""
 
 import argparse
-import difflib
 import glob
 import os
 import re
 
 import pytest
 
-from benchmarks import records, tables
+from benchmarks import records
+from tests import ROOT as REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
-
-
-def _text(name: str) -> str:
-  with open(os.path.join(REPO, name)) as f:
-    return f.read()
-
-
-def _same_tables(name: str) -> None:
-  text = _text(name)
-  new = tables.fill(text)
-  diff = "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True), name,
-                                      "from the records"))
-  assert new == text, f"{name}: run `python -m benchmarks.tables`\n{diff}"
-
-
-# -- the tables ---------------------------------------------------------------------------------
-
-
-def test_readme_tables_are_the_records():
-  assert tables.names(_text("README.md")) == ["throughput_max_batch", "train_speed"]
-  _same_tables("README.md")
-
-
-@pytest.mark.parametrize("name", [d for d in tables.DOCS if d != "README.md"])
-def test_results_tables_are_the_records(name):
-  # throughput.md recomputes the rooflines of 20 runs: the slow one (seconds).
-  _same_tables(name)
-
-
-def test_every_table_is_in_a_doc_and_every_marker_has_a_table():
-  used = [n for d in tables.DOCS for n in tables.names(_text(d))]
-  assert sorted(set(used)) == sorted(tables.TABLES)
-  # Each name once, except a table shown in two places on purpose.
-  assert sorted(n for n in set(used) if used.count(n) > 1) == ["train_speed"]
-
-
-def test_check_names_a_stale_number_and_a_rewrite_fixes_it(tmp_path, capsys):
-  text = _text("README.md")
-  stale = text.replace("| 0.25 | 65,683 |", "| 0.25 | 65,000 |")
-  assert stale != text
-  doc = tmp_path / "doc.md"
-  doc.write_text(stale)
-  assert tables.main(["--check", str(doc)]) == 1
-  out = capsys.readouterr().out
-  assert "-| llama | cudnn | dots | 0.25 | 65,000 |" in out
-  assert "+| llama | cudnn | dots | 0.25 | 65,683 |" in out
-  assert doc.read_text() == stale  # --check writes nothing
-  assert tables.main([str(doc)]) == 0
-  assert doc.read_text() == text
-  assert tables.main(["--check", str(doc)]) == 0
-
-
-def test_an_unknown_table_is_named():
-  with pytest.raises(KeyError, match="no_such_table"):
-    tables.fill("<!-- table:no_such_table -->\n<!-- /table -->\n")
-
-
-# -- record files -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("ext", ["json", "jsonl"])
@@ -148,18 +89,3 @@ def test_settings_of_the_records_are_those_a_rerun_gets():
     assert dp.setting(args) == e["setting"]
   for e in records.read(os.path.join(RESULTS, "prefill_iterations_cpu.json")):
     assert e["setting"] == e["tag"]
-
-
-def test_the_package_stands_alone():
-  # Scripts import each other's public names only, never through sys.path; the core never
-  # imports the benchmarks.
-  for path in glob.glob(os.path.join(REPO, "benchmarks", "*.py")):
-    with open(path) as f:
-      source = f.read()
-    assert "sys.path" not in source, path
-    for module, names in re.findall(r"from benchmarks\.?(\w*) import ([^\n]+)", source):
-      assert not any(n.strip().startswith("_") for n in names.split("#")[0].split(",")), path
-  for path in glob.glob(os.path.join(REPO, "lckv_jax", "**", "*.py"), recursive=True):
-    with open(path) as f:
-      assert not re.search(r"^\s*(from|import) benchmarks", f.read(), re.M), path
-

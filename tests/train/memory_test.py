@@ -17,7 +17,7 @@ from lckv_jax.train import memory, step as step_lib
 from lckv_jax.train.config import default_config, from_file, model_config, resolve_grad_accum
 from lckv_jax.train.trainer import Trainer
 from tests.conftest import xla_optimizations
-from tests.train_test import ROOT, tiny_config
+from tests import ROOT
 
 
 def _random_config(rng):
@@ -68,8 +68,8 @@ def test_params_and_optimizer_state_are_the_exact_shard_bytes(seed):
   assert est.total == est.params + est.opt_state + est.grads + est.activations
 
 
-def test_the_trainer_estimates_its_own_state(tmp_path):
-  tr = Trainer(tiny_config(), str(tmp_path), write_metrics=False)
+def test_the_trainer_estimates_its_own_state(tmp_path, tiny_train_config):
+  tr = Trainer(tiny_train_config(), str(tmp_path), write_metrics=False)
   params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tr.abstract_state["params"]))
   assert tr.memory.params == params and tr.memory.grads == params  # one device, one micro-batch
   assert tr.memory.rows == tr.config.batch_size and tr.memory.activations > 0
@@ -138,8 +138,8 @@ def test_check_refuses_what_cannot_fit_and_its_suggestion_fits(tmp_path, monkeyp
     assert Trainer(full, str(tmp_path / "wd3"), write_metrics=False).memory.total <= budget
 
 
-def test_when_the_state_alone_does_not_fit_it_says_so_and_suggests_fsdp():
-  c = tiny_config()
+def test_when_the_state_alone_does_not_fit_it_says_so_and_suggests_fsdp(tiny_train_config):
+  c = tiny_train_config()
   mc = model_config(c)
   mesh = AbstractMesh((8, 1, 1), sharding.MESH_AXES)
   est = memory.estimate(c, mc, mesh, resolve_grad_accum(c, 8))
@@ -152,9 +152,9 @@ def test_when_the_state_alone_does_not_fit_it_says_so_and_suggests_fsdp():
     memory.check(est, est.params, "a test budget", c, mc, one)
 
 
-def test_check_compiled_reads_xla_and_refuses_before_the_first_step(tmp_path):
+def test_check_compiled_reads_xla_and_refuses_before_the_first_step(tmp_path, tiny_train_config):
   rng = np.random.default_rng(0)
-  tr = Trainer(tiny_config(), str(tmp_path), write_metrics=False)
+  tr = Trainer(tiny_train_config(), str(tmp_path), write_metrics=False)
   sizes = dict(zip(("argument", "output", "alias", "temp"), rng.integers(10**6, 10**8, 4)))
   sizes["alias"] = min(sizes["alias"], sizes["output"])
   need = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]

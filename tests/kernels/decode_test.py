@@ -1,0 +1,101 @@
+"""The prefix-reading decode kernel (lckv_jax.kernels.decode) against the dense reference, alone
+and through generation (CPU: the Pallas kernel runs in interpret mode)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lckv_jax.kernels.reference import dot_product_attention
+from lckv_jax.generation import generate
+from lckv_jax.kernels.decode import block_size, prefix_attention
+from tests.generation_test import PRESETS, prompts
+
+
+# -- the kernel ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads,kv_heads,slots", [(4, 2, 64), (3, 3, 48), (8, 1, 32)])
+def test_decode_kernel_equals_attention_over_the_span(heads, kv_heads, slots):
+  rng = np.random.default_rng(heads)
+  b, d = 4, 16
+  q = jnp.asarray(rng.normal(size=(b, heads, d)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, slots, kv_heads, d)), jnp.float32) for _ in range(2))
+  start = jnp.asarray([0, 3, slots // 2, 5])
+  end = jnp.asarray([slots, slots // 2 + 1, slots - 1, 5])  # the last row sees nothing
+  out = prefix_attention(q, k, v, start, end, block_k=16, interpret=True)
+  idx = jnp.arange(slots)
+  mask = ((idx[None] >= start[:, None]) & (idx[None] < end[:, None]))[:, None, :]
+  ref = dot_product_attention(q[:, None], k, v, mask)[:, 0]
+  np.testing.assert_allclose(out, ref, atol=2e-6)
+  assert float(jnp.abs(out[3]).max()) == 0.0
+
+
+def test_decode_kernel_reads_a_ring_buffer_window_that_wraps():
+  # Slot x lives at index x % slots: absolute spans past the buffer's end wrap around.
+  rng = np.random.default_rng(7)
+  b, slots, d = 4, 32, 16
+  q = jnp.asarray(rng.normal(size=(b, 4, d)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, slots, 2, d)), jnp.float32) for _ in range(2))
+  start = jnp.asarray([40, 17, 64, 50])
+  end = jnp.asarray([72, 45, 70, 81])  # a full ring, a wrapped span, one inside, a full ring - 1
+  out = prefix_attention(q, k, v, start, end, block_k=16, interpret=True)
+  idx = jnp.arange(slots)
+  mask = (((idx[None] - start[:, None]) % slots) < (end - start)[:, None])[:, None, :]
+  ref = dot_product_attention(q[:, None], k, v, mask)[:, 0]
+  np.testing.assert_allclose(out, ref, atol=2e-6)
+
+
+def test_decode_kernel_block_sizes():
+  assert block_size(4096) == 128 and block_size(48) == 16 and block_size(96) == 32
+  assert block_size(40) is None
+  with pytest.raises(ValueError, match="multiple of 16"):
+    prefix_attention(jnp.ones((1, 2, 4)), jnp.ones((1, 40, 2, 4)), jnp.ones((1, 40, 2, 4)),
+                     jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32), interpret=True)
+
+
+# -- generation through the kernel equals the whole-buffer XLA path ----------------------------
+
+
+@pytest.mark.parametrize("name", ["lckv", "mixed"])
+def test_generation_with_the_decode_kernel_equals_xla(name, tiny_model):
+  # Left padding (rows of different lengths), upward reads with the diagonal masked, sliding
+  # windows over full buffers and rings: the kernel reads [first valid slot, write_index].
+  kw = dict(layer_types=PRESETS[name], decode_attention="dense")
+  ps = prompts([9, 4, 6], seed=3)
+  ref = generate(tiny_model(std=0.1, sliding_window=3, **kw), ps, max_new_tokens=6,
+                 return_logits=True)
+  model = tiny_model(std=0.1, sliding_window=3, **{**kw, "decode_attention": "pallas"})
+  out = generate(model, ps, max_new_tokens=6, return_logits=True)
+  assert out.tokens == ref.tokens
+  np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,nodiag", [("mixed", False), ("yoco", False), ("lckv", True)])
+def test_generation_with_the_decode_kernel_over_ring_buffers_equals_xla(name, nodiag, tiny_model):
+  # Windows of 16 slots: the rings of layers read only through windows are 16-slot buffers that
+  # the kernel reads, and they wrap. The 3-token row is left-padded by 17 slots, so its valid
+  # slots in a ring are fewer than the window after the wrap. force_nodiag masks the diagonal of
+  # layers whose source has written this token.
+  kw = dict(layer_types=PRESETS[name], sliding_window=16, max_position_embeddings=64,
+            force_nodiag=nodiag)
+  ps = prompts([20, 3, 11], seed=9)
+  ref = generate(tiny_model(std=0.1, **kw, decode_attention="dense"), ps, max_new_tokens=12,
+                 return_logits=True)
+  out = generate(tiny_model(std=0.1, **kw, decode_attention="pallas"), ps, max_new_tokens=12,
+                 return_logits=True)
+  assert out.tokens == ref.tokens
+  np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_sink_cache_decoding_with_the_kernel_equals_xla(tiny_model):
+  ps = prompts([5, 3], seed=4)
+  kw = dict(layer_types=PRESETS["lckv"], max_position_embeddings=64)
+  ref = generate(tiny_model(std=0.1, sliding_window=3, **kw, decode_attention="dense"), ps,
+                 max_new_tokens=20, sink=(2, 14), return_logits=True)
+  out = generate(tiny_model(std=0.1, sliding_window=3, **kw, decode_attention="pallas"), ps,
+                 max_new_tokens=20, sink=(2, 14), return_logits=True)
+  assert out.tokens == ref.tokens
+  np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+
+
+# -- the throughput benchmark -------------------------------------------------------------------
