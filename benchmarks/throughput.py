@@ -228,6 +228,8 @@ def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
   cfg = model.config
   weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   limit = _device_limit()
+  if args.cap_bytes:  # the memory model's budget (the allocator itself is not capped)
+    limit = min(limit, args.cap_bytes) if limit else args.cap_bytes
   batches = list(args.batch)
   max_b = None
   if args.max_batch:
@@ -303,6 +305,9 @@ def main(argv=None):
                       "costs that compile events miss)")
   p.add_argument("--decode_steps", type=int, default=None,
                  help="run only the first N decode steps and project the rest (marked projected)")
+  p.add_argument("--cap_bytes", type=int, default=None,
+                 help="with --max_batch: the largest batch whose modelled memory fits this many "
+                      "bytes (default: the device's limit)")
   p.add_argument("--smoke", action="store_true", help="tiny model, tiny sizes (CI)")
   p.add_argument("--out", default=default_out(),
                  help="folder of the record file (default $OUT, else benchmarks/results)")

@@ -476,7 +476,9 @@ def describe(lt: LayerTypes) -> str:
     marks += "nodiag" if lt.diag_masked[i] else ""
     lines.append(f"  layer {i:3d}  {marks:<12} attends to {arrow}")
   kv = len(lt.kv_layers)
-  lines += ["", f"KV cache: {kv} of {lt.num_layers} layers ({lt.num_layers / kv:.1f}x smaller than "
+  names = known_names(str(lt), lt.num_layers)
+  lines += ["", "known as: " + (", ".join(names) if names else "no preset")]
+  lines += [f"KV cache: {kv} of {lt.num_layers} layers ({lt.num_layers / kv:.1f}x smaller than "
             "llama)", "plan: " + ", ".join(
                 f"{'cyclic' if s.cyclic else 'plain'}[{s.start}..{s.end - 1}]" for s in lt.plan())]
   return "\n".join(lines)

@@ -111,8 +111,10 @@ def test_the_core_does_not_stand_on_train():
   assert found == set(), sorted(found)
 
 
-# What trains may import `train/`: train.py, and the benchmarks that time or run training.
-TRAINING_ENTRY_POINTS = {"train", "benchmarks.train_speed", "benchmarks.prefill_iterations"}
+# What trains may import `train/`: train.py, study.py and the benchmarks that time or run
+# training.
+TRAINING_ENTRY_POINTS = {"train", "study", "benchmarks.train_speed",
+                         "benchmarks.prefill_iterations"}
 
 
 def test_only_training_entry_points_import_train():

@@ -115,3 +115,71 @@ def test_kv_bytes_match_the_spec_example():
   # docs/spec.md §8: TinyLlama in bf16, 22,528 B per token for llama and 3,072 B for LCKV w=2.
   assert L.parse(L.llama(22)).kv_bytes_per_token(4, 64, 2) == 22528
   assert L.parse(L.lckv(22)).kv_bytes_per_token(4, 64, 2) == 3072
+
+
+# -- the NAACL study's grid ---------------------------------------------------------------------
+
+# The nine configurations at a 2x KV-cache reduction (half the layers compute KV) and at the
+# LCKV paper's 3 KV layers, for 12 layers (the 110M shape) and 22 (TinyLlama).
+STUDY_12 = {
+    "pizza-bottom": "0_1_2_3_4_5_5_5_5_5_5_5",
+    "pizza-top": "0_1_2_3_4_11_11_11_11_11_11_11",
+    "pizza-middle": "0_1_2_3_4_8_8_8_8_8_8_8",
+    "sandwich-bottom": "0_1_2_3_3_3_3_3_3_3_10_11",
+    "sandwich-top": "0_1_2_9_9_9_9_9_9_9_10_11",
+    "sandwich-middle": "0_1_2_6_6_6_6_6_6_6_10_11",
+    "lasagna-bottom": "0_0_2_2_4_4_6_6_8_8_10_10",
+    "lasagna-top": "0_3_3_3_5_5_7_7_9_9_11_11",
+    "lasagna-middle": "0_0_2_2_4_4_6_6_8_8_10_10",
+    "sandwich-top:3": "0_10_10_10_10_10_10_10_10_10_10_11",
+    "sandwich-middle:3": "0_5_5_5_5_5_5_5_5_5_5_11",
+    "pizza-bottom:3": "0_1_2_2_2_2_2_2_2_2_2_2",
+    "lasagna-bottom:3": "0_0_0_0_4_4_4_4_8_8_8_8",
+    "lasagna-top:3": "0_6_6_6_6_6_6_11_11_11_11_11",
+}
+STUDY_22 = {
+    "pizza-bottom": "_".join(map(str, list(range(10)) + [10] * 12)),
+    "pizza-top": "_".join(map(str, list(range(10)) + [21] * 12)),
+    "sandwich-middle": "_".join(map(str, list(range(5)) + [10] * 12 + list(range(17, 22)))),
+    "lasagna-bottom": "_".join(str(2 * (i // 2)) for i in range(22)),  # CLA, groups of 2
+    "lasagna-top": "0_3_3_3_" + "_".join(str(2 * (i // 2) + 1) for i in range(4, 22)),
+    "sandwich-top:3": "0_" + "_".join(["20"] * 20) + "_21",  # LCKV
+    "sandwich-middle:3": "0_" + "_".join(["10"] * 20) + "_21",  # the authors' recommendation
+}
+
+
+@pytest.mark.parametrize("n,table", [(12, STUDY_12), (22, STUDY_22)])
+def test_study_presets_are_the_papers_configurations(n, table):
+  for name, want in table.items():
+    got = L.resolve(name, n)
+    assert got == want, name
+    lt = L.parse(got, n)
+    kv = int(name.split(":")[1]) if ":" in name else n // 2
+    assert len(lt.kv_layers) == kv and lt.computes_kv[0], name  # layer 0 stays a KV layer
+    target = name.split("-")[1].split(":")[0]
+    assert lt.has_cycle == (target in ("top", "middle") and any(
+        j > i for i, j in enumerate(lt.attends_to))), name
+
+
+def test_existing_methods_are_special_cases_and_have_names():
+  assert L.resolve("sandwich-top:3", 22) == L.lckv(22, 2)
+  assert L.resolve("sandwich-middle:3", 22) == L.sandwich(22, 2)
+  assert L.resolve("lasagna-bottom", 12) == L.cla(12, 2)
+  yoco = L.yoco(12).replace("s", "")  # YOCO without its sliding window
+  assert L.resolve("pizza-bottom:7", 12) == yoco
+  assert L.known_names(L.lckv(22), 22) == ["lckv", "lckv:2", "sandwich-top:3"]
+  assert "lasagna-bottom" in L.known_names("cla", 12)
+  assert L.known_names("0_0_1_3", 4) == []
+  assert "known as: sandwich, sandwich:2, sandwich-middle:3" in L.describe(
+      L.parse_spec("sandwich-middle:3", 12))
+
+
+def test_study_presets_refuse_what_the_study_does_not_have():
+  with pytest.raises(ValueError, match=r"kv_layers must be an integer in 2\.\.12"):
+    L.resolve("pizza-top:1", 12)
+  with pytest.raises(ValueError, match=r"kv_layers must be an integer in 2\.\.12"):
+    L.resolve("lasagna-top:13", 12)
+  with pytest.raises(ValueError, match="partition must be one of"):
+    L.study("lasgana", "top", 12)
+  with pytest.raises(ValueError, match="target must be one of"):
+    L.study("pizza", "center", 12)
