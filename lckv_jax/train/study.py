@@ -230,7 +230,9 @@ def measure_throughput(entries: Sequence[Entry], settings: Settings, shape: str
     runs = [(f"decode_{p}+{g}", [f"--prompt={p}", f"--gen={g}", "--batch", "--max_batch"]
              + ([f"--decode_steps={settings.decode_steps}"] if settings.decode_steps else []))
             for p, g in DECODE_SETTINGS]
-    runs.append(("prefill", [f"--prompt={longest}", "--gen=2", "--batch", "1"]))
+    # The last of 3 runs: one row's prefill is short enough that a first run's one-time costs
+    # (which compile events miss) would be most of it.
+    runs.append(("prefill", [f"--prompt={longest}", "--gen=2", "--batch", "1", "--repeats=3"]))
     for key, flags in runs:
       try:
         printed = _run(base + flags, settings, capture=True)

@@ -132,5 +132,6 @@ def test_throughput_runs_are_the_papers_settings_and_are_read_back(monkeypatch, 
   short, long, prefill = default
   assert {"--prompt=5", "--gen=2043", "--max_batch", "--decode_steps=64"} <= set(short)
   assert {"--prompt=512", "--gen=1024", "--max_batch"} <= set(long)
-  assert {"--prompt=2046", "--gen=2"} <= set(prefill) and prefill[-2:] == ["--batch", "1"]
+  assert {"--prompt=2046", "--gen=2", "--repeats=3"} <= set(prefill)
+  assert prefill[-3:-1] == ["--batch", "1"]
   assert out["lckv:2 m=4"]["decode_5+2043"]["batch"] == 40
