@@ -40,8 +40,10 @@ from lckv_jax import layer_types as lt_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECORDS = "study.json"
 
-# The paper's two decode settings (prompt + generated tokens), and the prefill-latency prompt.
+# The paper's two decode settings (prompt + generated tokens), and the rows of the
+# prefill-latency run (of the longest prompt).
 DECODE_SETTINGS = ((5, 2043), (512, 1024))
+PREFILL_ROWS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +210,9 @@ def train_tokens_per_s(workdir: str) -> dict:
 def measure_throughput(entries: Sequence[Entry], settings: Settings, shape: str
                        ) -> dict[str, dict]:
   """Decode tokens/s at the largest batch under the cap for each decode setting, and the
-  prefill latency of one row of the longest prompt, per entry name (`benchmarks.throughput`:
-  random weights of the trained shape, since speed does not depend on them). One subprocess per
+  prefill latency of `PREFILL_ROWS` rows of the longest prompt, per entry name
+  (`benchmarks.throughput`: random weights of the trained shape, since speed does not depend on
+  them). One subprocess per
   setting runs every configuration of the same prefill iterations in turn (one start-up, one
   measurement of the ceilings)."""
   out: dict[str, dict] = {e.name: {} for e in entries}
@@ -230,9 +233,11 @@ def measure_throughput(entries: Sequence[Entry], settings: Settings, shape: str
     runs = [(f"decode_{p}+{g}", [f"--prompt={p}", f"--gen={g}", "--batch", "--max_batch"]
              + ([f"--decode_steps={settings.decode_steps}"] if settings.decode_steps else []))
             for p, g in DECODE_SETTINGS]
-    # The last of 3 runs: one row's prefill is short enough that a first run's one-time costs
-    # (which compile events miss) would be most of it.
-    runs.append(("prefill", [f"--prompt={longest}", "--gen=2", "--batch", "1", "--repeats=3"]))
+    # 16 rows of the longest prompt, the last of 3 runs: one row of a small model is launch
+    # overhead (H200, 110M, 2,046 tokens: 18-34 ms whatever the configuration), and a first run
+    # pays one-time costs that compile events miss.
+    runs.append(("prefill", [f"--prompt={longest}", "--gen=2", "--batch", str(PREFILL_ROWS),
+                             "--repeats=3"]))
     for key, flags in runs:
       try:
         printed = _run(base + flags, settings, capture=True)
@@ -245,7 +250,8 @@ def measure_throughput(entries: Sequence[Entry], settings: Settings, shape: str
           if e.layer_types != lt:
             continue
           if key == "prefill":
-            out[e.name].update(prefill_latency_s=r["prefill_s"], prefill_tokens=longest)
+            out[e.name].update(prefill_latency_s=r["prefill_s"], prefill_tokens=longest,
+                               prefill_rows=PREFILL_ROWS)
           else:
             out[e.name][key] = dict(batch=r["batch"], tokens_per_s=r["tokens_per_s"],
                                     decode_tokens_per_s=r["decode_tokens_per_s"])

@@ -102,7 +102,7 @@ def test_throughput_runs_are_the_papers_settings_and_are_read_back(monkeypatch, 
     calls.append(cmd)
     prompt = int(next(a for a in cmd if a.startswith("--prompt=")).split("=")[1])
     strings = cmd[cmd.index("--layer_types") + 1:cmd.index("--repeats=1")]
-    rows = [dict(label=f"study_110m {lt}", batch=1 if "1" in cmd else 40 - prompt // 32 + k,
+    rows = [dict(label=f"study_110m {lt}", batch=16 if "16" in cmd else 40 - prompt // 32 + k,
                  prompt=prompt, tokens_per_s=1000.0 + prompt + k, decode_tokens_per_s=1100.0,
                  prefill_s=0.25 + k) for k, lt in enumerate(strings)]
     return "ceilings: ...\n" + "\n".join(json.dumps(r) for r in rows) + "\n"
@@ -118,7 +118,7 @@ def test_throughput_runs_are_the_papers_settings_and_are_read_back(monkeypatch, 
   assert out["sandwich-top:3"] == {
       "decode_5+2043": dict(batch=40, tokens_per_s=1005.0, decode_tokens_per_s=1100.0),
       "decode_512+1024": dict(batch=24, tokens_per_s=1512.0, decode_tokens_per_s=1100.0),
-      "prefill_latency_s": 0.25, "prefill_tokens": 2046}
+      "prefill_latency_s": 0.25, "prefill_tokens": 2046, "prefill_rows": 16}
   assert out["llama"]["decode_5+2043"]["batch"] == 41 and out["llama"]["prefill_latency_s"] == 1.25
   # Two processes' worth of settings: the default iterations (two models), and m = 4 (m + b).
   assert len(calls) == 6
@@ -133,5 +133,5 @@ def test_throughput_runs_are_the_papers_settings_and_are_read_back(monkeypatch, 
   assert {"--prompt=5", "--gen=2043", "--max_batch", "--decode_steps=64"} <= set(short)
   assert {"--prompt=512", "--gen=1024", "--max_batch"} <= set(long)
   assert {"--prompt=2046", "--gen=2", "--repeats=3"} <= set(prefill)
-  assert prefill[-3:-1] == ["--batch", "1"]
+  assert prefill[-3:-1] == ["--batch", "16"]
   assert out["lckv:2 m=4"]["decode_5+2043"]["batch"] == 40
