@@ -39,7 +39,7 @@ from lckv_jax.cache import KVCache
 from lckv_jax.tokenizer import ByteTokenizer  # noqa: F401  (the byte fallback, re-exported)
 from lckv_jax.mode import Mode
 from lckv_jax.model import Transformer, check_inputs, relayout
-from lckv_jax.sampling import Sampling, sample_with
+from lckv_jax.sampling import Sampling, sample_rows, sample_with
 from lckv_jax.sharding import RULES, cache_shardings, logical_to_spec
 
 PREFILL_MODES = ("auto", "parallel", "sequential")
@@ -235,6 +235,25 @@ def _put_rows(cache: KVCache, rows: KVCache, start) -> KVCache:
   return cache.put_rows(rows, start)  # `cache` donated: in place
 
 
+class RowSampling(NamedTuple):
+  """Each row's own sampling settings, for a batch that mixes requests (a server's)."""
+  temperature: jax.Array  # [B] float32, 0 = greedy
+  top_k: jax.Array  # [B] int32, 0 = no limit
+  top_p: jax.Array  # [B] float32, 1 = no limit
+  key: jax.Array  # [B] PRNG keys: a row's i-th new token is drawn with fold_in(key, i), so a
+  #                 request's tokens depend on its seed only, never on the rest of the batch
+
+
+def row_sampling(settings: Sequence[Sampling], seeds: Sequence[int]) -> RowSampling:
+  """RowSampling of one setting and one seed per row."""
+  if len(settings) != len(seeds):
+    raise ValueError(f"row sampling: {len(settings)} settings for {len(seeds)} seeds")
+  return RowSampling(jnp.asarray([s.temperature for s in settings], jnp.float32),
+                     jnp.asarray([s.top_k for s in settings], jnp.int32),
+                     jnp.asarray([s.top_p for s in settings], jnp.float32),
+                     jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)))
+
+
 class DecodeState(NamedTuple):
   """A running batch. Each row decodes on its own (own slot, position, budget, EOS)."""
   cache: KVCache
@@ -247,6 +266,7 @@ class DecodeState(NamedTuple):
   tokens: jax.Array  # [B, max_new_tokens] int32, generated tokens (pad_id beyond)
   logits: Any  # [B, max_new_tokens, vocab] float32 with return_logits, else None
   rng: jax.Array  # PRNG key of the batch
+  rows: RowSampling | None = None  # each row's sampling (Generator(per_row_sampling=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +286,12 @@ def _first(settings: _Settings, state: DecodeState, logits_BxV, key) -> DecodeSt
 
 def _finish(settings: _Settings, state: DecodeState, logits_BxV, key) -> DecodeState:
   """Samples the next token of every active row and records it."""
-  nxt = sample_with(settings.sampling, logits_BxV, key)
+  if state.rows is None:
+    nxt = sample_with(settings.sampling, logits_BxV, key)
+  else:
+    r = state.rows
+    keys = jax.vmap(jax.random.fold_in)(r.key, state.num_generated)
+    nxt = sample_rows(logits_BxV, keys, r.temperature, r.top_k, r.top_p)
   active = ~state.done
   rows = jnp.arange(nxt.shape[0])
   idx = jnp.minimum(state.num_generated, state.tokens.shape[1] - 1)
@@ -359,7 +384,8 @@ class Generator:
                prefill_mode: str = "auto", sink: tuple[int, int] | None = None,
                return_logits: bool = False, mesh: Mesh | None = None,
                stream: Callable | None = None, cache_dtype=None,
-               prefill_batch: int | None = None, unstack: bool | None = None):
+               prefill_batch: int | None = None, unstack: bool | None = None,
+               per_row_sampling: bool = False):
     cfg = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -382,6 +408,7 @@ class Generator:
     self.prefill_iterations, self.prefill_mode = prefill_iterations, prefill_mode
     self.return_logits, self.cache_dtype = return_logits, cache_dtype
     self.prefill_batch = prefill_batch
+    self.per_row_sampling, self.sampling = per_row_sampling, sampling
     self.settings = _Settings(sampling, eos_ids, pad_id, stream)
     self.vocab_size = cfg.vocab_size
 
@@ -422,9 +449,17 @@ class Generator:
                          "sink=(n_sink, window)")
 
   def start(self, prompts: Sequence[Sequence[int]], seed: int | jax.Array = 0,
-            max_new_tokens: int | Sequence[int] | None = None) -> DecodeState:
-    """Prefills left-padded prompts and samples each row's first token."""
+            max_new_tokens: int | Sequence[int] | None = None,
+            sampling: Sequence[Sampling] | None = None, seeds: Sequence[int] | None = None
+            ) -> DecodeState:
+    """Prefills left-padded prompts and samples each row's first token.
+
+    With `per_row_sampling`, each row samples with its own `sampling[r]` (default the
+    Generator's) and `seeds[r]` (default seed + r); else `sampling` and `seeds` must be None.
+    """
     cfg = self.model.config
+    if not self.per_row_sampling and (sampling is not None or seeds is not None):
+      raise ValueError("start: sampling= and seeds= per row need Generator(per_row_sampling=True)")
     tokens, positions, segment_ids, lengths = pad_prompts(prompts, cfg.vocab_size,
                                                           self.settings.pad_id)
     b, longest = tokens.shape
@@ -453,8 +488,24 @@ class Generator:
         num_generated=jnp.zeros((b,), jnp.int32), max_new=jnp.asarray(budget),
         tokens=jnp.full((b, n), self.settings.pad_id, jnp.int32),
         logits=jnp.zeros((b, n, cfg.vocab_size), jnp.float32) if self.return_logits else None,
-        rng=rng)
+        rng=rng, rows=self._row_sampling(b, seed, sampling, seeds))
     return _shard_state(_first(self.settings, state, logits, key), self.mesh)
+
+  def _row_sampling(self, b: int, seed, sampling, seeds) -> RowSampling | None:
+    if not self.per_row_sampling:
+      return None
+    sampling = [self.sampling] * b if sampling is None else list(sampling)
+    if seeds is None:
+      if not isinstance(seed, int):
+        raise ValueError("start: give seeds= (one int per row) with per_row_sampling and a key")
+      seeds = [seed + r for r in range(b)]
+    if len(sampling) != b or len(seeds) != b:
+      raise ValueError(f"start: {b} prompts need {b} sampling settings and seeds, got "
+                       f"{len(sampling)} and {len(seeds)}")
+    for s in seeds:
+      if not isinstance(s, (int, np.integer)) or not 0 <= s < 2**32:
+        raise ValueError(f"start: a seed must be an integer in [0, 2**32), got {s!r}")
+    return row_sampling(sampling, seeds)
 
   def _prefill_rows(self, tokens, positions, segment_ids, cache):
     """Prefills the prompts `prefill_batch` rows at a time. One chunk runs straight into the

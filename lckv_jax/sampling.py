@@ -70,3 +70,29 @@ def sample(logits_BxV: jax.Array, key: jax.Array | None, temperature: float = 0.
 
 def sample_with(settings: Sampling, logits_BxV: jax.Array, key: jax.Array | None) -> jax.Array:
   return sample(logits_BxV, key, settings.temperature, settings.top_k, settings.top_p)
+
+
+def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array,
+                top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+  """Next tokens [batch] with each row's own settings and key (a server's batch mixes requests).
+
+  Row r gives exactly `sample(logits[r:r+1], keys[r], temperature[r], top_k[r], top_p[r])`:
+  greedy where the temperature is 0, else top-k, then top-p, then a draw with the row's key. The
+  settings are arrays here (traced, not static), so one compiled step serves every mix.
+  """
+  logits = logits_BxV.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  sampled_rows = temperature_B > 0
+  scaled = logits / jnp.where(sampled_rows, temperature_B, 1.0)[:, None]
+  k = jnp.where((top_k_B > 0) & (top_k_B < vocab), top_k_B, vocab)
+  kth = jnp.take_along_axis(jnp.sort(scaled, axis=-1)[:, ::-1], (k - 1)[:, None], axis=-1)
+  scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+  sorted_desc = jnp.sort(scaled, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_desc, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs
+  threshold = jnp.min(jnp.where(before < top_p_B[:, None], sorted_desc, jnp.inf), axis=-1,
+                      keepdims=True)
+  scaled = jnp.where((top_p_B[:, None] < 1.0) & (scaled < threshold), -jnp.inf, scaled)
+  drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(
+      keys_B, scaled)
+  return jnp.where(sampled_rows, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)

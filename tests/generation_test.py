@@ -285,3 +285,28 @@ def test_generation_refuses_prompts_past_the_limits(tiny_model):
   cache = KVCache.create(model.config, 2, 8)
   with pytest.raises(ValueError, match="token id 256 is outside"):
     gen_lib.prefill(model, t, pos, seg, cache, jnp.zeros(2, jnp.int32))
+
+
+def test_per_row_sampling_gives_each_request_its_own_tokens_whatever_the_batch(tiny_model):
+  from lckv_jax.sampling import Sampling
+  model = tiny_model(std=0.1, layer_types="0_2_2_3")
+  ps = prompts([3, 5, 2], seed=12)
+  settings = [Sampling(), Sampling(1.0, 5, 0.9), Sampling(0.8)]
+  gen = Generator(model, max_new_tokens=6, max_len=32, per_row_sampling=True)
+  batch = gen.results(gen.decode(gen.start(ps, sampling=settings, seeds=[7, 8, 9])))
+  for r, p in enumerate(ps):  # alone, a row samples the same tokens: its seed decides, not the batch
+    alone = gen.start([p], sampling=[settings[r]], seeds=[7 + r])
+    assert gen.results(gen.decode(alone))[0] == batch[r]
+  assert batch[0] == generate(model, [ps[0]], max_new_tokens=6).tokens[0]  # greedy row
+  assert batch[1] != gen.results(gen.decode(gen.start([ps[1]], sampling=[settings[1]],
+                                                      seeds=[70])))[0]
+  # A request joining a running batch (continuous batching) samples as it would alone.
+  running = gen.decode(gen.start(ps, sampling=settings, seeds=[7, 8, 9]), 2)
+  new = gen.start([[11, 12, 13]], sampling=[Sampling(1.0)], seeds=[3])
+  joined = gen.results(gen.decode(gen.insert(running, 0, new)))[0]
+  assert joined == gen.results(gen.decode(gen.start([[11, 12, 13]], sampling=[Sampling(1.0)],
+                                                    seeds=[3])))[0]
+  with pytest.raises(ValueError, match="need Generator\\(per_row_sampling=True\\)"):
+    Generator(model, max_new_tokens=2).start(ps, seeds=[1, 2, 3])
+  with pytest.raises(ValueError, match="3 prompts need 3 sampling settings and seeds"):
+    gen.start(ps, seeds=[1, 2])

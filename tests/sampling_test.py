@@ -55,3 +55,14 @@ def test_bad_settings_raise(kw, match):
     Sampling(**kw)
   with pytest.raises(ValueError, match=match):
     sample(LOGITS, jax.random.key(0), **{"temperature": 1.0, **kw})
+
+
+def test_sample_rows_is_sample_of_each_row_with_its_own_settings_and_key():
+  from lckv_jax.sampling import sample, sample_rows
+  rng = np.random.RandomState(0)
+  logits = jnp.asarray(rng.randn(6, 50) * 3, jnp.float32)
+  t, k, p = [0.0, 1.0, 0.7, 1.3, 2.0, 0.5], [0, 0, 5, 0, 3, 60], [1.0, 1.0, 1.0, 0.6, 0.9, 0.3]
+  for trial in range(20):
+    keys = jax.random.split(jax.random.key(trial), 6)
+    got = sample_rows(logits, keys, jnp.asarray(t), jnp.asarray(k), jnp.asarray(p)).tolist()
+    assert got == [int(sample(logits[r:r + 1], keys[r], t[r], k[r], p[r])[0]) for r in range(6)]
