@@ -50,8 +50,13 @@ PREFILL_MODES = ("auto", "parallel", "sequential")
 # ---------------------------------------------------------------------------------------------
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, pad_id: int = 0):
-  """Left-pads token lists: (tokens, positions, segment_ids) [batch, longest], lengths [batch]."""
+def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, pad_id: int = 0,
+                pad_to: int | None = None):
+  """Left-pads token lists: (tokens, positions, segment_ids) [batch, longest], lengths [batch].
+
+  `pad_to`: pad to this many tokens instead (at least the longest), so that the shapes, and so
+  the compiled prefill, do not follow each prompt's length.
+  """
   if len(prompts) == 0:
     raise ValueError("prompts: need at least one prompt")
   lengths = [len(p) for p in prompts]
@@ -63,6 +68,10 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, pad_id: int =
       raise ValueError(f"prompt {n}: token id {bad[0]} is outside the vocabulary [0, {vocab_size}) "
                        f"(model.vocab_size={vocab_size})")
   longest = max(lengths)
+  if pad_to is not None:
+    if pad_to < longest:
+      raise ValueError(f"pad_to={pad_to} is shorter than the longest prompt ({longest} tokens)")
+    longest = pad_to
   tokens = np.full((len(prompts), longest), pad_id, np.int32)
   segment_ids = np.zeros((len(prompts), longest), np.int32)
   positions = np.zeros((len(prompts), longest), np.int32)
@@ -450,18 +459,18 @@ class Generator:
 
   def start(self, prompts: Sequence[Sequence[int]], seed: int | jax.Array = 0,
             max_new_tokens: int | Sequence[int] | None = None,
-            sampling: Sequence[Sampling] | None = None, seeds: Sequence[int] | None = None
-            ) -> DecodeState:
+            sampling: Sequence[Sampling] | None = None, seeds: Sequence[int] | None = None,
+            pad_to: int | None = None) -> DecodeState:
     """Prefills left-padded prompts and samples each row's first token.
 
-    With `per_row_sampling`, each row samples with its own `sampling[r]` (default the
+    `pad_to`: left-pad every prompt to this length (see `pad_prompts`). With `per_row_sampling`, each row samples with its own `sampling[r]` (default the
     Generator's) and `seeds[r]` (default seed + r); else `sampling` and `seeds` must be None.
     """
     cfg = self.model.config
     if not self.per_row_sampling and (sampling is not None or seeds is not None):
       raise ValueError("start: sampling= and seeds= per row need Generator(per_row_sampling=True)")
     tokens, positions, segment_ids, lengths = pad_prompts(prompts, cfg.vocab_size,
-                                                          self.settings.pad_id)
+                                                          self.settings.pad_id, pad_to)
     b, longest = tokens.shape
     max_len = self._cache_len(longest)
     budget = np.broadcast_to(np.asarray(

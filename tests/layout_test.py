@@ -30,6 +30,8 @@ UNTESTED_MODULES = {
     "mode.py": "an enum; what each mode does, through cache_test (step's checks), "
                "kernels/dispatch_test (the kernel of each mode) and generation_test (an "
                "unpadded PREFILL_EMPTY equals PREFILL)",
+    "serve/__main__.py": "the server's command line: serve/api_test starts it as users do and "
+                         "talks to it with the openai client",
     "kernels/fused.py": "through kernels/dispatch_test (every chunk kernel against the dense "
                         "reference) and model_test (the fused path through the model)",
     "train/metrics.py": "through train/trainer_test (metrics.jsonl, TensorBoard) and "

@@ -1,0 +1,101 @@
+"""python -m lckv_jax.serve --checkpoint DIR: an OpenAI-compatible server for a model checkpoint.
+
+The batch is `--max_batch` rows, or the most rows whose KV cache fits `--memory_bytes` beside the
+weights (`cache.cache_bytes` with the server's cache length): a model with a smaller KV cache
+(LCKV) serves more requests at once. Warm-up compiles everything before the port opens and
+prints how long it took; SIGTERM stops accepting, lets the running requests finish, then exits
+(with the signal's status, as uvicorn re-raises it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from lckv_jax import cli
+
+PROG = "python -m lckv_jax.serve"
+
+
+def rows_that_fit(config, memory_bytes: int, weights_bytes: int, max_len: int) -> int:
+  """The largest batch whose cache (and decode state) fits beside the weights."""
+  from lckv_jax.cache import cache_bytes
+  per_row = cache_bytes(config, 1, max_len, metadata=True) + 4 * config.vocab_size * 4
+  return max(0, (memory_bytes - weights_bytes) // per_row)
+
+
+def main(argv: list[str]) -> int:
+  p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  p.add_argument("--checkpoint", required=True, help="a model checkpoint directory")
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--model_name", default=None, help="the model id clients name (default: the "
+                 "checkpoint folder's name)")
+  p.add_argument("--max_batch", type=int, default=None, help="rows decoded at once")
+  p.add_argument("--memory_bytes", type=int, default=None,
+                 help="size the batch to this many bytes of weights and cache instead")
+  p.add_argument("--max_prompt", type=int, default=None,
+                 help="longest prompt in tokens (default: half the model's context)")
+  p.add_argument("--max_tokens", type=int, default=None,
+                 help="most new tokens per request (default: the rest of the context)")
+  p.add_argument("--steps_per_tick", type=int, default=8,
+                 help="decode steps between admissions of new requests")
+  p.add_argument("--max_waiting", type=int, default=256,
+                 help="queued requests before new ones get 429")
+  args = p.parse_args(argv)
+  if (args.max_batch is None) == (args.memory_bytes is None):
+    raise ValueError("give one of --max_batch or --memory_bytes")
+
+  import jax
+  import uvicorn
+  from flax import nnx
+
+  from lckv_jax import checkpoint
+  from lckv_jax.eval.perplexity import checkpoint_dir
+  from lckv_jax.serve.api import create_app
+  from lckv_jax.serve.engine import Engine, bucket
+  from lckv_jax.tokenizer import load_tokenizer
+
+  path = checkpoint_dir(args.checkpoint, "--checkpoint")
+  model = checkpoint.load_model(path, scan_layers=False)
+  cfg = model.config
+  tokenizer = load_tokenizer(path, vocab_size=cfg.vocab_size, flag="--checkpoint",
+                             transformers=True)
+  context = cfg.max_position_embeddings
+  max_prompt = args.max_prompt or context // 2
+  max_tokens = args.max_tokens or context - max_prompt
+  batch = args.max_batch
+  if batch is None:
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    batch = rows_that_fit(cfg, args.memory_bytes, weights, bucket(max_prompt) + max_tokens)
+    if batch < 1:
+      raise ValueError(f"--memory_bytes={args.memory_bytes}: not even one row's cache fits "
+                       f"beside {weights:,} bytes of weights")
+  eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+  engine = Engine(model, max_batch=batch, max_prompt=max_prompt, max_tokens=max_tokens,
+                  eos_ids=eos, steps_per_tick=args.steps_per_tick, max_waiting=args.max_waiting)
+  seconds = engine.warm_up()
+  name = args.model_name or os.path.basename(os.path.normpath(path))
+  print(f"serving {name} ({cfg.layer_types}) on http://{args.host}:{args.port}: {batch} rows of "
+        f"{engine.max_len} cache slots, prompts up to {max_prompt} tokens, up to {max_tokens} new; "
+        f"compiled in {seconds:.1f} s", flush=True)
+  engine.start()
+  app = create_app(engine, tokenizer, name)
+  config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                          timeout_graceful_shutdown=None)
+  server = uvicorn.Server(config)
+  # SIGTERM or Ctrl-C: uvicorn stops accepting, waits for the open requests (their rows finish
+  # decoding), then re-raises the signal, so the process ends as killed by it, after the drain.
+  server.run()
+  engine.stop(drain=True, timeout=60)
+  return 0
+
+
+def entry() -> None:
+  logging.basicConfig(level=logging.WARNING)
+  cli.run(main, prog=PROG)
+
+
+if __name__ == "__main__":
+  entry()

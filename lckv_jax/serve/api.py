@@ -1,0 +1,333 @@
+"""The OpenAI-compatible HTTP API over the engine (starlette; uvicorn serves it).
+
+Endpoints: POST /v1/completions and /v1/chat/completions (streaming as server-sent events, or
+one JSON body), GET /v1/models, /health and /metrics (Prometheus). A bad request gets a 400 with
+an OpenAI-style error body and never reaches the engine; a full queue gets a 429 with
+Retry-After. A client that disconnects frees its row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from lckv_jax.sampling import Sampling, validate
+from lckv_jax.serve.engine import Engine, QueueFull, Request
+
+COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
+                     "seed", "n", "stream", "user"}
+CHAT_FIELDS = (COMPLETION_FIELDS - {"prompt"}) | {"messages"}
+
+
+class BadRequest(ValueError):
+  def __init__(self, message: str, param: str | None = None):
+    super().__init__(message)
+    self.param = param
+
+
+def error(status: int, message: str, param: str | None = None, kind: str | None = None,
+          headers: dict | None = None) -> JSONResponse:
+  kind = kind or {400: "invalid_request_error", 404: "not_found_error",
+                  429: "rate_limit_error", 503: "server_error"}.get(status, "server_error")
+  return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                 "code": None}}, status_code=status, headers=headers)
+
+
+def _number(body: dict, name: str, default, kind=float):
+  value = body.get(name, default)
+  if value is None:
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+      kind is int and not float(value).is_integer()):
+    raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got "
+                     f"{value!r}", name)
+  return kind(value)
+
+
+class Metrics:
+  def __init__(self, engine: Engine):
+    self.engine = engine
+    self.registry = CollectorRegistry()
+    r = self.registry
+    self.queue = Gauge("lckv_queue_length", "Requests waiting for a row", registry=r)
+    self.running = Gauge("lckv_running_rows", "Rows decoding a request", registry=r)
+    self.rows = Gauge("lckv_max_batch", "Rows of the decode batch", registry=r)
+    self.cache = Gauge("lckv_cache_use", "Share of the cache's slots in use", registry=r)
+    self.tokens = Counter("lckv_generated_tokens", "Tokens generated", registry=r)
+    self.requests = Counter("lckv_requests", "Requests by outcome", ["outcome"], registry=r)
+    self.ttft = Histogram("lckv_time_to_first_token_seconds", "Arrival to first token",
+                          registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+    self.tpot = Histogram("lckv_time_per_output_token_seconds", "Between a request's tokens",
+                          registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1))
+    self.tokens_per_s = Gauge("lckv_tokens_per_second", "Generated tokens/s since the last "
+                              "scrape", registry=r)
+    self._last = (time.monotonic(), 0)
+
+  def render(self) -> bytes:
+    s = self.engine.stats
+    self.queue.set(s.waiting)
+    self.running.set(s.running)
+    self.rows.set(s.max_batch)
+    self.cache.set(s.cache_slots_used / max(s.cache_slots, 1))
+    now, before = time.monotonic(), self._last
+    self.tokens.inc(s.tokens_generated - before[1])
+    self.tokens_per_s.set((s.tokens_generated - before[1]) / max(now - before[0], 1e-9))
+    self._last = (now, s.tokens_generated)
+    while s.ttft:
+      self.ttft.observe(s.ttft.pop())
+    while s.tpot:
+      self.tpot.observe(s.tpot.pop())
+    return generate_latest(self.registry)
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, *, retry_after: int = 1) -> Starlette:
+  """The starlette app serving `engine`; `tokenizer` follows `lckv_jax.tokenizer.Tokenizer`."""
+  metrics = Metrics(engine)
+  created = int(time.time())
+
+  def parse(body: Any, chat: bool) -> tuple[list[int], int, Sampling, int, list[str], bool]:
+    if not isinstance(body, dict):
+      raise BadRequest("the request body must be a JSON object")
+    allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+      raise BadRequest(f"unknown field(s) {unknown}; this server takes {sorted(allowed)}",
+                       unknown[0])
+    if body.get("model", model_name) != model_name:
+      raise BadRequest(f"model {body['model']!r} is not served here; /v1/models lists "
+                       f"{model_name!r}", "model")
+    if _number(body, "n", 1, int) != 1:
+      raise BadRequest("only n=1 is supported", "n")
+    if chat:
+      prompt = _chat_prompt(body.get("messages"), tokenizer)
+    else:
+      prompt = _prompt(body.get("prompt"), tokenizer)
+    if not prompt:
+      raise BadRequest("the prompt is empty", "messages" if chat else "prompt")
+    if len(prompt) > engine.max_prompt:
+      raise BadRequest(f"the prompt has {len(prompt)} tokens; this server's context takes at most "
+                       f"{engine.max_prompt}", "messages" if chat else "prompt")
+    max_tokens = _number(body, "max_tokens", min(16, engine.max_tokens), int)
+    if not 1 <= max_tokens <= engine.max_tokens:
+      raise BadRequest(f"max_tokens must be in 1..{engine.max_tokens}, got {max_tokens}",
+                       "max_tokens")
+    temperature = _number(body, "temperature", 1.0)
+    top_p = _number(body, "top_p", 1.0)
+    top_k = _number(body, "top_k", 0, int)
+    try:
+      validate(temperature, top_k, top_p)
+    except ValueError as e:
+      raise BadRequest(str(e)) from None
+    seed = _number(body, "seed", None, int)
+    if seed is None:
+      seed = uuid.uuid4().int % 2**32
+    if not 0 <= seed < 2**32:
+      raise BadRequest(f"seed must be in [0, 2**32), got {seed}", "seed")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop) \
+        or len(stop) > 4:
+      raise BadRequest("stop must be a non-empty string or a list of at most 4", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+      raise BadRequest("stream must be true or false", "stream")
+    return prompt, max_tokens, Sampling(temperature, top_k, top_p), seed, stop, stream
+
+  async def complete(http: HTTPRequest, chat: bool):
+    try:
+      body = json.loads(await http.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      return error(400, f"the request body is not valid JSON: {e}")
+    try:
+      prompt, max_tokens, sampling, seed, stop, stream = parse(body, chat)
+    except BadRequest as e:
+      metrics.requests.labels("invalid").inc()
+      return error(400, str(e), e.param)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    req = Request(prompt, max_tokens, sampling, seed,
+                  emit=lambda toks, reason: loop.call_soon_threadsafe(
+                      events.put_nowait, (toks, reason)))
+    try:
+      engine.submit(req)
+    except QueueFull as e:
+      metrics.requests.labels("rejected").inc()
+      return error(429, f"the server is busy ({e}); retry later", headers={
+          "Retry-After": str(retry_after)})
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    text = _Text(tokenizer, stop)
+
+    async def events_until_done():
+      """(delta text, finish_reason) until the request ends. Left early (a client that went
+      away, an error), it frees the request's row."""
+      ended = False
+      try:
+        while True:
+          toks, reason = await events.get()
+          delta = text.add(toks)
+          if text.stopped and reason is None:  # a stop sequence: free the row now
+            engine.cancel(req)
+            reason = "stop"
+          if reason is not None and reason.startswith("error"):
+            ended = True
+            raise RuntimeError(reason)
+          ended = reason is not None
+          yield delta, (None if reason is None else
+                        "stop" if reason in ("stop", "cancelled") else reason)
+          if ended:
+            return
+      finally:
+        if not ended:
+          engine.cancel(req)
+          metrics.requests.labels("cancelled").inc()
+
+    usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": text.count,  # noqa
+                     "total_tokens": len(prompt) + text.count}
+
+    def chunk(delta: str, finish: str | None) -> dict:
+      if chat:
+        choice = {"index": 0, "delta": {"content": delta} if delta else {},
+                  "finish_reason": finish}
+        return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": model_name, "choices": [choice]}
+      return {"id": rid, "object": "text_completion", "created": int(time.time()),
+              "model": model_name,
+              "choices": [{"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}]}
+
+    if stream:
+      async def sse():
+        if chat:
+          first = chunk("", None)
+          first["choices"][0]["delta"] = {"role": "assistant"}
+          yield f"data: {json.dumps(first)}\n\n"
+        async for delta, finish in events_until_done():
+          if delta or finish:
+            yield f"data: {json.dumps(chunk(delta, finish))}\n\n"
+        metrics.requests.labels("completed").inc()
+        yield "data: [DONE]\n\n"
+      return StreamingResponse(sse(), media_type="text/event-stream")
+
+    finish = None
+    watcher = asyncio.ensure_future(_watch_disconnect(http, engine, req))
+    try:
+      async for _, f in events_until_done():
+        finish = f or finish
+    except RuntimeError as e:
+      return error(500, f"the request failed in the engine: {e}", kind="server_error")
+    finally:
+      watcher.cancel()
+    metrics.requests.labels("completed").inc()
+    if chat:
+      choice = {"index": 0, "message": {"role": "assistant", "content": text.text},
+                "finish_reason": finish}
+      body = {"id": rid, "object": "chat.completion", "created": int(time.time()),
+              "model": model_name, "choices": [choice], "usage": usage()}
+    else:
+      body = {"id": rid, "object": "text_completion", "created": int(time.time()),
+              "model": model_name, "usage": usage(),
+              "choices": [{"index": 0, "text": text.text, "finish_reason": finish,
+                           "logprobs": None}]}
+    return JSONResponse(body)
+
+  async def completions(http):
+    return await complete(http, chat=False)
+
+  async def chat_completions(http):
+    return await complete(http, chat=True)
+
+  async def models(_):
+    return JSONResponse({"object": "list", "data": [
+        {"id": model_name, "object": "model", "created": created, "owned_by": "lckv-jax"}]})
+
+  async def health(_):
+    return JSONResponse({"status": "ok", "running": engine.stats.running,
+                         "waiting": engine.stats.waiting})
+
+  async def prometheus(_):
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+  return Starlette(routes=[
+      Route("/v1/completions", completions, methods=["POST"]),
+      Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+      Route("/v1/models", models),
+      Route("/health", health),
+      Route("/metrics", prometheus),
+  ])
+
+
+async def _watch_disconnect(http: HTTPRequest, engine: Engine, req: Request) -> None:
+  """Cancels a non-streaming request whose client went away."""
+  while True:
+    if await http.is_disconnected():
+      engine.cancel(req)
+      return
+    await asyncio.sleep(0.1)
+
+
+def _prompt(prompt, tokenizer) -> list[int]:
+  if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+    prompt = prompt[0]  # one prompt in a list (n prompts per request are not supported)
+  if isinstance(prompt, str):
+    ids = [int(i) for i in tokenizer.encode(prompt)]
+    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
+  if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                      for t in prompt):
+    vocab = getattr(tokenizer, "vocab_size", None)
+    bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+      raise BadRequest(f"token id {bad[0]} is outside the vocabulary", "prompt")
+    return list(prompt)
+  raise BadRequest("prompt must be a string or a list of token ids (one prompt per request)",
+                   "prompt")
+
+
+def _chat_prompt(messages, tokenizer) -> list[int]:
+  template = getattr(getattr(tokenizer, "tok", None), "apply_chat_template", None)
+  if template is None or not getattr(tokenizer.tok, "chat_template", None):
+    raise BadRequest("this model's tokenizer has no chat template: use /v1/completions",
+                     "messages")
+  if not isinstance(messages, list) or not messages or not all(
+      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+      for m in messages):
+    raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
+  return [int(i) for i in template(messages, add_generation_prompt=True, tokenize=True)]
+
+
+class _Text:
+  """A request's text so far, decoded from all its tokens (a token may end mid-character), cut at
+  the first stop sequence."""
+
+  def __init__(self, tokenizer, stop: list[str]):
+    self.tokenizer, self.stop = tokenizer, stop
+    self.ids: list[int] = []
+    self.text = ""
+    self.stopped = False
+
+  @property
+  def count(self) -> int:
+    return len(self.ids)
+
+  def add(self, ids: list[int]) -> str:
+    if self.stopped or not ids:
+      return ""
+    self.ids += ids
+    full = self.tokenizer.decode(self.ids)
+    if full.endswith("\ufffd"):  # an incomplete character: wait for the next token
+      full = full.rstrip("\ufffd")
+    for s in self.stop:
+      at = full.find(s)
+      if at >= 0:
+        full, self.stopped = full[:at], True
+    delta = full[len(self.text):] if full.startswith(self.text) else ""
+    self.text = full if full.startswith(self.text) else self.text
+    return delta

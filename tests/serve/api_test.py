@@ -1,0 +1,202 @@
+"""The OpenAI-compatible server end to end: `python -m lckv_jax.serve` in a subprocess on a tiny
+model, talked to with the `openai` client users use (lckv_jax/serve/api.py, __main__.py)."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from lckv_jax import checkpoint
+from lckv_jax.generation import generate
+from lckv_jax.tokenizer import ByteTokenizer
+from tests import ROOT, tiny
+from tests.generation_test import prompts
+
+openai = pytest.importorskip("openai")
+
+MAX_PROMPT, MAX_TOKENS = 32, 200
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(path, *flags):
+  port = _free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("LCKV_DEBUG", None)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "lckv_jax.serve", f"--checkpoint={path}", f"--port={port}",
+       f"--max_prompt={MAX_PROMPT}", f"--max_tokens={MAX_TOKENS}", *flags],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.monotonic() + 180
+  while time.monotonic() < deadline:
+    if proc.poll() is not None:
+      raise RuntimeError(f"the server exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+    try:
+      if httpx.get(url + "/health", timeout=1).status_code == 200:
+        return proc, url
+    except httpx.HTTPError:
+      time.sleep(0.2)
+  proc.kill()
+  raise RuntimeError("the server did not start in 180 s")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("serve") / "tiny")
+  model = tiny.tiny_model(std=0.1, vocab_size=256, layer_types="0_2_2_3",
+                          max_position_embeddings=256)
+  checkpoint.save_model(path, model)
+  proc, url = _start(path, "--max_batch=4", "--steps_per_tick=1", "--max_waiting=16")
+  yield path, url
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(60)
+
+
+def _client(url):
+  return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def _text(ids) -> str:
+  return ByteTokenizer().decode(ids).rstrip("\ufffd")
+
+
+def test_concurrent_greedy_requests_get_the_tokens_of_offline_generate(served):
+  path, url = served
+  client = _client(url)
+  ps = prompts([3, 17, 5, 9, 1, 12, 30, 2, 7, 14, 4, 11, 6, 19, 8, 10], seed=31, vocab=256)
+  budgets = [12, 3, 7, 40, 1, 9, 5, 12, 2, 8, 25, 4, 6, 10, 11, 12]
+
+  def ask(i):
+    return client.completions.create(model="tiny", prompt=ps[i], max_tokens=budgets[i],
+                                     temperature=0)
+
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    got = list(pool.map(ask, range(16)))
+  model = checkpoint.load_model(path, scan_layers=False)  # as the server decodes
+  for p, n, r in zip(ps, budgets, got):
+    want = generate(model, [p], max_new_tokens=n).tokens[0]
+    assert r.choices[0].text == _text(want)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == n and r.usage.prompt_tokens == len(p)
+
+
+def test_streaming_and_not_agree_and_stop_sequences_cut(served):
+  _, url = served
+  client = _client(url)
+  p = prompts([6], seed=5, vocab=256)[0]
+  # top_k is not OpenAI's; clients send it as vLLM's users do, in the body.
+  whole = client.completions.create(model="tiny", prompt=p, max_tokens=30, temperature=0.8,
+                                    seed=123, extra_body={"top_k": 40}).choices[0].text
+  parts = client.completions.create(model="tiny", prompt=p, max_tokens=30, temperature=0.8,
+                                    seed=123, extra_body={"top_k": 40}, stream=True)
+  chunks = list(parts)
+  assert "".join(c.choices[0].text for c in chunks) == whole
+  assert chunks[-1].choices[0].finish_reason == "length"
+  greedy = client.completions.create(model="tiny", prompt=p, max_tokens=30, temperature=0)
+  text = greedy.choices[0].text
+  stop = text[5:7]
+  cut = client.completions.create(model="tiny", prompt=p, max_tokens=30, temperature=0,
+                                  stop=[stop])
+  assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_bad_requests_get_400_with_an_openai_error_body(served):
+  _, url = served
+  cases = [
+      (b"{not json", "not valid JSON"),
+      (json.dumps({"prompt": [1], "bogus": 1}), "unknown field(s) ['bogus']"),
+      (json.dumps({"prompt": list(range(1, 40))}), f"at most {MAX_PROMPT}"),
+      (json.dumps({"prompt": [1], "max_tokens": 0}), f"max_tokens must be in 1..{MAX_TOKENS}"),
+      (json.dumps({"prompt": [1], "max_tokens": 10_000}), "max_tokens must be in"),
+      (json.dumps({"prompt": [1], "temperature": -1}), "temperature must be a number >= 0"),
+      (json.dumps({"prompt": [1], "top_p": 0}), "top_p must be in (0, 1]"),
+      (json.dumps({"prompt": [1], "n": 2}), "only n=1"),
+      (json.dumps({"prompt": [300]}), "token id 300 is outside the vocabulary"),
+      (json.dumps({"prompt": [1], "model": "gpt-4"}), "is not served here"),
+      (json.dumps([1, 2]), "must be a JSON object"),
+  ]
+  for body, message in cases:
+    r = httpx.post(url + "/v1/completions", content=body, timeout=30)
+    assert r.status_code == 400, (body, r.text)
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"] == "invalid_request_error", (body, err)
+  r = httpx.post(url + "/v1/chat/completions", timeout=30,
+                 json={"messages": [{"role": "user", "content": "hi"}]})
+  assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+  with pytest.raises(openai.BadRequestError):
+    _client(url).completions.create(model="tiny", prompt=[1], max_tokens=0)
+  # The server is still serving.
+  assert _client(url).completions.create(model="tiny", prompt=[1, 2], max_tokens=2,
+                                         temperature=0).usage.completion_tokens == 2
+
+
+def _metrics(url) -> dict:
+  from prometheus_client.parser import text_string_to_metric_families
+  out = {}
+  for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+    for s in family.samples:
+      out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+  return out
+
+
+def test_a_disconnected_client_frees_its_row_and_overload_gets_429(served):
+  _, url = served
+  before = _metrics(url).get(("lckv_requests_total", (("outcome", "cancelled"),)), 0)
+  with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                    json={"prompt": [1, 2, 3], "max_tokens": MAX_TOKENS, "temperature": 0,
+                          "stream": True}) as r:
+    next(r.iter_lines())  # the first event, then hang up
+  deadline = time.monotonic() + 30
+  while time.monotonic() < deadline and httpx.get(url + "/health").json()["running"]:
+    time.sleep(0.05)
+  assert httpx.get(url + "/health").json()["running"] == 0
+  after = _metrics(url)
+  assert after[("lckv_requests_total", (("outcome", "cancelled"),))] == before + 1
+  # 4 rows and 16 places in the queue: a burst of 40 long requests overflows.
+  def ask(_):
+    return httpx.post(url + "/v1/completions", timeout=120,
+                      json={"prompt": [5, 6], "max_tokens": 60, "temperature": 0})
+  with concurrent.futures.ThreadPoolExecutor(40) as pool:
+    codes = [r.status_code for r in pool.map(ask, range(40))]
+  # At least the rows and the queue are served (more where rows free up during the burst).
+  assert codes.count(200) >= 16 and codes.count(429) >= 1 and set(codes) <= {200, 429}
+  assert ask(0).status_code == 200  # the burst is over: served again
+  m = _metrics(url)
+  assert m[("lckv_max_batch", ())] == 4 and ("lckv_queue_length", ()) in m
+  assert m[("lckv_time_to_first_token_seconds_count", ())] >= codes.count(200)
+  assert m[("lckv_requests_total", (("outcome", "rejected"),))] == codes.count(429)
+  assert m[("lckv_generated_tokens_total", ())] > 0
+
+
+def test_models_health_and_sigterm_drains_the_running_requests(tmp_path):
+  path = str(tmp_path / "tiny")
+  checkpoint.save_model(path, tiny.tiny_model(std=0.1, vocab_size=256,
+                                              max_position_embeddings=256))
+  proc, url = _start(path, "--max_batch=2", "--steps_per_tick=1", "--model_name=mine")
+  try:
+    assert [m.id for m in _client(url).models.list().data] == ["mine"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      running = pool.submit(lambda: httpx.post(url + "/v1/completions", timeout=120, json={
+          "prompt": [1, 2], "max_tokens": MAX_TOKENS, "temperature": 0}))
+      while httpx.get(url + "/health").json()["running"] == 0:
+        time.sleep(0.01)
+      proc.send_signal(signal.SIGTERM)
+      r = running.result()
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == MAX_TOKENS
+    # uvicorn re-raises the signal once it has shut down gracefully: killed by SIGTERM, late.
+    assert proc.wait(60) == -signal.SIGTERM
+  finally:
+    if proc.poll() is None:
+      proc.kill()
