@@ -370,6 +370,16 @@ def _serving_layout(model: Transformer, unstack: bool | None) -> Transformer:
   return relayout(model, scan_layers=False)
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert(state: DecodeState, new: DecodeState, row, new_row) -> DecodeState:
+  """`state` (donated: in place) with row `row` replaced by row `new_row` of `new`."""
+  cache = state.cache.insert_row(row, new.cache, new_row)
+  rest = {f: jax.tree.map(lambda a, c: a.at[row].set(c[new_row]), getattr(state, f),
+                          getattr(new, f))
+          for f in DecodeState._fields if f not in ("cache", "rng")}
+  return state._replace(cache=cache, **rest)
+
+
 class Generator:
   """Prefill and decode loop for one model and one set of generation settings.
 
@@ -561,11 +571,14 @@ class Generator:
       raise ValueError(f"insert: new_row must be in 0..{nb - 1}, got {new_row}")
     if self.sink is None and self.max_len is None:
       raise ValueError("insert needs a Generator with a fixed max_len (the cache length)")
-    cache = state.cache.insert_row(row, new.cache, new_row)
-    rest = {f: jax.tree.map(lambda a, c: a.at[row].set(c[new_row]), getattr(state, f),
-                            getattr(new, f))
-            for f in DecodeState._fields if f not in ("cache", "rng")}
-    return _shard_state(state._replace(cache=cache, **rest), self.mesh)
+    state.cache._check_same_layout(new.cache, "insert")
+    for j in state.cache.layers:
+      if state.cache.slots(j) != new.cache.slots(j):
+        raise ValueError(f"insert: the caches differ at layer {j}: {state.cache.slots(j)} slots "
+                         f"vs {new.cache.slots(j)}")
+    # Rows traced, not static: one compilation serves every row (a server inserts into all).
+    out = _insert(state, new, jnp.asarray(row, jnp.int32), jnp.asarray(new_row, jnp.int32))
+    return _shard_state(out, self.mesh)
 
   @staticmethod
   def results(state: DecodeState) -> list[list[int]]:

@@ -117,9 +117,13 @@ class Engine:
     self.state = self.gen.start([[self.pad_id]] * self.max_batch, max_new_tokens=1,
                                 seeds=list(range(self.max_batch)))
     for b in buckets or [b for b in BUCKETS if b <= bucket(self.max_prompt)]:
-      new = self._prefill([self.pad_id] * b, Sampling(), 0, 1)
-      self.state = self.gen.insert(self.state, 0, new)
+      # A prompt of the bucket's length prefills unpadded (the fused path), a shorter one padded.
+      for n in (b, b - 1) if b > 1 else (b,):
+        new = self._prefill([self.pad_id] * n, Sampling(), 0, 1)
+        self.state = self.gen.insert(self.state, 0, new)
     self.state = self.gen.decode(self.state, self.steps_per_tick)
+    # The one op of freeing rows (`_collect`).
+    self.state = self.state._replace(done=self.state.done | np.zeros(self.max_batch, bool))
     jax.block_until_ready(self.state.tokens)
     self.compile_seconds = time.monotonic() - t0
     return self.compile_seconds
@@ -220,8 +224,9 @@ class Engine:
         if req.generated > 1:
           self.stats.tpot.append((now - req.first_token_at) / (req.generated - 1))
     if finished:
-      rows = np.asarray(finished)
-      self.state = self.state._replace(done=self.state.done.at[rows].set(True))
+      free = np.zeros(self.max_batch, bool)  # one shape, whatever finished: nothing recompiles
+      free[finished] = True
+      self.state = self.state._replace(done=self.state.done | free)
       for row in finished:
         self._rows[row] = None
       self.stats.requests_finished += len(finished)

@@ -1,0 +1,194 @@
+"""Load on the OpenAI-compatible server: Poisson arrivals at several rates, mixed prompt and
+output lengths; throughput, time to first token and inter-token latency against the rate.
+
+  python -m benchmarks.serve_load --shape=1b --layer_types=lckv --memory_bytes=25507659776 \\
+      --rates 1 2 4 8 16 --requests=200
+  python -m benchmarks.serve_load --checkpoint=DIR --max_batch=32 --rates 1 4
+  python -m benchmarks.serve_load --smoke                      # tiny, on a CPU (CI)
+
+It starts `python -m lckv_jax.serve` (random bf16 weights of configs/<shape>.py, saved to a
+temporary folder, or --checkpoint) and drives it with streaming requests from one asyncio client:
+each request's time to first token (TTFT) and the gaps between its tokens (inter-token latency,
+ITL) are measured at the client. Per rate: requests/s and output tokens/s achieved, TTFT and ITL
+p50/p99, rejected requests (429). The server's admitted batch (its max_batch) is in the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks import records
+from benchmarks.common import ROOT, command, config_path, default_out
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_server(checkpoint: str, flags: list[str], timeout: float = 900):
+  """`python -m lckv_jax.serve` in a subprocess; returns (process, url, its start-up line)."""
+  import httpx
+  port = _free_port()
+  proc = subprocess.Popen([sys.executable, "-m", "lckv_jax.serve", f"--checkpoint={checkpoint}",
+                           f"--port={port}", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if proc.poll() is not None:
+      raise RuntimeError(f"the server exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+    try:
+      if httpx.get(url + "/health", timeout=1).status_code == 200:
+        return proc, url
+    except httpx.HTTPError:
+      time.sleep(0.5)
+  proc.kill()
+  raise RuntimeError(f"the server did not start in {timeout} s")
+
+
+async def _one(client, url: str, prompt: list[int], max_tokens: int, seed: int) -> dict:
+  """One streaming request: its TTFT, inter-token gaps and tokens (or its HTTP error)."""
+  t0 = time.perf_counter()
+  stamps = []
+  body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed,
+          "stream": True}
+  async with client.stream("POST", url + "/v1/completions", json=body) as r:
+    if r.status_code != 200:
+      await r.aread()
+      return dict(status=r.status_code)
+    async for line in r.aiter_lines():
+      if line.startswith("data: ") and line != "data: [DONE]":
+        stamps.append(time.perf_counter())
+  usage_tokens = max_tokens  # every request runs to its budget (no EOS in random weights' ids)
+  return dict(status=200, ttft=stamps[0] - t0 if stamps else None,
+              itl=list(np.diff(stamps)) if len(stamps) > 1 else [], tokens=usage_tokens,
+              end=stamps[-1] if stamps else time.perf_counter())
+
+
+async def run_rate(url: str, rate: float, n: int, prompt_range, output_range, vocab: int,
+                   seed: int) -> dict:
+  """`n` requests arriving as a Poisson process of `rate` per second."""
+  import httpx
+  rng = np.random.default_rng(seed)
+  gaps = rng.exponential(1.0 / rate, n)
+  prompts = [rng.integers(1, vocab, int(rng.integers(*prompt_range))).tolist() for _ in range(n)]
+  outputs = [int(rng.integers(*output_range)) for _ in range(n)]
+  limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+  async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    t0 = time.perf_counter()
+    tasks = []
+    for i in range(n):
+      tasks.append(asyncio.create_task(_one(client, url, prompts[i], outputs[i], seed + i)))
+      await asyncio.sleep(gaps[i])
+    done = await asyncio.gather(*tasks)
+    wall = max((d.get("end", t0) for d in done), default=t0) - t0
+  ok = [d for d in done if d["status"] == 200]
+  ttft = [d["ttft"] for d in ok if d["ttft"] is not None]
+  itl = [g for d in ok for g in d["itl"]]
+  pct = lambda xs, q: round(float(np.percentile(xs, q)), 5) if xs else None  # noqa: E731
+  return dict(rate=rate, requests=n, served=len(ok), rejected=n - len(ok),
+              wall_s=round(wall, 3), requests_per_s=round(len(ok) / wall, 3),
+              output_tokens_per_s=round(sum(d["tokens"] for d in ok) / wall, 1),
+              ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99),
+              itl_p50_s=pct(itl, 50), itl_p99_s=pct(itl, 99))
+
+
+def _random_checkpoint(shape: str, layer_types: str, context: int, folder: str) -> str:
+  """Random bf16 weights of configs/<shape>.py, saved by a CPU-only subprocess: this process
+  never touches the accelerator, which the server needs whole."""
+  path = os.path.join(folder, "model")
+  code = (
+      "import sys; from flax import nnx; from lckv_jax import Transformer, checkpoint; "
+      "from lckv_jax.config import model_from_file; "
+      f"cfg = model_from_file({config_path(shape)!r}, layer_types={layer_types!r}, "
+      "dtype='bfloat16', param_dtype='bfloat16', scan_layers=False, remat='none', "
+      f"max_position_embeddings={context}); "
+      f"checkpoint.save_model({path!r}, Transformer(cfg, rngs=nnx.Rngs(0)))")
+  subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  return path
+
+
+def _device_kind() -> str:
+  out = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+  return out.stdout.strip().splitlines()[-1]
+
+
+def main(argv=None) -> str:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--shape", default="1b", help="configs/<shape>.py (random weights)")
+  p.add_argument("--layer_types", default="lckv")
+  p.add_argument("--checkpoint", default=None, help="serve this model instead")
+  p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8])
+  p.add_argument("--requests", type=int, default=100, help="requests per rate")
+  p.add_argument("--prompt", type=int, nargs=2, default=[32, 512], help="prompt length range")
+  p.add_argument("--output", type=int, nargs=2, default=[32, 512], help="output length range")
+  p.add_argument("--max_batch", type=int, default=None)
+  p.add_argument("--memory_bytes", type=int, default=None)
+  p.add_argument("--steps_per_tick", type=int, default=8)
+  p.add_argument("--smoke", action="store_true", help="tiny model, tiny load (CI)")
+  p.add_argument("--out", default=default_out())
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.shape, args.rates, args.requests = "tiny", [20.0, 80.0], 12
+    args.prompt, args.output, args.max_batch = [2, 20], [2, 16], args.max_batch or 4
+  if (args.max_batch is None) == (args.memory_bytes is None):
+    p.error("give one of --max_batch or --memory_bytes")
+  context = args.prompt[1] + args.output[1]
+  flags = [f"--max_prompt={args.prompt[1]}", f"--max_tokens={args.output[1]}",
+           f"--steps_per_tick={args.steps_per_tick}", f"--max_waiting={10 * args.requests}"]
+  flags.append(f"--max_batch={args.max_batch}" if args.max_batch else
+               f"--memory_bytes={args.memory_bytes}")
+  with tempfile.TemporaryDirectory() as tmp:
+    path = args.checkpoint or _random_checkpoint(args.shape, args.layer_types, context, tmp)
+    from lckv_jax import checkpoint
+    cfg = checkpoint.load_config(path)
+    t0 = time.monotonic()
+    proc, url = start_server(path, flags)
+    startup = time.monotonic() - t0
+    import httpx
+    try:
+      health = httpx.get(url + "/metrics").text
+      rows = next(int(float(line.split()[-1])) for line in health.splitlines()
+                  if line.startswith("lckv_max_batch "))
+      results = []
+      for rate in args.rates:
+        r = asyncio.run(run_rate(url, rate, args.requests, args.prompt, args.output,
+                                 cfg.vocab_size, seed=int(rate * 1000)))
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    finally:
+      proc.send_signal(signal.SIGTERM)
+      proc.wait(120)
+  device = _device_kind()  # after the server has gone: one process on the accelerator
+  label = args.checkpoint or f"{args.shape} {args.layer_types}"
+  entry = records.entry(
+      f"{label} {args.memory_bytes or args.max_batch}" + (" smoke" if args.smoke else ""),
+      label=label, layer_types=cfg.layer_types, max_batch=rows,
+      memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
+      steps_per_tick=args.steps_per_tick, server_start_s=round(startup, 1), results=results,
+      device=device, python=platform.python_version(), command=command(
+          "benchmarks.serve_load", argv))
+  path = records.record_path(args.out, "serve_load", device)
+  records.update(path, [entry])
+  print(f"wrote {path}")
+  return path
+
+
+if __name__ == "__main__":
+  main()
