@@ -55,8 +55,9 @@ def main(argv: list[str]) -> int:
                  help="a train config field for every configuration, e.g. batch_size=16")
   p.add_argument("--cap_bytes", type=int, default=None,
                  help="memory of the decode-throughput runs, in bytes (default: the device's)")
-  p.add_argument("--decode_steps", type=int, default=64,
-                 help="decode steps timed per throughput run, the rest projected (0: all)")
+  p.add_argument("--decode_steps", type=int, default=512,
+                 help="decode steps timed per throughput run, the rest projected (0: all); "
+                 "few steps overstate a long generation's time")
   p.add_argument("--no_throughput", action="store_true", help="skip the decode measurements")
   p.add_argument("--tasks", action="append", default=[],
                  help="a multiple-choice JSONL task file to score as well (repeatable)")
