@@ -39,23 +39,29 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, flags: list[str], timeout: float = 900):
-  """`python -m lckv_jax.serve` in a subprocess; returns (process, url, its start-up line)."""
+def start_server(checkpoint: str, flags: list[str], timeout: float = 900, env=None):
+  """`python -m lckv_jax.serve` in a subprocess, once /health answers: (process, url).
+
+  Its output goes to a file, not a pipe nobody reads (a full pipe would stall the server), and
+  ends the error if it exits during start-up.
+  """
   import httpx
   port = _free_port()
+  log = tempfile.TemporaryFile("w+")
   proc = subprocess.Popen([sys.executable, "-m", "lckv_jax.serve", f"--checkpoint={checkpoint}",
-                           f"--port={port}", *flags], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+                           f"--port={port}", *flags], cwd=ROOT, stdout=log,
+                          stderr=subprocess.STDOUT, text=True, env=env)
   url = f"http://127.0.0.1:{port}"
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if proc.poll() is not None:
-      raise RuntimeError(f"the server exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+      log.seek(0)
+      raise RuntimeError(f"the server exited {proc.returncode}: {log.read()[-3000:]}")
     try:
       if httpx.get(url + "/health", timeout=1).status_code == 200:
         return proc, url
     except httpx.HTTPError:
-      time.sleep(0.5)
+      time.sleep(0.2)
   proc.kill()
   raise RuntimeError(f"the server did not start in {timeout} s")
 

@@ -571,11 +571,7 @@ class Generator:
       raise ValueError(f"insert: new_row must be in 0..{nb - 1}, got {new_row}")
     if self.sink is None and self.max_len is None:
       raise ValueError("insert needs a Generator with a fixed max_len (the cache length)")
-    state.cache._check_same_layout(new.cache, "insert")
-    for j in state.cache.layers:
-      if state.cache.slots(j) != new.cache.slots(j):
-        raise ValueError(f"insert: the caches differ at layer {j}: {state.cache.slots(j)} slots "
-                         f"vs {new.cache.slots(j)}")
+    # KVCache.insert_row checks the two caches' layouts while `_insert` traces.
     # Rows traced, not static: one compilation serves every row (a server inserts into all).
     out = _insert(state, new, jnp.asarray(row, jnp.int32), jnp.asarray(new_row, jnp.int32))
     return _shard_state(out, self.mesh)

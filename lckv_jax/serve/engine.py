@@ -218,7 +218,8 @@ class Engine:
       elif done[row]:
         reason = "stop" if req.generated and int(tokens[row, req.generated - 1]) in \
             self.eos_ids else "length"
-      req.emit(new, reason)
+      if new or reason is not None:  # rows with nothing new send nothing across threads
+        req.emit(new, reason)
       if reason is not None:
         finished.append(row)
         if req.generated > 1:

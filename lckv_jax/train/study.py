@@ -279,13 +279,9 @@ def measure(entry: Entry, settings: Settings, task_files: Sequence[str]) -> dict
       rec.update(eval_loss_sequential=ev[-1]["eval_loss"],
                  eval_ppl_sequential=ev[-1]["eval_ppl"])
   rec.update(train_tokens_per_s(wd))
-  with open(os.path.join(wd, "model", "config.json"), encoding="utf-8") as f:
-    cfg = json.load(f)
-  head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_heads"]
-  itemsize = 2 if cfg.get("run", {}).get("dtype", "bfloat16") in ("bfloat16", "float16") else 4
-  rec["kv_bytes_per_token"] = entry.kv_layers * lt_lib.kv_bytes_per_key(
-      cfg["num_kv_heads"], head_dim, itemsize)
-  rec["num_layers"] = cfg["num_layers"]
+  from lckv_jax import checkpoint  # reads config.json only: this process stays off the device
+  cfg = checkpoint.load_config(os.path.join(wd, "model"))
+  rec.update(kv_bytes_per_token=cfg.kv_cache_bytes_per_token(), num_layers=cfg.num_layers)
   if task_files:
     cmd = [settings.python, "-m", "lckv_jax.eval.multiple_choice",
            f"--checkpoint={os.path.join(wd, 'model')}"]
@@ -394,11 +390,17 @@ def _fmt(x, spec: str = ",.0f") -> str:
   return "–" if x is None else format(x, spec)
 
 
+def baseline_tokens_per_s(rows: Sequence[dict]) -> float | None:
+  """The standard model's training tokens/s, the mean over its seeds: what costs compare to."""
+  base = [r["train_tokens_per_s"] for r in rows
+          if r["group"] == "baseline" and r.get("train_tokens_per_s")]
+  return sum(base) / len(base) if base else None
+
+
 def table(records: dict[str, dict]) -> str:
   """The study as a markdown table, one row per configuration, grouped as the grid is."""
   rows = list(records.values())
-  base = [r for r in rows if r["group"] == "baseline" and "train_tokens_per_s" in r]
-  base_tps = sum(r["train_tokens_per_s"] for r in base) / len(base) if base else None
+  base_tps = baseline_tokens_per_s(rows)
   task = sorted({t for r in rows for t in r.get("tasks", {})})
   head = ["configuration", "layer_types", "KV layers", "KV bytes/token", "held-out ppl",
           "exact ppl", *[f"{t} acc" for t in task], "train tok/s", "train cost",
@@ -455,6 +457,12 @@ def plots(records: dict[str, dict], out_dir: str) -> list[str]:
     if r["group"] not in colors:
       colors[r["group"]] = palette[len(colors) % len(palette)]
 
+  def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    written.append(path)
+
   def scatter(ax, xs, ys, names, groups):
     for x, y, n, g in zip(xs, ys, names, groups):
       ax.scatter(x, y, color=colors[g], s=18)
@@ -470,10 +478,7 @@ def plots(records: dict[str, dict], out_dir: str) -> list[str]:
   ax.set_ylabel("held-out perplexity")
   ax.set_title("Quality against KV-cache size")
   path = os.path.join(out_dir, "study_ppl_vs_kv.png")
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
-  written.append(path)
+  save(fig, path)
 
   for p, g in DECODE_SETTINGS:
     key = f"decode_{p}+{g}"
@@ -491,16 +496,11 @@ def plots(records: dict[str, dict], out_dir: str) -> list[str]:
     ax.set_ylabel("held-out perplexity")
     ax.set_title("Throughput against quality")
     path = os.path.join(out_dir, f"study_throughput_{p}_{g}.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    written.append(path)
+    save(fig, path)
 
-  base = [r["train_tokens_per_s"] for r in rows
-          if r["group"] == "baseline" and r.get("train_tokens_per_s")]
+  ref = baseline_tokens_per_s(rows)
   timed = [r for r in rows if r.get("train_tokens_per_s")]
-  if base and timed:
-    ref = sum(base) / len(base)
+  if ref and timed:
     fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(timed))))
     ax.barh([r["name"] for r in timed], [ref / r["train_tokens_per_s"] for r in timed],
             color=[colors[r["group"]] for r in timed])
@@ -509,10 +509,7 @@ def plots(records: dict[str, dict], out_dir: str) -> list[str]:
     ax.set_xlabel("training time per token, relative to the standard transformer")
     ax.set_title("Training cost")
     path = os.path.join(out_dir, "study_train_cost.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    written.append(path)
+    save(fig, path)
   return written
 
 

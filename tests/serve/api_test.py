@@ -5,18 +5,16 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
+from benchmarks.serve_load import start_server
 from lckv_jax import checkpoint
 from lckv_jax.generation import generate
 from lckv_jax.tokenizer import ByteTokenizer
-from tests import ROOT, tiny
+from tests import tiny
 from tests.generation_test import prompts
 
 openai = pytest.importorskip("openai")
@@ -24,32 +22,11 @@ openai = pytest.importorskip("openai")
 MAX_PROMPT, MAX_TOKENS = 32, 200
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start(path, *flags):
-  port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("LCKV_DEBUG", None)
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "lckv_jax.serve", f"--checkpoint={path}", f"--port={port}",
-       f"--max_prompt={MAX_PROMPT}", f"--max_tokens={MAX_TOKENS}", *flags],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 180
-  while time.monotonic() < deadline:
-    if proc.poll() is not None:
-      raise RuntimeError(f"the server exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
-    try:
-      if httpx.get(url + "/health", timeout=1).status_code == 200:
-        return proc, url
-    except httpx.HTTPError:
-      time.sleep(0.2)
-  proc.kill()
-  raise RuntimeError("the server did not start in 180 s")
+  return start_server(path, [f"--max_prompt={MAX_PROMPT}", f"--max_tokens={MAX_TOKENS}", *flags],
+                      timeout=180, env=env)
 
 
 @pytest.fixture(scope="module")
