@@ -4,6 +4,7 @@ trade-off (lckv_jax/train/study.py says what is measured and how).
   python study.py --workdir=/tmp/study                          # the paper's grid, 110M shape
   python study.py --workdir=/tmp/study --grid=llama,sandwich-middle:3,lasagna-bottom:6
   python study.py --workdir=/tmp/study --report_only            # the table and plots again
+  python study.py --workdir=/tmp/study --jobs=3                  # 3 configurations at once
 
 Every configuration trains for the same number of steps (--steps, default the config's) in
 <workdir>/<name>, through train.py. A configuration in <workdir>/study.json is done and skipped;
@@ -34,6 +35,47 @@ def heldout_documents(config) -> list[str]:
   return sources.split_documents(sources.read_documents(d.source, query), d.eval_fraction)[1]
 
 
+def visible_gpus() -> tuple[str, ...]:
+  """The GPUs this process may use, without starting JAX (the parent of the jobs stays off the
+  device): CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists, else none."""
+  import shutil
+  import subprocess
+  if os.environ.get("CUDA_VISIBLE_DEVICES"):
+    return tuple(d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d)
+  if not shutil.which("nvidia-smi"):
+    return ()
+  out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+  return tuple(str(i) for i, line in enumerate(out.stdout.splitlines())
+               if line.startswith("GPU "))
+
+
+def apply_sets(config, sets: list[str]):
+  """`--set FIELD=VALUE` on the base config (what the timing pass needs to know of the runs;
+  train.py reads the same flags itself). A value is read as a Python literal, else a string."""
+  import ast
+  for s in sets:
+    if "=" not in s:
+      raise ValueError(f"--set {s!r}: give FIELD=VALUE, e.g. batch_size=16")
+    field, text = s.split("=", 1)
+    try:
+      value = ast.literal_eval({"true": "True", "false": "False"}.get(text.lower(), text))
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = field.split(".")
+    node = config
+    try:
+      for p in parents:
+        node = node[p]
+      if leaf not in node:
+        raise KeyError(field)
+      node[leaf] = value
+    except KeyError:
+      raise ValueError(f"--set {s!r}: the config has no field {field!r}") from None
+    except TypeError as e:
+      raise ValueError(f"--set {s!r}: {e}") from None
+  return config
+
+
 def main(argv: list[str]) -> int:
   from lckv_jax.train import study
   from lckv_jax.train.config import from_file, model_config
@@ -58,7 +100,14 @@ def main(argv: list[str]) -> int:
   p.add_argument("--decode_steps", type=int, default=512,
                  help="decode steps timed per throughput run, the rest projected (0: all); "
                  "few steps overstate a long generation's time")
-  p.add_argument("--no_throughput", action="store_true", help="skip the decode measurements")
+  p.add_argument("--no_throughput", action="store_true",
+                 help="skip the speed measurements (training step, prefill, decoding)")
+  p.add_argument("--jobs", type=int, default=1,
+                 help="configurations trained and scored at once: one per GPU, or sharing the "
+                 "GPUs when more (a small model leaves most of a GPU idle); the speeds are "
+                 "measured after, one configuration at a time")
+  p.add_argument("--devices", default=None,
+                 help="comma-separated GPU ids for the jobs (default: the visible GPUs)")
   p.add_argument("--tasks", action="append", default=[],
                  help="a multiple-choice JSONL task file to score as well (repeatable)")
   p.add_argument("--task_examples", type=int, default=200,
@@ -71,16 +120,15 @@ def main(argv: list[str]) -> int:
   p.add_argument("--report_only", action="store_true", help="write the table and plots only")
   args = p.parse_args(argv)
 
-  for s in args.set:
-    if "=" not in s:
-      raise ValueError(f"--set {s!r}: give FIELD=VALUE, e.g. batch_size=16")
+  if args.jobs < 1:
+    raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
   records_path = os.path.join(args.workdir, study.RECORDS)
   if args.report_only:
     records = study.read_records(records_path)
     if not records:
       raise ValueError(f"--report_only: no records in {records_path}")
   else:
-    base = from_file(args.config)
+    base = apply_sets(from_file(args.config), args.set)
     num_layers = model_config(base).num_layers
     if args.grid == "paper":
       reductions = [int(r) for r in args.reductions.split(",") if r]
@@ -102,7 +150,13 @@ def main(argv: list[str]) -> int:
         config=args.config, workdir=args.workdir,
         steps=args.steps or base.steps, train_args=tuple(f"--config.{s}" for s in args.set),
         cap_bytes=args.cap_bytes, decode_steps=args.decode_steps or None,
-        throughput=not args.no_throughput, log=lambda s: print(s, flush=True))
+        throughput=not args.no_throughput, log=lambda s: print(s, flush=True),
+        train_shape=study.TrainShape(
+            batch=base.batch_size, seq=base.seq_len, dtype=base.model.dtype,
+            remat=base.model.remat, forward_passes=base.model.forward_passes,
+            backward_passes=base.model.backward_passes),
+        jobs=args.jobs, devices=tuple(d for d in (args.devices or "").split(",") if d)
+        or visible_gpus())
     records = study.run(entries, settings, task_files, args.max_new)
   for path in study.report(records, args.workdir):
     print(f"wrote {path}")

@@ -11,7 +11,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-SHAPES = ("tiny", "50m", "1b", "7b", "30b")  # the model sections of configs/<shape>.py
+SHAPES = ("tiny", "50m", "study_110m", "1b", "7b", "30b")  # model sections of configs/<shape>.py
 
 
 def config_path(shape: str) -> str:

@@ -26,11 +26,16 @@ def test_the_study_trains_measures_resumes_and_reports(tmp_path):
              "--config.model.layer_types=0_2_2_3", "--config.steps=4", "--config.batch_size=2",
              "--config.seq_len=32", "--config.log_every=1", "--max_steps=2")
   assert out.returncode == 0, out.stderr[-2000:]
+  # Both at once, sharing the (CPU) device: each trains with its progress in its own log.
   out = _run("study.py", f"--workdir={wd}", "--grid=llama,lckv", "--no_throughput",
-             "--task_examples=10", *FLAGS)
+             "--task_examples=10", "--jobs=2", *FLAGS)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
   log = out.stdout
-  assert "study: 2 configurations, 0 done, 2 to run (4 steps each)" in log
+  assert "study: 2 configurations, 0 done, 2 to run (4 steps each) in" in log
+  assert "; 2 at once" in log
+  for name in ("llama", "lckv"):
+    assert f"{name}: training, progress in {wd}/{name}.log" in log
+    assert "step" in open(os.path.join(wd, f"{name}.log")).read()
   assert "[1/2] llama (baseline): layer_types=0_1_2_3, 4 KV layers" in log
   assert "[2/2] lckv (custom): layer_types=0_2_2_3, 3 KV layers, iterative (resuming)" in log
   with open(os.path.join(wd, "lckv", "metrics.jsonl")) as f:
@@ -48,7 +53,7 @@ def test_the_study_trains_measures_resumes_and_reports(tmp_path):
   task = lckv["tasks"]["heldout_continuation.jsonl"]
   assert task["n"] == 10 and 0 <= task["acc"] <= 1
   assert records["llama"]["kv_bytes_per_token"] == 4 / 3 * lckv["kv_bytes_per_token"]
-  assert lckv["train_tokens_per_s"] > 0
+  assert lckv["train_tokens_per_s"] > 0 and lckv["train_shared_device"]
   for name in ("study.md", "study_ppl_vs_kv.png", "study_train_cost.png"):
     assert os.path.getsize(os.path.join(wd, name)) > 0
   # Done configurations are skipped; the report can be drawn again on its own.

@@ -9,19 +9,26 @@ latency and training cost. `run` does that for a grid of `Entry`s:
 1. trains each in its own workdir with `train.py` (a subprocess; the same token budget for all;
    a configuration already in the record file is skipped, an interrupted one resumes from its
    checkpoint, as train.py does);
-2. measures it, each in a subprocess too, so no two processes hold the accelerator at once and
-   one configuration's memory never reaches the next: held-out loss and perplexity
+2. measures it, each in a subprocess too, so one configuration's memory never reaches the next:
+   held-out loss and perplexity
    (`train.py --mode=evaluate`: the parallel iteration plan, and for a configuration with a cycle
    the exact sequential model as well), a multiple-choice task (continuations of held-out
    passages, made from the held-out documents; `--tasks` adds the user's), KV-cache bytes per
    token, training tokens/s (the median of the run's logged steps); then, for all trained
-   configurations at once, prefill latency and decode throughput at the largest batch under a
-   memory cap for a short and a long prompt (`benchmarks.throughput`);
+   configurations, one process at a time on the device: the training step's time alone
+   (`benchmarks.train_speed`: the training cost), prefill latency and decode throughput at the
+   largest batch under a memory cap for a short and a long prompt (`benchmarks.throughput`);
 3. writes one record file (`study.json`: one entry per configuration), a markdown table
    (`study.md`) and plots (`study_*.png`).
 
 Training and evaluation go through train.py's own code, so a study run gets its checks: locks,
 divergence, damaged checkpoints, memory before compiling.
+
+`jobs` configurations train and are scored at once, each on its own GPU where there are as many
+(`devices`), else sharing them: a 110M model leaves most of an H200 idle, and much of a
+configuration's time is start-up and compilation on the host. Their logged tokens/s are then
+shared-device numbers (`train_shared_device`), which is why the training cost comes from the
+timing pass above, where each configuration has the device to itself.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ import dataclasses
 import json
 import math
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from lckv_jax import layer_types as lt_lib
 
@@ -146,12 +155,26 @@ def write_records(path: str, records: dict[str, dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainShape:
+  """What the training-step timing runs: the study's batch, length, dtype, remat and plan."""
+  batch: int
+  seq: int
+  dtype: str = "bfloat16"
+  remat: str = "none"
+  forward_passes: int = 7  # m, unless an entry overrides it
+  backward_passes: int = 2  # b
+
+
 @dataclasses.dataclass
 class Settings:
   config: str  # configs/<shape>.py
   workdir: str
   steps: int
   train_args: tuple[str, ...] = ()  # more --config.* flags for every configuration
+  train_shape: TrainShape | None = None  # None: no training-step timing pass
+  jobs: int = 1  # configurations trained and scored at once
+  devices: tuple[str, ...] = ()  # GPUs to spread the jobs over (CUDA_VISIBLE_DEVICES); ()=all
   cap_bytes: int | None = None  # memory cap of the decode-throughput runs
   # Decode steps timed (the rest projected at the measured roofline fraction); None: all. Too
   # few overstate a long generation: the first steps are overhead-bound (H200, 110M llama,
@@ -169,14 +192,42 @@ def _config_flags(settings: Settings, entry: Entry) -> list[str]:
   return flags
 
 
-def _run(cmd: list[str], settings: Settings, capture: bool = False, env=None) -> str:
-  """Runs a command from the repository root; its output passes through unless captured."""
+def _run(cmd: list[str], settings: Settings, capture: bool = False, env=None,
+         log_file: str | None = None) -> str:
+  """Runs a command from the repository root; its output passes through unless captured (or
+  written to `log_file`)."""
+  if log_file:
+    with open(log_file, "a", encoding="utf-8") as f:
+      out = subprocess.run(cmd, cwd=ROOT, text=True, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if out.returncode != 0:
+      with open(log_file, encoding="utf-8", errors="replace") as f:
+        tail = f.read()[-2000:]
+      raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {out.returncode}; {log_file} ended:\n"
+                         f"{tail}")
+    return ""
   out = subprocess.run(cmd, cwd=ROOT, text=True, env=env,
                        stdout=subprocess.PIPE if capture else None)
   if out.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {out.returncode}"
                        + (f"; its output ended:\n{out.stdout[-2000:]}" if capture else ""))
   return out.stdout or ""
+
+
+def job_env(slot: int, settings: Settings) -> dict | None:
+  """The environment of the job in `slot`: its GPU when there are several, and no
+  preallocation when jobs share a device (JAX would otherwise take 75% of it for each)."""
+  if settings.jobs <= 1:
+    return None
+  env = dict(os.environ)
+  if settings.devices:
+    env["CUDA_VISIBLE_DEVICES"] = settings.devices[slot % len(settings.devices)]
+  if shared_devices(settings):
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  return env
+
+
+def shared_devices(settings: Settings) -> bool:
+  return settings.jobs > max(1, len(settings.devices))
 
 
 def _json_lines(text: str) -> list[dict]:
@@ -209,76 +260,82 @@ def train_tokens_per_s(workdir: str) -> dict:
   return dict(train_tokens_per_s=med, train_loss=rows[-1].get("loss"))
 
 
-def measure_throughput(entries: Sequence[Entry], settings: Settings, shape: str
-                       ) -> dict[str, dict]:
+def measure_throughput(entries: Sequence[Entry], settings: Settings, shape: str,
+                       per_process: int = 6) -> Iterator[dict[str, dict]]:
   """Decode tokens/s at the largest batch under the cap for each decode setting, and the
   prefill latency of `PREFILL_ROWS` rows of the longest prompt, per entry name
   (`benchmarks.throughput`: random weights of the trained shape, since speed does not depend on
-  them). One subprocess per
-  setting runs every configuration of the same prefill iterations in turn (one start-up, one
-  measurement of the ceilings)."""
-  out: dict[str, dict] = {e.name: {} for e in entries}
+  them). One subprocess per setting runs up to `per_process` configurations of the same prefill
+  iterations in turn (one start-up, one measurement of the ceilings); yields what each
+  subprocess measured as soon as it ends, so that an interrupted study keeps it."""
   by_iterations: dict[int | None, list[Entry]] = {}
   for e in entries:
     m = dict(e.overrides).get("model.forward_passes")
     by_iterations.setdefault(None if m is None else m + 2, []).append(e)  # m + b, b = 2
-  for iterations, group in by_iterations.items():
-    strings = list(dict.fromkeys(e.layer_types for e in group))
-    base = [settings.python, "-m", "benchmarks.throughput", f"--shape={shape}",
-            "--layer_types", *strings, "--repeats=1",
-            f"--out={os.path.join(settings.workdir, 'throughput')}"]
-    if settings.cap_bytes:
-      base.append(f"--cap_bytes={settings.cap_bytes}")
-    if iterations:
-      base.append(f"--prefill_iterations={iterations}")
-    longest = max(p + g for p, g in DECODE_SETTINGS) - 2
-    runs = [(f"decode_{p}+{g}", [f"--prompt={p}", f"--gen={g}", "--batch", "--max_batch"]
-             + ([f"--decode_steps={settings.decode_steps}"] if settings.decode_steps else []))
-            for p, g in DECODE_SETTINGS]
-    # 16 rows of the longest prompt, the last of 3 runs: one row of a small model is launch
-    # overhead (H200, 110M, 2,046 tokens: 18-34 ms whatever the configuration), and a first run
-    # pays one-time costs that compile events miss.
-    runs.append(("prefill", [f"--prompt={longest}", "--gen=2", "--batch", str(PREFILL_ROWS),
-                             "--repeats=3"]))
-    for key, flags in runs:
-      try:
-        printed = _run(base + flags, settings, capture=True)
-      except RuntimeError as e:  # e.g. not even batch 1 fits the cap: the others still run
-        settings.log(f"throughput {key} of {', '.join(e.name for e in group)}: {e}")
-        continue
-      for r in _json_lines(printed):
-        lt = r.get("label", "").split(" ", 1)[-1]
-        for e in group:
-          if e.layer_types != lt:
-            continue
-          if key == "prefill":
-            out[e.name].update(prefill_latency_s=r["prefill_s"], prefill_tokens=longest,
-                               prefill_rows=PREFILL_ROWS)
-          else:
-            out[e.name][key] = dict(batch=r["batch"], tokens_per_s=r["tokens_per_s"],
-                                    decode_tokens_per_s=r["decode_tokens_per_s"])
-  return out
+  longest = max(p + g for p, g in DECODE_SETTINGS) - 2
+  runs = [(f"decode_{p}+{g}", [f"--prompt={p}", f"--gen={g}", "--batch", "--max_batch"]
+           + ([f"--decode_steps={settings.decode_steps}"] if settings.decode_steps else []))
+          for p, g in DECODE_SETTINGS]
+  # 16 rows of the longest prompt, the last of 3 runs: one row of a small model is launch
+  # overhead (H200, 110M, 2,046 tokens: 18-34 ms whatever the configuration), and a first run
+  # pays one-time costs that compile events miss.
+  runs.append(("prefill", [f"--prompt={longest}", "--gen=2", "--batch", str(PREFILL_ROWS),
+                           "--repeats=3"]))
+  for iterations, entries_m in by_iterations.items():
+    for i in range(0, len(entries_m), per_process):
+      group = entries_m[i:i + per_process]
+      strings = list(dict.fromkeys(e.layer_types for e in group))
+      base = [settings.python, "-m", "benchmarks.throughput", f"--shape={shape}",
+              "--layer_types", *strings, "--repeats=1",
+              f"--out={os.path.join(settings.workdir, 'throughput')}"]
+      if settings.cap_bytes:
+        base.append(f"--cap_bytes={settings.cap_bytes}")
+      if iterations:
+        base.append(f"--prefill_iterations={iterations}")
+      for key, flags in runs:
+        try:
+          printed = _run(base + flags, settings, capture=True)
+        except RuntimeError as e:  # e.g. not even batch 1 fits the cap: the others still run
+          settings.log(f"throughput {key} of {', '.join(e.name for e in group)}: {e}")
+          continue
+        out: dict[str, dict] = {}
+        for r in _json_lines(printed):
+          lt = r.get("label", "").split(" ", 1)[-1]
+          for e in group:
+            if e.layer_types != lt:
+              continue
+            if key == "prefill":
+              out.setdefault(e.name, {}).update(
+                  prefill_latency_s=r["prefill_s"], prefill_tokens=longest,
+                  prefill_rows=PREFILL_ROWS)
+            else:
+              out.setdefault(e.name, {})[key] = dict(
+                  batch=r["batch"], tokens_per_s=r["tokens_per_s"],
+                  decode_tokens_per_s=r["decode_tokens_per_s"])
+        yield out
 
 
-def measure(entry: Entry, settings: Settings, task_files: Sequence[str]) -> dict:
-  """Everything the study compares for one trained configuration."""
+def measure(entry: Entry, settings: Settings, task_files: Sequence[str], env=None) -> dict:
+  """Everything the study compares for one trained configuration (but the speeds)."""
   wd = os.path.join(settings.workdir, slug(entry.name))
   flags = _config_flags(settings, entry)
   train = [settings.python, "train.py", f"--workdir={wd}", *flags]
   rec = dict(name=entry.name, layer_types=entry.layer_types, group=entry.group,
              overrides=dict(entry.overrides), kv_layers=entry.kv_layers, cyclic=entry.cyclic,
              steps=settings.steps)
-  ev = _json_lines(_run(train + ["--mode=evaluate"], settings, capture=True))
+  ev = _json_lines(_run(train + ["--mode=evaluate"], settings, capture=True, env=env))
   if ev:
     rec.update(eval_loss=ev[-1]["eval_loss"], eval_ppl=ev[-1]["eval_ppl"],
                eval_tokens=ev[-1].get("eval_tokens"))
   if entry.cyclic:  # the exact model: one token at a time, each seeing earlier tokens' KV
     ev = _json_lines(_run(train + ["--mode=evaluate", "--config.model.use_sequential=True"],
-                          settings, capture=True))
+                          settings, capture=True, env=env))
     if ev:
       rec.update(eval_loss_sequential=ev[-1]["eval_loss"],
                  eval_ppl_sequential=ev[-1]["eval_ppl"])
   rec.update(train_tokens_per_s(wd))
+  if shared_devices(settings):
+    rec["train_shared_device"] = True  # the logged tokens/s: not the training cost
   from lckv_jax import checkpoint  # reads config.json only: this process stays off the device
   cfg = checkpoint.load_config(os.path.join(wd, "model"))
   rec.update(kv_bytes_per_token=cfg.kv_cache_bytes_per_token(), num_layers=cfg.num_layers)
@@ -288,14 +345,77 @@ def measure(entry: Entry, settings: Settings, task_files: Sequence[str]) -> dict
     for t in task_files:
       cmd.append(f"--tasks={t}")
     rec["tasks"] = {r["task"]: dict(acc=r["acc"], acc_norm=r["acc_norm"], n=r["n"])
-                    for r in _json_lines(_run(cmd, settings, capture=True)) if "task" in r}
+                    for r in _json_lines(_run(cmd, settings, capture=True, env=env))
+                    if "task" in r}
+  return rec
+
+
+def measure_train_speed(entries: Sequence[Entry], settings: Settings, shape: str
+                        ) -> dict[str, dict]:
+  """The training step's time of each entry alone on the device (`benchmarks.train_speed`: the
+  study's batch, length and plan, random tokens): one process per iteration count m, which
+  compiles its configurations side by side and times them one after the other."""
+  ts = settings.train_shape
+  out: dict[str, dict] = {}
+  by_m: dict[int, list[Entry]] = {}
+  for e in entries:
+    by_m.setdefault(int(dict(e.overrides).get("model.forward_passes", ts.forward_passes)),
+                    []).append(e)
+  for m, group in by_m.items():
+    strings = list(dict.fromkeys(e.layer_types for e in group))
+    cmd = [settings.python, "-m", "benchmarks.train_speed", f"--shape={shape}",
+           "--layer_types", *strings, f"--m={m}", f"--b={ts.backward_passes}",
+           f"--batch={ts.batch}", f"--seq={ts.seq}", f"--dtype={ts.dtype}",
+           f"--remat={ts.remat}", "--steps=10", f"--tag=m{m}",
+           f"--out={os.path.join(settings.workdir, 'train_speed')}"]
+    try:
+      printed = _run(cmd, settings, capture=True)
+    except RuntimeError as e:
+      settings.log(f"training-step timing of {', '.join(e.name for e in group)}: {e}")
+      continue
+    for r in _json_lines(printed):
+      for e in group:
+        if e.layer_types == r.get("layer_types") and "step_s" in r:
+          out[e.name] = dict(train_step_s=r["step_s"], train_speed_tokens_per_s=r["tokens_per_s"],
+                             train_mfu=r.get("mfu"))
+  return out
+
+
+def _train_and_measure(n: int, entry: Entry, entries: Sequence[Entry], settings: Settings,
+                       task_files: Sequence[str], slot: int) -> dict:
+  total = len(entries)
+  wd = os.path.join(settings.workdir, slug(entry.name))
+  env = job_env(slot, settings)
+  where = (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env and "CUDA_VISIBLE_DEVICES" in env
+           else "")
+  settings.log(f"[{n}/{total}] {entry.name} ({entry.group}): layer_types="
+               f"{entry.layer_types}, {entry.kv_layers} KV layers"
+               + (", iterative" if entry.cyclic else "")
+               + (" (resuming)" if os.path.isdir(os.path.join(wd, "checkpoints")) else "")
+               + where)
+  t0 = time.time()
+  if not os.path.exists(os.path.join(wd, "model", "config.json")):
+    # Alone, train.py draws its progress bar (step, loss, tokens/s) under this line; beside
+    # other jobs it writes to <workdir>/<name>.log instead.
+    log_file = None
+    if settings.jobs > 1:
+      log_file = os.path.join(settings.workdir, slug(entry.name) + ".log")
+      settings.log(f"[{n}/{total}] {entry.name}: training, progress in {log_file}")
+    _run([settings.python, "train.py", f"--workdir={wd}", *_config_flags(settings, entry)],
+         settings, env=env, log_file=log_file)
+  t1 = time.time()
+  settings.log(f"[{n}/{total}] {entry.name}: trained in {t1 - t0:,.0f} s; measuring")
+  rec = measure(entry, settings, task_files, env)
+  rec.update(train_wall_s=round(t1 - t0, 1), measure_wall_s=round(time.time() - t1, 1))
+  settings.log(f"[{n}/{total}] {entry.name}: " + summary_line(rec))
   return rec
 
 
 def run(entries: Sequence[Entry], settings: Settings, task_files: Sequence[str] = (),
         max_new: int | None = None) -> dict:
   """Trains and measures every entry not yet in the record file (at most `max_new` of them this
-  time), then times the decoding of those without timings; returns the records."""
+  time, `settings.jobs` at once), then times the training step, prefill and decoding of those
+  without timings, one at a time; returns the records."""
   os.makedirs(settings.workdir, exist_ok=True)
   path = os.path.join(settings.workdir, RECORDS)
   records = read_records(path)
@@ -303,35 +423,58 @@ def run(entries: Sequence[Entry], settings: Settings, task_files: Sequence[str] 
   settings.log(f"study: {len(entries)} configurations, {len(entries) - len(todo)} done, "
                f"{len(todo)} to run ({settings.steps} steps each) in {settings.workdir}"
                + (f"; {max_new} this time" if max_new is not None and max_new < len(todo)
-                  else ""))
+                  else "")
+               + (f"; {settings.jobs} at once" if settings.jobs > 1 else ""))
   todo = todo[:max_new] if max_new is not None else todo
+  work: queue.Queue = queue.Queue()
   for n, entry in enumerate(entries, 1):
-    if entry not in todo:
-      continue
-    wd = os.path.join(settings.workdir, slug(entry.name))
-    settings.log(f"[{n}/{len(entries)}] {entry.name} ({entry.group}): layer_types="
-                 f"{entry.layer_types}, {entry.kv_layers} KV layers"
-                 + (", iterative" if entry.cyclic else "")
-                 + (" (resuming)" if os.path.isdir(os.path.join(wd, "checkpoints")) else ""))
-    t0 = time.time()
-    if not os.path.exists(os.path.join(wd, "model", "config.json")):
-      # train.py draws its own progress bar (step, loss, tokens/s) under this line.
-      _run([settings.python, "train.py", f"--workdir={wd}", *_config_flags(settings, entry)],
-           settings)
-    t1 = time.time()
-    settings.log(f"[{n}/{len(entries)}] {entry.name}: trained in {t1 - t0:,.0f} s; measuring")
-    rec = measure(entry, settings, task_files)
-    rec.update(train_wall_s=round(t1 - t0, 1), measure_wall_s=round(time.time() - t1, 1))
-    records[entry.name] = rec
-    write_records(path, records)
-    settings.log(f"[{n}/{len(entries)}] {entry.name}: " + summary_line(rec))
+    if entry in todo:
+      work.put((n, entry))
+  lock = threading.Lock()
+  failures: list[BaseException] = []
+
+  def worker(slot: int) -> None:
+    while not failures:
+      try:
+        n, entry = work.get_nowait()
+      except queue.Empty:
+        return
+      try:
+        rec = _train_and_measure(n, entry, entries, settings, task_files, slot)
+      except BaseException as e:  # noqa: BLE001 - stop the other jobs taking new work; re-raised
+        failures.append(e)
+        return
+      with lock:  # one writer at a time; each write keeps every record so far
+        records[entry.name] = rec
+        write_records(path, records)
+
+  if settings.jobs <= 1:
+    worker(0)
+  else:
+    threads = [threading.Thread(target=worker, args=(slot,), daemon=True)
+               for slot in range(min(settings.jobs, len(todo)))]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  if failures:
+    raise failures[0]
+  shape = os.path.splitext(os.path.basename(settings.config))[0]
+  if settings.throughput and settings.train_shape:
+    untimed = [e for e in entries if e.name in records
+               and "train_speed_tokens_per_s" not in records[e.name]]
+    if untimed:
+      settings.log(f"training-step time of {len(untimed)} configuration(s), each alone")
+      for name, got in measure_train_speed(untimed, settings, shape).items():
+        records[name].update(got)
+      write_records(path, records)
   slow = [e for e in entries if e.name in records and "prefill_latency_s" not in records[e.name]]
   if settings.throughput and slow:
     settings.log(f"decode throughput and prefill latency of {len(slow)} configuration(s)")
-    shape = os.path.splitext(os.path.basename(settings.config))[0]
-    for name, got in measure_throughput(slow, settings, shape).items():
-      records[name].update(got)
-    write_records(path, records)
+    for measured in measure_throughput(slow, settings, shape):
+      for name, got in measured.items():
+        records[name].update(got)
+      write_records(path, records)
   return records
 
 
@@ -340,7 +483,8 @@ def summary_line(rec: dict) -> str:
   if "eval_ppl_sequential" in rec:
     parts.append(f"exact {rec['eval_ppl_sequential']:.2f}")
   if "train_tokens_per_s" in rec:
-    parts.append(f"train {rec['train_tokens_per_s']:,.0f} tok/s")
+    parts.append(f"train {rec['train_tokens_per_s']:,.0f} tok/s"
+                 + (" (device shared)" if rec.get("train_shared_device") else ""))
   for p, g in DECODE_SETTINGS:
     d = rec.get(f"decode_{p}+{g}")
     if d:
@@ -390,31 +534,40 @@ def _fmt(x, spec: str = ",.0f") -> str:
   return "–" if x is None else format(x, spec)
 
 
+def train_speed_key(rows: Sequence[dict]) -> str:
+  """Which training tokens/s the costs compare: the timing pass's (each configuration alone on
+  the device) once the baseline has one, else the median of the runs' logged steps."""
+  timed = any(r["group"] == "baseline" and r.get("train_speed_tokens_per_s") for r in rows)
+  return "train_speed_tokens_per_s" if timed else "train_tokens_per_s"
+
+
 def baseline_tokens_per_s(rows: Sequence[dict]) -> float | None:
   """The standard model's training tokens/s, the mean over its seeds: what costs compare to."""
-  base = [r["train_tokens_per_s"] for r in rows
-          if r["group"] == "baseline" and r.get("train_tokens_per_s")]
+  key = train_speed_key(rows)
+  base = [r[key] for r in rows if r["group"] == "baseline" and r.get(key)]
   return sum(base) / len(base) if base else None
 
 
 def table(records: dict[str, dict]) -> str:
   """The study as a markdown table, one row per configuration, grouped as the grid is."""
   rows = list(records.values())
+  key = train_speed_key(rows)
   base_tps = baseline_tokens_per_s(rows)
   task = sorted({t for r in rows for t in r.get("tasks", {})})
   head = ["configuration", "layer_types", "KV layers", "KV bytes/token", "held-out ppl",
-          "exact ppl", *[f"{t} acc" for t in task], "train tok/s", "train cost",
+          "exact ppl", *[f"{t} acc" for t in task],
+          "train tok/s" + (" (alone)" if key == "train_speed_tokens_per_s" else " (logged)"),
+          "train cost",
           *[f"decode {p}+{g} tok/s (batch)" for p, g in DECODE_SETTINGS], "prefill (s)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     lt = r["layer_types"]
     short = lt if len(lt) <= 40 else lt[:37] + "..."
-    cost = (base_tps / r["train_tokens_per_s"]) if base_tps and r.get("train_tokens_per_s") \
-        else None
+    cost = (base_tps / r[key]) if base_tps and r.get(key) else None
     cells = [r["name"], f"`{short}`", str(r["kv_layers"]), _fmt(r.get("kv_bytes_per_token")),
              _fmt(r.get("eval_ppl"), ".2f"), _fmt(r.get("eval_ppl_sequential"), ".2f")]
     cells += [_fmt(r.get("tasks", {}).get(t, {}).get("acc"), ".3f") for t in task]
-    cells += [_fmt(r.get("train_tokens_per_s")), _fmt(cost, ".2f") + ("x" if cost else "")]
+    cells += [_fmt(r.get(key)), _fmt(cost, ".2f") + ("x" if cost else "")]
     for p, g in DECODE_SETTINGS:
       d = r.get(f"decode_{p}+{g}")
       cells.append(f"{d['tokens_per_s']:,.0f} ({d['batch']})" if d else "–")
@@ -498,11 +651,11 @@ def plots(records: dict[str, dict], out_dir: str) -> list[str]:
     path = os.path.join(out_dir, f"study_throughput_{p}_{g}.png")
     save(fig, path)
 
-  ref = baseline_tokens_per_s(rows)
-  timed = [r for r in rows if r.get("train_tokens_per_s")]
+  ref, key = baseline_tokens_per_s(rows), train_speed_key(rows)
+  timed = [r for r in rows if r.get(key)]
   if ref and timed:
     fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(timed))))
-    ax.barh([r["name"] for r in timed], [ref / r["train_tokens_per_s"] for r in timed],
+    ax.barh([r["name"] for r in timed], [ref / r[key] for r in timed],
             color=[colors[r["group"]] for r in timed])
     ax.axvline(1.0, color="black", lw=0.8)
     ax.invert_yaxis()

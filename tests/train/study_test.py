@@ -114,7 +114,10 @@ def test_throughput_runs_are_the_papers_settings_and_are_read_back(monkeypatch, 
              study.Entry("llama", L.llama(12), "baseline")]
   settings = study.Settings(config="configs/study_110m.py", workdir=str(tmp_path), steps=1,
                             cap_bytes=25_507_659_776, decode_steps=64)
-  out = study.measure_throughput(entries, settings, "study_110m")
+  out = {}
+  for measured in study.measure_throughput(entries, settings, "study_110m"):  # one per process
+    for name, got in measured.items():
+      out.setdefault(name, {}).update(got)
   assert out["sandwich-top:3"] == {
       "decode_5+2043": dict(batch=40, tokens_per_s=1005.0, decode_tokens_per_s=1100.0),
       "decode_512+1024": dict(batch=24, tokens_per_s=1512.0, decode_tokens_per_s=1100.0),
@@ -133,5 +136,59 @@ def test_throughput_runs_are_the_papers_settings_and_are_read_back(monkeypatch, 
   assert {"--prompt=5", "--gen=2043", "--max_batch", "--decode_steps=64"} <= set(short)
   assert {"--prompt=512", "--gen=1024", "--max_batch"} <= set(long)
   assert {"--prompt=2046", "--gen=2", "--repeats=3"} <= set(prefill)
+  # At most `per_process` configurations a process; each process's results come as it ends.
+  calls.clear()
+  parts = list(study.measure_throughput(entries, settings, "study_110m", per_process=1))
+  assert len(calls) == len(parts) == 9
+  assert [sorted(p) for p in parts[:3]] == [["sandwich-top:3"]] * 3
   assert prefill[-3:-1] == ["--batch", "16"]
   assert out["lckv:2 m=4"]["decode_5+2043"]["batch"] == 40
+
+
+def test_the_cost_compares_the_timing_pass_once_the_baseline_has_one(tmp_path):
+  # The logged tokens/s of jobs sharing a device say nothing of the cost; the timing pass does.
+  timed = {r["name"]: dict(r) for r in RECORDS}
+  timed["llama"].update(train_speed_tokens_per_s=2000.0, train_shared_device=True)
+  timed["sandwich-top:2"].update(train_speed_tokens_per_s=1000.0, train_shared_device=True)
+  md = study.table(timed)
+  rows = {line.split(" | ")[0].strip("| "): line for line in md.splitlines()
+          if line.startswith("| ") and "---" not in line}
+  assert "train tok/s (alone)" in md.splitlines()[0]
+  assert "| 2,000 | 1.00x |" in rows["llama"] and "| 1,000 | 2.00x |" in rows["sandwich-top:2"]
+  assert "| – | – |" in rows["lasagna-bottom:2"]  # not timed alone: no cost rather than a mixed one
+  assert "train tok/s (logged)" in study.table({r["name"]: r for r in RECORDS}).splitlines()[0]
+
+
+def test_the_timing_pass_runs_one_process_per_iteration_count(tmp_path, monkeypatch):
+  entries = [study.Entry("llama", "0_1_2_3", "baseline"),
+             study.Entry("lckv", "0_2_2_3", "custom"),
+             study.Entry("lckv m=2", "0_2_2_3", "iterations", (("model.forward_passes", 2),))]
+  calls = []
+
+  def fake_run(cmd, settings, capture=False, env=None, log_file=None):
+    calls.append(cmd)
+    m = int(next(c for c in cmd if c.startswith("--m="))[4:])
+    lts = cmd[cmd.index("--layer_types") + 1:cmd.index(f"--m={m}")]
+    return "\n".join(json.dumps(dict(layer_types=lt, step_s=0.1 * m, tokens_per_s=1000 / m))
+                     for lt in lts) + "\nnot json\n"
+  monkeypatch.setattr(study, "_run", fake_run)
+  settings = study.Settings(config="configs/tiny.py", workdir=str(tmp_path), steps=4,
+                            train_shape=study.TrainShape(batch=2, seq=32, forward_passes=7))
+  got = study.measure_train_speed(entries, settings, "tiny")
+  assert len(calls) == 2  # m=7: llama and lckv together; m=2: alone
+  assert calls[0][calls[0].index("--layer_types") + 1:][:2] == ["0_1_2_3", "0_2_2_3"]
+  assert "--batch=2" in calls[0] and "--seq=32" in calls[0] and "--tag=m2" in calls[1]
+  assert got["lckv"]["train_step_s"] == pytest.approx(0.7)
+  assert got["lckv m=2"]["train_speed_tokens_per_s"] == 500
+
+
+def test_jobs_get_their_own_gpu_or_share_without_preallocating():
+  one = study.Settings(config="c", workdir="w", steps=1)
+  assert study.job_env(0, one) is None  # one job: the environment as it is
+  spread = study.Settings(config="c", workdir="w", steps=1, jobs=2, devices=("0", "1"))
+  assert [study.job_env(s, spread)["CUDA_VISIBLE_DEVICES"] for s in (0, 1)] == ["0", "1"]
+  assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in study.job_env(1, spread)
+  shared = study.Settings(config="c", workdir="w", steps=1, jobs=3, devices=("0",))
+  env = study.job_env(2, shared)
+  assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  assert study.shared_devices(shared) and not study.shared_devices(spread)
