@@ -5,12 +5,18 @@ output lengths; throughput, time to first token and inter-token latency against 
       --rates 1 2 4 8 16 --requests=200
   python -m benchmarks.serve_load --checkpoint=DIR --max_batch=32 --rates 1 4
   python -m benchmarks.serve_load --smoke                      # tiny, on a CPU (CI)
+  python -m benchmarks.serve_load --plot benchmarks/results/serve_load_h200.json \
+      --out benchmarks/results/serve_load_h200.png              # the figure of a record file
 
 It starts `python -m lckv_jax.serve` (random bf16 weights of configs/<shape>.py, saved to a
 temporary folder, or --checkpoint) and drives it with streaming requests from one asyncio client:
 each request's time to first token (TTFT) and the gaps between its tokens (inter-token latency,
 ITL) are measured at the client. Per rate: requests/s and output tokens/s achieved, TTFT and ITL
 p50/p99, rejected requests (429). The server's admitted batch (its max_batch) is in the record.
+
+`sustained_rate` reads a sweep as a serving team does: the highest arrival rate the server keeps
+up with (every request served, achieved rate within 10% of the offered one) while the p99 TTFT
+stays under a limit (`TTFT_P99_LIMIT_S`, 2 s by default: an interactive client's patience).
 """
 
 from __future__ import annotations
@@ -31,6 +37,53 @@ import numpy as np
 
 from benchmarks import records
 from benchmarks.common import ROOT, command, config_path, default_out
+
+
+TTFT_P99_LIMIT_S = 2.0
+
+
+def sustained_rate(results: list[dict], ttft_p99_limit_s: float = TTFT_P99_LIMIT_S
+                   ) -> dict | None:
+  """The result of the highest rate kept up with under the TTFT limit (None if none was): all
+  requests served, achieved requests/s at least 90% of the rate, p99 TTFT <= the limit."""
+  ok = [r for r in results
+        if r["rejected"] == 0 and r["requests_per_s"] >= 0.9 * r["rate"]
+        and r["ttft_p99_s"] is not None and r["ttft_p99_s"] <= ttft_p99_limit_s]
+  return max(ok, key=lambda r: r["rate"], default=None)
+
+
+def saturated_tokens_per_s(results: list[dict]) -> float:
+  """Output tokens/s at the heaviest load of the sweep: what the server does when saturated."""
+  return max(r["output_tokens_per_s"] for r in results)
+
+
+def plot(entries: list[dict], out: str, title: str = "") -> str:
+  """Output tokens/s and p99 TTFT against the arrival rate, one line per served model."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for e in entries:
+    rs = sorted(e["results"], key=lambda r: r["rate"])
+    x = [r["rate"] for r in rs]
+    label = f"{e['label']} (batch {e['max_batch']})"
+    a.plot(x, [r["output_tokens_per_s"] for r in rs], "o-", label=label)
+    b.plot(x, [r["ttft_p99_s"] for r in rs], "o-", label=label)
+  for ax in (a, b):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("arrival rate (requests/s)")
+    ax.grid(alpha=0.3)
+  a.set_ylabel("output tokens/s")
+  b.set_ylabel("time to first token, p99 (s)")
+  b.set_yscale("log")
+  b.axhline(TTFT_P99_LIMIT_S, color="gray", ls="--", lw=0.8)
+  a.legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out, dpi=130)
+  plt.close(fig)
+  return out
 
 
 def _free_port() -> int:
@@ -148,8 +201,13 @@ def main(argv=None) -> str:
   p.add_argument("--memory_bytes", type=int, default=None)
   p.add_argument("--steps_per_tick", type=int, default=8)
   p.add_argument("--smoke", action="store_true", help="tiny model, tiny load (CI)")
+  p.add_argument("--plot", default=None, metavar="RECORDS",
+                 help="draw the figure of this record file to --out (a .png) and stop")
+  p.add_argument("--title", default="")
   p.add_argument("--out", default=default_out())
   args = p.parse_args(argv)
+  if args.plot:
+    return plot(records.read(args.plot), args.out, args.title)
   if args.smoke:
     args.shape, args.rates, args.requests = "tiny", [20.0, 80.0], 12
     args.prompt, args.output, args.max_batch = [2, 20], [2, 16], args.max_batch or 4
@@ -178,6 +236,8 @@ def main(argv=None) -> str:
                                  cfg.vocab_size, seed=int(rate * 1000)))
         print(json.dumps(r), flush=True)
         results.append(r)
+        if r["rejected"] or r["requests_per_s"] < 0.5 * rate:  # far past saturation: stop
+          break
     finally:
       proc.send_signal(signal.SIGTERM)
       proc.wait(120)
@@ -188,6 +248,8 @@ def main(argv=None) -> str:
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, server_start_s=round(startup, 1), results=results,
+      saturated_tokens_per_s=saturated_tokens_per_s(results),
+      sustained=sustained_rate(results), ttft_p99_limit_s=TTFT_P99_LIMIT_S,
       device=device, python=platform.python_version(), command=command(
           "benchmarks.serve_load", argv))
   path = records.record_path(args.out, "serve_load", device)
