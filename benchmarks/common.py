@@ -68,3 +68,25 @@ def packed_rows(batch: int, seq: int, docs: int, seed: int = 0):
     for d, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, seq])):
       seg[r, a:b], pos[r, a:b] = d + 1, np.arange(b - a)
   return jnp.asarray(pos), jnp.asarray(seg)
+
+
+def cap_allocator(cap_bytes: int | None) -> float | None:
+  """Caps JAX's GPU allocator at `cap_bytes` (XLA_PYTHON_CLIENT_MEM_FRACTION of the first
+  visible GPU's memory, read with nvidia-smi), so a run "under a 24 GB cap" cannot use more.
+  Must run before JAX starts its backend; a fraction already set wins. Returns the fraction set,
+  or None (no cap, no GPU, or already set)."""
+  import shutil
+  import subprocess
+  if not cap_bytes or os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION") or not shutil.which(
+      "nvidia-smi"):
+    return None
+  out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                       capture_output=True, text=True)
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+  totals = [int(x) for x in out.stdout.split() if x.strip().isdigit()]
+  if out.returncode != 0 or not totals:
+    return None
+  total = totals[int(visible) if visible.isdigit() and int(visible) < len(totals) else 0] << 20
+  fraction = min(1.0, cap_bytes / total)
+  os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.4f}"
+  return fraction

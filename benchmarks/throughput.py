@@ -6,9 +6,10 @@ paper's number; decode-only tokens/s, prefill time, per-step time and peak devic
 recorded too. Compile time is measured (JAX's compile events) and subtracted from the phase it
 fell in, so one pass per setting suffices.
 
-`--max_batch` finds the largest batch that fits: doubling, then bisection, over a memory model
+`--max_batch` finds the largest batch that fits, exact to one row: doubling, then bisection, over a memory model
 (weights + cache + decode state + the prefill chunk's activations + a reserve) against the
-device's limit (`XLA_PYTHON_CLIENT_MEM_FRACTION` caps it, e.g. to emulate a 24 GB GPU); the run at
+device's limit (`--cap_bytes` caps it in bytes, the GPU allocator with it, e.g. to emulate a 24 GB
+GPU on a larger one); the run at
 that batch confirms it, and an out-of-memory there retries 15% smaller (up to 3 times; on the
 H100 a first out-of-memory was followed by more, so treat such a result with suspicion).
 
@@ -40,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import records
-from benchmarks.common import cache_len, command, default_out, serving_model
+from benchmarks.common import cache_len, cap_allocator, command, default_out, serving_model
 from lckv_jax import roofline as rl
 from lckv_jax.cache import cache_bytes
 from lckv_jax.generation import Generator
@@ -87,9 +88,10 @@ class Clock:
 # ---------------------------------------------------------------------------------------------
 
 
-def find_max_batch(fits, start: int = 1, resolution: float = 1 / 64, limit: int = 1 << 20) -> int:
+def find_max_batch(fits, start: int = 1, resolution: float = 0, limit: int = 1 << 20) -> int:
   """The largest batch b with fits(b): doubling from `start`, then bisection to `resolution`
-  (relative); 0 if even batch 1 does not fit. `fits` must be monotone."""
+  (relative; 0, the default: exact to one row, as `fits` is a memory model and costs nothing);
+  0 if even batch 1 does not fit. `fits` must be monotone."""
   lo, hi = 0, None
   b = max(1, start)
   while b <= limit:  # doubling (halving first when `start` is too big)
@@ -206,8 +208,15 @@ def run_once(model, args, batch: int, ceilings: dict, limit: int) -> dict:
                             rl.decode_step_flops(cfg, batch, last)["total"], bw, rate)
   roof = sum(roofs)
   prefill_roof = rl.prefill_flops(cfg, batch, p, iterations) / rate
+  fraction = roof / decode_s if decode_s else None
+  if fraction is not None and fraction > 1.0:
+    # Faster than the best the device did: the ceilings were measured too low (or the byte count
+    # is off), never a result.
+    print(f"  measurement error: batch {batch} ran at {fraction:.3f} of its roofline (> 1)",
+          flush=True)
+    record["roofline_error"] = True
   record.update(roofline_decode_s=round(roof, 4),
-                decode_roofline_fraction=round(roof / decode_s, 3) if decode_s else None,
+                decode_roofline_fraction=round(fraction, 3) if fraction else None,
                 decode_bound=bound, prefill_flop_s=round(prefill_roof, 4),
                 prefill_vs_flops=round(pre.run / prefill_roof, 3) if prefill_roof else None)
   return record
@@ -228,7 +237,7 @@ def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
   cfg = model.config
   weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   limit = _device_limit()
-  if args.cap_bytes:  # the memory model's budget (the allocator itself is not capped)
+  if args.cap_bytes:  # the memory model's budget; the allocator is capped too (cap_allocator)
     limit = min(limit, args.cap_bytes) if limit else args.cap_bytes
   batches = list(args.batch)
   max_b = None
@@ -306,8 +315,9 @@ def main(argv=None):
   p.add_argument("--decode_steps", type=int, default=None,
                  help="run only the first N decode steps and project the rest (marked projected)")
   p.add_argument("--cap_bytes", type=int, default=None,
-                 help="with --max_batch: the largest batch whose modelled memory fits this many "
-                      "bytes (default: the device's limit)")
+                 help="device memory in bytes: caps the GPU allocator (unless "
+                      "XLA_PYTHON_CLIENT_MEM_FRACTION is set) and, with --max_batch, the memory "
+                      "model the batch is searched on (default: the device's limit)")
   p.add_argument("--smoke", action="store_true", help="tiny model, tiny sizes (CI)")
   p.add_argument("--out", default=default_out(),
                  help="folder of the record file (default $OUT, else benchmarks/results)")
@@ -315,13 +325,18 @@ def main(argv=None):
   args.command = command("benchmarks.throughput", argv)
   if args.smoke:
     args.shape, args.prompt, args.gen, args.batch = "tiny", 8, 4, [2]
+  cap_allocator(args.cap_bytes)  # before JAX starts its backend
   small = args.smoke or jax.default_backend() == "cpu"
-  ceilings = dict(
-      hbm_bytes_per_s=rl.measure_hbm_bandwidth(**({"nbytes": 2**20, "repeats": 2} if small
-                                                  else {})),
-      matmul_flops_per_s=rl.measure_matmul_rate(**({"n": 128, "repeats": 2} if small else {})))
-  print(f"ceilings: HBM {ceilings['hbm_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
-        f"{ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+  # The roofline's ceilings are the best this GPU does now, the decode kernel's own read included.
+  extra = {} if small else {"decode_kernel": rl.measure_decode_kernel_bandwidth()}
+  ceilings = rl.ceilings(small, extra)
+  print(f"ceilings: HBM {ceilings['hbm_bytes_per_s'] / 1e12:.2f} TB/s "
+        f"({ceilings['hbm_ceiling_source']}; "
+        + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in ceilings["hbm_measured_bytes_per_s"].items())
+        + f"), bf16 matmul {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s"
+        + (f"; of the datasheet: {ceilings['hbm_vs_datasheet']:.2f} and "
+           f"{ceilings['matmul_vs_datasheet']:.2f}" if "datasheet" in ceilings else ""),
+        flush=True)
   path = records.record_path(args.out, "throughput", jax.devices()[0].device_kind)
   for lt in args.layer_types:
     # After every model, so a later failure keeps the earlier ones.

@@ -193,6 +193,98 @@ def measure_hbm_bandwidth(nbytes: int = 2**31, dtype=jnp.bfloat16, repeats: int 
   return _PASSES * 2 * n * jnp.dtype(dtype).itemsize / seconds
 
 
+def measure_copy_bandwidth(nbytes: int = 2**31, dtype=jnp.bfloat16, repeats: int = 5) -> float:
+  """Bytes/s of a device-to-device copy of `nbytes` (read + write counted, as memcpy
+  benchmarks do), the best of a copy kernel and the read of its result."""
+  n = nbytes // jnp.dtype(dtype).itemsize
+  x = jax.random.normal(jax.random.key(0), (n,), dtype)
+  copy = jax.jit(lambda x: x.copy())  # noqa: E731 - XLA's copy: no arithmetic, a new buffer
+
+  def once():
+    jax.block_until_ready(copy(x)).delete()
+
+  seconds = _median_seconds(once, repeats)
+  x.delete()
+  return 2 * n * jnp.dtype(dtype).itemsize / seconds
+
+
+@jax.jit
+def _read_sum(x_RxC):
+  return jnp.sum(x_RxC, axis=1, dtype=jnp.float32)  # reads everything, writes R floats
+
+
+def measure_read_bandwidth(nbytes: int = 2**31, dtype=jnp.bfloat16, repeats: int = 5) -> float:
+  """Bytes/s of a read-only pass: a row sum over `nbytes` (the writes, one float a row of 64K
+  elements, are negligible). A decode step is mostly this: weights and cache read once."""
+  n = nbytes // jnp.dtype(dtype).itemsize
+  cols = 1 << 16
+  x = jax.random.normal(jax.random.key(0), (max(1, n // cols), cols), dtype)
+
+  def once():
+    jax.block_until_ready(_read_sum(x)).delete()
+
+  seconds = _median_seconds(once, repeats)
+  nbytes = x.nbytes
+  x.delete()
+  return nbytes / seconds
+
+
+def measure_decode_kernel_bandwidth(nbytes: int = 2**31, repeats: int = 5,
+                                    interpret: bool = False) -> float:
+  """Bytes/s of the decode kernel's own streaming read (`kernels.decode.prefix_attention`): one
+  query per row over every slot of a bf16 cache of about `nbytes` (keys and values), 1b's
+  heads (32 query, 8 KV heads of 128), 4096 slots; bytes = the cache's K and V."""
+  from lckv_jax.kernels import decode
+  heads, kv_heads, dim, slots = 32, 8, 128, 4096
+  batch = max(1, nbytes // (2 * slots * kv_heads * dim * 2))
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(kq, (batch, heads, dim), jnp.bfloat16)
+  k = jax.random.normal(kk, (batch, slots, kv_heads, dim), jnp.bfloat16)
+  v = jax.random.normal(kv, (batch, slots, kv_heads, dim), jnp.bfloat16)
+  start, end = jnp.zeros((batch,), jnp.int32), jnp.full((batch,), slots, jnp.int32)
+  attend = jax.jit(functools.partial(decode.prefix_attention, interpret=interpret))
+
+  def once():
+    jax.block_until_ready(attend(q, k, v, start, end)).delete()
+
+  seconds = _median_seconds(once, repeats)
+  read = k.nbytes + v.nbytes
+  for x in (q, k, v):
+    x.delete()
+  return read / seconds
+
+
+# Vendors' datasheet figures (dense bf16, HBM), by `device_kind`: what the measured ceilings are
+# also given against. H100 SXM: 3.35 TB/s, 989 TFLOP/s; H200: 4.8 TB/s, same tensor cores.
+DATASHEET = {
+    "NVIDIA H100 80GB HBM3": dict(hbm_bytes_per_s=3.35e12, matmul_flops_per_s=989e12),
+    "NVIDIA H200": dict(hbm_bytes_per_s=4.8e12, matmul_flops_per_s=989e12),
+}
+
+
+def ceilings(small: bool = False, extra_hbm: dict[str, float] | None = None) -> dict:
+  """The best this device does, measured now: HBM bandwidth as the maximum of a copy, a
+  read-only reduction, the old elementwise pass and any `extra_hbm` reading (e.g. the decode
+  kernel's own streaming read), and the bf16 matmul rate. A roofline below any of these is not
+  a ceiling. With the device's datasheet figures where known, and the measured fraction of them.
+  `small`: tiny sizes (a CPU, a smoke run)."""
+  size = {"nbytes": 2**20, "repeats": 2} if small else {}
+  hbm = dict(copy=measure_copy_bandwidth(**size), read=measure_read_bandwidth(**size),
+             elementwise=measure_hbm_bandwidth(**size), **(extra_hbm or {}))
+  source = max(hbm, key=hbm.get)
+  out = dict(hbm_bytes_per_s=hbm[source], hbm_ceiling_source=source,
+             hbm_measured_bytes_per_s={k: round(v) for k, v in hbm.items()},
+             matmul_flops_per_s=measure_matmul_rate(**({"n": 128, "repeats": 2} if small
+                                                       else {})))
+  sheet = DATASHEET.get(jax.devices()[0].device_kind)
+  if sheet:
+    out.update(datasheet=sheet,
+               hbm_vs_datasheet=round(out["hbm_bytes_per_s"] / sheet["hbm_bytes_per_s"], 3),
+               matmul_vs_datasheet=round(out["matmul_flops_per_s"]
+                                         / sheet["matmul_flops_per_s"], 3))
+  return out
+
+
 _CHAIN = 4  # products per call: the launch overhead is paid once for 4 n^3 multiply-adds
 
 

@@ -160,3 +160,24 @@ def test_measurements_are_positive_and_finite():
   rate = rf.measure_matmul_rate(n=128, repeats=2)
   for x in (bw, rate):
     assert isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_the_ceiling_is_the_best_of_every_bandwidth_measured(monkeypatch):
+  monkeypatch.setattr(rf, "measure_copy_bandwidth", lambda **kw: 4.3e12)
+  monkeypatch.setattr(rf, "measure_read_bandwidth", lambda **kw: 4.1e12)
+  monkeypatch.setattr(rf, "measure_hbm_bandwidth", lambda **kw: 3.2e12)
+  monkeypatch.setattr(rf, "measure_matmul_rate", lambda **kw: 790e12)
+  monkeypatch.setattr(rf.jax, "devices", lambda: [type("D", (), {"device_kind": "NVIDIA H200"})])
+  c = rf.ceilings(extra_hbm={"decode_kernel": 4.4e12})
+  assert c["hbm_bytes_per_s"] == 4.4e12 and c["hbm_ceiling_source"] == "decode_kernel"
+  assert c["hbm_measured_bytes_per_s"]["elementwise"] == 3.2e12
+  assert c["hbm_vs_datasheet"] == round(4.4 / 4.8, 3) and c["matmul_vs_datasheet"] == 0.799
+  monkeypatch.setattr(rf.jax, "devices", lambda: [type("D", (), {"device_kind": "cpu"})])
+  assert "datasheet" not in rf.ceilings()
+
+
+def test_copy_read_and_decode_kernel_readings_run_on_small_sizes():
+  for x in (rf.measure_copy_bandwidth(nbytes=2**20, repeats=2),
+            rf.measure_read_bandwidth(nbytes=2**20, repeats=2),
+            rf.measure_decode_kernel_bandwidth(nbytes=2**22, repeats=1, interpret=True)):
+    assert isinstance(x, float) and math.isfinite(x) and x > 0

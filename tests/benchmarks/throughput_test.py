@@ -29,3 +29,26 @@ def test_throughput_smoke(tmp_path):
     assert r["roofline_decode_s"] > 0 and r["prefill_flop_s"] > 0
     assert r["cache_bytes"] > 0 and r["batch"] == 2
   assert records[1]["cache_bytes"] < records[0]["cache_bytes"]  # LCKV caches 3 of 4 layers
+
+
+def test_the_default_search_is_exact_to_one_row():
+  import benchmarks.throughput as tp
+  assert tp.find_max_batch(lambda b: b <= 4097, start=32) == 4097
+
+
+def test_a_cap_in_bytes_caps_the_gpu_allocator(monkeypatch):
+  import shutil
+  import subprocess
+  from benchmarks import common
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+  monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+  smi = subprocess.CompletedProcess([], 0, stdout="143771\n81559\n")  # MiB of GPUs 0 and 1
+  monkeypatch.setattr(subprocess, "run", lambda *a, **kw: smi)
+  assert common.cap_allocator(25_507_659_776) == 25_507_659_776 / (81559 << 20)
+  assert common.cap_allocator(25_507_659_776) is None  # already set: left as it is
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+  assert common.cap_allocator(None) is None and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in __import__(
+      "os").environ
+  monkeypatch.setattr(shutil, "which", lambda name: None)  # no GPU tools: nothing to cap
+  assert common.cap_allocator(1 << 30) is None
