@@ -29,6 +29,20 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `gpu` run on a GPU only: elsewhere they are skipped, with the reason."""
+  marked = [item for item in items if item.get_closest_marker("gpu")]
+  if not marked:
+    return
+  import jax
+  if jax.default_backend() == "gpu":
+    return
+  skip = pytest.mark.skip(reason=f"needs a GPU (this backend: {jax.default_backend()}); run "
+                                 "`pytest -m gpu` on one")
+  for item in marked:
+    item.add_marker(skip)
+
+
 @contextlib.contextmanager
 def xla_optimizations():
   """XLA optimizes as it does outside the tests, inside this context (memory measurements)."""

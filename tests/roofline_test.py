@@ -181,3 +181,11 @@ def test_copy_read_and_decode_kernel_readings_run_on_small_sizes():
             rf.measure_read_bandwidth(nbytes=2**20, repeats=2),
             rf.measure_decode_kernel_bandwidth(nbytes=2**22, repeats=1, interpret=True)):
     assert isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.gpu
+def test_the_ceilings_on_a_gpu_are_below_its_datasheet_and_not_far_below():
+  c = rf.ceilings(extra_hbm={"decode_kernel": rf.measure_decode_kernel_bandwidth()})
+  if "datasheet" not in c:
+    pytest.skip(f"no datasheet figures for {rf.jax.devices()[0].device_kind}")
+  assert 0.6 < c["hbm_vs_datasheet"] <= 1.02 and 0.5 < c["matmul_vs_datasheet"] <= 1.02, c

@@ -30,6 +30,27 @@ def test_decode_kernel_equals_attention_over_the_span(heads, kv_heads, slots):
   assert float(jnp.abs(out[3]).max()) == 0.0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+def test_the_compiled_kernel_equals_attention_over_the_span(dtype, atol):
+  # Compiled for the GPU (Triton), not interpreted: 1b's heads, rows of different spans, a ring
+  # window that wraps, and a row that sees nothing.
+  rng = np.random.default_rng(7)
+  b, heads, kv_heads, d, slots = 6, 32, 8, 128, 1024
+  q = jnp.asarray(rng.normal(size=(b, heads, d)), dtype)
+  k, v = (jnp.asarray(rng.normal(size=(b, slots, kv_heads, d)), dtype) for _ in range(2))
+  start = jnp.asarray([0, 0, 100, 900, 5, 512])
+  end = jnp.asarray([1, slots, 700, 1200, 5, 1024])  # row 3 wraps past the end
+  out = prefix_attention(q, k, v, start, end)
+  x = jnp.arange(2 * slots)
+  seen = (x[None] >= start[:, None]) & (x[None] < end[:, None])  # slot x at x % slots
+  mask = jnp.zeros((b, slots), bool).at[:, x % slots].max(seen)[:, None, :]
+  ref = dot_product_attention(q[:, None].astype(jnp.float32), k.astype(jnp.float32),
+                              v.astype(jnp.float32), mask)[:, 0]
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=atol)
+  assert float(jnp.abs(out[4].astype(jnp.float32)).max()) == 0.0
+
+
 def test_decode_kernel_reads_a_ring_buffer_window_that_wraps():
   # Slot x lives at index x % slots: absolute spans past the buffer's end wrap around.
   rng = np.random.default_rng(7)

@@ -78,6 +78,32 @@ def test_chunk_kernels_equal_the_dense_reference(kernel, diag_masked, window, pa
   np.testing.assert_allclose(np.where(real, got, 0), np.where(real, dense, 0), atol=2e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("diag_masked,window,packed", [
+    (False, None, False), (True, None, False), (True, 64, False), (False, None, True)])
+def test_cudnn_equals_the_dense_reference_on_a_gpu(diag_masked, window, packed):
+  q, k, v = (x.astype(jnp.bfloat16) for x in _random(4, b=2, t=256, heads=8, kv_heads=4, d=64))
+  b, t = q.shape[:2]
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  seg = jnp.ones((b, t), jnp.int32)
+  if packed:
+    seg = jnp.concatenate([jnp.ones((b, 100), jnp.int32), 2 * jnp.ones((b, t - 100), jnp.int32)],
+                          1)
+    pos = jnp.concatenate([jnp.arange(100), jnp.arange(t - 100)])[None].repeat(b, 0)
+  mask = dispatch.Mask(diag_masked, window, packed)
+  kv = KV(k, v, pos, seg)
+  dense = dispatch.attend(dispatch.Plan(P, "dense", mask), q.astype(jnp.float32),
+                          KV(k.astype(jnp.float32), v.astype(jnp.float32), pos, seg),
+                          dispatch.Inputs(dense_mask=make_mask(pos, seg, pos, seg,
+                                                               diag_masked=diag_masked,
+                                                               window=window)))
+  got = dispatch.attend(dispatch.Plan(P, "cudnn", mask), q, kv,
+                        dispatch.Inputs(segment_ids=seg if packed else None))
+  rows = slice(1, None) if diag_masked else slice(None)  # a masked diagonal: token 0 sees none
+  np.testing.assert_allclose(np.asarray(got, np.float32)[:, rows], np.asarray(dense)[:, rows],
+                             atol=3e-2)
+
+
 def test_the_decode_kernel_equals_the_dense_reference():
   q, k, v = _random(2, t=32)
   b, slots = k.shape[:2]
