@@ -8,6 +8,10 @@
 - Prompts of different lengths share a batch by left padding (`segment_ids` 0 on pads, positions
   counted per row from the first real token). `Generator.insert` puts a freshly prefilled
   sequence into a free row of a running batch (continuous batching).
+- `Generator(prefill_chunk=C)` prefills C tokens per call (`PrefillJob`: `begin`, `prefill_next`,
+  `finish`), so that a server can run decode steps between a long prompt's chunks. For a model
+  with a cycle this iterates per chunk, a different approximation than the one-shot prefill
+  (`Generator`'s docstring says how).
 - `sink=(n_sink, window)` decodes with a StreamingLLM attention-sink cache (`lckv_jax.cache`):
   constant memory, positions bounded by `n_sink + window`, so generation may run far past
   `max_position_embeddings`.
@@ -279,6 +283,37 @@ class DecodeState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class PrefillJob:
+  """Prompts on their way into a cache, one chunk per `Generator.prefill_next` call.
+
+  `Generator.begin` makes it (host work: padding and checks), `prefill_next` runs the next chunk
+  on the device, `finish` samples the first tokens once `done`. A server interleaves these calls
+  with decode steps, so a long prompt never holds up the running rows for its whole prefill.
+  `cache` is donated to each chunk: keep the job returned, never an earlier one.
+  """
+  tokens: np.ndarray  # [batch, padded] int32, left-padded to a whole number of chunks
+  positions: np.ndarray  # [batch, padded] int32, counted from each row's first real token
+  segment_ids: np.ndarray  # [batch, padded] int32, 0 on padding, 1 on the prompt
+  lengths: np.ndarray  # [batch] int32, real tokens of each prompt
+  budget: np.ndarray  # [batch] int32, new tokens of each row
+  chunk: int  # tokens per chunk: Generator.prefill_chunk, or `padded` (the whole prompt at once)
+  seed: int | jax.Array  # the batch's PRNG seed or key (`start`'s `seed`)
+  sampling: tuple[Sampling, ...] | None  # each row's sampling and seed, with per_row_sampling
+  seeds: tuple[int, ...] | None
+  cache: KVCache | None = None  # [batch, max_len slots]: the chunks so far (None before the first)
+  logits: jax.Array | None = None  # [batch, vocab] of the last token of the last chunk run
+  chunks_done: int = 0
+
+  @property
+  def num_chunks(self) -> int:
+    return self.tokens.shape[1] // self.chunk
+
+  @property
+  def done(self) -> bool:
+    return self.chunks_done == self.num_chunks
+
+
+@dataclasses.dataclass(frozen=True)
 class _Settings:
   sampling: Sampling
   eos_ids: tuple[int, ...]
@@ -391,6 +426,17 @@ class Generator:
   Continuous batching: `gen.decode(state, num_steps=k)`, then `gen.insert(state, row,
   gen.start([prompt]))` into a row whose `done` is set, and decode on.
 
+  Chunked prefill: with `prefill_chunk=C` a prompt goes into its cache C tokens per call,
+  left-padded to a whole number of chunks only. `start` is `begin`, `prefill_next` per chunk and
+  `finish`, which a server calls one at a time between decode steps (`lckv_jax.serve.engine`), so
+  a long prompt never stalls the running rows for its whole prefill. For a model without a cycle
+  (every layer reads the KV of itself or a layer below) this is the function of the one-shot
+  prefill, up to float rounding. For a model with a cycle (a layer attends to a layer above it:
+  LCKV, `0_2_2_3`) it is another approximation of the exact model, still a valid one: each
+  chunk runs the plan's `prefill_iterations` passes over its own tokens given the final KV of
+  the earlier chunks, where the one-shot prefill iterates over the whole prompt at once. (With
+  `prefill_mode='auto'` and C <= the iterations, each chunk runs token by token: exact.)
+
   Speed: `prefill_batch` prefills that many rows at a time (long prompts at a large batch);
   `unstack` decodes with one weight array per layer (default: on GPU, when a copy fits);
   `config.decode_attention` picks the decode kernel (on GPU one that reads each row's valid
@@ -404,7 +450,7 @@ class Generator:
                return_logits: bool = False, mesh: Mesh | None = None,
                stream: Callable | None = None, cache_dtype=None,
                prefill_batch: int | None = None, unstack: bool | None = None,
-               per_row_sampling: bool = False):
+               per_row_sampling: bool = False, prefill_chunk: int | None = None):
     cfg = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -414,6 +460,16 @@ class Generator:
       raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
     if prefill_batch is not None and (not isinstance(prefill_batch, int) or prefill_batch < 1):
       raise ValueError(f"prefill_batch must be a positive integer or None, got {prefill_batch!r}")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(
+        prefill_chunk, (int, np.integer)) or prefill_chunk < 1):
+      raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+    if prefill_chunk is not None and sink is not None:
+      raise ValueError(f"prefill_chunk={prefill_chunk} with sink={sink}: chunked prefill into a "
+                       "sink cache is not supported; give one of them")
+    if prefill_chunk is not None and prefill_batch is not None:
+      raise ValueError(f"prefill_chunk={prefill_chunk} with prefill_batch={prefill_batch}: give "
+                       "one of them (a chunk already bounds the prefill's activations to "
+                       "batch x chunk tokens)")
     if sink is not None:
       n_sink, window = sink
       if n_sink < 0 or window < 1:
@@ -427,27 +483,29 @@ class Generator:
     self.prefill_iterations, self.prefill_mode = prefill_iterations, prefill_mode
     self.return_logits, self.cache_dtype = return_logits, cache_dtype
     self.prefill_batch = prefill_batch
+    self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
     self.per_row_sampling, self.sampling = per_row_sampling, sampling
     self.settings = _Settings(sampling, eos_ids, pad_id, stream)
     self.vocab_size = cfg.vocab_size
 
-  def _cache_len(self, longest: int) -> int:
+  def _cache_len(self, longest: int, padded: int) -> int:
+    """Cache slots for prompts of up to `longest` tokens, left-padded to `padded` (the cache holds
+    the padding too) and `max_new_tokens` each; raises when they do not fit."""
+    what = f"prompt of {longest} tokens" + (f" (padded to {padded})" if padded > longest else "")
     if self.sink is not None:
       cap = self.sink[0] + self.sink[1]
-      if longest > cap:
-        raise ValueError(f"prompt of {longest} tokens is longer than the sink cache "
-                         f"(n_sink + window = {cap}); shorten it or enlarge the window")
+      if padded > cap:
+        raise ValueError(f"{what} is longer than the sink cache (n_sink + window = {cap}); "
+                         "shorten it or enlarge the window")
       return cap
-    need = longest + self.max_new_tokens - 1
+    need = padded + self.max_new_tokens - 1
     if self.max_len is None:
       return cache_lib.rounded_slots(need)
-    if longest > self.max_len:
-      raise ValueError(f"prompt of {longest} tokens is longer than the cache (max_len="
-                       f"{self.max_len})")
+    if padded > self.max_len:
+      raise ValueError(f"{what} is longer than the cache (max_len={self.max_len})")
     if need > self.max_len:
-      raise ValueError(f"prompt of {longest} tokens + max_new_tokens={self.max_new_tokens} needs "
-                       f"{need} cache slots, but max_len={self.max_len}; raise max_len or use "
-                       "sink=(n_sink, window)")
+      raise ValueError(f"{what} + max_new_tokens={self.max_new_tokens} needs {need} cache slots, "
+                       f"but max_len={self.max_len}; raise max_len or use sink=(n_sink, window)")
     return self.max_len
 
   def _check_positions(self, lengths: np.ndarray, budget: np.ndarray) -> None:
@@ -473,8 +531,30 @@ class Generator:
             pad_to: int | None = None) -> DecodeState:
     """Prefills left-padded prompts and samples each row's first token.
 
-    `pad_to`: left-pad every prompt to this length (see `pad_prompts`). With `per_row_sampling`, each row samples with its own `sampling[r]` (default the
-    Generator's) and `seeds[r]` (default seed + r); else `sampling` and `seeds` must be None.
+    `pad_to`: left-pad every prompt to this length (see `pad_prompts`; with `prefill_chunk`, then
+    on to a whole number of chunks). With `per_row_sampling`, each row samples with its own
+    `sampling[r]` (default the Generator's) and `seeds[r]` (default seed + r); else `sampling`
+    and `seeds` must be None.
+
+    This is `begin`, `prefill_next` until the job is `done`, then `finish`: the calls a server
+    makes one at a time between decode steps, so both give the same tokens.
+    """
+    job = self.begin(prompts, seed, max_new_tokens, sampling, seeds, pad_to)
+    while not job.done:
+      job = self.prefill_next(job)
+    return self.finish(job)
+
+  def begin(self, prompts: Sequence[Sequence[int]], seed: int | jax.Array = 0,
+            max_new_tokens: int | Sequence[int] | None = None,
+            sampling: Sequence[Sampling] | None = None, seeds: Sequence[int] | None = None,
+            pad_to: int | None = None) -> PrefillJob:
+    """The prefill of `prompts` as a `PrefillJob` (arguments as in `start`), nothing run yet.
+
+    Host work only (padding and checks): whatever `start` would refuse (an empty prompt, an id
+    outside the vocabulary, a prompt that does not fit the cache or the positions) raises here,
+    before any chunk runs. With `prefill_chunk=C` the prompts are left-padded to a whole number
+    of chunks (not further), and the job has `padded // C` chunks; without, one chunk: the
+    whole padded prompt.
     """
     cfg = self.model.config
     if not self.per_row_sampling and (sampling is not None or seeds is not None):
@@ -482,37 +562,84 @@ class Generator:
     tokens, positions, segment_ids, lengths = pad_prompts(prompts, cfg.vocab_size,
                                                           self.settings.pad_id, pad_to)
     b, longest = tokens.shape
-    max_len = self._cache_len(longest)
+    chunk = longest
+    if self.prefill_chunk is not None:
+      # Every chunk call is [batch, C]: the padding (segment 0, never attended) goes on the left,
+      # into the first chunk, so that the prompt's last token ends the last chunk.
+      chunk = self.prefill_chunk
+      extra = -longest % chunk
+      tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=self.settings.pad_id)
+      positions = np.pad(positions, ((0, 0), (extra, 0)))
+      segment_ids = np.pad(segment_ids, ((0, 0), (extra, 0)))
+    self._cache_len(int(lengths.max()), tokens.shape[1])  # raises when it does not fit
     budget = np.broadcast_to(np.asarray(
         self.max_new_tokens if max_new_tokens is None else max_new_tokens, np.int32), (b,))
     if (budget < 1).any() or (budget > self.max_new_tokens).any():
       raise ValueError(f"max_new_tokens per row must be in 1..{self.max_new_tokens}, got {budget}")
     self._check_positions(lengths, budget)
-    if self.sink is not None:
-      cache = KVCache.create_sink(cfg, b, *self.sink, dtype=self.cache_dtype)
-    else:  # each row one sequence in contiguous slots: decode steps read only that span
-      cache = KVCache.create(cfg, b, max_len, self.cache_dtype, contiguous=True)
-    rng = jax.random.key(seed) if isinstance(seed, int) else seed
-    rng, key = jax.random.split(rng)
-    logits, cache = self._prefill_rows(tokens, positions, segment_ids, cache)
-    if self.sink is not None:  # rows left-aligned: slot = position
-      cache = cache.left_align(jnp.asarray(longest - lengths))
-      write_index = jnp.asarray(lengths)
+    row_settings, row_seeds = self._row_settings(b, seed, sampling, seeds)
+    return PrefillJob(tokens=tokens, positions=positions, segment_ids=segment_ids,
+                      lengths=lengths, budget=np.array(budget), chunk=chunk, seed=seed,
+                      sampling=row_settings, seeds=row_seeds)
+
+  def prefill_next(self, job: PrefillJob) -> PrefillJob:
+    """Runs the job's next chunk into its cache (created at the first); returns the new job.
+
+    With `prefill_chunk=C`, chunk k is `tokens[:, k*C:(k+1)*C]` [batch, C]: the first in
+    `Mode.PREFILL_EMPTY` (with positions and segments only when it holds padding), the later ones
+    in `Mode.PREFILL` at `write_index = k*C`. Every call has one of these three shapes and modes,
+    whatever the prompt's length, so nothing compiles after the first of each.
+    """
+    if job.done:
+      raise ValueError(f"prefill_next: the job's {job.num_chunks} chunks are all prefilled; "
+                       "call finish(job)")
+    b, padded = job.tokens.shape
+    cache = job.cache
+    if cache is None:
+      max_len = self._cache_len(int(job.lengths.max()), padded)
+      if self.sink is not None:
+        cache = KVCache.create_sink(self.model.config, b, *self.sink, dtype=self.cache_dtype)
+      else:  # each row one sequence in contiguous slots: decode steps read only that span
+        cache = KVCache.create(self.model.config, b, max_len, self.cache_dtype, contiguous=True)
+    if self.prefill_chunk is None:
+      logits, cache = self._prefill_rows(job.tokens, job.positions, job.segment_ids, cache)
     else:
-      write_index = jnp.full((b,), longest, jnp.int32)
+      logits, cache = self._prefill_chunk(job, cache)
+    return dataclasses.replace(job, cache=cache, logits=logits, chunks_done=job.chunks_done + 1)
+
+  def finish(self, job: PrefillJob) -> DecodeState:
+    """Samples each row's first token from the prefilled job, as `start` does: a `DecodeState`
+    to decode, or a row to `insert` into a running batch. The job's cache is handed on (not
+    copied): the job is spent."""
+    if not job.done:
+      raise ValueError(f"finish: {job.num_chunks - job.chunks_done} of the job's "
+                       f"{job.num_chunks} chunks are not prefilled yet (prefill_next)")
+    cfg = self.model.config
+    b, padded = job.tokens.shape
+    cache = job.cache
+    rng = jax.random.key(job.seed) if isinstance(job.seed, int) else job.seed
+    rng, key = jax.random.split(rng)
+    if self.sink is not None:  # rows left-aligned: slot = position
+      cache = cache.left_align(jnp.asarray(padded - job.lengths))
+      write_index = jnp.asarray(job.lengths)
+    else:
+      write_index = jnp.full((b,), padded, jnp.int32)
     n = self.max_new_tokens
+    rows = None if job.sampling is None else row_sampling(job.sampling, job.seeds)
     state = DecodeState(
         cache=cache, token=jnp.zeros((b,), jnp.int32), write_index=write_index,
-        position=jnp.asarray(lengths), done=jnp.zeros((b,), bool),
-        num_generated=jnp.zeros((b,), jnp.int32), max_new=jnp.asarray(budget),
+        position=jnp.asarray(job.lengths), done=jnp.zeros((b,), bool),
+        num_generated=jnp.zeros((b,), jnp.int32), max_new=jnp.asarray(job.budget),
         tokens=jnp.full((b, n), self.settings.pad_id, jnp.int32),
         logits=jnp.zeros((b, n, cfg.vocab_size), jnp.float32) if self.return_logits else None,
-        rng=rng, rows=self._row_sampling(b, seed, sampling, seeds))
-    return _shard_state(_first(self.settings, state, logits, key), self.mesh)
+        rng=rng, rows=rows)
+    return _shard_state(_first(self.settings, state, job.logits, key), self.mesh)
 
-  def _row_sampling(self, b: int, seed, sampling, seeds) -> RowSampling | None:
+  def _row_settings(self, b: int, seed, sampling, seeds
+                    ) -> tuple[tuple[Sampling, ...] | None, tuple[int, ...] | None]:
+    """Each row's sampling and seed, checked (`finish` makes the `RowSampling` of them)."""
     if not self.per_row_sampling:
-      return None
+      return None, None
     sampling = [self.sampling] * b if sampling is None else list(sampling)
     if seeds is None:
       if not isinstance(seed, int):
@@ -524,10 +651,33 @@ class Generator:
     for s in seeds:
       if not isinstance(s, (int, np.integer)) or not 0 <= s < 2**32:
         raise ValueError(f"start: a seed must be an integer in [0, 2**32), got {s!r}")
-    return row_sampling(sampling, seeds)
+    return tuple(sampling), tuple(int(s) for s in seeds)
+
+  def _prefill_chunk(self, job: PrefillJob, cache: KVCache):
+    """Chunk `job.chunks_done` of every row into `cache` (`prefill_next` with `prefill_chunk`)."""
+    b = job.tokens.shape[0]
+    c, k = job.chunk, job.chunks_done
+    cols = slice(k * c, (k + 1) * c)
+    tokens, positions, segment_ids = (a[:, cols] for a in (job.tokens, job.positions,
+                                                            job.segment_ids))
+    if k == 0:
+      # From slot 0 of an empty cache. Without padding in it, no positions and segments: causal
+      # by index, the fused kernel (on GPU) instead of the dense mask.
+      mode, write_index = Mode.PREFILL_EMPTY, None
+      if (segment_ids != 0).all():
+        positions = segment_ids = None
+    else:
+      # After the k*C slots the cache holds. Positions count from each row's first real token,
+      # not from the slot, so they are always given: one compilation for every later chunk.
+      mode, write_index = Mode.PREFILL, np.full((b,), k * c, np.int32)
+    as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
+    arrays = _shard_state((jnp.asarray(tokens), as_array(positions), as_array(segment_ids),
+                           cache), self.mesh)
+    return prefill(self.model, *arrays, write_index, mode=mode,
+                   iterations=self.prefill_iterations, prefill_mode=self.prefill_mode)
 
   def _prefill_rows(self, tokens, positions, segment_ids, cache):
-    """Prefills the prompts `prefill_batch` rows at a time. One chunk runs straight into the
+    """Prefills the prompts whole, `prefill_batch` rows at a time. One chunk runs straight into the
     decode cache; several run each into a cache of the prompt's length, whose slots are then
     copied into the first slots of the decode cache: the prefill's activations and cache then
     take the memory of `prefill_batch` rows and the prompt's slots, not of the whole decode
@@ -603,12 +753,14 @@ def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, tokenizer
              eos_id: int | Sequence[int] | None = None, max_len: int | None = None,
              prefill_iterations: int | None = None, prefill_mode: str = "auto",
              sink: tuple[int, int] | None = None, mesh: Mesh | None = None,
-             return_logits: bool = False, stream: Callable | None = None) -> Generation:
+             return_logits: bool = False, stream: Callable | None = None,
+             prefill_chunk: int | None = None) -> Generation:
   """Generates continuations of `prompts`: text (with `tokenizer`), token ids, or lists of them.
 
   Greedy by default; `temperature`, `top_k`, `top_p` and `seed` sample (same seed, same tokens).
   Stops a row at `eos_id` (default: the tokenizer's `eos_token_id`) or after `max_new_tokens`.
   `stream(tokens_B, active_B)` is called on the host with every new token of the batch.
+  `prefill_chunk=C` prefills the prompts C tokens per call (`Generator`), as the server does.
   """
   sampling = Sampling(temperature, top_k, top_p)
   token_lists, is_text = _as_token_lists(prompts, tokenizer)
@@ -617,7 +769,7 @@ def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, tokenizer
   gen = Generator(model, max_new_tokens=max_new_tokens, max_len=max_len, sampling=sampling,
                   eos_id=eos_id, prefill_iterations=prefill_iterations,
                   prefill_mode=prefill_mode, sink=sink, return_logits=return_logits, mesh=mesh,
-                  stream=stream)
+                  stream=stream, prefill_chunk=prefill_chunk)
   t0 = time.perf_counter()
   state = gen.start(token_lists, seed)
   jax.block_until_ready(state.token)

@@ -310,3 +310,105 @@ def test_per_row_sampling_gives_each_request_its_own_tokens_whatever_the_batch(t
     Generator(model, max_new_tokens=2).start(ps, seeds=[1, 2, 3])
   with pytest.raises(ValueError, match="3 prompts need 3 sampling settings and seeds"):
     gen.start(ps, seeds=[1, 2])
+
+
+# -- chunked prefill ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer_types,chunk", [
+    ("0_1_2_3", 4),  # llama
+    ("0_0_2_2", 5),  # CLA-like: layers 1 and 3 read the layer below
+    ("0s_1s_2_3", 2),  # sliding windows (3) longer than a chunk: rings widened by earlier keys
+    ("0s_1_2s_2", 5)])  # windows shorter than a chunk: rings widened for the chunk too
+def test_chunked_prefill_gives_the_one_shot_logits_without_a_cycle(layer_types, chunk,
+                                                                   tiny_model):
+  model = tiny_model(std=0.1, layer_types=layer_types, sliding_window=3)
+  assert not model.config.layer_spec.has_cycle
+  # Shorter than, as long as, and longer than a chunk; a batch of mixed lengths (padded rows,
+  # some padded beyond their first chunk), and one prompt of whole chunks (no padding at all).
+  for ps in (prompts([2, chunk, 2 * chunk + 1, 3 * chunk - 1], seed=13), prompts([2 * chunk])):
+    whole = generate(model, ps, max_new_tokens=4, return_logits=True)
+    chunked = generate(model, ps, max_new_tokens=4, return_logits=True, prefill_chunk=chunk)
+    # The first token's logits are the prefill's; the later ones read the chunks' cache.
+    np.testing.assert_allclose(chunked.logits, whole.logits, atol=2e-5, rtol=1e-5)
+    assert chunked.tokens == whole.tokens
+
+
+def _padded_chunks(p, chunk):
+  """`p` left-padded to a whole number of chunks: tokens, positions, segments [1, padded]."""
+  t, pos, seg, _ = gen_lib.pad_prompts([p], 64, pad_to=-(-len(p) // chunk) * chunk)
+  return t, pos, seg
+
+
+def test_chunked_prefill_of_a_cycle_iterates_each_chunk_on_the_earlier_chunks_kv(tiny_model):
+  # Two iterations over chunks of 4 (parallel, an approximation): chunk k iterates given the
+  # final KV of chunks 0..k-1, which `prefill` does when called chunk by chunk by hand.
+  model = tiny_model(std=0.1, layer_types="0_2_2_3")
+  chunk, iterations = 4, 2
+  p = prompts([11], seed=14)[0]
+  gen = Generator(model, max_new_tokens=3, max_len=16, prefill_chunk=chunk,
+                  prefill_iterations=iterations)
+  job = gen.begin([p])
+  assert job.num_chunks == 3 and job.cache is None
+  while not job.done:
+    job = gen.prefill_next(job)
+  t, pos, seg = _padded_chunks(p, chunk)  # one token of padding, in the first chunk
+  cache = KVCache.create(model.config, 1, 16, contiguous=True)
+  for k in range(3):
+    cols = slice(k * chunk, (k + 1) * chunk)
+    mode, at = (Mode.PREFILL_EMPTY, None) if k == 0 else (Mode.PREFILL, jnp.full(1, k * chunk))
+    logits, cache = gen_lib.prefill(model, t[:, cols], pos[:, cols], seg[:, cols], cache, at,
+                                    mode=mode, iterations=iterations)
+  np.testing.assert_allclose(job.logits, logits, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(job.cache), jax.tree.leaves(cache)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  # Not the one-shot prefill's approximation, which iterates over all 11 tokens at once.
+  one_shot, _ = gen_lib.prefill(model, *gen_lib.pad_prompts([p], 64)[:3],
+                                KVCache.create(model.config, 1, 16), mode=Mode.PREFILL_EMPTY,
+                                iterations=iterations)
+  assert float(np.abs(np.asarray(one_shot) - np.asarray(logits)).max()) > 1e-3
+
+
+def test_chunked_generate_gives_the_tokens_of_chunks_interleaved_with_decoding(tiny_model):
+  # A server's path: a prompt prefilled one chunk per decode call of a running batch, then
+  # inserted. Its tokens are those of generate(prefill_chunk=) alone.
+  model = tiny_model(std=0.1, layer_types="0_2_2_3")
+  kw = dict(prefill_chunk=3, prefill_iterations=2)
+  gen = Generator(model, max_new_tokens=10, max_len=32, **kw)
+  a, b, c = prompts([5, 8, 10], seed=15)
+  running = gen.decode(gen.start([a, b], max_new_tokens=[2, 10]), num_steps=1)
+  job = gen.begin([c])
+  while not job.done:
+    job = gen.prefill_next(job)
+    running = gen.decode(running, num_steps=1)
+  assert bool(running.done[0]) and not bool(running.done[1])
+  state = gen.decode(gen.insert(running, 0, gen.finish(job)))
+  alone = [generate(model, [p], max_new_tokens=10, **kw).tokens[0] for p in (a, b, c)]
+  assert gen.results(state) == [alone[2], alone[1]]
+  assert generate(model, [a, b, c], max_new_tokens=10, **kw).tokens == alone
+  # For this cycle, chunks change the tokens: the equalities above are the chunked path's.
+  assert alone[2] != generate(model, [c], max_new_tokens=10, prefill_iterations=2).tokens[0]
+
+
+def test_chunked_prefill_refuses_bad_settings(tiny_model):
+  model = tiny_model(std=0.1, layer_types="0_2_2_3")
+  for bad in (0, -4, 2.5, True, "4"):
+    with pytest.raises(ValueError, match=f"prefill_chunk must be a positive integer or None, "
+                                         f"got {bad!r}"):
+      Generator(model, max_new_tokens=2, prefill_chunk=bad)
+  with pytest.raises(ValueError, match=r"prefill_chunk=4 with sink=\(1, 8\): chunked prefill "
+                                       "into a sink cache is not supported"):
+    generate(model, [[1, 2]], prefill_chunk=4, sink=(1, 8))
+  with pytest.raises(ValueError, match="prefill_chunk=4 with prefill_batch=2"):
+    Generator(model, max_new_tokens=2, prefill_chunk=4, prefill_batch=2)
+  # The cache holds the padded prompt: 6 tokens padded to 8 + 2 new need 9 slots.
+  with pytest.raises(ValueError, match=r"prompt of 6 tokens \(padded to 8\) \+ max_new_tokens=2 "
+                                       "needs 9 cache slots, but max_len=8"):
+    generate(model, [list(range(6))], max_new_tokens=2, max_len=8, prefill_chunk=4)
+  gen = Generator(model, max_new_tokens=2, max_len=16, prefill_chunk=4)
+  job = gen.begin([[1, 2, 3, 4, 5]])
+  with pytest.raises(ValueError, match="2 of the job's 2 chunks are not prefilled yet"):
+    gen.finish(job)
+  job = gen.prefill_next(gen.prefill_next(job))
+  with pytest.raises(ValueError, match="chunks are all prefilled; call finish"):
+    gen.prefill_next(job)

@@ -9,11 +9,13 @@ prints how long it took; SIGTERM stops accepting, lets the running requests fini
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 
 from lckv_jax import cli
+from lckv_jax.serve import PREFILL_CHUNK
 
 PROG = "python -m lckv_jax.serve"
 
@@ -23,6 +25,20 @@ def rows_that_fit(config, memory_bytes: int, weights_bytes: int, max_len: int) -
   from lckv_jax.cache import cache_bytes
   per_row = cache_bytes(config, 1, max_len, metadata=True) + 4 * config.vocab_size * 4
   return max(0, (memory_bytes - weights_bytes) // per_row)
+
+
+def chunk_flag(text: str) -> int | None:
+  """--prefill_chunk: a number of tokens; 0 or 'none' prefills every prompt whole."""
+  if text.strip().lower() in ("0", "none"):
+    return None
+  try:
+    n = int(text)
+  except ValueError:
+    n = -1
+  if n < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive number of tokens, 0 or 'none', got "
+                                     f"{text!r}")
+  return n
 
 
 def main(argv: list[str]) -> int:
@@ -43,6 +59,10 @@ def main(argv: list[str]) -> int:
                  help="decode steps between admissions of new requests")
   p.add_argument("--max_waiting", type=int, default=256,
                  help="queued requests before new ones get 429")
+  p.add_argument("--prefill_chunk", type=chunk_flag, default=PREFILL_CHUNK,
+                 help="prompt tokens prefilled between two decode calls, so a long prompt does "
+                 "not stall the running requests (prompts are padded to whole chunks; at most "
+                 f"--max_prompt); 0 or 'none': each prompt at once (default {PREFILL_CHUNK})")
   args = p.parse_args(argv)
   if (args.max_batch is None) == (args.memory_bytes is None):
     raise ValueError("give one of --max_batch or --memory_bytes")
@@ -54,7 +74,7 @@ def main(argv: list[str]) -> int:
   from lckv_jax import checkpoint
   from lckv_jax.eval.perplexity import checkpoint_dir
   from lckv_jax.serve.api import create_app
-  from lckv_jax.serve.engine import Engine, bucket
+  from lckv_jax.serve.engine import Engine, row_slots
   from lckv_jax.tokenizer import load_tokenizer
 
   path = checkpoint_dir(args.checkpoint, "--checkpoint")
@@ -68,18 +88,21 @@ def main(argv: list[str]) -> int:
   batch = args.max_batch
   if batch is None:
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    batch = rows_that_fit(cfg, args.memory_bytes, weights, bucket(max_prompt) + max_tokens)
+    batch = rows_that_fit(cfg, args.memory_bytes, weights,
+                          row_slots(max_prompt, max_tokens, args.prefill_chunk))
     if batch < 1:
       raise ValueError(f"--memory_bytes={args.memory_bytes}: not even one row's cache fits "
                        f"beside {weights:,} bytes of weights")
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   engine = Engine(model, max_batch=batch, max_prompt=max_prompt, max_tokens=max_tokens,
-                  eos_ids=eos, steps_per_tick=args.steps_per_tick, max_waiting=args.max_waiting)
+                  eos_ids=eos, steps_per_tick=args.steps_per_tick, max_waiting=args.max_waiting,
+                  prefill_chunk=args.prefill_chunk)
   seconds = engine.warm_up()
   name = args.model_name or os.path.basename(os.path.normpath(path))
   print(f"serving {name} ({cfg.layer_types}) on http://{args.host}:{args.port}: {batch} rows of "
-        f"{engine.max_len} cache slots, prompts up to {max_prompt} tokens, up to {max_tokens} new; "
-        f"compiled in {seconds:.1f} s", flush=True)
+        f"{engine.max_len} cache slots, prompts up to {max_prompt} tokens (prefilled "
+        f"{engine.prefill_chunk or 'whole'} at a time), up to {max_tokens} new; compiled in "
+        f"{seconds:.1f} s", flush=True)
   engine.start()
   app = create_app(engine, tokenizer, name)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

@@ -61,6 +61,8 @@ class Metrics:
     r = self.registry
     self.queue = Gauge("lckv_queue_length", "Requests waiting for a row", registry=r)
     self.running = Gauge("lckv_running_rows", "Rows decoding a request", registry=r)
+    self.prefilling = Gauge("lckv_prefilling_rows", "Rows whose request's prompt is being "
+                            "prefilled", registry=r)
     self.rows = Gauge("lckv_max_batch", "Rows of the decode batch", registry=r)
     self.cache = Gauge("lckv_cache_use", "Share of the cache's slots in use", registry=r)
     self.tokens = Counter("lckv_generated_tokens", "Tokens generated", registry=r)
@@ -77,6 +79,7 @@ class Metrics:
     s = self.engine.stats
     self.queue.set(s.waiting)
     self.running.set(s.running)
+    self.prefilling.set(s.prefilling)
     self.rows.set(s.max_batch)
     self.cache.set(s.cache_slots_used / max(s.cache_slots, 1))
     now, before = time.monotonic(), self._last
@@ -251,6 +254,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, retry_after: int =
 
   async def health(_):
     return JSONResponse({"status": "ok", "running": engine.stats.running,
+                         "prefilling": engine.stats.prefilling,
                          "waiting": engine.stats.waiting})
 
   async def prometheus(_):

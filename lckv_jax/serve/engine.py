@@ -1,13 +1,27 @@
 """Continuous batching on one jitted decode loop: the engine behind the HTTP server.
 
 A fixed batch of `max_batch` rows decodes `steps_per_tick` tokens per call of the jitted decode
-loop (`Generator.decode`). Between calls the engine admits waiting requests into free rows (each
-prompt is prefilled on its own, left-padded to a bucket length so that prefill compiles once per
-bucket, and inserted with `Generator.insert`), hands every row's new tokens to its request, and
-frees the rows that finished (EOS, their budget) or were cancelled (a client that disconnected, a
-stop sequence). Shapes never change after warm-up, so nothing recompiles; the cache is the
-largest that `cache_bytes` fits in the memory given, which is where a smaller KV cache (LCKV's)
-becomes more rows.
+loop (`Generator.decode`). Each tick (`Engine.tick`) the engine
+
+1. admits waiting requests into free rows: a row is reserved for the request and its prompt
+   becomes a prefill job (`Generator.begin`, host work only);
+2. prefills: with `prefill_chunk=C`, at most `prefill_chunks_per_tick` chunks of C tokens
+   (`Generator.prefill_next`), oldest job first, so that a long prompt holds the running rows up
+   for one chunk per tick, not for its whole prefill. Oldest first (not round-robin) gives
+   requests their first tokens in arrival order, never starves a long prompt, and keeps one job's
+   cache alive at a time (a job's cache is made at its first chunk). Without `prefill_chunk`,
+   each admitted prompt is prefilled whole at once, left-padded to a bucket length;
+3. inserts each finished job into its row (`Generator.finish`, `Generator.insert`): only then
+   does the row decode (until then its `done` flag stays set, as a free row's, and the decode
+   loop skips it);
+4. decodes the running rows, hands every row's new tokens to its request, and frees the rows
+   that finished (EOS, their budget) or were cancelled (a client that disconnected, a stop
+   sequence; a request cancelled mid-prefill frees its row and drops its job).
+
+Shapes never change after warm-up (every chunk is [1, C] into a row cache of `max_len` slots, or
+a prompt is one of a few bucket lengths), so nothing recompiles; the cache is the largest that
+`cache_bytes` fits in the memory given, which is where a smaller KV cache (LCKV's) becomes more
+rows.
 
 Each row samples with its own settings and seed (`Generator(per_row_sampling=True)`), so a
 request's tokens do not depend on which other requests share the batch.
@@ -26,8 +40,9 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from lckv_jax.generation import Generator
+from lckv_jax.generation import Generator, PrefillJob
 from lckv_jax.sampling import Sampling
+from lckv_jax.serve import PREFILL_CHUNK
 
 # Prompt lengths are padded up to one of these (then to multiples of the largest): one prefill
 # compilation per bucket, not per prompt length.
@@ -39,6 +54,27 @@ def bucket(n: int) -> int:
     if n <= b:
       return b
   return -(-n // BUCKETS[-1]) * BUCKETS[-1]
+
+
+def chunk_for(prefill_chunk: int | None, max_prompt: int) -> int | None:
+  """The chunk an engine prefills with: no longer than the longest prompt it takes (a longer one
+  would only pad every prompt further)."""
+  if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(
+      prefill_chunk, int) or prefill_chunk < 1):
+    raise ValueError(f"engine: prefill_chunk must be a positive integer or None, got "
+                     f"{prefill_chunk!r}")
+  return None if prefill_chunk is None else min(prefill_chunk, max_prompt)
+
+
+def padded_length(n: int, chunk: int | None) -> int:
+  """Cache slots a prompt of `n` tokens takes, left padding included: a whole number of chunks,
+  or (without chunked prefill) its bucket length."""
+  return bucket(n) if chunk is None else -(-n // chunk) * chunk
+
+
+def row_slots(max_prompt: int, max_tokens: int, prefill_chunk: int | None) -> int:
+  """Cache slots of one row (`Engine.max_len`): the longest prompt as padded, and its budget."""
+  return padded_length(max_prompt, chunk_for(prefill_chunk, max_prompt)) + max_tokens
 
 
 class QueueFull(RuntimeError):
@@ -69,7 +105,8 @@ class Request:
 class Stats:
   """What /metrics reports (read without a lock: each field is one word)."""
   waiting: int = 0
-  running: int = 0
+  running: int = 0  # rows decoding
+  prefilling: int = 0  # rows reserved for a request whose prompt is being prefilled
   max_batch: int = 0
   tokens_generated: int = 0
   requests_finished: int = 0
@@ -84,23 +121,34 @@ class Engine:
 
   def __init__(self, model, *, max_batch: int, max_prompt: int, max_tokens: int,
                eos_ids: Sequence[int] = (), pad_id: int = 0, steps_per_tick: int = 8,
-               max_waiting: int = 256):
+               max_waiting: int = 256, prefill_chunk: int | None = PREFILL_CHUNK,
+               prefill_chunks_per_tick: int = 1):
+    """`prefill_chunk`: prompt tokens per prefill call (at most `max_prompt`; None: each prompt
+    whole, padded to a bucket length); `prefill_chunks_per_tick`: the most chunks prefilled
+    between two decode calls."""
     if max_batch < 1 or max_prompt < 1 or max_tokens < 1 or steps_per_tick < 1:
       raise ValueError("engine: max_batch, max_prompt, max_tokens and steps_per_tick must be >= 1")
+    if not isinstance(prefill_chunks_per_tick, int) or prefill_chunks_per_tick < 1:
+      raise ValueError(f"engine: prefill_chunks_per_tick must be an integer >= 1, got "
+                       f"{prefill_chunks_per_tick!r}")
     self.max_batch, self.max_prompt, self.max_tokens = max_batch, max_prompt, max_tokens
     self.steps_per_tick, self.max_waiting = steps_per_tick, max_waiting
-    self.max_len = bucket(max_prompt) + max_tokens
+    self.prefill_chunk = chunk_for(prefill_chunk, max_prompt)
+    self.prefill_chunks_per_tick = prefill_chunks_per_tick
+    self.max_len = row_slots(max_prompt, max_tokens, prefill_chunk)
     limit = model.config.max_position_embeddings
     if max_prompt + max_tokens > limit:
       raise ValueError(f"engine: max_prompt + max_tokens = {max_prompt + max_tokens} exceeds "
                        f"the model's max_position_embeddings={limit}")
     self.gen = Generator(model, max_new_tokens=max_tokens, max_len=self.max_len,
-                         eos_id=list(eos_ids) or None, pad_id=pad_id, per_row_sampling=True)
+                         eos_id=list(eos_ids) or None, pad_id=pad_id, per_row_sampling=True,
+                         prefill_chunk=self.prefill_chunk)
     self.eos_ids = set(eos_ids)
     self.pad_id = pad_id
     self.stats = Stats(max_batch=max_batch, cache_slots=max_batch * self.max_len)
     self._waiting: queue.Queue[Request] = queue.Queue()
-    self._rows: list[Request | None] = [None] * max_batch
+    self._rows: list[Request | None] = [None] * max_batch  # the request holding each row
+    self._jobs: dict[int, PrefillJob] = {}  # rows being prefilled, oldest admission first
     self._wake = threading.Event()
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
@@ -109,24 +157,38 @@ class Engine:
 
   # -- lifecycle -----------------------------------------------------------------------------
 
-  def warm_up(self, buckets: Sequence[int] | None = None) -> float:
-    """Compiles the decode loop and the prefill of each bucket up to `max_prompt`; returns the
-    seconds it took (reported at start)."""
+  def warm_up(self) -> float:
+    """Compiles the decode loop and every prefill call the engine will make (`_warm_lengths`);
+    returns the seconds it took (reported at start)."""
     t0 = time.monotonic()
-    # Every row free: a one-token budget, already spent.
-    self.state = self.gen.start([[self.pad_id]] * self.max_batch, max_new_tokens=1,
-                                seeds=list(range(self.max_batch)))
-    for b in buckets or [b for b in BUCKETS if b <= bucket(self.max_prompt)]:
-      # A prompt of the bucket's length prefills unpadded (the fused path), a shorter one padded.
-      for n in (b, b - 1) if b > 1 else (b,):
-        new = self._prefill([self.pad_id] * n, Sampling(), 0, 1)
-        self.state = self.gen.insert(self.state, 0, new)
+    self._reset()
+    for n in self._warm_lengths():
+      job = self._begin([self.pad_id] * n, Sampling(), 0, 1)
+      while not job.done:
+        job = self.gen.prefill_next(job)
+      self.state = self.gen.insert(self.state, 0, self.gen.finish(job))
     self.state = self.gen.decode(self.state, self.steps_per_tick)
     # The one op of freeing rows (`_collect`).
     self.state = self.state._replace(done=self.state.done | np.zeros(self.max_batch, bool))
     jax.block_until_ready(self.state.tokens)
     self.compile_seconds = time.monotonic() - t0
     return self.compile_seconds
+
+  def _warm_lengths(self) -> list[int]:
+    """Prompt lengths that between them run every prefill call the engine can make."""
+    c = self.prefill_chunk
+    if c is None:
+      # Per bucket: a prompt of its length prefills unpadded (the fused path), a shorter padded.
+      return [n for b in BUCKETS if b <= bucket(self.max_prompt)
+              for n in ((b, b - 1) if b > 1 else (b,))]
+    # The three chunk calls: a first chunk with padding (a prompt of C - 1), one without (C),
+    # and a later chunk (C + 1), where prompts of that length can come.
+    return [n for n in (c - 1, c, c + 1) if 1 <= n <= self.max_prompt]
+
+  def _reset(self) -> None:
+    """A decode state whose rows are all free (a one-token budget, already spent)."""
+    self.state = self.gen.start([[self.pad_id]] * self.max_batch, max_new_tokens=1,
+                                seeds=list(range(self.max_batch)))
 
   def start(self) -> None:
     if self.state is None:
@@ -138,7 +200,7 @@ class Engine:
     """Stops the loop; with `drain`, after the running and waiting requests finish."""
     if drain:
       deadline = None if timeout is None else time.monotonic() + timeout
-      while (self.stats.running or self.stats.waiting) and (
+      while (self.stats.running or self.stats.prefilling or self.stats.waiting) and (
           deadline is None or time.monotonic() < deadline):
         time.sleep(0.02)
     self._stop.set()
@@ -167,14 +229,17 @@ class Engine:
 
   # -- the loop ------------------------------------------------------------------------------
 
-  def _prefill(self, prompt: list[int], sampling: Sampling, seed: int, max_tokens: int):
-    padded = [self.pad_id] * (bucket(len(prompt)) - len(prompt))
+  def _begin(self, prompt: list[int], sampling: Sampling, seed: int, max_tokens: int
+             ) -> PrefillJob:
     # Left padding is masked (segment 0) and positions count from the first real token, so the
-    # row computes what the unpadded prompt would.
-    return self.gen.start([prompt], max_new_tokens=max_tokens, sampling=[sampling],
-                          seeds=[seed], pad_to=len(padded) + len(prompt))
+    # row computes what the unpadded prompt would. With chunks, `begin` pads to a whole number
+    # of them; without, to the prompt's bucket.
+    pad_to = None if self.prefill_chunk is not None else bucket(len(prompt))
+    return self.gen.begin([prompt], max_new_tokens=max_tokens, sampling=[sampling],
+                          seeds=[seed], pad_to=pad_to)
 
   def _admit(self) -> None:
+    """Waiting requests into free rows, as prefill jobs (host work: nothing runs yet)."""
     for row in range(self.max_batch):
       if self._rows[row] is not None:
         continue
@@ -186,8 +251,7 @@ class Engine:
         req.emit([], "cancelled")
         continue
       try:
-        new = self._prefill(req.prompt, req.sampling, req.seed, req.max_tokens)
-        self.state = self.gen.insert(self.state, row, new)
+        self._jobs[row] = self._begin(req.prompt, req.sampling, req.seed, req.max_tokens)
       except Exception as e:  # noqa: BLE001 - one bad request never stops the loop
         logging.exception("request %d failed at prefill", req.id)
         req.emit([], f"error: {e}")
@@ -195,6 +259,30 @@ class Engine:
       self._rows[row] = req
       req.generated = 0
     self.stats.waiting = self._waiting.qsize()
+
+  def _prefill(self) -> None:
+    """Runs this tick's prefill chunks, oldest job first, and inserts each job that finishes
+    into its row. Without chunking, every admitted prompt (one chunk each) is prefilled now."""
+    budget = self.prefill_chunks_per_tick if self.prefill_chunk is not None else len(self._jobs)
+    while budget > 0:
+      # Cancelled jobs are left to `_collect`, which frees their rows.
+      row = next((r for r in self._jobs if not self._rows[r].cancelled), None)
+      if row is None:
+        break
+      req = self._rows[row]
+      try:
+        job = self.gen.prefill_next(self._jobs[row])
+        budget -= 1
+        if job.done:
+          del self._jobs[row]
+          self.state = self.gen.insert(self.state, row, self.gen.finish(job))
+        else:
+          self._jobs[row] = job
+      except Exception as e:  # noqa: BLE001 - one bad request never stops the loop
+        logging.exception("request %d failed at prefill", req.id)
+        req.emit([], f"error: {e}")
+        self._jobs.pop(row, None)
+        self._rows[row] = None
 
   def _collect(self) -> None:
     tokens = np.asarray(self.state.tokens)
@@ -204,6 +292,13 @@ class Engine:
     finished = []
     for row, req in enumerate(self._rows):
       if req is None:
+        continue
+      if row in self._jobs:  # still prefilling: nothing decoded yet, its `done` flag set
+        if req.cancelled:
+          req.emit([], "cancelled")
+          del self._jobs[row]
+          self._rows[row] = None
+          self.stats.requests_finished += 1
         continue
       new = tokens[row, req.generated:counts[row]].tolist()
       if new:
@@ -231,26 +326,37 @@ class Engine:
       for row in finished:
         self._rows[row] = None
       self.stats.requests_finished += len(finished)
-    self.stats.running = sum(r is not None for r in self._rows)
+    self.stats.prefilling = len(self._jobs)
+    self.stats.running = sum(r is not None for r in self._rows) - len(self._jobs)
     self.stats.cache_slots_used = int(sum(
-        bucket(len(r.prompt)) + r.generated for r in self._rows if r is not None))
+        padded_length(len(r.prompt), self.prefill_chunk) + r.generated
+        for r in self._rows if r is not None))
 
-  def _loop(self) -> None:
-    while not self._stop.is_set():
-      self._admit()
-      self._collect()  # first tokens of the admitted, and cancellations
-      if not any(r is not None for r in self._rows):
-        self._wake.wait(0.05)
-        self._wake.clear()
-        continue
+  def tick(self) -> bool:
+    """One round of the loop: admit, prefill, decode, hand out tokens. The engine's thread calls
+    it; a test may call it by hand on an engine that is warmed up but not started. Returns
+    whether any row holds a request."""
+    self._admit()
+    self._prefill()
+    self._collect()  # first tokens of the inserted, and cancellations
+    if not any(r is not None for r in self._rows):
+      return False
+    if self.stats.running:  # rows only being prefilled have nothing to decode
       try:
         self.state = self.gen.decode(self.state, self.steps_per_tick)
       except Exception:  # noqa: BLE001 - the batch is lost; its requests end with an error
         logging.exception("decode step failed")
         for row, req in enumerate(self._rows):
-          if req is not None:
+          if req is not None and row not in self._jobs:  # jobs have caches of their own
             req.emit([], "error: decode failed")
             self._rows[row] = None
-        self.warm_up([])
-        continue
+        self._reset()
+        return True
       self._collect()
+    return True
+
+  def _loop(self) -> None:
+    while not self._stop.is_set():
+      if not self.tick():
+        self._wake.wait(0.05)
+        self._wake.clear()

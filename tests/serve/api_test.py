@@ -20,6 +20,7 @@ from tests.generation_test import prompts
 openai = pytest.importorskip("openai")
 
 MAX_PROMPT, MAX_TOKENS = 32, 200
+CHUNK = 8  # prompts of up to 4 chunks, prefilled between decode calls
 
 
 def _start(path, *flags):
@@ -32,10 +33,13 @@ def _start(path, *flags):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("serve") / "tiny")
+  # Two iterations of the cycle's prefill (the run settings it is saved with, which the server
+  # loads): whole prompts and chunks of 8 then give different tokens, so the test sees the chunks.
   model = tiny.tiny_model(std=0.1, vocab_size=256, layer_types="0_2_2_3",
-                          max_position_embeddings=256)
+                          max_position_embeddings=256, forward_passes=1, backward_passes=1)
   checkpoint.save_model(path, model)
-  proc, url = _start(path, "--max_batch=4", "--steps_per_tick=1", "--max_waiting=16")
+  proc, url = _start(path, "--max_batch=4", "--steps_per_tick=1", "--max_waiting=16",
+                     f"--prefill_chunk={CHUNK}")
   yield path, url
   proc.send_signal(signal.SIGTERM)
   proc.wait(60)
@@ -62,11 +66,15 @@ def test_concurrent_greedy_requests_get_the_tokens_of_offline_generate(served):
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     got = list(pool.map(ask, range(16)))
   model = checkpoint.load_model(path, scan_layers=False)  # as the server decodes
+  differ = 0
   for p, n, r in zip(ps, budgets, got):
-    want = generate(model, [p], max_new_tokens=n).tokens[0]
+    # The model has a cycle: chunks change its prefill, so the reference uses the same ones.
+    want = generate(model, [p], max_new_tokens=n, prefill_chunk=CHUNK).tokens[0]
+    differ += want != generate(model, [p], max_new_tokens=n).tokens[0]
     assert r.choices[0].text == _text(want)
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == n and r.usage.prompt_tokens == len(p)
+  assert differ > 0
 
 
 def test_streaming_and_not_agree_and_stop_sequences_cut(served):
@@ -177,3 +185,15 @@ def test_models_health_and_sigterm_drains_the_running_requests(tmp_path):
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def test_the_prefill_chunk_flag():
+  import argparse
+
+  from lckv_jax.serve.__main__ import chunk_flag
+  assert chunk_flag("64") == 64
+  assert chunk_flag("0") is None and chunk_flag("none") is None and chunk_flag("None") is None
+  for bad in ("-3", "x", "2.5"):
+    with pytest.raises(argparse.ArgumentTypeError, match="a positive number of tokens, 0 or "
+                                                         "'none'"):
+      chunk_flag(bad)

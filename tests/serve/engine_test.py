@@ -1,5 +1,5 @@
 """Continuous batching (lckv_jax/serve/engine.py): requests joining and leaving a running batch
-get exactly the tokens they get alone."""
+get exactly the tokens they get alone; long prompts prefilled in chunks between decode calls."""
 
 import threading
 import time
@@ -9,7 +9,7 @@ import pytest
 
 from lckv_jax.generation import Generator, generate
 from lckv_jax.sampling import Sampling
-from lckv_jax.serve.engine import Engine, QueueFull, Request, bucket
+from lckv_jax.serve.engine import Engine, QueueFull, Request
 from tests.generation_test import prompts
 
 
@@ -29,7 +29,9 @@ class _Sink:
 @pytest.fixture(scope="module")
 def model():
   from tests import tiny
-  return tiny.tiny_model(std=0.1, layer_types="0_2_2_3", max_position_embeddings=128)
+  # A cycle prefilled with two iterations: chunked and whole prompts give different tokens.
+  return tiny.tiny_model(std=0.1, layer_types="0_2_2_3", max_position_embeddings=128,
+                         forward_passes=1, backward_passes=1)
 
 
 def _engine(model, **kw):
@@ -39,8 +41,10 @@ def _engine(model, **kw):
   return engine
 
 
-def test_sixteen_requests_through_four_rows_get_their_offline_tokens(model):
-  engine = _engine(model)  # started: warmed up, everything it runs is compiled
+@pytest.mark.parametrize("chunk", [4, None])
+def test_sixteen_requests_through_four_rows_get_their_offline_tokens(model, chunk):
+  # Chunks of 4: prompts of 1 to 5 chunks; None: each prompt whole, padded to its bucket.
+  engine = _engine(model, prefill_chunk=chunk)  # started: warmed up, everything it runs compiled
   compiles = []
   listener = lambda event, seconds, **kw: compiles.append(event)  # noqa: E731
   jax.monitoring.register_event_duration_secs_listener(listener)
@@ -57,9 +61,12 @@ def test_sixteen_requests_through_four_rows_get_their_offline_tokens(model):
     engine.stop()
   # Prompts of 1 to 20 tokens, in any row, any number finishing at once: nothing compiled.
   assert "/jax/core/compile/backend_compile_duration" not in compiles
+  differ = 0
   for p, n, sink in zip(ps, budgets, sinks):
     assert sink.reason == "length"
-    assert sink.tokens == generate(model, [p], max_new_tokens=n).tokens[0]
+    assert sink.tokens == generate(model, [p], max_new_tokens=n, prefill_chunk=chunk).tokens[0]
+    differ += sink.tokens != generate(model, [p], max_new_tokens=n).tokens[0]
+  assert (differ > 0) == (chunk is not None)  # the chunks are seen
   assert engine.stats.running == 0 and engine.stats.requests_finished == 16
   assert engine.stats.tokens_generated == sum(budgets)
 
@@ -71,9 +78,10 @@ def test_sampled_requests_follow_their_seed_and_cancel_frees_the_row(model):
     engine.submit(Request(prompts([6], seed=1)[0], 12, Sampling(0.9, 10), 5, long))
     engine.submit(Request(prompts([4], seed=2)[0], 12, Sampling(1.0), 77, short))
     assert short.done.wait(60) and short.reason == "length"
-    gen = Generator(model, max_new_tokens=12, max_len=engine.max_len, per_row_sampling=True)
+    gen = Generator(model, max_new_tokens=12, max_len=engine.max_len, per_row_sampling=True,
+                    prefill_chunk=engine.prefill_chunk)
     alone = gen.decode(gen.start([prompts([4], seed=2)[0]], sampling=[Sampling(1.0)],
-                                 seeds=[77], pad_to=bucket(4)))
+                                 seeds=[77]))
     assert short.tokens == gen.results(alone)[0]
     assert long.done.wait(60)
     # A cancelled request ends at the next tick with what it had, and its row is free again.
@@ -104,3 +112,60 @@ def test_the_engine_refuses_what_it_cannot_take(model):
     engine.submit(Request([1], 2, Sampling(), 0, _Sink()))
   with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=128"):
     Engine(model, max_batch=1, max_prompt=100, max_tokens=100)
+  with pytest.raises(ValueError, match="prefill_chunk must be a positive integer or None, got 0"):
+    Engine(model, max_batch=1, max_prompt=8, max_tokens=4, prefill_chunk=0)
+  with pytest.raises(ValueError, match="prefill_chunks_per_tick must be an integer >= 1, got 0"):
+    Engine(model, max_batch=1, max_prompt=8, max_tokens=4, prefill_chunks_per_tick=0)
+  # A row's cache holds the longest prompt as padded (whole chunks, or a bucket) and its budget;
+  # a chunk longer than the longest prompt would only pad further: it is cut to max_prompt.
+  for chunk, max_len in ((4, 12 + 4), (None, 16 + 4), (256, 10 + 4)):
+    engine = Engine(model, max_batch=2, max_prompt=10, max_tokens=4, prefill_chunk=chunk)
+    assert engine.max_len == max_len and engine.stats.cache_slots == 2 * max_len
+  assert engine.prefill_chunk == 10
+
+
+def _tick_until_done(engine, sinks, ticks=200):
+  for _ in range(ticks):
+    if all(s.done.is_set() for s in sinks):
+      return
+    engine.tick()
+  raise AssertionError(f"not done after {ticks} ticks")
+
+
+def test_a_long_prompt_prefills_between_decode_calls_and_cancelling_it_frees_the_row(model):
+  # Ticks driven by hand (warmed up, not started): one chunk of 4 and one decode step a tick.
+  engine = Engine(model, max_batch=2, max_prompt=20, max_tokens=12, steps_per_tick=1,
+                  prefill_chunk=4)
+  engine.warm_up()
+  short, long = prompts([3, 18], seed=22)
+  runner, waiter = _Sink(), _Sink()
+  engine.submit(Request(short, 12, Sampling(), 0, runner))
+  engine.tick()  # one chunk, inserted: its first token, then a decode step
+  assert len(runner.tokens) == 2
+  engine.submit(Request(long, 6, Sampling(), 0, waiter))  # 18 tokens: 5 chunks
+  seen = []
+  for _ in range(5):
+    engine.tick()
+    seen.append((len(runner.tokens), engine.stats.prefilling, len(waiter.tokens)))
+  # The running row gets a token every tick while the long prompt goes in, chunk by chunk.
+  assert seen == [(3, 1, 0), (4, 1, 0), (5, 1, 0), (6, 1, 0), (7, 0, 2)]
+  # Slots in use: each prompt padded to whole chunks (4 and 20), and the tokens so far.
+  assert engine.stats.cache_slots_used == 4 + 7 + 20 + 2
+  _tick_until_done(engine, [runner, waiter])
+  assert runner.tokens == generate(model, [short], max_new_tokens=12, prefill_chunk=4).tokens[0]
+  assert waiter.tokens == generate(model, [long], max_new_tokens=6, prefill_chunk=4).tokens[0]
+  # Cancelled mid-prefill: the request ends with no tokens and its row is free again.
+  gone, nxt = _Sink(), _Sink()
+  req = Request(long, 6, Sampling(), 0, gone)
+  engine.submit(req)
+  engine.tick()
+  engine.tick()
+  assert engine.stats.prefilling == 1 and not gone.done.is_set()
+  engine.cancel(req)
+  engine.tick()
+  assert gone.reason == "cancelled" and gone.tokens == []
+  assert engine.stats.prefilling == 0 and engine.stats.running == 0
+  engine.submit(Request(short, 4, Sampling(), 0, nxt))
+  _tick_until_done(engine, [nxt])
+  assert nxt.tokens == generate(model, [short], max_new_tokens=4, prefill_chunk=4).tokens[0]
+  assert engine.stats.requests_finished == 4
