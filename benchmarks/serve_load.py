@@ -167,18 +167,18 @@ async def run_rate(url: str, rate: float, n: int, prompt_range, output_range, vo
 
 
 def _random_checkpoint(shape: str, layer_types: str, context: int, folder: str) -> str:
-  """Random bf16 weights of configs/<shape>.py, saved by a CPU-only subprocess: this process
-  never touches the accelerator, which the server needs whole."""
+  """A folder holding only the config.json of configs/<shape>.py: the server makes random bf16
+  weights of it on the device (`--random_weights`), so a 7b load test writes and reads no 14 GB
+  checkpoint, and this process never touches the accelerator, which the server needs whole."""
+  from lckv_jax import checkpoint
+  from lckv_jax.config import model_from_file
+  cfg = model_from_file(config_path(shape), layer_types=layer_types, dtype="bfloat16",
+                        param_dtype="bfloat16", scan_layers=False, remat="none",
+                        max_position_embeddings=context)
   path = os.path.join(folder, "model")
-  code = (
-      "import sys; from flax import nnx; from lckv_jax import Transformer, checkpoint; "
-      "from lckv_jax.config import model_from_file; "
-      f"cfg = model_from_file({config_path(shape)!r}, layer_types={layer_types!r}, "
-      "dtype='bfloat16', param_dtype='bfloat16', scan_layers=False, remat='none', "
-      f"max_position_embeddings={context}); "
-      f"checkpoint.save_model({path!r}, Transformer(cfg, rngs=nnx.Rngs(0)))")
-  subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
-                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  os.makedirs(path)
+  with open(os.path.join(path, checkpoint.CONFIG_FILE), "w") as f:
+    json.dump(checkpoint.config_to_dict(cfg), f, indent=2)
   return path
 
 
@@ -200,6 +200,8 @@ def main(argv=None) -> str:
   p.add_argument("--max_batch", type=int, default=None)
   p.add_argument("--memory_bytes", type=int, default=None)
   p.add_argument("--steps_per_tick", type=int, default=8)
+  p.add_argument("--prefill_chunk", default=None,
+                 help="the server's --prefill_chunk (default: the server's default)")
   p.add_argument("--smoke", action="store_true", help="tiny model, tiny load (CI)")
   p.add_argument("--plot", default=None, metavar="RECORDS",
                  help="draw the figure of this record file to --out (a .png) and stop")
@@ -218,8 +220,12 @@ def main(argv=None) -> str:
            f"--steps_per_tick={args.steps_per_tick}", f"--max_waiting={10 * args.requests}"]
   flags.append(f"--max_batch={args.max_batch}" if args.max_batch else
                f"--memory_bytes={args.memory_bytes}")
+  if args.prefill_chunk is not None:
+    flags.append(f"--prefill_chunk={args.prefill_chunk}")
   with tempfile.TemporaryDirectory() as tmp:
     path = args.checkpoint or _random_checkpoint(args.shape, args.layer_types, context, tmp)
+    if not args.checkpoint:
+      flags.append("--random_weights")
     from lckv_jax import checkpoint
     cfg = checkpoint.load_config(path)
     t0 = time.monotonic()
@@ -247,7 +253,8 @@ def main(argv=None) -> str:
       f"{label} {args.memory_bytes or args.max_batch}" + (" smoke" if args.smoke else ""),
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
-      steps_per_tick=args.steps_per_tick, server_start_s=round(startup, 1), results=results,
+      steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,
+      server_start_s=round(startup, 1), results=results,
       saturated_tokens_per_s=saturated_tokens_per_s(results),
       sustained=sustained_rate(results), ttft_p99_limit_s=TTFT_P99_LIMIT_S,
       device=device, python=platform.python_version(), command=command(

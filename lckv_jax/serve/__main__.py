@@ -44,6 +44,10 @@ def chunk_flag(text: str) -> int | None:
 def main(argv: list[str]) -> int:
   p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
   p.add_argument("--checkpoint", required=True, help="a model checkpoint directory")
+  p.add_argument("--random_weights", action="store_true",
+                 help="serve random bf16 weights of the checkpoint's config.json instead of its "
+                 "weights (load tests of a shape nobody trained, as vLLM's --load-format "
+                 "dummy; the folder needs config.json only)")
   p.add_argument("--host", default="127.0.0.1")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--model_name", default=None, help="the model id clients name (default: the "
@@ -78,7 +82,17 @@ def main(argv: list[str]) -> int:
   from lckv_jax.tokenizer import load_tokenizer
 
   path = checkpoint_dir(args.checkpoint, "--checkpoint")
-  model = checkpoint.load_model(path, scan_layers=False)
+  if args.random_weights:
+    import dataclasses
+
+    from lckv_jax import Transformer
+    cfg = dataclasses.replace(checkpoint.load_config(path), dtype="bfloat16",
+                              param_dtype="bfloat16", scan_layers=False, remat="none")
+    # Made on the device, jitted: a 7b model in seconds, never on the host.
+    model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))()
+    print(f"random weights of {path}/config.json (--random_weights)", flush=True)
+  else:
+    model = checkpoint.load_model(path, scan_layers=False)
   cfg = model.config
   tokenizer = load_tokenizer(path, vocab_size=cfg.vocab_size, flag="--checkpoint",
                              transformers=True)
