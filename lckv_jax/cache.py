@@ -36,6 +36,7 @@ once per format, as the tree's leaves differ.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -209,10 +210,21 @@ class KVCache:
   def create_sink(cls, config: ModelConfig, batch: int, n_sink: int, window: int, dtype=None
                   ) -> KVCache:
     """An empty attention-sink cache: `n_sink + window` slots for every KV layer, one sequence
-    per row (left-aligned)."""
+    per row (left-aligned).
+
+    Every eviction re-rotates the kept keys and stores them again, rounded to the cache's dtype,
+    so a key is re-encoded up to `window - 1` times and the rounding errors add up (in bf16
+    too). fp8's 3 mantissa bits do not survive that (a warning says so; measurements in
+    benchmarks/results/kv_quant_cpu.md); int8 stays close to bf16.
+    """
     if n_sink < 0 or window < 1:
       raise ValueError(f"sink cache needs n_sink >= 0 and window >= 1, got {n_sink} and {window}")
     full = cls.create(config, batch, n_sink + window, dtype, ring=False, contiguous=True)
+    if full.dtype == jnp.float8_e4m3fn and window > 1:
+      logging.warning(
+          "a sink cache in fp8 (float8_e4m3fn) re-encodes every kept key at each eviction and "
+          "loses precision with each (see benchmarks/results/kv_quant_cpu.md); int8 or bf16 "
+          "keep the model's quality")
     return dataclasses.replace(full, n_sink=n_sink)
 
   # -- what it holds -------------------------------------------------------------------------
