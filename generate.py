@@ -24,6 +24,9 @@ _NO_CHECKPOINT = (
     "`python -m lckv_jax.convert from-hf SRC DIR`")
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# The KV cache's storage (lckv_jax.quant.CACHE_DTYPES; named here so that a bad flag fails before
+# jax is imported): int8 and fp8 (e4m3) keep a float32 scale per token and KV head.
+_CACHE_DTYPES = _DTYPES + ("int8", "fp8")
 
 
 def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -66,6 +69,9 @@ def check_args(args) -> None:
     raise cli.UserError(f"--prefill_iterations must be >= 1, got {args.prefill_iterations}")
   if args.dtype is not None and args.dtype not in _DTYPES:
     raise cli.UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {args.dtype!r}")
+  if args.cache_dtype is not None and args.cache_dtype not in _CACHE_DTYPES:
+    raise cli.UserError(f"--cache_dtype must be one of {', '.join(_CACHE_DTYPES)}, got "
+                        f"{args.cache_dtype!r}")
   if not args.checkpoint:
     raise cli.UserError(_NO_CHECKPOINT)
   if not os.path.isdir(args.checkpoint):
@@ -90,6 +96,9 @@ def main(argv=None) -> int:
   parser.add_argument("--sink", type=int, nargs=2, metavar=("N_SINK", "WINDOW"), default=None,
                       help="StreamingLLM cache: keep N_SINK first tokens and WINDOW recent ones")
   parser.add_argument("--dtype", default=None, help="override the compute dtype (e.g. bfloat16)")
+  parser.add_argument("--cache_dtype", default=None,
+                      help="the KV cache's storage: int8 or fp8 (quantized, a scale per token and "
+                           "KV head) or a float dtype; default the compute dtype")
   parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
   args = parser.parse_args(argv)
 
@@ -139,7 +148,8 @@ def main(argv=None) -> int:
   out = generate(model, prompt_ids(tokenizer, prompts), max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  seed=args.seed, eos_id=eos_id, prefill_iterations=args.prefill_iterations,
-                 sink=tuple(args.sink) if args.sink else None, stream=stream)
+                 sink=tuple(args.sink) if args.sink else None, stream=stream,
+                 cache_dtype=args.cache_dtype)
   jax.effects_barrier()
   seconds = time.perf_counter() - t0
   if single:

@@ -215,6 +215,11 @@ def _quality_table(tag: str) -> str:
   return _get("prefill_iterations", CPU, tag)["table_markdown"].split("\n\n")[0]
 
 
+def _kv_quant(tag: str, which: str = "table_markdown") -> str:
+  """kv_quant_cpu.md: a quantized cache's quality table as the run printed it."""
+  return _get("kv_quant", CPU, tag)[which]
+
+
 # ---------------------------------------------------------------------------------------------
 # Training speed (benchmarks.train_speed, train.py) and decode speed (benchmarks.decode_speed).
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +319,10 @@ TABLES = {
     "prefill_iterations_1b": prefill_iterations_1b,
     "prefill_iterations_tiny": functools.partial(_quality_table, "tiny"),
     "prefill_iterations_tiny300": functools.partial(_quality_table, "tiny300"),
+    "kv_quant_tiny": functools.partial(_kv_quant, "tiny"),
+    "kv_quant_tiny_sink": functools.partial(_kv_quant, "tiny", "sink_table_markdown"),
+    "kv_quant_tiny_bf16": functools.partial(_kv_quant, "tiny_bf16"),
+    "kv_quant_tiny_bf16_sink": functools.partial(_kv_quant, "tiny_bf16", "sink_table_markdown"),
     "train_speed": functools.partial(_train_speed, H100, TRAIN_SPEED),
     "train_speed_h200": functools.partial(_train_speed, H200, PACKED),
     "train_py": train_py,

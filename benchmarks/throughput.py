@@ -19,6 +19,10 @@ decode steps (bytes: weights + every layer's read of the valid KV it attends to,
 `lckv_jax.roofline`) and reports measured / roofline. The prefill is compared with its
 (iterations-pass) FLOPs over the matmul rate.
 
+`--cache_dtype int8|fp8` stores the KV cache quantized (`lckv_jax.quant`): the memory model, the
+batch search and the roofline count its bytes (scales included), and the setting's name ends in
+`_int8` / `_fp8` (the default bf16 cache adds nothing, so earlier records keep their names).
+
 Every run (one model at one batch) is an entry of `throughput_<device>.json` (`records`), under
 the setting `setting` names: a re-run of a setting replaces its entry.
 
@@ -50,6 +54,8 @@ from lckv_jax.generation import Generator
 # batch compiles) and allocator fragmentation: 2 GiB + 10% of the device limit. With 2 GiB alone
 # the 1b llama run under a 24 GB cap ran out of memory in the prefill at the predicted batch.
 RESERVE, RESERVE_FRACTION = 2 << 30, 0.05
+CACHE_DTYPES = {"bfloat16": "bfloat16", "int8": "int8", "fp8": "float8_e4m3fn"}  # flag -> dtype
+DEFAULT_CACHE_DTYPE = "bfloat16"  # the compute dtype of `serving_model`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +143,10 @@ def prefill_rows(config, batch: int, prompt: int, limit: int) -> int:
 
 
 def memory_need(config, batch: int, prompt: int, gen: int, weights: int, limit: int,
-                cache_copies: int = 1) -> int:
+                cache_copies: int = 1, cache_dtype=None) -> int:
   """Device bytes of a run at `batch`: weights, cache, decode state, prefill chunk, reserve.
+
+  `cache_dtype`: the cache's storage (default the compute dtype; int8 and fp8 with their scales).
 
   `cache_copies`: cache-sized buffers at the peak. The first H100 runs (stop 10, some with
   `--cache_copies=2`) held two: the first token's sampling returned a copy of the
@@ -147,11 +155,11 @@ def memory_need(config, batch: int, prompt: int, gen: int, weights: int, limit: 
   on a GPU, does not; `benchmarks.decode_profile` reads the loop's temporary bytes).
   """
   slots = cache_len(prompt, gen)
-  cache = cache_copies * cache_bytes(config, batch, slots, metadata=True)
+  cache = cache_copies * cache_bytes(config, batch, slots, cache_dtype, metadata=True)
   rows = prefill_rows(config, batch, prompt, limit)
   chunk = rows * prompt * _prefill_bytes_per_token(config)
   if rows < batch:  # row chunks prefill into caches of `prompt` slots, copied into the cache
-    chunk += cache_bytes(config, rows, prompt, metadata=True)
+    chunk += cache_bytes(config, rows, prompt, cache_dtype, metadata=True)
   state = batch * (gen * 4 + 4 * config.vocab_size * 4)  # tokens; logits, softmax, sampling
   return weights + cache + state + chunk + RESERVE + int(RESERVE_FRACTION * limit)
 
@@ -171,8 +179,9 @@ def run_once(model, args, batch: int, ceilings: dict, limit: int) -> dict:
   cfg = model.config
   p, g = args.prompt, args.gen
   rows = prefill_rows(cfg, batch, p, limit)
+  cache_dtype = CACHE_DTYPES[args.cache_dtype]
   gen = Generator(model, max_new_tokens=g, prefill_iterations=args.prefill_iterations,
-                  prefill_batch=rows, unstack=False)
+                  prefill_batch=rows, unstack=False, cache_dtype=cache_dtype)
   rng = np.random.RandomState(batch)
   prompts = rng.randint(1, cfg.vocab_size, (batch, p)).tolist()
   with Clock() as pre:
@@ -187,7 +196,7 @@ def run_once(model, args, batch: int, ceilings: dict, limit: int) -> dict:
   stats = jax.devices()[0].memory_stats() or {}
   del state
   bw, rate = ceilings["hbm_bytes_per_s"], ceilings["matmul_flops_per_s"]
-  roofs = rl.decode_roofline_steps(cfg, batch, p, g, bw, rate)
+  roofs = rl.decode_roofline_steps(cfg, batch, p, g, bw, rate, cache_dtype)
   # With --decode_steps only the first steps run; the rest are projected by the roofline's
   # growth with the context (the measured fraction of the roofline is kept).
   decode_s = dec.run * sum(roofs) / sum(roofs[:steps]) if steps < g - 1 else dec.run
@@ -201,10 +210,11 @@ def run_once(model, args, batch: int, ceilings: dict, limit: int) -> dict:
       tokens_per_s=round(batch * g / total, 1),
       decode_tokens_per_s=round(batch * (g - 1) / decode_s, 1) if g > 1 else None,
       compile_prefill_s=round(pre.compile, 2), compile_decode_s=round(dec.compile, 2),
-      cache_bytes=cache_bytes(cfg, batch, cache_len(p, g)),
+      cache_dtype=cache_dtype, cache_bytes=cache_bytes(cfg, batch, cache_len(p, g), cache_dtype),
       peak_bytes=int(stats.get("peak_bytes_in_use", 0)), bytes_limit=limit)
   last = p + g
-  bound = rl.roofline_bound(rl.decode_step_bytes(cfg, batch, last)["total"],
+  bound = rl.roofline_bound(rl.decode_step_bytes(cfg, batch, last,
+                                                 cache_dtype=cache_dtype)["total"],
                             rl.decode_step_flops(cfg, batch, last)["total"], bw, rate)
   roof = sum(roofs)
   prefill_roof = rl.prefill_flops(cfg, batch, p, iterations) / rate
@@ -224,12 +234,15 @@ def run_once(model, args, batch: int, ceilings: dict, limit: int) -> dict:
 
 def setting(record: dict, tag: str = "") -> str:
   """The setting of a run's record: label, P, G, and the batch, or `max_<device limit>GB` for
-  the largest batch that fits (found again at each run); then `tag`. E.g.
-  '1b_lckv-10_p5_g2043_max_25.5GB', '1b_llama_p512_g256_b32'."""
+  the largest batch that fits (found again at each run); a quantized cache's `_int8` / `_fp8`;
+  then `tag`. E.g. '1b_lckv-10_p5_g2043_max_25.5GB', '1b_llama_p512_g256_b32_int8'."""
   name = record["label"].replace(" ", "_").replace(":", "-")
   batch = (f"max_{record['bytes_limit'] / 1e9:.1f}GB" if record.get("max_batch")
            else f"b{record['batch']}")
-  return f"{name}_p{record['prompt']}_g{record['gen']}_{batch}{tag}"
+  cache = record.get("cache_dtype", DEFAULT_CACHE_DTYPE)
+  flag = {v: k for k, v in CACHE_DTYPES.items()}.get(cache, cache)
+  cache = "" if cache == DEFAULT_CACHE_DTYPE else f"_{flag}"
+  return f"{name}_p{record['prompt']}_g{record['gen']}_{batch}{cache}{tag}"
 
 
 def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
@@ -244,9 +257,10 @@ def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
   if args.max_batch:
     if not limit:
       raise SystemExit("--max_batch needs a device that reports its memory limit (a GPU)")
+    cache_dtype = CACHE_DTYPES[args.cache_dtype]
     fits = lambda b: memory_need(cfg, b, args.prompt, args.gen, weights, limit,
-                                 args.cache_copies) <= limit
-    per_row = cache_bytes(cfg, 1, cache_len(args.prompt, args.gen), metadata=True)
+                                 args.cache_copies, cache_dtype) <= limit
+    per_row = cache_bytes(cfg, 1, cache_len(args.prompt, args.gen), cache_dtype, metadata=True)
     max_b = find_max_batch(fits, start=max(1, (limit - weights) // (2 * per_row)))
     if max_b < 1:
       raise SystemExit(f"{args.shape} {layer_types}: even batch 1 does not fit in {limit} bytes")
@@ -306,6 +320,9 @@ def main(argv=None):
   p.add_argument("--sliding_window", type=int, default=None,
                  help="window of the 's' layers (needed by yoco and mixattention)")
   p.add_argument("--tag", default="", help="suffix of each run's setting (see `setting`)")
+  p.add_argument("--cache_dtype", choices=tuple(CACHE_DTYPES), default=DEFAULT_CACHE_DTYPE,
+                 help="the KV cache's storage: bf16, or int8 / fp8 (e4m3) with a float32 scale "
+                      "per token and KV head")
   p.add_argument("--cache_copies", type=int, default=1,
                  help="cache-sized buffers the memory model allows for at the peak (see "
                       "memory_need)")

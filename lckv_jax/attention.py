@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lckv_jax import quant
 from lckv_jax.config import ModelConfig
 from lckv_jax.kernels import dispatch
 
@@ -22,11 +23,26 @@ class KV(NamedTuple):
 
   k, v: [batch, slots, kv_heads, head_dim] (keys already rotated at their own positions).
   pos, seg: [batch, slots] int32; `seg == 0` marks an empty or padding slot, never attended.
+  k_scale, v_scale: [batch, slots, kv_heads] float32 scales of a quantized cache buffer (k, v
+    int8 or float8_e4m3fn: the values are `k * k_scale`, `lckv_jax.quant`); None otherwise.
   """
   k: jax.Array
   v: jax.Array
   pos: jax.Array
   seg: jax.Array
+  k_scale: jax.Array | None = None
+  v_scale: jax.Array | None = None
+
+  @property
+  def quantized(self) -> bool:
+    return self.k_scale is not None
+
+  def dequantized(self, dtype) -> KV:
+    """The same KV with k and v in `dtype` (a quantized buffer read back through its scales)."""
+    if not self.quantized:
+      return self
+    return KV(quant.dequantize(self.k, self.k_scale, dtype),
+              quant.dequantize(self.v, self.v_scale, dtype), self.pos, self.seg)
 
 
 # ---------------------------------------------------------------------------------------------

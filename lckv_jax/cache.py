@@ -24,16 +24,25 @@ Three layouts, all read by `Transformer.step` the same way (attention masks by t
 `contiguous` is a promise about the contents: each row holds one sequence (one segment) in the
 contiguous slots [first non-empty slot, next write], as `Generator` keeps it; a decode step may
 then read only that span (`config.decode_attention`).
+
+Any layout may store its K and V quantized (`dtype` "int8" or "float8_e4m3fn", `lckv_jax.quant`):
+each buffer then also holds `k_scale`, `v_scale` [batch, slots, kv_heads] (float32), one per
+token and KV head. `write` quantizes; every operation that moves slots moves the scales with
+them; `evict_sink` dequantizes the keys it re-rotates and quantizes them again. The arrays say
+the format (int8 K and V with scales), so it needs no static field: a jitted step still compiles
+once per format, as the tree's leaves differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
 
 from lckv_jax import layer_types as lt_lib
+from lckv_jax import quant
 from lckv_jax.attention import KV, apply_rope, rope_inv_freq, rope_tables
 from lckv_jax.config import ModelConfig
 
@@ -66,29 +75,32 @@ def rounded_slots(tokens: int) -> int:
 
 def _empty(config: ModelConfig, batch: int, slots: int, dtype) -> KV:
   shape = (batch, slots, config.num_kv_heads, config.resolved_head_dim)
+  scales = ()
+  if quant.is_quantized(dtype):
+    scales = tuple(jnp.zeros(shape[:3], quant.SCALE_DTYPE) for _ in range(2))
   # Distinct arrays (never aliases), so the whole cache can be donated to `jit`.
   return KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), jnp.int32),
-            jnp.zeros((batch, slots), jnp.int32))
+            jnp.zeros((batch, slots), jnp.int32), *scales)
 
 
 def cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype=None, *, ring: bool = True,
                 metadata: bool = False) -> int:
   """Bytes of the K and V buffers of `KVCache.create`, before allocating them (docs/spec.md §8).
 
-  With `metadata`, the int32 position and segment of every slot are counted as well, so the
-  result equals the bytes of every array of the cache.
+  `dtype`: the cache's (default the compute dtype); a quantized one's scales are counted. With
+  `metadata`, the int32 position and segment of every slot are counted as well, so the result
+  equals the bytes of every array of the cache.
   """
-  itemsize = jnp.dtype(dtype or config.compute_dtype).itemsize
-  per_slot = (lt_lib.kv_bytes_per_key(config.num_kv_heads, config.resolved_head_dim, itemsize)
-              + (8 if metadata else 0))
+  itemsize, scale = quant.itemsizes(quant.cache_dtype(dtype, config.compute_dtype))
+  per_slot = (lt_lib.kv_bytes_per_key(config.num_kv_heads, config.resolved_head_dim, itemsize,
+                                      scale) + (8 if metadata else 0))
   return batch * per_slot * sum(buffer_slots(config, max_len, ring).values())
 
 
 def sink_cache_bytes(config: ModelConfig, batch: int, n_sink: int, window: int, dtype=None) -> int:
-  """Bytes of the K and V buffers of `KVCache.create_sink`, whatever the generated length."""
-  itemsize = jnp.dtype(dtype or config.compute_dtype).itemsize
-  return batch * (n_sink + window) * config.layer_spec.kv_bytes_per_token(
-      config.num_kv_heads, config.resolved_head_dim, itemsize)
+  """Bytes of the K and V buffers (and scales) of `KVCache.create_sink`, whatever the generated
+  length."""
+  return batch * (n_sink + window) * config.kv_cache_bytes_per_token(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +124,11 @@ def write(entry: KV, k_BxTxKxD, v_BxTxKxD, positions_BxT, segment_ids_BxT,
   else:
     put = jax.vmap(lambda buf, new, i: buf.at[i].set(new))
     index = (write_index_B[:, None] + jnp.arange(t)) % slots
+  if entry.quantized:  # a quantized buffer: the chunk's values and their scales
+    (k, k_scale), (v, v_scale) = (quant.quantize(x, entry.k.dtype) for x in (k_BxTxKxD, v_BxTxKxD))
+    return KV(put(entry.k, k, index), put(entry.v, v, index), put(entry.pos, positions_BxT, index),
+              put(entry.seg, segment_ids_BxT, index), put(entry.k_scale, k_scale, index),
+              put(entry.v_scale, v_scale, index))
   return KV(put(entry.k, k_BxTxKxD.astype(entry.k.dtype), index),
             put(entry.v, v_BxTxKxD.astype(entry.v.dtype), index),
             put(entry.pos, positions_BxT, index),
@@ -135,11 +152,12 @@ def _rering(entry: KV, end_B: jax.Array, slots: int) -> KV:
 def _take(entry: KV, src_BxS: jax.Array, valid_BxS: jax.Array) -> KV:
   """Slot s of each row taken from slot `src[s]`, or empty where not `valid[s]`."""
   take = jax.vmap(lambda buf, idx: buf[idx])
-  kv_mask = valid_BxS[:, :, None, None]
-  return KV(jnp.where(kv_mask, take(entry.k, src_BxS), 0).astype(entry.k.dtype),
-            jnp.where(kv_mask, take(entry.v, src_BxS), 0).astype(entry.v.dtype),
-            jnp.where(valid_BxS, take(entry.pos, src_BxS), 0),
-            jnp.where(valid_BxS, take(entry.seg, src_BxS), 0))
+
+  def moved(x):  # any per-slot array: k, v, pos, seg, the scales
+    mask = valid_BxS.reshape(valid_BxS.shape + (1,) * (x.ndim - 2))
+    return jnp.where(mask, take(x, src_BxS), jnp.zeros((), x.dtype))
+
+  return jax.tree.map(moved, entry)
 
 
 def rerotate(config: ModelConfig, k_BxSxKxD: jax.Array, shift: int) -> jax.Array:
@@ -182,7 +200,7 @@ class KVCache:
     """
     if batch < 1 or max_len < 1:
       raise ValueError(f"cache needs batch >= 1 and max_len >= 1, got {batch} and {max_len}")
-    dtype = dtype or config.compute_dtype
+    dtype = quant.cache_dtype(dtype, config.compute_dtype)
     slots = buffer_slots(config, max_len, ring)
     rings = tuple(j for j in ring_layers(config) if ring and slots[j] < max_len)
     return cls({j: _empty(config, batch, n, dtype) for j, n in slots.items()}, rings,
@@ -192,10 +210,21 @@ class KVCache:
   def create_sink(cls, config: ModelConfig, batch: int, n_sink: int, window: int, dtype=None
                   ) -> KVCache:
     """An empty attention-sink cache: `n_sink + window` slots for every KV layer, one sequence
-    per row (left-aligned)."""
+    per row (left-aligned).
+
+    Every eviction re-rotates the kept keys and stores them again, rounded to the cache's dtype,
+    so a key is re-encoded up to `window - 1` times and the rounding errors add up (in bf16
+    too). fp8's 3 mantissa bits do not survive that (a warning says so; measurements in
+    benchmarks/results/kv_quant_cpu.md); int8 stays close to bf16.
+    """
     if n_sink < 0 or window < 1:
       raise ValueError(f"sink cache needs n_sink >= 0 and window >= 1, got {n_sink} and {window}")
     full = cls.create(config, batch, n_sink + window, dtype, ring=False, contiguous=True)
+    if full.dtype == jnp.float8_e4m3fn and window > 1:
+      logging.warning(
+          "a sink cache in fp8 (float8_e4m3fn) re-encodes every kept key at each eviction and "
+          "loses precision with each (see benchmarks/results/kv_quant_cpu.md); int8 or bf16 "
+          "keep the model's quality")
     return dataclasses.replace(full, n_sink=n_sink)
 
   # -- what it holds -------------------------------------------------------------------------
@@ -211,13 +240,23 @@ class KVCache:
   def batch(self) -> int:
     return next(iter(self.layers.values())).k.shape[0]
 
+  @property
+  def dtype(self) -> jnp.dtype:
+    """The storage dtype of K and V (int8 or float8_e4m3fn for a quantized cache)."""
+    return next(iter(self.layers.values())).k.dtype
+
+  @property
+  def quantized(self) -> bool:
+    return next(iter(self.layers.values())).quantized
+
   def slots(self, layer: int) -> int:
     return self.layers[layer].k.shape[1]
 
   def nbytes(self, metadata: bool = False) -> int:
-    """Bytes its arrays occupy (K and V, plus positions and segments with `metadata`)."""
-    return sum(e.k.nbytes + e.v.nbytes + ((e.pos.nbytes + e.seg.nbytes) if metadata else 0)
-               for e in self.layers.values())
+    """Bytes its arrays occupy (K and V and their scales, plus positions and segments with
+    `metadata`)."""
+    return sum(x.nbytes for e in self.layers.values()
+               for x in jax.tree.leaves(e if metadata else e._replace(pos=None, seg=None)))
 
   def replace(self, **changes) -> KVCache:
     return dataclasses.replace(self, **changes)
@@ -272,11 +311,18 @@ class KVCache:
 
     layers = {}
     for j, e in self.layers.items():
-      k = shift(e.k)
-      k = jnp.concatenate([k[:, :n_sink], rerotate(config, k[:, n_sink:], -1)], axis=1)
-      pos = shift(e.pos)
-      pos = jnp.concatenate([pos[:, :n_sink], jnp.maximum(pos[:, n_sink:] - 1, 0)], axis=1)
-      shifted = KV(k, shift(e.v), pos, shift(e.seg))
+      shifted = jax.tree.map(shift, e)
+      k, k_scale = shifted.k[:, n_sink:], None
+      if e.quantized:  # rotate the values, then quantize them again (new scales)
+        k = quant.dequantize(k, shifted.k_scale[:, n_sink:], jnp.float32)
+        k, k_scale = quant.quantize(rerotate(config, k, -1), e.k.dtype)
+        k_scale = jnp.concatenate([shifted.k_scale[:, :n_sink], k_scale], axis=1)
+      else:
+        k = rerotate(config, k, -1)
+      k = jnp.concatenate([shifted.k[:, :n_sink], k], axis=1)
+      pos = jnp.concatenate([shifted.pos[:, :n_sink], jnp.maximum(shifted.pos[:, n_sink:] - 1, 0)],
+                            axis=1)
+      shifted = shifted._replace(k=k, pos=pos, k_scale=k_scale)
       layers[j] = jax.tree.map(
           lambda a, b: jnp.where(full.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), shifted, e)
     return dataclasses.replace(self, layers=layers), jnp.where(full, cap - 1, length_B)
@@ -296,6 +342,9 @@ class KVCache:
       if j not in other.layers or other[j].k.shape[2:] != e.k.shape[2:]:
         raise ValueError(f"{what}: the caches differ at layer {j}: heads "
                          f"{e.k.shape[2:]} vs {other.layers.get(j, e).k.shape[2:]}")
+      if other[j].quantized != e.quantized or (e.quantized and other[j].k.dtype != e.k.dtype):
+        raise ValueError(f"{what}: the caches differ at layer {j}: dtype {e.k.dtype} vs "
+                         f"{other[j].k.dtype}")
 
   def insert_row(self, row: int | jax.Array, other: KVCache, other_row: int = 0) -> KVCache:
     """Batch row `row` replaced by row `other_row` of `other` (same layout and slots)."""

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from lckv_jax import layer_types as lt_lib
+from lckv_jax import quant
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
            "float64": jnp.float64}
@@ -202,9 +203,12 @@ class ModelConfig:
     d["rope_scaling"] = self.rope_scaling_dict
     return d
 
-  def kv_cache_bytes_per_token(self) -> int:
+  def kv_cache_bytes_per_token(self, cache_dtype=None) -> int:
+    """KV-cache bytes of one token: K, V (and a quantized cache's scales) of every KV layer, in
+    `cache_dtype` (default the compute dtype; `lckv_jax.quant.CACHE_DTYPES`)."""
     return self.layer_spec.kv_bytes_per_token(
-        self.num_kv_heads, self.resolved_head_dim, jnp.dtype(self.compute_dtype).itemsize)
+        self.num_kv_heads, self.resolved_head_dim,
+        *quant.itemsizes(quant.cache_dtype(cache_dtype, self.compute_dtype)))
 
 
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig)

@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from lckv_jax import cache as cache_lib
+from lckv_jax import quant
 from lckv_jax.attention import KV
 from lckv_jax.cache import KVCache
 from lckv_jax.tokenizer import ByteTokenizer  # noqa: F401  (the byte fallback, re-exported)
@@ -481,7 +482,9 @@ class Generator:
       shard_model(self.model, mesh)
     self.max_new_tokens, self.max_len, self.sink = max_new_tokens, max_len, sink
     self.prefill_iterations, self.prefill_mode = prefill_iterations, prefill_mode
-    self.return_logits, self.cache_dtype = return_logits, cache_dtype
+    # The cache's storage: a dtype, or "int8" / "fp8" (quantized, `lckv_jax.quant`).
+    self.return_logits = return_logits
+    self.cache_dtype = quant.cache_dtype(cache_dtype, cfg.compute_dtype)
     self.prefill_batch = prefill_batch
     self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
     self.per_row_sampling, self.sampling = per_row_sampling, sampling
@@ -754,13 +757,15 @@ def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, tokenizer
              prefill_iterations: int | None = None, prefill_mode: str = "auto",
              sink: tuple[int, int] | None = None, mesh: Mesh | None = None,
              return_logits: bool = False, stream: Callable | None = None,
-             prefill_chunk: int | None = None) -> Generation:
+             prefill_chunk: int | None = None, cache_dtype=None) -> Generation:
   """Generates continuations of `prompts`: text (with `tokenizer`), token ids, or lists of them.
 
   Greedy by default; `temperature`, `top_k`, `top_p` and `seed` sample (same seed, same tokens).
   Stops a row at `eos_id` (default: the tokenizer's `eos_token_id`) or after `max_new_tokens`.
   `stream(tokens_B, active_B)` is called on the host with every new token of the batch.
   `prefill_chunk=C` prefills the prompts C tokens per call (`Generator`), as the server does.
+  `cache_dtype`: the KV cache's storage (default the compute dtype; "int8" or "fp8" quantize it,
+  `lckv_jax.quant`).
   """
   sampling = Sampling(temperature, top_k, top_p)
   token_lists, is_text = _as_token_lists(prompts, tokenizer)
@@ -769,7 +774,7 @@ def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, tokenizer
   gen = Generator(model, max_new_tokens=max_new_tokens, max_len=max_len, sampling=sampling,
                   eos_id=eos_id, prefill_iterations=prefill_iterations,
                   prefill_mode=prefill_mode, sink=sink, return_logits=return_logits, mesh=mesh,
-                  stream=stream, prefill_chunk=prefill_chunk)
+                  stream=stream, prefill_chunk=prefill_chunk, cache_dtype=cache_dtype)
   t0 = time.perf_counter()
   state = gen.start(token_lists, seed)
   jax.block_until_ready(state.token)

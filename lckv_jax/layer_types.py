@@ -18,13 +18,16 @@ _TOKEN = re.compile(r"^(\d+)(s?)$")
 PROG = "python -m lckv_jax.layer_types"
 
 
-def kv_bytes_per_key(num_kv_heads: int, head_dim: int, bytes_per_elem: int) -> int:
+def kv_bytes_per_key(num_kv_heads: int, head_dim: int, bytes_per_elem: int,
+                     bytes_per_scale: int = 0) -> int:
   """Bytes of the K and V of one token in one KV-computing layer (docs/spec.md §8).
 
   The one count of KV-cache bytes: per token (`LayerTypes.kv_bytes_per_token`), per cache
   (`cache.cache_bytes`, `cache.sink_cache_bytes`) and per decode step (`roofline`) multiply it.
+  `bytes_per_scale`: a quantized cache's scale of each K and V vector (one per KV head,
+  `lckv_jax.quant`); 0 for a float cache.
   """
-  return 2 * num_kv_heads * head_dim * bytes_per_elem
+  return 2 * num_kv_heads * (head_dim * bytes_per_elem + bytes_per_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +109,11 @@ class LayerTypes:
       segments.append(Segment(plain_start, n, cyclic=False))
     return tuple(segments)
 
-  def kv_bytes_per_token(self, num_kv_heads: int, head_dim: int, bytes_per_elem: int) -> int:
+  def kv_bytes_per_token(self, num_kv_heads: int, head_dim: int, bytes_per_elem: int,
+                         bytes_per_scale: int = 0) -> int:
     """Bytes of KV cache that one token occupies (docs/spec.md §8)."""
-    return len(self.kv_layers) * kv_bytes_per_key(num_kv_heads, head_dim, bytes_per_elem)
+    return len(self.kv_layers) * kv_bytes_per_key(num_kv_heads, head_dim, bytes_per_elem,
+                                                  bytes_per_scale)
 
 
 def parse(layer_types: str, num_layers: int | None = None, *, force_nodiag: bool = False

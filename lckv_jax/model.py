@@ -498,9 +498,12 @@ class Transformer(nnx.Module):
     return self._forward(mode, tokens, positions, segment_ids, cache, write_index,
                          iterations - 1, 1, last_logits)
 
-  def sequential(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+  def sequential(self, tokens, positions=None, segment_ids=None, *, cache_dtype=None
+                 ) -> jax.Array:
     """The exact model: one token at a time, each seeing earlier tokens' KV (docs/spec.md §4).
 
+    `cache_dtype`: the KV cache's storage (default the compute dtype; "int8" or "fp8" quantize
+    it, `lckv_jax.quant`), to measure what a cache format costs in quality.
     Bad token ids and positions raise or give NaN rows, as in `__call__`.
     """
     check_inputs(self.config, tokens, positions, segment_ids)
@@ -509,7 +512,7 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
-    cache = cache_lib.KVCache.create(self.config, b, t)
+    cache = cache_lib.KVCache.create(self.config, b, t, cache_dtype)
     graphdef, state = nnx.split(self)
 
     def body(cache, xs):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lckv_jax import layer_types as lt_lib
+from lckv_jax import quant
 from lckv_jax.config import ModelConfig
 from lckv_jax.flops import attention_flops, layer_matmul_params
 
@@ -54,28 +55,31 @@ def param_count(config: ModelConfig) -> int:
 
 
 def decode_step_bytes(config: ModelConfig, batch: int, context: int, *,
-                      param_bytes: int | None = None, cache_itemsize: int | None = None
-                      ) -> dict[str, int]:
+                      param_bytes: int | None = None, cache_itemsize: int | None = None,
+                      cache_dtype=None) -> dict[str, int]:
   """HBM bytes of one decode step: {'weights', 'kv_read', 'kv_write', 'total'}.
 
   Args:
     batch: rows, one new token each.
     context: tokens in each row's cache, including the new one.
     param_bytes: bytes per parameter; default the itemsize of `config.param_dtype`.
-    cache_itemsize: bytes per cached K/V element; default the itemsize of `config.dtype`.
+    cache_itemsize: bytes per cached K/V element; default that of `cache_dtype`.
+    cache_dtype: the cache's storage (`lckv_jax.quant`; default `config.dtype`); a quantized
+      cache's scales are read and written with its keys and values.
   """
   lt = config.layer_spec
   if param_bytes is None:
     param_bytes = jnp.dtype(config.weights_dtype).itemsize
+  itemsize, scale_bytes = quant.itemsizes(quant.cache_dtype(cache_dtype, config.compute_dtype))
   if cache_itemsize is None:
-    cache_itemsize = jnp.dtype(config.compute_dtype).itemsize
+    cache_itemsize = itemsize
   e, v = config.hidden_size, config.vocab_size
   # The embedding gather touches one row per token (at most the V distinct rows); a tied table is
   # also the LM head, which reads all of it.
   embed_read = v * e if config.tie_word_embeddings else min(batch, v) * e
   weights = (param_count(config) - v * e + embed_read) * param_bytes
   per_key = batch * lt_lib.kv_bytes_per_key(config.num_kv_heads, config.resolved_head_dim,
-                                            cache_itemsize)
+                                            cache_itemsize, scale_bytes)
   # Every layer reads the KV it attends to, even when several layers share one buffer: each layer
   # is its own attention kernel, so the shared buffer streams from HBM once per reader.
   kv_read = per_key * sum(visible_keys(config, i, context) for i in range(config.num_layers))
@@ -133,10 +137,12 @@ def roofline_seconds(bytes_total: float, flops_total: float, hbm_bytes_per_s: fl
 
 
 def decode_roofline_steps(config: ModelConfig, batch: int, prompt: int, gen: int,
-                          hbm_bytes_per_s: float, flops_per_s: float) -> list[float]:
+                          hbm_bytes_per_s: float, flops_per_s: float, cache_dtype=None
+                          ) -> list[float]:
   """Roofline seconds of each of the gen-1 decode steps after a prompt of `prompt` tokens (the
-  first generated token comes from the prefill); step i runs with context prompt + 2 + i."""
-  return [roofline_seconds(decode_step_bytes(config, batch, c)["total"],
+  first generated token comes from the prefill); step i runs with context prompt + 2 + i.
+  `cache_dtype`: the cache's storage (default `config.dtype`)."""
+  return [roofline_seconds(decode_step_bytes(config, batch, c, cache_dtype=cache_dtype)["total"],
                            decode_step_flops(config, batch, c)["total"], hbm_bytes_per_s,
                            flops_per_s)
           for c in range(prompt + 2, prompt + gen + 1)]

@@ -21,6 +21,7 @@ import generate as generate_py  # noqa: E402  (the CLI script at the repository 
     (["--max_new_tokens=0"], "--max_new_tokens must be >= 1, got 0"),
     (["--sink", "2", "0"], "--sink N_SINK WINDOW needs"),
     (["--dtype=float8"], "--dtype must be one of"),
+    (["--cache_dtype=int4"], "--cache_dtype must be one of float32, bfloat16, float16, int8, fp8"),
 ])
 def test_generate_cli_bad_flags(dirs, flags, message):
   with pytest.raises(cli.UserError, match=message):
@@ -66,3 +67,14 @@ def test_cli_streams_from_a_checkpoint(tmp_path, tiny_model):
   assert out.returncode == 0, out.stderr
   assert "tokens/s" in out.stderr
   assert out.stdout.count("xyz") == 1
+
+
+def test_cli_generates_with_a_quantized_cache(tmp_path, tiny_model, capsys):
+  from lckv_jax.checkpoint import save_model
+  save_model(str(tmp_path / "ckpt"),
+             tiny_model(std=0.1, sliding_window=3, layer_types="lckv", vocab_size=256))
+  for cache in ("int8", "fp8"):
+    assert generate_py.main([f"--checkpoint={tmp_path / 'ckpt'}", "--max_new_tokens=4",
+                             "--prompt=ab", "--prompt=xyz", f"--cache_dtype={cache}"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("xyz") == 1 and "tokens/s" in out.err

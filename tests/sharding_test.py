@@ -63,6 +63,11 @@ def test_cache_shardings_name_the_cache_axes(tiny_config):
   whole = dict(sharding.RULES, cache_kv_heads=None)
   e = next(iter(sharding.cache_shardings(cache, mesh, whole).layers.values()))
   assert e.k.spec == P(("data", "fsdp"), None, None, None), e.k.spec
+  # A quantized cache's scales [batch, slots, kv_heads] follow its rows and heads.
+  int8 = jax.eval_shape(lambda: KVCache.create(cfg, 4, 16, "int8"))
+  for e in sharding.cache_shardings(int8, mesh).layers.values():
+    assert e.k.spec == P(("data", "fsdp"), None, "tensor", None), e.k.spec
+    assert e.k_scale.spec == e.v_scale.spec == P(("data", "fsdp"), None, "tensor"), e.k_scale.spec
 
 
 _SCRIPT = textwrap.dedent("""

@@ -17,7 +17,9 @@ Note: HF `run_clm`-style block evaluation (the reference's reported numbers) ins
 block of `context_len` tokens independently and never scores a block's first token.
 
 Cyclic layer types run the iteration plan with `forward_passes`/`backward_passes` (the model's
-defaults unless given), or the exact token-by-token mode with `sequential=True`.
+defaults unless given), or the exact token-by-token mode with `sequential=True`, which reads
+earlier tokens from a KV cache as generation does: `cache_dtype` ("int8", "fp8", "bfloat16";
+default the compute dtype) then measures what a cache format costs in perplexity.
 """
 
 from __future__ import annotations
@@ -33,19 +35,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lckv_jax import cli
+from lckv_jax import cli, quant
 
 PROG = "python -m lckv_jax.eval.perplexity"
 
-_STATIC = ("graphdef", "forward_passes", "backward_passes", "sequential")
+_STATIC = ("graphdef", "forward_passes", "backward_passes", "sequential", "cache_dtype")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def model_logits(state, inputs_BxT, *, graphdef, forward_passes, backward_passes, sequential):
+def model_logits(state, inputs_BxT, *, graphdef, forward_passes, backward_passes, sequential,
+                 cache_dtype=None):
   """Logits of the model `nnx.merge(graphdef, state)`; compiled once per structure and shape."""
   model = nnx.merge(graphdef, state)
   if sequential:
-    return model.sequential(inputs_BxT)
+    return model.sequential(inputs_BxT, cache_dtype=cache_dtype)
   return model(inputs_BxT, forward_passes=forward_passes, backward_passes=backward_passes)
 
 
@@ -60,16 +63,25 @@ def _score(state, inputs_BxT, targets_BxT, **static):
 class Scorer:
   """Jitted log-probabilities of target tokens under the model's parallel (or sequential) mode.
 
+  `cache_dtype` (sequential only): the storage of the KV cache the sequential mode reads
+  (`lckv_jax.quant`: "int8", "fp8", a float dtype; default the compute dtype).
   Compilations are shared by every Scorer of models with the same structure and pass options.
   """
 
   def __init__(self, model, *, forward_passes: int | None = None,
-               backward_passes: int | None = None, sequential: bool = False):
+               backward_passes: int | None = None, sequential: bool = False,
+               cache_dtype=None):
     check_passes(forward_passes, backward_passes)
+    if cache_dtype is not None and not sequential:
+      raise ValueError(f"cache_dtype={cache_dtype!r} needs sequential=True (--sequential): the "
+                       "parallel mode reads no KV cache")
     self.config = model.config
+    if cache_dtype is not None:
+      cache_dtype = quant.cache_dtype(cache_dtype, self.config.compute_dtype).name
     self.graphdef, self.state = nnx.split(model)
     self.static = dict(graphdef=self.graphdef, forward_passes=forward_passes,
-                       backward_passes=backward_passes, sequential=bool(sequential))
+                       backward_passes=backward_passes, sequential=bool(sequential),
+                       cache_dtype=cache_dtype)
 
   def check_tokens(self, tokens, what: str = "token ids") -> None:
     check_token_ids(tokens, self.config.vocab_size, what)
@@ -196,7 +208,7 @@ class Perplexity:
 def perplexity(model_or_scorer, documents, *, context_len: int | None = None,
                stride: int | None = None, prefix_token: int | None = None,
                forward_passes: int | None = None, backward_passes: int | None = None,
-               sequential: bool = False, batch_size: int = 1) -> Perplexity:
+               sequential: bool = False, cache_dtype=None, batch_size: int = 1) -> Perplexity:
   """Perplexity of one token array or a list of documents (each scored on its own).
 
   Args:
@@ -205,10 +217,11 @@ def perplexity(model_or_scorer, documents, *, context_len: int | None = None,
     context_len: window length; default min(max_position_embeddings, 2048).
     stride: targets per window after the first; default context_len (chunked).
     prefix_token: prepended to every document so its first token is scored too.
+    cache_dtype: with `sequential`, the KV cache's storage (see `Scorer`).
   """
   scorer = model_or_scorer if isinstance(model_or_scorer, Scorer) else Scorer(
       model_or_scorer, forward_passes=forward_passes, backward_passes=backward_passes,
-      sequential=sequential)
+      sequential=sequential, cache_dtype=cache_dtype)
   if context_len is None:
     context_len = min(scorer.config.max_position_embeddings, 2048)
   check_context(scorer.config, context_len, stride)
@@ -277,6 +290,10 @@ def _check_flags(args, config) -> None:
   if args.batch_size < 1:
     raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
   check_passes(args.forward_passes, args.backward_passes)
+  if args.cache_dtype is not None:
+    if not args.sequential:
+      raise ValueError("--cache_dtype needs --sequential: the parallel mode reads no KV cache")
+    quant.cache_dtype(args.cache_dtype)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -291,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--forward_passes", type=int, default=None)
   p.add_argument("--backward_passes", type=int, default=None)
   p.add_argument("--sequential", action="store_true", help="exact token-by-token mode")
+  p.add_argument("--cache_dtype", default=None,
+                 help="with --sequential: the KV cache's storage, int8, fp8 or a float dtype "
+                      "(default the compute dtype)")
   p.add_argument("--batch_size", type=int, default=1)
   p.add_argument("--byte_tokenizer", action="store_true", help="UTF-8 bytes as token ids")
   args = p.parse_args(argv)
@@ -304,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   model = checkpoint.load_model(path)
   r = perplexity(model, tokens, context_len=args.context_len, stride=args.stride,
                  forward_passes=args.forward_passes, backward_passes=args.backward_passes,
-                 sequential=args.sequential, batch_size=args.batch_size)
+                 sequential=args.sequential, cache_dtype=args.cache_dtype,
+                 batch_size=args.batch_size)
   print(f"tokens={r.tokens} nll={r.nll:.4f} mean_nll={r.mean_nll:.4f} ppl={r.ppl:.4f}")
 
 

@@ -10,6 +10,12 @@ and the slices are merged in XLA.
 
 The cache keeps its `[batch, slots, kv_heads, head_dim]` layout: each program reads the strided
 `[slots, head_dim]` view of one (row, kv head), so no transposed copy of the cache is made.
+
+A quantized cache (int8 or fp8 K and V, one float32 scale per slot and kv head,
+`lckv_jax.quant`) is read as stored: each block's K and V are converted to the queries' dtype
+(exact: int8 and e4m3 values are bf16 values) and the scales applied in float32, to the scores
+(`(q . k_q) * k_scale[slot]`) and to the probabilities before the value product
+(`(p * v_scale[slot]) . v_q`). No dequantized copy of the cache is made.
 """
 
 from __future__ import annotations
@@ -40,14 +46,19 @@ def _splits(batch: int, kv_heads: int, blocks: int, target_programs: int = 512) 
   return max(1, min(blocks, math.ceil(target_programs / (batch * kv_heads))))
 
 
-def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, o_ref, l_ref, m_ref, *, block_k: int,
-            split: int, scale: float):
+def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
+            quantized: bool):
   """One (row, kv head, slice): online softmax of the q heads of the group over its slots.
 
-  q_ref [groups, head_dim]; k_ref, v_ref [slots, head_dim]; start_ref, end_ref scalars.
+  q_ref [groups, head_dim]; k_ref, v_ref [slots, head_dim]; with `quantized`, k_scale_ref,
+  v_scale_ref [slots]; then start_ref, end_ref scalars.
   Writes the slice's unnormalised output o [groups, head_dim] (f32), its softmax denominator l
   and running max m [groups].
   """
+  if quantized:
+    k_scale_ref, v_scale_ref, start_ref, end_ref, o_ref, l_ref, m_ref = refs
+  else:
+    start_ref, end_ref, o_ref, l_ref, m_ref = refs
   j = pl.program_id(2)
   slots = k_ref.shape[0]
   q = q_ref[...]
@@ -59,13 +70,18 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, o_ref, l_ref, m_ref, *, blo
     valid = (idx >= lo) & (idx < hi)
     k = k_ref[pl.ds(i * block_k, block_k), :]
     v = v_ref[pl.ds(i * block_k, block_k), :]
+    if quantized:  # int8 / e4m3 values are exact in q's dtype; the scales apply in float32
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32) * scale  # [groups, block_k]
+    if quantized:
+      s = s * k_scale_ref[pl.ds(i * block_k, block_k)][None, :]
     s = jnp.where(valid[None, :], s, _NEG)
     m_new = jnp.maximum(m, s.max(axis=1))
     p = jnp.exp(s - m_new[:, None]) * valid[None, :]
     correction = jnp.exp(m - m_new)
-    o = o * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pv = p * v_scale_ref[pl.ds(i * block_k, block_k)][None, :] if quantized else p
+    o = o * correction[:, None] + jnp.dot(pv.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o, l * correction + p.sum(axis=1), m_new
 
   carry = (jnp.zeros((groups, head_dim), jnp.float32), jnp.zeros((groups,), jnp.float32),
@@ -90,8 +106,9 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, o_ref, l_ref, m_ref, *, blo
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "interpret"))
-def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, block_k: int = 128,
-                     interpret: bool = False) -> jax.Array:
+def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_BxSxK=None,
+                     v_scale_BxSxK=None, block_k: int = 128, interpret: bool = False
+                     ) -> jax.Array:
   """Softmax attention of one query per row over the cache slots [start, end) of that row.
 
   Args:
@@ -101,10 +118,12 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, block_k: 
       end - start <= slots); a row with end <= start sees nothing and gets zeros
       (docs/spec.md §3.5).
       Slot x is read at buffer index x % slots, so a ring buffer's window may wrap around.
+    k_scale_BxSxK, v_scale_BxSxK: [batch, slots, kv_heads] float32 scales of a quantized cache
+      (k, v int8 or float8_e4m3fn: the values are k * k_scale); None for a float cache.
     block_k: slots per inner step (halved until it divides `slots`; see `block_size`).
     interpret: run the kernel in the Pallas interpreter (CPU tests).
   Returns:
-    [batch, heads, head_dim] in the dtype of v.
+    [batch, heads, head_dim] in the dtype of v (of q for a quantized cache).
   """
   b, h, d = q_BxHxD.shape
   _, slots, kv_heads, _ = k_BxSxKxD.shape
@@ -118,16 +137,26 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, block_k: 
   k_splits = math.ceil(slots / split)
   # Triton's dot wants at least 16 rows: pad the q heads of a group (MHA has 1) with zero rows.
   rows = max(_MIN_BLOCK, 1 << (groups - 1).bit_length())
-  q = q_BxHxD.reshape(b, kv_heads, groups, d).astype(k_BxSxKxD.dtype)
+  quantized = k_scale_BxSxK is not None
+  if quantized != (v_scale_BxSxK is not None):
+    raise ValueError("prefix_attention: give both k_scale and v_scale (a quantized cache), or "
+                     "neither")
+  out_dtype = q_BxHxD.dtype if quantized else v_BxSxKxD.dtype
+  q = q_BxHxD.reshape(b, kv_heads, groups, d)
+  q = q if quantized else q.astype(k_BxSxKxD.dtype)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - groups), (0, 0)))
-  kernel = functools.partial(_kernel, block_k=bk, split=split, scale=1.0 / math.sqrt(d))
+  kernel = functools.partial(_kernel, block_k=bk, split=split, scale=1.0 / math.sqrt(d),
+                             quantized=quantized)
   kv_spec = pl.BlockSpec((None, slots, None, d), lambda i, k, j: (i, 0, k, 0))
+  scale_spec = pl.BlockSpec((None, slots, None), lambda i, k, j: (i, 0, k))
   row_spec = pl.BlockSpec((None,), lambda i, k, j: (i,))
+  scales = (k_scale_BxSxK.astype(jnp.float32), v_scale_BxSxK.astype(jnp.float32)) if quantized \
+      else ()
   o, l, m = pl.pallas_call(
       kernel,
       grid=(b, kv_heads, k_splits),
       in_specs=[pl.BlockSpec((None, None, rows, d), lambda i, k, j: (i, k, 0, 0)),
-                kv_spec, kv_spec, row_spec, row_spec],
+                kv_spec, kv_spec, *((scale_spec,) * len(scales)), row_spec, row_spec],
       out_specs=[pl.BlockSpec((None, None, None, rows, d), lambda i, k, j: (j, i, k, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda i, k, j: (j, i, k, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda i, k, j: (j, i, k, 0))],
@@ -136,10 +165,10 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, block_k: 
                  jax.ShapeDtypeStruct((k_splits, b, kv_heads, rows), jnp.float32)],
       interpret=interpret,
       name="lckv_decode_attention",
-  )(q, k_BxSxKxD, v_BxSxKxD, start_B.astype(jnp.int32), end_B.astype(jnp.int32))
+  )(q, k_BxSxKxD, v_BxSxKxD, *scales, start_B.astype(jnp.int32), end_B.astype(jnp.int32))
   # Merge the slices' online softmaxes; a slice that saw no slot has l = 0 and m = _NEG.
   m_all = m.max(axis=0)
   weight = jnp.exp(m - m_all[None])
   l_all = (l * weight).sum(axis=0)
   o_all = (o * weight[..., None]).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
-  return o_all[:, :, :groups].reshape(b, h, d).astype(v_BxSxKxD.dtype)
+  return o_all[:, :, :groups].reshape(b, h, d).astype(out_dtype)

@@ -18,6 +18,10 @@ it. `choose` picks the kernel from the config's two knobs, one per kind of call:
 Every other call (a prefill into a filled cache, the reference's zero-key decoding) takes the
 dense reference, which runs any mask. Adding a kernel: one file in `kernels/`, one row in
 `KERNELS`, its name among the knob's values (`lckv_jax.config`), and a test against `dense`.
+
+A quantized cache buffer (`KV.quantized`: int8 or fp8 K and V with per-token, per-head scales,
+`lckv_jax.quant`) is read as stored by the kernels of `READS_QUANTIZED` (the decode kernel);
+every other kernel gets it dequantized to the queries' dtype here, at the boundary (`attend`).
 """
 
 from __future__ import annotations
@@ -113,12 +117,15 @@ def _splash(q, kv, plan: Plan, inputs: Inputs):
 
 def _pallas(q, kv, plan: Plan, inputs: Inputs):
   start, end = inputs.span
-  return decode.prefix_attention(q[:, 0], kv.k, kv.v, start, end,
+  return decode.prefix_attention(q[:, 0], kv.k, kv.v, start, end, k_scale_BxSxK=kv.k_scale,
+                                 v_scale_BxSxK=kv.v_scale,
                                  interpret=jax.default_backend() != "gpu")[:, None]
 
 
 # kernel name -> fn(q [batch, q, heads, head_dim], kv (k, v: [batch, slots, kv_heads, head_dim]),
 # plan, inputs) -> [batch, q, heads, head_dim]
+# Kernels that read a quantized KV (its k, v and scales) as it is; the others get it dequantized.
+READS_QUANTIZED = frozenset({"pallas"})
 KERNELS: dict[str, Callable] = {
     "dense": _dense,
     "xla": _fused("xla"),
@@ -138,6 +145,10 @@ def attend(plan: Plan, q_BxTxHxD, kv, inputs: Inputs):
   chex.assert_equal(q_BxTxHxD.shape[2] % kv.k.shape[2], 0)  # GQA: kv heads divide heads
   if plan.mode is Mode.DECODE:
     chex.assert_axis_dimension(q_BxTxHxD, 1, 1)
+  if kv.quantized:
+    chex.assert_shape([kv.k_scale, kv.v_scale], kv.k.shape[:3])  # [batch, slots, kv_heads]
+    if plan.kernel not in READS_QUANTIZED:
+      kv = kv.dequantized(q_BxTxHxD.dtype)
   out = KERNELS[plan.kernel](q_BxTxHxD, kv, plan, inputs)
   chex.assert_equal_shape([out, q_BxTxHxD])
   return out

@@ -52,3 +52,29 @@ def test_a_cap_in_bytes_caps_the_gpu_allocator(monkeypatch):
       "os").environ
   monkeypatch.setattr(shutil, "which", lambda name: None)  # no GPU tools: nothing to cap
   assert common.cap_allocator(1 << 30) is None
+
+
+def test_a_quantized_cache_is_in_the_memory_model_the_record_and_the_setting(tmp_path):
+  import argparse
+
+  import benchmarks.throughput as tp
+  from lckv_jax.cache import cache_bytes
+  path = tp.main(["--smoke", "--layer_types", "lckv", "--cache_dtype", "int8", "--out",
+                  str(tmp_path)])
+  [r] = json.load(open(path))
+  assert r["cache_dtype"] == "int8" and r["setting"] == "tiny_lckv_p8_g4_b2_int8"
+  assert r["tokens_per_s"] > 0 and r["batch"] == 2
+  model = tp.serving_model(argparse.Namespace(shape="tiny", prompt=8, gen=4, sliding_window=None),
+                           "lckv")
+  cfg = model.config
+  assert r["cache_bytes"] == cache_bytes(cfg, 2, tp.cache_len(8, 4), "int8")
+  # The default (bf16) names no cache in the setting: the records made before the flag keep
+  # their names.
+  assert tp.setting(dict(r, cache_dtype="bfloat16")) == "tiny_lckv_p8_g4_b2"
+  assert tp.setting({k: v for k, v in r.items() if k != "cache_dtype"}) == "tiny_lckv_p8_g4_b2"
+  assert tp.setting(dict(r, cache_dtype="float8_e4m3fn"), "_x") == "tiny_lckv_p8_g4_b2_fp8_x"
+  # Memory: the int8 cache takes about half the bytes, so more rows fit.
+  need = lambda b, dtype: tp.memory_need(cfg, b, 512, 1536, 0, 0, cache_dtype=dtype)
+  bf16_cache = cache_bytes(cfg, 64, tp.cache_len(512, 1536), metadata=True)
+  int8_cache = cache_bytes(cfg, 64, tp.cache_len(512, 1536), "int8", metadata=True)
+  assert need(64, None) - need(64, "int8") == bf16_cache - int8_cache > 0.4 * bf16_cache

@@ -109,6 +109,22 @@ def test_perplexity_iterations(lckv_model):
   assert abs(rough.nll - seq.nll) > 1e-3
 
 
+def test_sequential_perplexity_through_a_quantized_cache(lckv_model):
+  # The sequential mode reads earlier tokens from a KV cache; cache_dtype stores it quantized.
+  tokens = np.random.RandomState(2).randint(0, 128, 17)
+  exact = ppl.perplexity(lckv_model, tokens, context_len=16, sequential=True)
+  for name, rtol in (("bfloat16", 1e-3), ("int8", 2e-3), ("fp8", 1e-2)):
+    got = ppl.perplexity(lckv_model, tokens, context_len=16, sequential=True, cache_dtype=name)
+    assert got.tokens == exact.tokens and got.nll != exact.nll
+    np.testing.assert_allclose(got.nll, exact.nll, rtol=rtol)
+  scorer = ppl.Scorer(lckv_model, sequential=True, cache_dtype="fp8")
+  assert scorer.static["cache_dtype"] == "float8_e4m3fn"
+  with pytest.raises(ValueError, match="cache_dtype='int8' needs sequential=True"):
+    ppl.Scorer(lckv_model, cache_dtype="int8")
+  with pytest.raises(ValueError, match="cache_dtype must be one of"):
+    ppl.Scorer(lckv_model, sequential=True, cache_dtype="int4")
+
+
 # -- bad inputs: an error naming the window, id or flag --------------------------------------------
 
 
@@ -185,3 +201,10 @@ def test_perplexity_command_line(ckpt, tmp_path, capsys):
   run(["--checkpoint", ckpt, "--tokens", str(tmp_path / "ids.npy")],
       r"--tokens='.*ids.npy': id 500 is outside")
   run(["--checkpoint", ckpt, "--tokens", text], r"--tokens='.*t.txt' is not a .npy file")
+  run(["--checkpoint", ckpt, "--text_file", text, "--cache_dtype", "int8"],
+      r"--cache_dtype needs --sequential")
+  run(["--checkpoint", ckpt, "--text_file", text, "--sequential", "--cache_dtype", "int4"],
+      r"cache_dtype must be one of")
+  ppl.main(["--checkpoint", ckpt, "--byte_tokenizer", "--text_file", text, "--context_len", "8",
+            "--sequential", "--cache_dtype", "int8"])
+  assert re.search(r"tokens=10 nll=\S+ mean_nll=\S+ ppl=\S+", capsys.readouterr().out)

@@ -66,6 +66,37 @@ def test_decode_kernel_reads_a_ring_buffer_window_that_wraps():
   np.testing.assert_allclose(out, ref, atol=2e-6)
 
 
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_kernel_reads_a_quantized_cache_as_its_dequantized_values(name, dtype):
+  # int8 / fp8 K and V with one scale per slot and kv head, read as stored (scores scaled by
+  # k_scale, probabilities by v_scale): the dense attention over the dequantized buffers, also
+  # over a ring's wrapped span.
+  from lckv_jax import quant
+  rng = np.random.default_rng(11)
+  b, slots, d = 4, 32, 16
+  q = jnp.asarray(rng.normal(size=(b, 4, d)), dtype)
+  k, v = (jnp.asarray(rng.normal(size=(b, slots, 2, d)) * rng.uniform(0.1, 10, (b, slots, 2, 1)),
+                      jnp.float32) for _ in range(2))
+  (kq, ks), (vq, vs) = (quant.quantize(x, quant.cache_dtype(name)) for x in (k, v))
+  start = jnp.asarray([0, 17, 64, 5])
+  end = jnp.asarray([32, 45, 70, 5])  # a full buffer, a wrapped span, one inside, nothing
+  out = prefix_attention(q, kq, vq, start, end, k_scale_BxSxK=ks, v_scale_BxSxK=vs, block_k=16,
+                         interpret=True)
+  assert out.dtype == dtype
+  idx = jnp.arange(slots)
+  mask = (((idx[None] - start[:, None]) % slots) < (end - start)[:, None])[:, None, :]
+  # In float32: bf16 queries meet the int8 / e4m3 values exactly, scores and scales are float32;
+  # only p * v_scale and the output round to bf16 (2^-9 relative).
+  ref = dot_product_attention(q[:, None].astype(jnp.float32), quant.dequantize(kq, ks, jnp.float32),
+                              quant.dequantize(vq, vs, jnp.float32), mask)[:, 0]
+  tol = 2e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=tol, rtol=tol)
+  assert float(jnp.abs(out[3].astype(jnp.float32)).max()) == 0.0
+  with pytest.raises(ValueError, match="both k_scale and v_scale"):
+    prefix_attention(q, kq, vq, start, end, k_scale_BxSxK=ks, interpret=True)
+
+
 def test_decode_kernel_block_sizes():
   assert block_size(4096) == 128 and block_size(48) == 16 and block_size(96) == 32
   assert block_size(40) is None
@@ -104,6 +135,34 @@ def test_generation_with_the_decode_kernel_over_ring_buffers_equals_xla(name, no
                  return_logits=True)
   out = generate(tiny_model(std=0.1, **kw, decode_attention="pallas"), ps, max_new_tokens=12,
                  return_logits=True)
+  assert out.tokens == ref.tokens
+  np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("preset,window", [("llama", 3), ("lckv", 3), ("cla", 3), ("mixed", 16)])
+def test_generation_on_a_quantized_cache_with_the_decode_kernel_equals_xla(name, preset, window,
+                                                                         tiny_model):
+  # The kernel reads the quantized cache; the XLA path reads it dequantized: the same numbers,
+  # so the same tokens. Windows of 16 slots make 16-slot rings that the kernel reads and wrap.
+  kw = dict(layer_types=PRESETS[preset], sliding_window=window, max_position_embeddings=64)
+  ps = prompts([20, 3, 11], seed=9)
+  ref = generate(tiny_model(std=0.1, **kw, decode_attention="dense"), ps, max_new_tokens=8,
+                 return_logits=True, cache_dtype=name)
+  out = generate(tiny_model(std=0.1, **kw, decode_attention="pallas"), ps, max_new_tokens=8,
+                 return_logits=True, cache_dtype=name)
+  assert out.tokens == ref.tokens
+  np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+def test_quantized_sink_cache_decoding_with_the_kernel_equals_xla(name, tiny_model):
+  ps = prompts([5, 3], seed=4)
+  kw = dict(layer_types=PRESETS["lckv"], max_position_embeddings=64)
+  ref = generate(tiny_model(std=0.1, sliding_window=3, **kw, decode_attention="dense"), ps,
+                 max_new_tokens=20, sink=(2, 14), return_logits=True, cache_dtype=name)
+  out = generate(tiny_model(std=0.1, sliding_window=3, **kw, decode_attention="pallas"), ps,
+                 max_new_tokens=20, sink=(2, 14), return_logits=True, cache_dtype=name)
   assert out.tokens == ref.tokens
   np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
 

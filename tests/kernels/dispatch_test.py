@@ -121,6 +121,40 @@ def test_the_decode_kernel_equals_the_dense_reference():
   np.testing.assert_allclose(got, dense, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("kernel,mode", [("dense", P), ("xla", P), ("dense", D), ("pallas", D)])
+def test_a_quantized_kv_reads_as_its_dequantized_values(kernel, mode, name):
+  # Every kernel reads a quantized KV (int8 or fp8 with per-token, per-head scales) as the float
+  # KV it stands for: the decode kernel reads it as stored, the others get it dequantized here.
+  from lckv_jax import quant
+  q, k, v = _random(4, t=32)
+  b, slots = k.shape[:2]
+  (kq, ks), (vq, vs) = (quant.quantize(x, quant.cache_dtype(name)) for x in (k, v))
+  pos = jnp.broadcast_to(jnp.arange(slots), (b, slots))
+  filled = jnp.array([slots, 17])
+  seg = (pos < filled[:, None]).astype(jnp.int32)
+  quantized = KV(kq, vq, pos, seg, ks, vs)
+  assert quantized.quantized and not KV(k, v, pos, seg).quantized
+  floats = quantized.dequantized(jnp.float32)
+  assert floats.k.dtype == jnp.float32 and floats.k_scale is None
+  if mode is D:
+    q, q_pos = q[:, :1], (filled - 1)[:, None]
+    inputs = dispatch.Inputs(span=(jnp.zeros(b, jnp.int32), filled - 1)) if kernel == "pallas" \
+        else dispatch.Inputs(dense_mask=make_mask(q_pos, jnp.ones_like(q_pos), pos, seg,
+                                                  diag_masked=True, window=None))
+  else:
+    seg = jnp.ones_like(seg)  # a whole chunk (the fused kernel: one unpadded sequence per row)
+    quantized, floats = quantized._replace(seg=seg), floats._replace(seg=seg)
+    inputs = dispatch.Inputs(dense_mask=make_mask(pos, seg, pos, seg, diag_masked=True,
+                                                  window=None))
+  plan = dispatch.Plan(mode, kernel, PLAIN)
+  got = dispatch.attend(plan, q, quantized, inputs)
+  assert got.dtype == q.dtype
+  np.testing.assert_allclose(got, dispatch.attend(plan, q, floats, inputs), atol=2e-6)
+  with pytest.raises(AssertionError):  # scales of another shape
+    dispatch.attend(plan, q, quantized._replace(k_scale=ks[:, :, :1]), inputs)
+
+
 def test_the_boundaries_refuse_shapes_that_do_not_fit(tiny_model):
   q, k, v = _random(3)
   b, t = q.shape[:2]
