@@ -563,11 +563,13 @@ def table(records: dict[str, dict]) -> str:
   for r in rows:
     lt = r["layer_types"]
     short = lt if len(lt) <= 40 else lt[:37] + "..."
-    cost = (base_tps / r[key]) if base_tps and r.get(key) else None
+    # A run that shared the device logged a throughput that is no cost: only the timing pass's is.
+    shared = key == "train_tokens_per_s" and r.get("train_shared_device")
+    cost = (base_tps / r[key]) if base_tps and r.get(key) and not shared else None
     cells = [r["name"], f"`{short}`", str(r["kv_layers"]), _fmt(r.get("kv_bytes_per_token")),
              _fmt(r.get("eval_ppl"), ".2f"), _fmt(r.get("eval_ppl_sequential"), ".2f")]
     cells += [_fmt(r.get("tasks", {}).get(t, {}).get("acc"), ".3f") for t in task]
-    cells += [_fmt(r.get(key)), _fmt(cost, ".2f") + ("x" if cost else "")]
+    cells += [_fmt(None if shared else r.get(key)), _fmt(cost, ".2f") + ("x" if cost else "")]
     for p, g in DECODE_SETTINGS:
       d = r.get(f"decode_{p}+{g}")
       cells.append(f"{d['tokens_per_s']:,.0f} ({d['batch']})" if d else "–")
@@ -652,7 +654,8 @@ def plots(records: dict[str, dict], out_dir: str) -> list[str]:
     save(fig, path)
 
   ref, key = baseline_tokens_per_s(rows), train_speed_key(rows)
-  timed = [r for r in rows if r.get(key)]
+  timed = [r for r in rows if r.get(key)
+           and not (key == "train_tokens_per_s" and r.get("train_shared_device"))]
   if ref and timed:
     fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(timed))))
     ax.barh([r["name"] for r in timed], [ref / r[key] for r in timed],

@@ -192,3 +192,10 @@ def test_jobs_get_their_own_gpu_or_share_without_preallocating():
   env = study.job_env(2, shared)
   assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
   assert study.shared_devices(shared) and not study.shared_devices(spread)
+
+
+def test_a_shared_device_run_shows_no_cost_until_the_timing_pass():
+  rows = {r["name"]: dict(r) for r in RECORDS}
+  rows["sandwich-top:2"]["train_shared_device"] = True
+  line = next(l for l in study.table(rows).splitlines() if l.startswith("| sandwich-top:2"))
+  assert "| – | – |" in line  # its logged tok/s is not a cost
