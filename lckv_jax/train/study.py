@@ -381,9 +381,8 @@ def measure_train_speed(entries: Sequence[Entry], settings: Settings, shape: str
   return out
 
 
-def _train_and_measure(n: int, entry: Entry, entries: Sequence[Entry], settings: Settings,
+def _train_and_measure(n: int, total: int, entry: Entry, settings: Settings,
                        task_files: Sequence[str], slot: int) -> dict:
-  total = len(entries)
   wd = os.path.join(settings.workdir, slug(entry.name))
   env = job_env(slot, settings)
   where = (f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env and "CUDA_VISIBLE_DEVICES" in env
@@ -440,7 +439,7 @@ def run(entries: Sequence[Entry], settings: Settings, task_files: Sequence[str] 
       except queue.Empty:
         return
       try:
-        rec = _train_and_measure(n, entry, entries, settings, task_files, slot)
+        rec = _train_and_measure(n, len(entries), entry, settings, task_files, slot)
       except BaseException as e:  # noqa: BLE001 - stop the other jobs taking new work; re-raised
         failures.append(e)
         return
