@@ -16,17 +16,60 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # XLA's own memory use turn them back on (`xla_optimizations`).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-# One XLA compilation cache for the whole run, shared by the test processes (pytest-xdist
-# workers, inherited through the environment) and the train.py / generate.py subprocesses that
-# many tests start: they compile the same tiny train step, eval step and decode loop again and
-# again. Set in the environment before jax is imported; a run starts with an empty cache, so no
-# result depends on an earlier run.
+# One XLA compilation cache for the whole run, for the train.py / generate.py subprocesses that
+# many tests start (inherited through the environment): they compile the same tiny train step,
+# eval step and decode loop again and again. A run starts with an empty cache, so no result
+# depends on an earlier run.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lckv-jax-tests-xla-")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
   # The process that made it removes it at exit, after the threads that may still write to it
   # (a Trainer compiles its step in the background) have been joined.
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+# The test processes themselves, and the servers they start (NO_XLA_CACHE in their environment),
+# compile without it: their programs are rarely compiled twice, and each would be serialized and
+# written. JAX decides once per process, at its first compilation, whether it uses the cache, so
+# this comes before any.
+import jax  # noqa: E402  (after the environment above)
+
+jax.config.update("jax_enable_compilation_cache", False)
+NO_XLA_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+
+
+# Every program XLA compiles for the CPU keeps about 8 memory mappings of its code until it is
+# freed, and a process may hold at most vm.max_map_count of them (65,530 by default; raising it
+# needs root). A pytest worker runs hundreds of tests, each compiling its own tiny programs; the
+# programs stay in JAX's caches, so a worker reached 64,000 mappings at 84% of the suite and died
+# inside XLA, wherever it next mapped code (segfaults compiling, an abort serializing an
+# executable; CI hung after one). So the compiled programs are dropped after each test file, and
+# after any test that leaves too many mapped.
+_MAPPINGS_LIMIT = 30_000
+
+
+def _mappings() -> int:
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:  # not Linux
+    return 0
+
+
+def _drop_compiled_programs():
+  import gc
+  jax.clear_caches()
+  gc.collect()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled_programs_live_one_file():
+  yield
+  _drop_compiled_programs()
+
+
+def pytest_runtest_teardown(item, nextitem):
+  if _mappings() > _MAPPINGS_LIMIT:
+    _drop_compiled_programs()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,11 +3,13 @@
 import json
 import os
 
+from tests.conftest import NO_XLA_CACHE
+
 
 def test_serve_load_smoke(tmp_path):
   import benchmarks.serve_load as sl
   env = dict(os.environ)
-  os.environ["JAX_PLATFORMS"] = "cpu"  # the server and the helper processes inherit it
+  os.environ.update(JAX_PLATFORMS="cpu", **NO_XLA_CACHE)  # the server and helpers inherit them
   try:
     path = sl.main(["--smoke", "--out", str(tmp_path)])
   finally:

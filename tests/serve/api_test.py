@@ -15,6 +15,7 @@ from lckv_jax import checkpoint
 from lckv_jax.generation import generate
 from lckv_jax.tokenizer import ByteTokenizer
 from tests import tiny
+from tests.conftest import NO_XLA_CACHE
 from tests.generation_test import prompts
 
 openai = pytest.importorskip("openai")
@@ -24,7 +25,7 @@ CHUNK = 8  # prompts of up to 4 chunks, prefilled between decode calls
 
 
 def _start(path, *flags):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **NO_XLA_CACHE}
   env.pop("LCKV_DEBUG", None)
   return start_server(path, [f"--max_prompt={MAX_PROMPT}", f"--max_tokens={MAX_TOKENS}", *flags],
                       timeout=180, env=env)

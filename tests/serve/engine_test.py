@@ -26,18 +26,6 @@ class _Sink:
       self.done.set()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_persistent_cache():
-  # Twice in full-suite runs (2026-12-02) a worker died with a segfault inside JAX's persistent
-  # compilation-cache write (compilation_cache.put_executable_and_time) during this file, where
-  # the engine's thread and the test compile side by side. This file compiles without it.
-  import jax
-  before = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  yield
-  jax.config.update("jax_enable_compilation_cache", before)
-
-
 @pytest.fixture(scope="module")
 def model():
   from tests import tiny
