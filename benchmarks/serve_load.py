@@ -202,6 +202,8 @@ def main(argv=None) -> str:
   p.add_argument("--steps_per_tick", type=int, default=8)
   p.add_argument("--prefill_chunk", default=None,
                  help="the server's --prefill_chunk (default: the server's default)")
+  p.add_argument("--cache_dtype", default=None, choices=["int8", "fp8"],
+                 help="the server's --cache_dtype (default: the compute dtype)")
   p.add_argument("--smoke", action="store_true", help="tiny model, tiny load (CI)")
   p.add_argument("--plot", default=None, metavar="RECORDS",
                  help="draw the figure of this record file to --out (a .png) and stop")
@@ -222,6 +224,8 @@ def main(argv=None) -> str:
                f"--memory_bytes={args.memory_bytes}")
   if args.prefill_chunk is not None:
     flags.append(f"--prefill_chunk={args.prefill_chunk}")
+  if args.cache_dtype:
+    flags.append(f"--cache_dtype={args.cache_dtype}")
   with tempfile.TemporaryDirectory() as tmp:
     path = args.checkpoint or _random_checkpoint(args.shape, args.layer_types, context, tmp)
     if not args.checkpoint:
@@ -250,11 +254,12 @@ def main(argv=None) -> str:
   device = _device_kind()  # after the server has gone: one process on the accelerator
   label = args.checkpoint or f"{args.shape} {args.layer_types}"
   entry = records.entry(
-      f"{label} {args.memory_bytes or args.max_batch}" + (" smoke" if args.smoke else ""),
+      f"{label} {args.memory_bytes or args.max_batch}"
+      + (f" {args.cache_dtype}" if args.cache_dtype else "") + (" smoke" if args.smoke else ""),
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,
-      server_start_s=round(startup, 1), results=results,
+      cache_dtype=args.cache_dtype, server_start_s=round(startup, 1), results=results,
       saturated_tokens_per_s=saturated_tokens_per_s(results),
       sustained=sustained_rate(results), ttft_p99_limit_s=TTFT_P99_LIMIT_S,
       device=device, python=platform.python_version(), command=command(

@@ -20,10 +20,12 @@ from lckv_jax.serve import PREFILL_CHUNK
 PROG = "python -m lckv_jax.serve"
 
 
-def rows_that_fit(config, memory_bytes: int, weights_bytes: int, max_len: int) -> int:
-  """The largest batch whose cache (and decode state) fits beside the weights."""
+def rows_that_fit(config, memory_bytes: int, weights_bytes: int, max_len: int,
+                  cache_dtype=None) -> int:
+  """The largest batch whose cache (in `cache_dtype`, scales counted) and decode state fit beside
+  the weights."""
   from lckv_jax.cache import cache_bytes
-  per_row = cache_bytes(config, 1, max_len, metadata=True) + 4 * config.vocab_size * 4
+  per_row = cache_bytes(config, 1, max_len, cache_dtype, metadata=True) + 4 * config.vocab_size * 4
   return max(0, (memory_bytes - weights_bytes) // per_row)
 
 
@@ -67,6 +69,10 @@ def main(argv: list[str]) -> int:
                  help="prompt tokens prefilled between two decode calls, so a long prompt does "
                  "not stall the running requests (prompts are padded to whole chunks; at most "
                  f"--max_prompt); 0 or 'none': each prompt at once (default {PREFILL_CHUNK})")
+  p.add_argument("--cache_dtype", default=None, choices=["int8", "fp8", "bfloat16", "float32"],
+                 help="the KV cache's storage; int8 and fp8 quantize it with a float32 scale per "
+                 "token and KV head: about half the bytes of bf16, so --memory_bytes admits about "
+                 "twice the rows (default: the compute dtype)")
   args = p.parse_args(argv)
   if (args.max_batch is None) == (args.memory_bytes is None):
     raise ValueError("give one of --max_batch or --memory_bytes")
@@ -103,18 +109,20 @@ def main(argv: list[str]) -> int:
   if batch is None:
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     batch = rows_that_fit(cfg, args.memory_bytes, weights,
-                          row_slots(max_prompt, max_tokens, args.prefill_chunk))
+                          row_slots(max_prompt, max_tokens, args.prefill_chunk),
+                          args.cache_dtype)
     if batch < 1:
       raise ValueError(f"--memory_bytes={args.memory_bytes}: not even one row's cache fits "
                        f"beside {weights:,} bytes of weights")
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   engine = Engine(model, max_batch=batch, max_prompt=max_prompt, max_tokens=max_tokens,
                   eos_ids=eos, steps_per_tick=args.steps_per_tick, max_waiting=args.max_waiting,
-                  prefill_chunk=args.prefill_chunk)
+                  prefill_chunk=args.prefill_chunk, cache_dtype=args.cache_dtype)
   seconds = engine.warm_up()
   name = args.model_name or os.path.basename(os.path.normpath(path))
+  stored = f" {args.cache_dtype}" if args.cache_dtype else ""
   print(f"serving {name} ({cfg.layer_types}) on http://{args.host}:{args.port}: {batch} rows of "
-        f"{engine.max_len} cache slots, prompts up to {max_prompt} tokens (prefilled "
+        f"{engine.max_len}{stored} cache slots, prompts up to {max_prompt} tokens (prefilled "
         f"{engine.prefill_chunk or 'whole'} at a time), up to {max_tokens} new; compiled in "
         f"{seconds:.1f} s", flush=True)
   engine.start()

@@ -122,10 +122,11 @@ class Engine:
   def __init__(self, model, *, max_batch: int, max_prompt: int, max_tokens: int,
                eos_ids: Sequence[int] = (), pad_id: int = 0, steps_per_tick: int = 8,
                max_waiting: int = 256, prefill_chunk: int | None = PREFILL_CHUNK,
-               prefill_chunks_per_tick: int = 1):
+               prefill_chunks_per_tick: int = 1, cache_dtype=None):
     """`prefill_chunk`: prompt tokens per prefill call (at most `max_prompt`; None: each prompt
     whole, padded to a bucket length); `prefill_chunks_per_tick`: the most chunks prefilled
-    between two decode calls."""
+    between two decode calls; `cache_dtype`: the KV cache's storage (default the compute dtype;
+    "int8" or "fp8" quantize it, as `generate`'s)."""
     if max_batch < 1 or max_prompt < 1 or max_tokens < 1 or steps_per_tick < 1:
       raise ValueError("engine: max_batch, max_prompt, max_tokens and steps_per_tick must be >= 1")
     if not isinstance(prefill_chunks_per_tick, int) or prefill_chunks_per_tick < 1:
@@ -142,7 +143,7 @@ class Engine:
                        f"the model's max_position_embeddings={limit}")
     self.gen = Generator(model, max_new_tokens=max_tokens, max_len=self.max_len,
                          eos_id=list(eos_ids) or None, pad_id=pad_id, per_row_sampling=True,
-                         prefill_chunk=self.prefill_chunk)
+                         prefill_chunk=self.prefill_chunk, cache_dtype=cache_dtype)
     self.eos_ids = set(eos_ids)
     self.pad_id = pad_id
     self.stats = Stats(max_batch=max_batch, cache_slots=max_batch * self.max_len)

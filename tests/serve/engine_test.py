@@ -169,3 +169,42 @@ def test_a_long_prompt_prefills_between_decode_calls_and_cancelling_it_frees_the
   _tick_until_done(engine, [nxt])
   assert nxt.tokens == generate(model, [short], max_new_tokens=4, prefill_chunk=4).tokens[0]
   assert engine.stats.requests_finished == 4
+
+
+def test_a_quantized_cache_serves_the_tokens_generate_gives_with_it(model):
+  # int8 K and V with their scales, rows inserted into and freed from a running batch and
+  # prompts prefilled in chunks: each request gets what `generate` gives it alone with the same
+  # cache storage.
+  engine = _engine(model, max_batch=2, prefill_chunk=4, cache_dtype="int8")
+  try:
+    ps = prompts([3, 17, 9, 1], seed=22)
+    budgets = [12, 3, 7, 5]
+    sinks = [_Sink() for _ in ps]
+    for p, n, sink in zip(ps, budgets, sinks):
+      engine.submit(Request(p, n, Sampling(), 0, sink))
+    for sink in sinks:
+      assert sink.done.wait(120)
+  finally:
+    engine.stop()
+  assert engine.gen.cache_dtype == jax.numpy.int8
+  for p, n, sink in zip(ps, budgets, sinks):
+    assert sink.tokens == generate(model, [p], max_new_tokens=n, prefill_chunk=4,
+                                   cache_dtype="int8").tokens[0]
+
+
+def test_the_server_sizes_a_quantized_cache_to_about_twice_the_rows():
+  # 7b's shape under the 24 GB cap with the load test's rows (512 + 512 slots): int8 and fp8 store
+  # a byte per element and a float32 scale per token and KV head (1/64 of bf16's bytes at head_dim
+  # 128), so nearly twice bf16's rows fit beside the same weights.
+  from benchmarks.common import config_path
+  from lckv_jax import roofline
+  from lckv_jax.config import model_from_file
+  from lckv_jax.serve.__main__ import rows_that_fit
+  cap, slots = 25_507_659_776, 1024
+  for layer_types in ("llama", "lckv"):
+    cfg = model_from_file(config_path("7b"), layer_types=layer_types, dtype="bfloat16",
+                          param_dtype="bfloat16")
+    weights = 2 * roofline.param_count(cfg)
+    bf16 = rows_that_fit(cfg, cap, weights, slots)
+    for name in ("int8", "fp8"):
+      assert 1.9 * bf16 <= rows_that_fit(cfg, cap, weights, slots, name) <= 2 * bf16
