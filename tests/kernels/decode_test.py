@@ -97,6 +97,32 @@ def test_decode_kernel_reads_a_quantized_cache_as_its_dequantized_values(name, d
     prefix_attention(q, kq, vq, start, end, k_scale_BxSxK=ks, interpret=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+def test_the_compiled_kernel_reads_a_quantized_cache_as_its_dequantized_values(name):
+  # Compiled for the GPU at 1b's heads over bf16 queries: int8 / e4m3 K and V with their float32
+  # scales, a wrapped span and a row that sees nothing, against the dense float32 attention over
+  # the dequantized buffers.
+  from lckv_jax import quant
+  rng = np.random.default_rng(13)
+  b, heads, kv_heads, d, slots = 4, 32, 8, 128, 1024
+  q = jnp.asarray(rng.normal(size=(b, heads, d)), jnp.bfloat16)
+  k, v = (jnp.asarray(rng.normal(size=(b, slots, kv_heads, d))
+                      * rng.uniform(0.1, 10, (b, slots, kv_heads, 1)), jnp.float32)
+          for _ in range(2))
+  (kq, ks), (vq, vs) = (quant.quantize(x, quant.cache_dtype(name)) for x in (k, v))
+  start = jnp.asarray([0, 100, 900, 5])
+  end = jnp.asarray([slots, 700, 1200, 5])
+  out = prefix_attention(q, kq, vq, start, end, k_scale_BxSxK=ks, v_scale_BxSxK=vs)
+  x = jnp.arange(2 * slots)
+  seen = (x[None] >= start[:, None]) & (x[None] < end[:, None])
+  mask = jnp.zeros((b, slots), bool).at[:, x % slots].max(seen)[:, None, :]
+  ref = dot_product_attention(q[:, None].astype(jnp.float32), quant.dequantize(kq, ks, jnp.float32),
+                              quant.dequantize(vq, vs, jnp.float32), mask)[:, 0]
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2, rtol=2e-2)
+  assert float(jnp.abs(out[3].astype(jnp.float32)).max()) == 0.0
+
+
 def test_decode_kernel_block_sizes():
   assert block_size(4096) == 128 and block_size(48) == 16 and block_size(96) == 32
   assert block_size(40) is None
