@@ -89,7 +89,8 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--no_scan", action="store_true", help="unroll the layers (scan_layers=False)")
-  p.add_argument("--decode_attention", default="auto", choices=("auto", "pallas", "dense"))
+  p.add_argument("--decode_attention", default="auto",
+                 choices=("auto", "pallas", "mosaic", "dense"))
   p.add_argument("--tag", default="", help="suffix of the run's setting (see `setting`)")
   p.add_argument("--out", default=default_out(),
                  help="folder of the record file (default $OUT, else benchmarks/results)")

@@ -28,7 +28,7 @@ _REMAT = ("none", "full", "dots", "dots_no_batch")
 _ROPE_SCALING = ("linear", "llama3")
 _DECODE_SEMANTICS = ("exact", "whynlp_main")
 _ATTENTION_IMPLS = ("auto", "cudnn", "xla", "dense", "splash")
-_DECODE_ATTENTION = ("auto", "pallas", "dense")
+_DECODE_ATTENTION = ("auto", "pallas", "mosaic", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,7 @@ class ModelConfig:
   scan_layers: bool = True  # scan runs of identical layers (fast compiles for deep models)
   remat: str = "none"  # rematerialisation of scanned blocks: none | full | dots | dots_no_batch
   attention_impl: str = "auto"  # parallel chunks: auto (cudnn on GPU, splash on TPU) | cudnn | xla | dense | splash
-  decode_attention: str = "auto"  # decode steps: auto (pallas on GPU) | pallas | dense (reference)
+  decode_attention: str = "auto"  # decode steps: auto (pallas on GPU) | pallas | mosaic | dense
 
   def __post_init__(self):
     def positive(name):

@@ -187,7 +187,7 @@ class _Context:
     kernel = dispatch.choose(self.config, self.mode, mask, own_keys=self.own_keys,
                              contiguous=self.contiguous, slots=kv.k.shape[1])
     plan = dispatch.Plan(self.mode, kernel, mask)
-    if kernel == "pallas":
+    if kernel in dispatch.READS_SPAN:
       return plan, dispatch.Inputs(span=self._decode_span(role, kv))
     if kernel != "dense":
       return plan, dispatch.Inputs(segment_ids=self.segment_ids if self.packed else None)

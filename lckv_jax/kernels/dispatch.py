@@ -13,14 +13,16 @@ it. `choose` picks the kernel from the config's two knobs, one per kind of call:
   `kernels/fused.py`), `splash` (TPU, `kernels/tpu.py`); `auto` is cudnn on a GPU in 16-bit,
   splash on a TPU, dense otherwise;
 - `decode_attention`, decode steps: `pallas` (reads each row's valid cache prefix only,
-  `kernels/decode.py`) or `dense`; `auto` is pallas on a GPU.
+  `kernels/decode.py`, Pallas's Triton backend), `mosaic` (the same on Pallas's Mosaic GPU
+  backend for Hopper, `kernels/decode_mgpu.py`: 16-bit queries, head_dim and slots multiples
+  of 64) or `dense`; `auto` is pallas on a GPU.
 
 Every other call (a prefill into a filled cache, the reference's zero-key decoding) takes the
 dense reference, which runs any mask. Adding a kernel: one file in `kernels/`, one row in
 `KERNELS`, its name among the knob's values (`lckv_jax.config`), and a test against `dense`.
 
 A quantized cache buffer (`KV.quantized`: int8 or fp8 K and V with per-token, per-head scales,
-`lckv_jax.quant`) is read as stored by the kernels of `READS_QUANTIZED` (the decode kernel);
+`lckv_jax.quant`) is read as stored by the kernels of `READS_QUANTIZED` (the decode kernels);
 every other kernel gets it dequantized to the queries' dtype here, at the boundary (`attend`).
 """
 
@@ -57,7 +59,7 @@ class Inputs:
   """The arrays a kernel may need beside q and the KV: each kernel reads its own."""
   dense_mask: jax.Array | None = None  # [batch, q, slots] visibility (dense)
   segment_ids: jax.Array | None = None  # [batch, q] packed documents (fused kernels)
-  span: tuple[jax.Array, jax.Array] | None = None  # [batch] first and one-past-last slot (pallas)
+  span: tuple[jax.Array, jax.Array] | None = None  # [batch] first, one-past-last slot (READS_SPAN)
 
 
 def resolve_attention_impl(impl: str, dtype: str, backend: str | None = None) -> str:
@@ -77,7 +79,7 @@ def choose(config, mode: Mode, mask: Mask, *, own_keys: bool, contiguous: bool,
     prefill into an empty cache), which the fused kernels need.
   contiguous: each row's cache is one sequence in contiguous slots (`KVCache.contiguous`),
     which the prefix-reading decode kernel needs.
-  slots: the cache buffer's length (the decode kernel needs whole blocks).
+  slots: the cache buffer's length (the decode kernels need whole blocks).
   """
   backend = jax.default_backend()
   if mode is Mode.DECODE and contiguous and not mask.zero_key:
@@ -88,6 +90,10 @@ def choose(config, mode: Mode, mask: Mask, *, own_keys: bool, contiguous: bool,
     # loop (its temporary buffers equal the cache: 554 of 558 MB; the kernel's: 7 MB).
     if (impl == "pallas" or (impl == "auto" and backend == "gpu")) and decode.block_size(slots):
       return "pallas"
+    # Asked for by name only, until measured against the Triton kernel on a Hopper GPU.
+    if impl == "mosaic" and _decode_mgpu().supports(
+        slots, config.dtype, config.resolved_head_dim, config.num_heads // config.num_kv_heads):
+      return "mosaic"
   if own_keys and not mask.zero_key:
     return resolve_attention_impl(config.attention_impl, config.dtype, backend)
   return "dense"
@@ -122,16 +128,32 @@ def _pallas(q, kv, plan: Plan, inputs: Inputs):
                                  interpret=jax.default_backend() != "gpu")[:, None]
 
 
+def _decode_mgpu():
+  # Imported when asked for: Mosaic GPU's modules add 0.2 s to every import of the model.
+  from lckv_jax.kernels import decode_mgpu
+  return decode_mgpu
+
+
+def _mosaic(q, kv, plan: Plan, inputs: Inputs):
+  start, end = inputs.span
+  return _decode_mgpu().prefix_attention(q[:, 0], kv.k, kv.v, start, end,
+                                         k_scale_BxSxK=kv.k_scale, v_scale_BxSxK=kv.v_scale,
+                                         interpret=jax.default_backend() != "gpu")[:, None]
+
+
 # kernel name -> fn(q [batch, q, heads, head_dim], kv (k, v: [batch, slots, kv_heads, head_dim]),
 # plan, inputs) -> [batch, q, heads, head_dim]
 # Kernels that read a quantized KV (its k, v and scales) as it is; the others get it dequantized.
-READS_QUANTIZED = frozenset({"pallas"})
+READS_QUANTIZED = frozenset({"pallas", "mosaic"})
+# Decode kernels that read each row's span of slots (`Inputs.span`), not a dense mask.
+READS_SPAN = frozenset({"pallas", "mosaic"})
 KERNELS: dict[str, Callable] = {
     "dense": _dense,
     "xla": _fused("xla"),
     "cudnn": _fused("cudnn"),
     "splash": _splash,
     "pallas": _pallas,
+    "mosaic": _mosaic,
 }
 
 

@@ -13,6 +13,7 @@ from lckv_jax.mode import Mode
 
 P, D, F, E = Mode.TRAIN, Mode.DECODE, Mode.PREFILL, Mode.PREFILL_EMPTY
 PLAIN, ZERO = dispatch.Mask(True, None), dispatch.Mask(True, None, zero_key=True)
+MOSAIC = {"decode_attention": "mosaic", "dtype": "bfloat16", "head_dim": 64}
 
 
 @pytest.mark.parametrize("backend,knobs,chunk,mask,own_keys,contiguous,slots,kernel", [
@@ -30,6 +31,12 @@ PLAIN, ZERO = dispatch.Mask(True, None), dispatch.Mask(True, None, zero_key=True
     ("gpu", {"decode_attention": "dense"}, D, PLAIN, False, True, 128, "dense"),
     ("cpu", {}, D, PLAIN, False, True, 128, "dense"),
     ("cpu", {"decode_attention": "pallas"}, D, PLAIN, False, True, 128, "pallas"),
+    ("gpu", MOSAIC, D, PLAIN, False, True, 128, "mosaic"),
+    ("cpu", MOSAIC, D, PLAIN, False, True, 128, "mosaic"),  # interpreted
+    ("gpu", MOSAIC, D, PLAIN, False, True, 96, "dense"),  # not whole 64-slot blocks
+    ("gpu", {**MOSAIC, "dtype": "float32"}, D, PLAIN, False, True, 128, "dense"),  # 16-bit wgmma
+    ("gpu", {**MOSAIC, "head_dim": 8}, D, PLAIN, False, True, 128, "dense"),
+    ("gpu", MOSAIC, D, ZERO, False, True, 128, "dense"),
 ])
 def test_each_call_gets_its_kernel(monkeypatch, backend, knobs, chunk, mask, own_keys,
                                    contiguous, slots, kernel, tiny_config):
@@ -44,7 +51,7 @@ def test_one_name_per_kernel_in_both_knobs(tiny_config):
   # 'xla' once meant the dense path for decode steps and XLA's fused op for chunks.
   assert tiny_config(decode_attention="xla").decode_attention == "dense"
   with pytest.raises(ValueError, match=r"decode_attention must be one of \('auto', 'pallas', "
-                                       r"'dense'\)"):
+                                       r"'mosaic', 'dense'\)"):
     tiny_config(decode_attention="cudnn")
 
 
@@ -119,6 +126,29 @@ def test_the_decode_kernel_equals_the_dense_reference():
   got = dispatch.attend(dispatch.Plan(D, "pallas", mask), q1, kv,
                         dispatch.Inputs(span=(jnp.zeros(b, jnp.int32), filled - 1)))
   np.testing.assert_allclose(got, dense, atol=2e-5)
+
+
+def test_the_mosaic_decode_kernel_equals_the_dense_reference():
+  # Interpreted on a CPU; bf16 queries and head_dim 64, as the kernel takes; an int8 KV read as
+  # stored.
+  pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret", reason="no Mosaic GPU interpreter")
+  from lckv_jax import quant
+  q, k, v = _random(5, t=64, d=64)
+  b, slots = k.shape[:2]
+  filled = jnp.array([50, 9])
+  pos = jnp.broadcast_to(jnp.arange(slots), (b, slots))
+  seg = (pos < filled[:, None]).astype(jnp.int32)
+  (kq, ks), (vq, vs) = (quant.quantize(x, quant.cache_dtype("int8")) for x in (k, v))
+  kv = KV(kq, vq, pos, seg, ks, vs)
+  q1, q_pos = q[:, :1].astype(jnp.bfloat16), (filled - 1)[:, None]
+  dense = dispatch.attend(dispatch.Plan(D, "dense", PLAIN), q1.astype(jnp.float32),
+                          kv.dequantized(jnp.float32), dispatch.Inputs(dense_mask=make_mask(
+                              q_pos, jnp.ones_like(q_pos), pos, seg, diag_masked=True,
+                              window=None)))
+  got = dispatch.attend(dispatch.Plan(D, "mosaic", PLAIN), q1, kv,
+                        dispatch.Inputs(span=(jnp.zeros(b, jnp.int32), filled - 1)))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), dense, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("name", ["int8", "fp8"])
