@@ -215,28 +215,6 @@ def test_the_compiled_kernel_equals_attention_over_the_span(dtype, atol):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["int8", "fp8"])
-def test_the_compiled_kernel_reads_a_quantized_cache_as_its_dequantized_values(name):
-  # Compiled for the GPU at 1b's heads over bf16 queries: int8 / e4m3 K and V with their float32
-  # scales, a wrapped span and a row that sees nothing, against the dense float32 attention over
-  # the dequantized buffers.
-  rng = np.random.default_rng(13)
-  b, heads, kv_heads, d, slots = 4, 32, 8, 128, 1024
-  q = jnp.asarray(rng.normal(size=(b, heads, d)), jnp.bfloat16)
-  k, v = (jnp.asarray(rng.normal(size=(b, slots, kv_heads, d))
-                      * rng.uniform(0.1, 10, (b, slots, kv_heads, 1)), jnp.float32)
-          for _ in range(2))
-  (kq, ks), (vq, vs) = (quant.quantize(x, quant.cache_dtype(name)) for x in (k, v))
-  start = jnp.asarray([0, 100, 900, 5])
-  end = jnp.asarray([slots, 700, 1200, 5])
-  out = prefix_attention(q, kq, vq, start, end, k_scale_BxSxK=ks, v_scale_BxSxK=vs)
-  ref = _reference(q, quant.dequantize(kq, ks, jnp.float32), quant.dequantize(vq, vs, jnp.float32),
-                   start, end)
-  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2, rtol=2e-2)
-  assert float(jnp.abs(out[3].astype(jnp.float32)).max()) == 0.0
-
-
-@pytest.mark.gpu
 def test_the_compiled_kernel_equals_the_triton_kernel_at_long_spans():
   # 7b-like groups (4 q heads per kv head) over 8192 slots, several slices per row: the two
   # decode kernels agree.

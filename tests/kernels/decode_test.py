@@ -98,12 +98,15 @@ def test_decode_kernel_reads_a_quantized_cache_as_its_dequantized_values(name, d
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pallas", "mosaic"])
 @pytest.mark.parametrize("name", ["int8", "fp8"])
-def test_the_compiled_kernel_reads_a_quantized_cache_as_its_dequantized_values(name):
-  # Compiled for the GPU at 1b's heads over bf16 queries: int8 / e4m3 K and V with their float32
-  # scales, a wrapped span and a row that sees nothing, against the dense float32 attention over
-  # the dequantized buffers.
+def test_the_compiled_kernels_read_a_quantized_cache_as_its_dequantized_values(name, kernel):
+  # Both decode kernels (Triton, Mosaic GPU) compiled for the GPU at 1b's heads over bf16
+  # queries: int8 / e4m3 K and V with their float32 scales, a wrapped span and a row that sees
+  # nothing, against the dense float32 attention over the dequantized buffers.
   from lckv_jax import quant
+  from lckv_jax.kernels import decode, decode_mgpu
+  attend = {"pallas": decode, "mosaic": decode_mgpu}[kernel].prefix_attention
   rng = np.random.default_rng(13)
   b, heads, kv_heads, d, slots = 4, 32, 8, 128, 1024
   q = jnp.asarray(rng.normal(size=(b, heads, d)), jnp.bfloat16)
@@ -113,7 +116,7 @@ def test_the_compiled_kernel_reads_a_quantized_cache_as_its_dequantized_values(n
   (kq, ks), (vq, vs) = (quant.quantize(x, quant.cache_dtype(name)) for x in (k, v))
   start = jnp.asarray([0, 100, 900, 5])
   end = jnp.asarray([slots, 700, 1200, 5])
-  out = prefix_attention(q, kq, vq, start, end, k_scale_BxSxK=ks, v_scale_BxSxK=vs)
+  out = attend(q, kq, vq, start, end, k_scale_BxSxK=ks, v_scale_BxSxK=vs)
   x = jnp.arange(2 * slots)
   seen = (x[None] >= start[:, None]) & (x[None] < end[:, None])
   mask = jnp.zeros((b, slots), bool).at[:, x % slots].max(seen)[:, None, :]

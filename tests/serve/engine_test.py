@@ -41,6 +41,16 @@ def _engine(model, **kw):
   return engine
 
 
+def _greedy(engine, ps, budgets) -> list[_Sink]:
+  """Submits greedy requests of prompts `ps` for `budgets` new tokens; their sinks once done."""
+  sinks = [_Sink() for _ in ps]
+  for p, n, sink in zip(ps, budgets, sinks):
+    engine.submit(Request(p, n, Sampling(), 0, sink))
+  for sink in sinks:
+    assert sink.done.wait(120)
+  return sinks
+
+
 @pytest.mark.parametrize("chunk", [4, None])
 def test_sixteen_requests_through_four_rows_get_their_offline_tokens(model, chunk):
   # Chunks of 4: prompts of 1 to 5 chunks; None: each prompt whole, padded to its bucket.
@@ -51,11 +61,7 @@ def test_sixteen_requests_through_four_rows_get_their_offline_tokens(model, chun
   try:
     ps = prompts([3, 17, 5, 9, 1, 12, 20, 2, 7, 14, 4, 11, 6, 19, 8, 10], seed=21)
     budgets = [12, 3, 7, 12, 1, 9, 5, 12, 2, 8, 12, 4, 6, 10, 11, 12]
-    sinks = [_Sink() for _ in ps]
-    for p, n, sink in zip(ps, budgets, sinks):
-      engine.submit(Request(p, n, Sampling(), 0, sink))
-    for sink in sinks:
-      assert sink.done.wait(120)
+    sinks = _greedy(engine, ps, budgets)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
     engine.stop()
@@ -179,11 +185,7 @@ def test_a_quantized_cache_serves_the_tokens_generate_gives_with_it(model):
   try:
     ps = prompts([3, 17, 9, 1], seed=22)
     budgets = [12, 3, 7, 5]
-    sinks = [_Sink() for _ in ps]
-    for p, n, sink in zip(ps, budgets, sinks):
-      engine.submit(Request(p, n, Sampling(), 0, sink))
-    for sink in sinks:
-      assert sink.done.wait(120)
+    sinks = _greedy(engine, ps, budgets)
   finally:
     engine.stop()
   assert engine.gen.cache_dtype == jax.numpy.int8
