@@ -57,6 +57,22 @@ def saturated_tokens_per_s(results: list[dict]) -> float:
   return max(r["output_tokens_per_s"] for r in results)
 
 
+def markdown(entries: list[dict]) -> str:
+  """One row per served model: its rows, the sustained rate (the highest kept up with, p99 TTFT
+  within the entry's limit) with its latencies, and the saturated output tokens/s."""
+  head = ["model", "cache", "rows", "sustained req/s", "TTFT p50 / p99 (s)",
+          "inter-token p50 / p99 (ms)", "saturated output tok/s"]
+  rows = []
+  for e in entries:
+    s = sustained_rate(e["results"], e.get("ttft_p99_limit_s", TTFT_P99_LIMIT_S))
+    at = ([f"{s['rate']:g}", f"{s['ttft_p50_s']:.2f} / {s['ttft_p99_s']:.2f}",
+           f"{1e3 * s['itl_p50_s']:.1f} / {1e3 * s['itl_p99_s']:.1f}"] if s else ["none", "–", "–"])
+    rows.append([e["label"], e.get("cache_dtype") or "bf16", f"{e['max_batch']:,}", *at,
+                 f"{saturated_tokens_per_s(e['results']):,.0f}"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def plot(entries: list[dict], out: str, title: str = "") -> str:
   """Output tokens/s and p99 TTFT against the arrival rate, one line per served model."""
   import matplotlib
@@ -207,11 +223,16 @@ def main(argv=None) -> str:
   p.add_argument("--smoke", action="store_true", help="tiny model, tiny load (CI)")
   p.add_argument("--plot", default=None, metavar="RECORDS",
                  help="draw the figure of this record file to --out (a .png) and stop")
+  p.add_argument("--table", default=None, metavar="RECORDS",
+                 help="print the markdown table of this record file and stop")
   p.add_argument("--title", default="")
   p.add_argument("--out", default=default_out())
   args = p.parse_args(argv)
   if args.plot:
     return plot(records.read(args.plot), args.out, args.title)
+  if args.table:
+    print(markdown(records.read(args.table)))
+    return args.table
   if args.smoke:
     args.shape, args.rates, args.requests = "tiny", [20.0, 80.0], 12
     args.prompt, args.output, args.max_batch = [2, 20], [2, 16], args.max_batch or 4

@@ -45,3 +45,8 @@ def test_sustained_rate_is_the_highest_rate_kept_up_with_under_the_ttft_limit(tm
              dict(label="1b lckv", max_batch=40, results=sweep[:3])]
   out = sl.plot(entries, str(tmp_path / "load.png"), "title")
   assert os.path.getsize(out) > 10_000
+  table = sl.markdown([*entries, dict(label="7b lckv", max_batch=1234, cache_dtype="int8",
+                                      results=sweep[2:4])]).splitlines()
+  assert table[2] == "| 1b llama | bf16 | 8 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | 210 |"
+  assert table[3] == "| 1b lckv | bf16 | 40 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | 160 |"
+  assert table[4] == "| 7b lckv | int8 | 1,234 | none | – | – | 200 |"
