@@ -122,7 +122,8 @@ def _load_strided(ref, layout, interpret: bool):
   if interpret:
     return ref[...]
   # plgpu.load took the index apart from the ref before JAX 0.11.
-  if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+  idx = inspect.signature(plgpu.load).parameters.get("idx")
+  if idx is not None and idx.default is inspect.Parameter.empty:
     return plgpu.load(ref, (), layout=layout, optimized=False)
   return plgpu.load(ref, layout=layout, optimized=False)
 
