@@ -77,7 +77,6 @@ def pytest_collection_modifyitems(config, items):
   marked = [item for item in items if item.get_closest_marker("gpu")]
   if not marked:
     return
-  import jax
   if jax.default_backend() == "gpu":
     return
   skip = pytest.mark.skip(reason=f"needs a GPU (this backend: {jax.default_backend()}); run "
@@ -89,7 +88,6 @@ def pytest_collection_modifyitems(config, items):
 @contextlib.contextmanager
 def xla_optimizations():
   """XLA optimizes as it does outside the tests, inside this context (memory measurements)."""
-  import jax
   before = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", False)
   try:

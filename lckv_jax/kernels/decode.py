@@ -41,9 +41,26 @@ def block_size(slots: int, block_k: int = 128) -> int | None:
   return None
 
 
-def _splits(batch: int, kv_heads: int, blocks: int, target_programs: int = 512) -> int:
-  """Slices of the slot axis: enough programs for a GPU's ~132 SMs at small batch, one at large."""
-  return max(1, min(blocks, math.ceil(target_programs / (batch * kv_heads))))
+def slices(batch: int, kv_heads: int, slots: int, block_k: int,
+           target_programs: int = 512) -> tuple[int, int]:
+  """(slots per slice, slices) of the slot axis, a slice a whole number of blocks: enough
+  programs for a GPU's ~132 SMs at small batch, one slice at large."""
+  blocks = slots // block_k
+  k_splits = max(1, min(blocks, math.ceil(target_programs / (batch * kv_heads))))
+  split = math.ceil(blocks / k_splits) * block_k
+  return split, math.ceil(slots / split)
+
+
+def merge_slices(o, l, m):
+  """The slices' online softmaxes merged: o [k_splits, ..., rows, head_dim] unnormalised, l and
+  m [k_splits, ..., rows] -> [..., rows, head_dim] normalised.
+
+  A slice that saw no slot has l = 0 and m = _NEG; a row that saw none gets zeros.
+  """
+  m_all = m.max(axis=0)
+  weight = jnp.exp(m - m_all[None])
+  l_all = (l * weight).sum(axis=0)
+  return (o * weight[..., None]).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
 
 
 def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
@@ -131,10 +148,7 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
   bk = block_size(slots, block_k)
   if bk is None:
     raise ValueError(f"prefix_attention: {slots} cache slots is not a multiple of {_MIN_BLOCK}")
-  blocks = slots // bk
-  k_splits = _splits(b, kv_heads, blocks)
-  split = math.ceil(blocks / k_splits) * bk
-  k_splits = math.ceil(slots / split)
+  split, k_splits = slices(b, kv_heads, slots, bk)
   # Triton's dot wants at least 16 rows: pad the q heads of a group (MHA has 1) with zero rows.
   rows = max(_MIN_BLOCK, 1 << (groups - 1).bit_length())
   quantized = k_scale_BxSxK is not None
@@ -166,9 +180,4 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
       interpret=interpret,
       name="lckv_decode_attention",
   )(q, k_BxSxKxD, v_BxSxKxD, *scales, start_B.astype(jnp.int32), end_B.astype(jnp.int32))
-  # Merge the slices' online softmaxes; a slice that saw no slot has l = 0 and m = _NEG.
-  m_all = m.max(axis=0)
-  weight = jnp.exp(m - m_all[None])
-  l_all = (l * weight).sum(axis=0)
-  o_all = (o * weight[..., None]).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
-  return o_all[:, :, :groups].reshape(b, h, d).astype(out_dtype)
+  return merge_slices(o, l, m)[:, :, :groups].reshape(b, h, d).astype(out_dtype)

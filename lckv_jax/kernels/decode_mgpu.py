@@ -41,6 +41,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from lckv_jax.kernels import decode
+
 _ROWS = 64  # wgmma's M: the q heads of one kv head's group, zero-padded
 _BLOCKS = (128, 64)  # slots per block: a multiple of 64 (a [block_k] vector's tiled layout)
 _STAGES = 2  # blocks in flight; 2 x (K + V) bf16 blocks of 128 x 128 = 128 KB of shared memory
@@ -71,12 +73,6 @@ def _unsupported(slots: int, dtype, head_dim: int, groups: int) -> str | None:
   if groups > _ROWS:
     return f"at most {_ROWS} q heads per kv head, got {groups}"
   return None
-
-
-def _splits(batch: int, kv_heads: int, blocks: int, target_programs: int = 512) -> int:
-  """Slices of the slot axis: enough programs for a GPU's ~132 SMs at small batch, one at large
-  (the Triton kernel's rule; a program here holds ~190 KB of shared memory, one per SM)."""
-  return max(1, min(blocks, math.ceil(target_programs / (batch * kv_heads))))
 
 
 def _swizzled(dtype, minor: int) -> tuple:
@@ -322,10 +318,7 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
   if (reason := _unsupported(slots, dtype, d, groups)) is not None:
     raise ValueError(f"prefix_attention (Mosaic GPU): {reason}")
   bk = block_size(slots, block_k)
-  blocks = slots // bk
-  k_splits = _splits(b, kv_heads, blocks)
-  split = math.ceil(blocks / k_splits) * bk
-  k_splits = math.ceil(slots / split)
+  split, k_splits = decode.slices(b, kv_heads, slots, bk)
   rows_out = 8 * math.ceil(groups / 8)  # whole 8-row tiles of the output
   q = q_BxHxD.astype(dtype).reshape(b, kv_heads, groups, d)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, _ROWS - groups), (0, 0)))
@@ -346,15 +339,5 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
       interpret=_interpret_params(interpret),
   )(q, k_BxSxKxD, v_BxSxKxD, *scales, start_B.astype(jnp.int32), end_B.astype(jnp.int32))
   out_dtype = q_BxHxD.dtype if quantized else v_BxSxKxD.dtype
-  return _merge(o, l, m)[:, :, :groups].reshape(b, h, d).astype(out_dtype)
+  return decode.merge_slices(o, l, m)[:, :, :groups].reshape(b, h, d).astype(out_dtype)
 
-
-def _merge(o, l, m):
-  """The slices' online softmaxes merged: [batch, kv_heads, rows, head_dim], normalised.
-
-  A slice that saw no slot has l = 0 and m = _NEG; a row that saw none gets zeros.
-  """
-  m_all = m.max(axis=0)
-  weight = jnp.exp(m - m_all[None])
-  l_all = (l * weight).sum(axis=0)
-  return (o * weight[..., None]).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]

@@ -121,24 +121,21 @@ def _splash(q, kv, plan: Plan, inputs: Inputs):
                               interpret=jax.default_backend() != "tpu")
 
 
-def _pallas(q, kv, plan: Plan, inputs: Inputs):
-  start, end = inputs.span
-  return decode.prefix_attention(q[:, 0], kv.k, kv.v, start, end, k_scale_BxSxK=kv.k_scale,
-                                 v_scale_BxSxK=kv.v_scale,
-                                 interpret=jax.default_backend() != "gpu")[:, None]
-
-
 def _decode_mgpu():
   # Imported when asked for: Mosaic GPU's modules add 0.2 s to every import of the model.
   from lckv_jax.kernels import decode_mgpu
   return decode_mgpu
 
 
-def _mosaic(q, kv, plan: Plan, inputs: Inputs):
-  start, end = inputs.span
-  return _decode_mgpu().prefix_attention(q[:, 0], kv.k, kv.v, start, end,
-                                         k_scale_BxSxK=kv.k_scale, v_scale_BxSxK=kv.v_scale,
-                                         interpret=jax.default_backend() != "gpu")[:, None]
+def _prefix(module: Callable):
+  """A decode kernel of `READS_SPAN`: `module()` is its module, whose `prefix_attention` reads
+  each row's span of slots (interpreted off a GPU)."""
+  def run(q, kv, plan: Plan, inputs: Inputs):
+    start, end = inputs.span
+    return module().prefix_attention(q[:, 0], kv.k, kv.v, start, end, k_scale_BxSxK=kv.k_scale,
+                                     v_scale_BxSxK=kv.v_scale,
+                                     interpret=jax.default_backend() != "gpu")[:, None]
+  return run
 
 
 # kernel name -> fn(q [batch, q, heads, head_dim], kv (k, v: [batch, slots, kv_heads, head_dim]),
@@ -152,8 +149,8 @@ KERNELS: dict[str, Callable] = {
     "xla": _fused("xla"),
     "cudnn": _fused("cudnn"),
     "splash": _splash,
-    "pallas": _pallas,
-    "mosaic": _mosaic,
+    "pallas": _prefix(lambda: decode),
+    "mosaic": _prefix(_decode_mgpu),
 }
 
 
