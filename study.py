@@ -134,7 +134,8 @@ def main(argv: list[str]) -> int:
       reductions = [int(r) for r in args.reductions.split(",") if r]
       if any(r < 2 for r in reductions):
         raise ValueError(f"--reductions must be integers >= 2, got {args.reductions!r}")
-      entries = study.grid(num_layers, reductions, args.baseline_seeds, not args.no_ablations)
+      entries = study.grid(num_layers, reductions, args.baseline_seeds, not args.no_ablations,
+                           base_forward_passes=model_config(base).forward_passes)
     else:
       entries = study.custom_grid([s for s in args.grid.split(",") if s], num_layers)
     os.makedirs(args.workdir, exist_ok=True)

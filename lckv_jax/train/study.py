@@ -76,14 +76,16 @@ class Entry:
 
 def grid(num_layers: int, reductions: Sequence[int] = (2, 4), baseline_seeds: int = 2,
          ablations: bool = True, forward_passes: Sequence[int] = (2, 4, 7),
-         warmups: Sequence[int] = (0, 2, 4)) -> list[Entry]:
+         warmups: Sequence[int] = (0, 2, 4), base_forward_passes: int | None = None
+         ) -> list[Entry]:
   """The study's grid for a model of `num_layers` layers.
 
   The standard model (`baseline_seeds` seeds, which shows the seed-to-seed noise); the nine
   {pizza, sandwich, lasagna} x {bottom, top, middle} configurations at each KV-cache reduction
   (2: half the layers compute KV); the LCKV ablations: warm-up layers (`lckv:w`) and the
   iterations m (`forward_passes`). A configuration whose string another entry already has runs
-  once (e.g. lasagna-middle is lasagna-bottom with groups of 2).
+  once (e.g. lasagna-middle is lasagna-bottom with groups of 2), and so does the iteration
+  ablation at the base config's m (`base_forward_passes`): it is `lckv:2` itself.
   """
   entries = [Entry("llama" + (f"-seed{s}" if s else ""), lt_lib.llama(num_layers), "baseline",
                    (("seed", s),) if s else ()) for s in range(baseline_seeds)]
@@ -101,7 +103,7 @@ def grid(num_layers: int, reductions: Sequence[int] = (2, 4), baseline_seeds: in
       entries.append(Entry(f"lckv:{w}", lt_lib.lckv(num_layers, w), "warm-up"))
     for m in forward_passes:
       entries.append(Entry(f"lckv:2 m={m}", lt_lib.lckv(num_layers, 2), "iterations",
-                           (("model.forward_passes", m),)))
+                           () if m == base_forward_passes else (("model.forward_passes", m),)))
   return dedupe(entries)
 
 

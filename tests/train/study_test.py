@@ -26,6 +26,9 @@ def test_the_paper_grid_has_every_configuration_once():
   assert [e.name for e in ablations] == ["lckv:0", "lckv:4", "lckv:2 m=2", "lckv:2 m=4",
                                          "lckv:2 m=7"]  # lckv:2 is sandwich-top:3, already in
   assert dict(ablations[2].overrides) == {"model.forward_passes": 2}
+  # At the base config's m the ablation is lckv:2 (sandwich-top:3) itself: trained once.
+  names = [e.name for e in study.grid(12, reductions=(2, 4), base_forward_passes=7)]
+  assert "lckv:2 m=4" in names and "lckv:2 m=7" not in names
   by = {e.name: e for e in entries}
   assert by["sandwich-top:3"].kv_layers == 3 and by["sandwich-top:3"].cyclic
   assert not by["lasagna-bottom:6"].cyclic and by["lasagna-bottom:6"].group == "2x"
