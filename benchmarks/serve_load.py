@@ -17,6 +17,14 @@ p50/p99, rejected requests (429). The server's admitted batch (its max_batch) is
 `sustained_rate` reads a sweep as a serving team does: the highest arrival rate the server keeps
 up with (every request served, achieved rate within 10% of the offered one) while the p99 TTFT
 stays under a limit (`TTFT_P99_LIMIT_S`, 2 s by default: an interactive client's patience).
+
+Saturation: `--burst K` ends the sweep with K x rows requests arriving at once, so that requests
+wait for rows for most of the run. During every run the client reads the server's /metrics every
+`METRICS_EVERY_S`; the tokens the server generated while requests were waiting (every row taken)
+over that time are the run's `full_tokens_per_s`, the server's throughput with a full batch. The
+client's own tokens/s over the whole run also counts the ramp-down, when the last requests finish
+on an emptying batch. `--duration D` sends rate x D requests per rate instead of `--requests`,
+so that low rates take no longer than high ones.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from benchmarks.common import ROOT, command, config_path, default_out
 
 
 TTFT_P99_LIMIT_S = 2.0
+METRICS_EVERY_S = 0.25
+FULL_MIN_S = 1.0  # seconds of full batch below which a run's full_tokens_per_s is not used
 
 
 def sustained_rate(results: list[dict], ttft_p99_limit_s: float = TTFT_P99_LIMIT_S
@@ -47,14 +57,18 @@ def sustained_rate(results: list[dict], ttft_p99_limit_s: float = TTFT_P99_LIMIT
   """The result of the highest rate kept up with under the TTFT limit (None if none was): all
   requests served, achieved requests/s at least 90% of the rate, p99 TTFT <= the limit."""
   ok = [r for r in results
-        if r["rejected"] == 0 and r["requests_per_s"] >= 0.9 * r["rate"]
+        if r["rate"] is not None and r["rejected"] == 0
+        and r["requests_per_s"] >= 0.9 * r["rate"]
         and r["ttft_p99_s"] is not None and r["ttft_p99_s"] <= ttft_p99_limit_s]
   return max(ok, key=lambda r: r["rate"], default=None)
 
 
 def saturated_tokens_per_s(results: list[dict]) -> float:
-  """Output tokens/s at the heaviest load of the sweep: what the server does when saturated."""
-  return max(r["output_tokens_per_s"] for r in results)
+  """What the server does when saturated: its tokens/s with every row taken (the best run that
+  kept the batch full for `FULL_MIN_S`), else the client's output tokens/s at the heaviest load."""
+  full = [r["full_tokens_per_s"] for r in results
+          if r.get("full_tokens_per_s") and r.get("full_s", 0) >= FULL_MIN_S]
+  return max(full) if full else max(r["output_tokens_per_s"] for r in results)
 
 
 def markdown(entries: list[dict]) -> str:
@@ -80,7 +94,7 @@ def plot(entries: list[dict], out: str, title: str = "") -> str:
   import matplotlib.pyplot as plt
   fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
   for e in entries:
-    rs = sorted(e["results"], key=lambda r: r["rate"])
+    rs = sorted((r for r in e["results"] if r["rate"] is not None), key=lambda r: r["rate"])
     x = [r["rate"] for r in rs]
     label = f"{e['label']} (batch {e['max_batch']})"
     a.plot(x, [r["output_tokens_per_s"] for r in rs], "o-", label=label)
@@ -108,15 +122,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, flags: list[str], timeout: float = 900, env=None):
+def start_server(checkpoint: str, flags: list[str], timeout: float = 900, env=None,
+                 log_path: str | None = None):
   """`python -m lckv_jax.serve` in a subprocess, once /health answers: (process, url).
 
-  Its output goes to a file, not a pipe nobody reads (a full pipe would stall the server), and
-  ends the error if it exits during start-up.
+  Its output goes to a file (`log_path`, else a temporary one), not a pipe nobody reads (a full
+  pipe would stall the server), and ends the error if it exits during start-up.
   """
   import httpx
   port = _free_port()
-  log = tempfile.TemporaryFile("w+")
+  log = open(log_path, "w+") if log_path else tempfile.TemporaryFile("w+")
   proc = subprocess.Popen([sys.executable, "-m", "lckv_jax.serve", f"--checkpoint={checkpoint}",
                            f"--port={port}", *flags], cwd=ROOT, stdout=log,
                           stderr=subprocess.STDOUT, text=True, env=env)
@@ -154,23 +169,64 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int, seed: int) 
               end=stamps[-1] if stamps else time.perf_counter())
 
 
-async def run_rate(url: str, rate: float, n: int, prompt_range, output_range, vocab: int,
+def _scrape(text: str) -> dict[str, float]:
+  """The samples of a Prometheus text page that have no labels: {name: value}."""
+  out = {}
+  for line in text.splitlines():
+    if line and not line.startswith("#") and "{" not in line:
+      name, value = line.split()[:2]
+      out[name] = float(value)
+  return out
+
+
+def full_batch(samples: list[tuple[float, dict]]) -> tuple[float, float]:
+  """(seconds, tokens/s) over the intervals between two /metrics samples that both saw requests
+  waiting: every row was taken then, so this is the server's full-batch throughput."""
+  secs = tokens = 0.0
+  for (t0, a), (t1, b) in zip(samples, samples[1:]):
+    if a.get("lckv_queue_length", 0) > 0 and b.get("lckv_queue_length", 0) > 0:
+      secs += t1 - t0
+      tokens += b["lckv_generated_tokens_total"] - a["lckv_generated_tokens_total"]
+  return secs, (tokens / secs if secs else 0.0)
+
+
+async def _sample_metrics(client, url: str, samples: list, stop: asyncio.Event) -> None:
+  while not stop.is_set():
+    try:
+      r = await client.get(url + "/metrics")
+      samples.append((time.perf_counter(), _scrape(r.text)))
+    except Exception:  # noqa: BLE001 - a missed sample only shortens the window
+      pass
+    try:
+      await asyncio.wait_for(stop.wait(), METRICS_EVERY_S)
+    except asyncio.TimeoutError:
+      pass
+
+
+async def run_rate(url: str, rate: float | None, n: int, prompt_range, output_range, vocab: int,
                    seed: int) -> dict:
-  """`n` requests arriving as a Poisson process of `rate` per second."""
+  """`n` requests arriving as a Poisson process of `rate` per second (None: all at once)."""
   import httpx
   rng = np.random.default_rng(seed)
-  gaps = rng.exponential(1.0 / rate, n)
+  gaps = rng.exponential(1.0 / rate, n) if rate else np.zeros(n)
   prompts = [rng.integers(1, vocab, int(rng.integers(*prompt_range))).tolist() for _ in range(n)]
   outputs = [int(rng.integers(*output_range)) for _ in range(n)]
   limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+  samples: list = []
+  stop = asyncio.Event()
   async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    sampler = asyncio.create_task(_sample_metrics(client, url, samples, stop))
     t0 = time.perf_counter()
     tasks = []
     for i in range(n):
       tasks.append(asyncio.create_task(_one(client, url, prompts[i], outputs[i], seed + i)))
-      await asyncio.sleep(gaps[i])
+      if gaps[i]:
+        await asyncio.sleep(gaps[i])
     done = await asyncio.gather(*tasks)
     wall = max((d.get("end", t0) for d in done), default=t0) - t0
+    stop.set()
+    await sampler
+  full_s, full_tps = full_batch(samples)
   ok = [d for d in done if d["status"] == 200]
   ttft = [d["ttft"] for d in ok if d["ttft"] is not None]
   itl = [g for d in ok for g in d["itl"]]
@@ -178,6 +234,8 @@ async def run_rate(url: str, rate: float, n: int, prompt_range, output_range, vo
   return dict(rate=rate, requests=n, served=len(ok), rejected=n - len(ok),
               wall_s=round(wall, 3), requests_per_s=round(len(ok) / wall, 3),
               output_tokens_per_s=round(sum(d["tokens"] for d in ok) / wall, 1),
+              full_s=round(full_s, 2), full_tokens_per_s=round(full_tps, 1),
+              peak_running=max((m.get("lckv_running_rows", 0) for _, m in samples), default=0),
               ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99),
               itl_p50_s=pct(itl, 50), itl_p99_s=pct(itl, 99))
 
@@ -195,6 +253,10 @@ def _random_checkpoint(shape: str, layer_types: str, context: int, folder: str) 
   os.makedirs(path)
   with open(os.path.join(path, checkpoint.CONFIG_FILE), "w") as f:
     json.dump(checkpoint.config_to_dict(cfg), f, indent=2)
+  # The server refuses a 32k model without its tokenizer: the shipped one has 32,000 pieces.
+  from lckv_jax import tokenizer
+  if cfg.vocab_size == 32000:
+    tokenizer.save_tokenizer(tokenizer.load_tokenizer("kjv-bpe-32k"), path)
   return path
 
 
@@ -211,6 +273,12 @@ def main(argv=None) -> str:
   p.add_argument("--checkpoint", default=None, help="serve this model instead")
   p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8])
   p.add_argument("--requests", type=int, default=100, help="requests per rate")
+  p.add_argument("--duration", type=float, default=None,
+                 help="seconds of arrivals per rate: rate x D requests (at least 8) instead of "
+                 "--requests")
+  p.add_argument("--burst", type=float, default=0,
+                 help="end with K x rows requests arriving at once (the batch kept full: the "
+                 "saturated throughput)")
   p.add_argument("--prompt", type=int, nargs=2, default=[32, 512], help="prompt length range")
   p.add_argument("--output", type=int, nargs=2, default=[32, 512], help="output length range")
   p.add_argument("--max_batch", type=int, default=None)
@@ -236,11 +304,12 @@ def main(argv=None) -> str:
   if args.smoke:
     args.shape, args.rates, args.requests = "tiny", [20.0, 80.0], 12
     args.prompt, args.output, args.max_batch = [2, 20], [2, 16], args.max_batch or 4
+    args.burst = args.burst or 3
   if (args.max_batch is None) == (args.memory_bytes is None):
     p.error("give one of --max_batch or --memory_bytes")
   context = args.prompt[1] + args.output[1]
   flags = [f"--max_prompt={args.prompt[1]}", f"--max_tokens={args.output[1]}",
-           f"--steps_per_tick={args.steps_per_tick}", f"--max_waiting={10 * args.requests}"]
+           f"--steps_per_tick={args.steps_per_tick}", "--max_waiting=1000000"]
   flags.append(f"--max_batch={args.max_batch}" if args.max_batch else
                f"--memory_bytes={args.memory_bytes}")
   if args.prefill_chunk is not None:
@@ -254,8 +323,13 @@ def main(argv=None) -> str:
     from lckv_jax import checkpoint
     cfg = checkpoint.load_config(path)
     t0 = time.monotonic()
-    proc, url = start_server(path, flags)
+    os.makedirs(args.out, exist_ok=True)
+    name = os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint else (
+        f"{args.shape}_{args.layer_types}")
+    log_path = os.path.join(args.out, f"server_{name}_{args.cache_dtype or 'bf16'}.log")
+    proc, url = start_server(path, flags, log_path=log_path)
     startup = time.monotonic() - t0
+    print(f"server up in {startup:.0f} s (its log: {log_path})", flush=True)
     import httpx
     try:
       health = httpx.get(url + "/metrics").text
@@ -263,12 +337,18 @@ def main(argv=None) -> str:
                   if line.startswith("lckv_max_batch "))
       results = []
       for rate in args.rates:
-        r = asyncio.run(run_rate(url, rate, args.requests, args.prompt, args.output,
+        n = max(8, round(rate * args.duration)) if args.duration else args.requests
+        r = asyncio.run(run_rate(url, rate, n, args.prompt, args.output,
                                  cfg.vocab_size, seed=int(rate * 1000)))
         print(json.dumps(r), flush=True)
         results.append(r)
         if r["rejected"] or r["requests_per_s"] < 0.5 * rate:  # far past saturation: stop
           break
+      if args.burst:
+        r = asyncio.run(run_rate(url, None, max(1, round(args.burst * rows)), args.prompt,
+                                 args.output, cfg.vocab_size, seed=7))
+        print(json.dumps(r), flush=True)
+        results.append(r)
     finally:
       proc.send_signal(signal.SIGTERM)
       proc.wait(120)
@@ -279,7 +359,7 @@ def main(argv=None) -> str:
       + (f" {args.cache_dtype}" if args.cache_dtype else "") + (" smoke" if args.smoke else ""),
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
-      steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,
+      steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk, burst=args.burst,
       cache_dtype=args.cache_dtype, server_start_s=round(startup, 1), results=results,
       saturated_tokens_per_s=saturated_tokens_per_s(results),
       sustained=sustained_rate(results), ttft_p99_limit_s=TTFT_P99_LIMIT_S,

@@ -19,6 +19,8 @@ def test_serve_load_smoke(tmp_path):
   assert record["setting"] == "tiny lckv 4 smoke" and record["max_batch"] == 4
   assert [r["rate"] for r in record["results"]][0] == 20.0  # the next unless saturated
   assert record["saturated_tokens_per_s"] > 0 and "sustained" in record
+  assert record["results"][-1]["rate"] is None  # the burst: 3 x 4 rows at once
+  assert 1 <= record["results"][-1]["peak_running"] <= 4  # read from /metrics during the run
   for r in record["results"]:
     assert r["served"] + r["rejected"] == r["requests"] == 12 and r["served"] > 0
     assert r["output_tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
@@ -50,3 +52,21 @@ def test_sustained_rate_is_the_highest_rate_kept_up_with_under_the_ttft_limit(tm
   assert table[2] == "| 1b llama | bf16 | 8 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | 210 |"
   assert table[3] == "| 1b lckv | bf16 | 40 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | 160 |"
   assert table[4] == "| 7b lckv | int8 | 1,234 | none | – | – | 200 |"
+
+
+def test_full_batch_throughput_counts_only_the_time_requests_waited():
+  import benchmarks.serve_load as sl
+  page = ("# HELP lckv_queue_length x\nlckv_queue_length {q}\n"
+          "lckv_generated_tokens_total {t}\nlckv_requests_total{{outcome=\"completed\"}} 3.0\n")
+  samples = [(t, sl._scrape(page.format(q=q, t=tok)))
+             for t, q, tok in [(0.0, 0, 0), (1.0, 5, 100), (2.0, 3, 1100), (3.0, 1, 2100),
+                               (4.0, 0, 2600), (5.0, 0, 2800)]]
+  assert samples[1][1] == {"lckv_queue_length": 5.0, "lckv_generated_tokens_total": 100.0}
+  assert sl.full_batch(samples) == (2.0, 1000.0)  # 1 s -> 3 s: 2,000 tokens
+  assert sl.full_batch(samples[:2]) == (0.0, 0.0)
+  sweep = [_result(1, 0.98, 0.3, tok=50), dict(_result(None, 9.0, 5.0, tok=300), full_s=4.0,
+                                               full_tokens_per_s=450.0)]
+  assert sl.saturated_tokens_per_s(sweep) == 450.0  # the full batch, not the ramp-down
+  sweep[1]["full_s"] = 0.5  # too short a window to trust: the client's whole-run rate
+  assert sl.saturated_tokens_per_s(sweep) == 300.0
+  assert sl.sustained_rate(sweep)["rate"] == 1  # the burst has no rate
