@@ -242,7 +242,10 @@ def setting(record: dict, tag: str = "") -> str:
   the largest batch that fits (found again at each run); a quantized cache's `_int8` / `_fp8`;
   then `tag`. E.g. '1b_lckv-10_p5_g2043_max_25.5GB', '1b_llama_p512_g256_b32_int8'."""
   name = record["label"].replace(" ", "_").replace(":", "-")
-  batch = (f"max_{record['bytes_limit'] / 1e9:.1f}GB" if record.get("max_batch")
+  # The cap asked for names the setting (the allocator's limit under it differs by GPU and JAX:
+  # 25,398,607,872 B on the H200 for a cap of 25,507,659,776).
+  memory = record.get("cap_bytes") or record["bytes_limit"]
+  batch = (f"max_{memory / 1e9:.1f}GB" if record.get("max_batch")
            else f"b{record['batch']}")
   cache = record.get("cache_dtype", DEFAULT_CACHE_DTYPE)
   flag = {v: k for k, v in CACHE_DTYPES.items()}.get(cache, cache)
@@ -275,7 +278,8 @@ def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
                 sliding_window=cfg.sliding_window, weights_bytes=weights,
                 device=jax.devices()[0].device_kind, jax=jax.__version__,
                 python=platform.python_version(), command=args.command,
-                mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), **ceilings)
+                mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+                cap_bytes=args.cap_bytes, **ceilings)
   found, good = [], 0
   for b in batches:
     is_max = b == max_b

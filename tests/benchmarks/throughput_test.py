@@ -73,6 +73,10 @@ def test_a_quantized_cache_is_in_the_memory_model_the_record_and_the_setting(tmp
   assert tp.setting(dict(r, cache_dtype="bfloat16")) == "tiny_lckv_p8_g4_b2"
   assert tp.setting({k: v for k, v in r.items() if k != "cache_dtype"}) == "tiny_lckv_p8_g4_b2"
   assert tp.setting(dict(r, cache_dtype="float8_e4m3fn"), "_x") == "tiny_lckv_p8_g4_b2_fp8_x"
+  # A max-batch run is named by the cap asked for, not the allocator's limit under it.
+  big = dict(r, max_batch=True, bytes_limit=25_398_607_872, cache_dtype="bfloat16")
+  assert tp.setting(big).endswith("_max_25.4GB")
+  assert tp.setting(dict(big, cap_bytes=25_507_659_776)).endswith("_max_25.5GB")
   # Memory: the int8 cache takes about half the bytes, so more rows fit.
   need = lambda b, dtype: tp.memory_need(cfg, b, 512, 1536, 0, 0, cache_dtype=dtype)
   bf16_cache = cache_bytes(cfg, 64, tp.cache_len(512, 1536), metadata=True)
