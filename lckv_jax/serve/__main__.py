@@ -88,20 +88,23 @@ def main(argv: list[str]) -> int:
   from lckv_jax.tokenizer import load_tokenizer
 
   path = checkpoint_dir(args.checkpoint, "--checkpoint")
+  # The tokenizer first: a checkpoint without one fails in a second, not after loading 14 GB.
+  tokenizer = load_tokenizer(path, vocab_size=checkpoint.load_config(path).vocab_size,
+                             flag="--checkpoint", transformers=True)
   if args.random_weights:
     import dataclasses
 
     from lckv_jax import Transformer
     cfg = dataclasses.replace(checkpoint.load_config(path), dtype="bfloat16",
                               param_dtype="bfloat16", scan_layers=False, remat="none")
-    # Made on the device, jitted: a 7b model in seconds, never on the host.
-    model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))()
+    # Made op by op on the default device (the GPU's memory, never the host's). Not one jitted
+    # program: XLA compiled a 1b model's initialisation for over 100 s on the H200 (7b: over
+    # 240 s, "Very slow compile"), where each initialiser alone compiles in milliseconds.
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
     print(f"random weights of {path}/config.json (--random_weights)", flush=True)
   else:
     model = checkpoint.load_model(path, scan_layers=False)
   cfg = model.config
-  tokenizer = load_tokenizer(path, vocab_size=cfg.vocab_size, flag="--checkpoint",
-                             transformers=True)
   context = cfg.max_position_embeddings
   max_prompt = args.max_prompt or context // 2
   max_tokens = args.max_tokens or context - max_prompt

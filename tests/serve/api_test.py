@@ -198,3 +198,25 @@ def test_the_prefill_chunk_flag():
     with pytest.raises(argparse.ArgumentTypeError, match="a positive number of tokens, 0 or "
                                                          "'none'"):
       chunk_flag(bad)
+
+
+def test_random_weights_of_a_32k_shape_come_with_its_tokenizer_and_none_fails_before_the_model(
+    tmp_path, monkeypatch):
+  """serve_load's random 1b checkpoint carries the shipped kjv-bpe-32k tokenizer (the server
+  refuses a 32k model without one), and the server checks the tokenizer before it builds any
+  weights: a folder without one fails at once, not after minutes of making or loading them."""
+  import lckv_jax
+  from benchmarks.serve_load import _random_checkpoint
+  from lckv_jax.serve.__main__ import main
+  from lckv_jax.tokenizer import load_tokenizer
+  path = _random_checkpoint("1b", "lckv", 1024, str(tmp_path))
+  assert sorted(os.listdir(path)) == ["config.json", "tokenizer.model"]
+  assert load_tokenizer(path, vocab_size=32000).vocab_size == 32000
+  os.remove(os.path.join(path, "tokenizer.model"))
+
+  def no_model(*args, **kwargs):
+    raise AssertionError("the model was built before the tokenizer was checked")
+  monkeypatch.setattr(lckv_jax, "Transformer", no_model)
+  monkeypatch.setattr(checkpoint, "load_model", no_model)
+  with pytest.raises(FileNotFoundError, match="holds no tokenizer files"):
+    main([f"--checkpoint={path}", "--random_weights", "--max_batch=2"])
