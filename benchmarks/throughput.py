@@ -316,6 +316,24 @@ def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
   return found
 
 
+def measured_ceilings(smoke: bool = False, path: str | None = None) -> dict:
+  """The roofline's ceilings: the best this GPU does now, the decode kernel's own read included;
+  read from `path` when it holds those of the same device, else measured (and written there)."""
+  device = jax.devices()[0].device_kind
+  if path and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get("device") == device:
+      return {k: v for k, v in saved.items() if k != "device"}
+  small = smoke or jax.default_backend() == "cpu"
+  extra = {} if small else {"decode_kernel": rl.measure_decode_kernel_bandwidth()}
+  ceilings = rl.ceilings(small, extra)
+  if path:
+    with open(path, "w") as f:
+      json.dump(dict(ceilings, device=device), f, indent=1)
+  return ceilings
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shape", default="1b", help="configs/<shape>.py")
@@ -347,6 +365,10 @@ def main(argv=None):
                  help="device memory in bytes: caps the GPU allocator (unless "
                       "XLA_PYTHON_CLIENT_MEM_FRACTION is set) and, with --max_batch, the memory "
                       "model the batch is searched on (default: the device's limit)")
+  p.add_argument("--ceilings", default=None, metavar="FILE",
+                 help="the roofline's ceilings from this JSON file when it exists, else measured "
+                      "and written there (runs in a row on one GPU measure them once: the study "
+                      "starts 20 such processes)")
   p.add_argument("--smoke", action="store_true", help="tiny model, tiny sizes (CI)")
   p.add_argument("--out", default=default_out(),
                  help="folder of the record file (default $OUT, else benchmarks/results)")
@@ -355,10 +377,7 @@ def main(argv=None):
   if args.smoke:
     args.shape, args.prompt, args.gen, args.batch = "tiny", 8, 4, [2]
   cap_allocator(args.cap_bytes)  # before JAX starts its backend
-  small = args.smoke or jax.default_backend() == "cpu"
-  # The roofline's ceilings are the best this GPU does now, the decode kernel's own read included.
-  extra = {} if small else {"decode_kernel": rl.measure_decode_kernel_bandwidth()}
-  ceilings = rl.ceilings(small, extra)
+  ceilings = measured_ceilings(args.smoke, args.ceilings)
   print(f"ceilings: HBM {ceilings['hbm_bytes_per_s'] / 1e12:.2f} TB/s "
         f"({ceilings['hbm_ceiling_source']}; "
         + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in ceilings["hbm_measured_bytes_per_s"].items())

@@ -289,7 +289,8 @@ def measure_throughput(entries: Sequence[Entry], settings: Settings, shape: str,
       strings = list(dict.fromkeys(e.layer_types for e in group))
       base = [settings.python, "-m", "benchmarks.throughput", f"--shape={shape}",
               "--layer_types", *strings, "--repeats=1",
-              f"--out={os.path.join(settings.workdir, 'throughput')}"]
+              f"--out={os.path.join(settings.workdir, 'throughput')}",
+              f"--ceilings={os.path.join(settings.workdir, 'ceilings.json')}"]
       if settings.cap_bytes:
         base.append(f"--cap_bytes={settings.cap_bytes}")
       if iterations:

@@ -82,3 +82,21 @@ def test_a_quantized_cache_is_in_the_memory_model_the_record_and_the_setting(tmp
   bf16_cache = cache_bytes(cfg, 64, tp.cache_len(512, 1536), metadata=True)
   int8_cache = cache_bytes(cfg, 64, tp.cache_len(512, 1536), "int8", metadata=True)
   assert need(64, None) - need(64, "int8") == bf16_cache - int8_cache > 0.4 * bf16_cache
+
+
+def test_ceilings_are_measured_once_into_a_file_and_read_back_for_the_same_device(tmp_path,
+                                                                                  monkeypatch):
+  import benchmarks.throughput as tp
+  path = str(tmp_path / "ceilings.json")
+  first = tp.measured_ceilings(smoke=True, path=path)
+  saved = json.load(open(path))
+  assert saved.pop("device") == "cpu" and saved == json.loads(json.dumps(first))
+
+  def measured(*args, **kwargs):
+    raise AssertionError("measured again")
+  monkeypatch.setattr(tp.rl, "ceilings", measured)
+  assert tp.measured_ceilings(smoke=True, path=path) == saved
+  with open(path, "w") as f:  # another device's ceilings are not this one's
+    json.dump(dict(saved, device="NVIDIA H200"), f)
+  monkeypatch.setattr(tp.rl, "ceilings", lambda *a, **k: {"hbm_bytes_per_s": 1.0})
+  assert tp.measured_ceilings(smoke=True, path=path) == {"hbm_bytes_per_s": 1.0}
