@@ -123,11 +123,13 @@ def _free_port() -> int:
 
 
 def start_server(checkpoint: str, flags: list[str], timeout: float = 900, env=None,
-                 log_path: str | None = None):
+                 log_path: str | None = None, say_every: float | None = None):
   """`python -m lckv_jax.serve` in a subprocess, once /health answers: (process, url).
 
   Its output goes to a file (`log_path`, else a temporary one), not a pipe nobody reads (a full
-  pipe would stall the server), and ends the error if it exits during start-up.
+  pipe would stall the server), and ends the error if it exits during start-up or does not
+  start in `timeout` s. Every `say_every` s of waiting prints the log's last line (a start that
+  hangs says where).
   """
   import httpx
   port = _free_port()
@@ -136,18 +138,27 @@ def start_server(checkpoint: str, flags: list[str], timeout: float = 900, env=No
                            f"--port={port}", *flags], cwd=ROOT, stdout=log,
                           stderr=subprocess.STDOUT, text=True, env=env)
   url = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
+  t0 = time.monotonic()
+  said = t0
+
+  def tail() -> str:
+    log.seek(0)
+    return log.read()[-3000:]
+
+  while time.monotonic() < t0 + timeout:
     if proc.poll() is not None:
-      log.seek(0)
-      raise RuntimeError(f"the server exited {proc.returncode}: {log.read()[-3000:]}")
+      raise RuntimeError(f"the server exited {proc.returncode}: {tail()}")
     try:
       if httpx.get(url + "/health", timeout=1).status_code == 200:
         return proc, url
     except httpx.HTTPError:
       time.sleep(0.2)
+    if say_every and time.monotonic() - said >= say_every:
+      said = time.monotonic()
+      last = (tail().strip().splitlines() or ["(nothing yet)"])[-1][:200]
+      print(f"  waiting for the server: {said - t0:.0f} s; its log: {last}", flush=True)
   proc.kill()
-  raise RuntimeError(f"the server did not start in {timeout} s")
+  raise RuntimeError(f"the server did not start in {timeout} s: {tail()}")
 
 
 async def _one(client, url: str, prompt: list[int], max_tokens: int, seed: int) -> dict:
@@ -288,6 +299,9 @@ def main(argv=None) -> str:
                  help="the server's --prefill_chunk (default: the server's default)")
   p.add_argument("--cache_dtype", default=None, choices=["int8", "fp8"],
                  help="the server's --cache_dtype (default: the compute dtype)")
+  p.add_argument("--start_timeout", type=float, default=900,
+                 help="seconds the server may take to start (weights, compiles) before the run "
+                      "fails with its log")
   p.add_argument("--smoke", action="store_true", help="tiny model, tiny load (CI)")
   p.add_argument("--plot", default=None, metavar="RECORDS",
                  help="draw the figure of this record file to --out (a .png) and stop")
@@ -327,7 +341,8 @@ def main(argv=None) -> str:
     name = os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint else (
         f"{args.shape}_{args.layer_types}")
     log_path = os.path.join(args.out, f"server_{name}_{args.cache_dtype or 'bf16'}.log")
-    proc, url = start_server(path, flags, log_path=log_path)
+    proc, url = start_server(path, flags, timeout=args.start_timeout, log_path=log_path,
+                             say_every=30)
     startup = time.monotonic() - t0
     print(f"server up in {startup:.0f} s (its log: {log_path})", flush=True)
     import httpx
