@@ -297,6 +297,8 @@ def main(argv=None) -> str:
   p.add_argument("--steps_per_tick", type=int, default=8)
   p.add_argument("--prefill_chunk", default=None,
                  help="the server's --prefill_chunk (default: the server's default)")
+  p.add_argument("--prefill_tokens_per_tick", type=int, default=None,
+                 help="the server's --prefill_tokens_per_tick (default: the server's default)")
   p.add_argument("--cache_dtype", default=None, choices=["int8", "fp8"],
                  help="the server's --cache_dtype (default: the compute dtype)")
   p.add_argument("--start_timeout", type=float, default=900,
@@ -328,6 +330,8 @@ def main(argv=None) -> str:
                f"--memory_bytes={args.memory_bytes}")
   if args.prefill_chunk is not None:
     flags.append(f"--prefill_chunk={args.prefill_chunk}")
+  if args.prefill_tokens_per_tick is not None:
+    flags.append(f"--prefill_tokens_per_tick={args.prefill_tokens_per_tick}")
   if args.cache_dtype:
     flags.append(f"--cache_dtype={args.cache_dtype}")
   with tempfile.TemporaryDirectory() as tmp:
@@ -374,7 +378,8 @@ def main(argv=None) -> str:
       + (f" {args.cache_dtype}" if args.cache_dtype else "") + (" smoke" if args.smoke else ""),
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
-      steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk, burst=args.burst,
+      steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,
+      prefill_tokens_per_tick=args.prefill_tokens_per_tick, burst=args.burst,
       cache_dtype=args.cache_dtype, server_start_s=round(startup, 1), results=results,
       saturated_tokens_per_s=saturated_tokens_per_s(results),
       sustained=sustained_rate(results), ttft_p99_limit_s=TTFT_P99_LIMIT_S,

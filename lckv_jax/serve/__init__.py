@@ -6,3 +6,5 @@
 # Prompt tokens the engine prefills per call by default (`engine.Engine(prefill_chunk=)`); here,
 # beside no import of jax, so that `--help` shows it quickly.
 PREFILL_CHUNK = 256
+# Prompt tokens prefilled between two decode calls at most (`Engine(prefill_tokens_per_tick=)`).
+PREFILL_TOKENS_PER_TICK = 8192

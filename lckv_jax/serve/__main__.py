@@ -15,7 +15,7 @@ import os
 import sys
 
 from lckv_jax import cli
-from lckv_jax.serve import PREFILL_CHUNK
+from lckv_jax.serve import PREFILL_CHUNK, PREFILL_TOKENS_PER_TICK
 
 PROG = "python -m lckv_jax.serve"
 
@@ -66,9 +66,13 @@ def main(argv: list[str]) -> int:
   p.add_argument("--max_waiting", type=int, default=256,
                  help="queued requests before new ones get 429")
   p.add_argument("--prefill_chunk", type=chunk_flag, default=PREFILL_CHUNK,
-                 help="prompt tokens prefilled between two decode calls, so a long prompt does "
-                 "not stall the running requests (prompts are padded to whole chunks; at most "
-                 f"--max_prompt); 0 or 'none': each prompt at once (default {PREFILL_CHUNK})")
+                 help="prompt tokens per prefill call, so a long prompt does not stall the "
+                 "running requests (prompts are padded to whole chunks; at most --max_prompt); "
+                 f"0 or 'none': each prompt at once (default {PREFILL_CHUNK})")
+  p.add_argument("--prefill_tokens_per_tick", type=int, default=PREFILL_TOKENS_PER_TICK,
+                 help="most prompt tokens prefilled between two decode calls (whole chunks, at "
+                 "least one): larger keeps a large batch full under load, smaller bounds the "
+                 f"pause of the running requests (default {PREFILL_TOKENS_PER_TICK})")
   p.add_argument("--cache_dtype", default=None, choices=["int8", "fp8", "bfloat16", "float32"],
                  help="the KV cache's storage; int8 and fp8 quantize it with a float32 scale per "
                  "token and KV head: about half the bytes of bf16, so --memory_bytes admits about "
@@ -120,7 +124,9 @@ def main(argv: list[str]) -> int:
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   engine = Engine(model, max_batch=batch, max_prompt=max_prompt, max_tokens=max_tokens,
                   eos_ids=eos, steps_per_tick=args.steps_per_tick, max_waiting=args.max_waiting,
-                  prefill_chunk=args.prefill_chunk, cache_dtype=args.cache_dtype)
+                  prefill_chunk=args.prefill_chunk,
+                  prefill_tokens_per_tick=args.prefill_tokens_per_tick,
+                  cache_dtype=args.cache_dtype)
   seconds = engine.warm_up()
   name = args.model_name or os.path.basename(os.path.normpath(path))
   stored = f" {args.cache_dtype}" if args.cache_dtype else ""

@@ -5,9 +5,13 @@ loop (`Generator.decode`). Each tick (`Engine.tick`) the engine
 
 1. admits waiting requests into free rows: a row is reserved for the request and its prompt
    becomes a prefill job (`Generator.begin`, host work only);
-2. prefills: with `prefill_chunk=C`, at most `prefill_chunks_per_tick` chunks of C tokens
-   (`Generator.prefill_next`), oldest job first, so that a long prompt holds the running rows up
-   for one chunk per tick, not for its whole prefill. Oldest first (not round-robin) gives
+2. prefills: with `prefill_chunk=C`, chunks of C tokens (`Generator.prefill_next`), oldest job
+   first, up to `prefill_tokens_per_tick` tokens (8,192 by default, the scale of vLLM's and
+   SGLang's per-step token budgets: enough to refill every row that frees in a tick, so the
+   batch stays full under load, while a long prompt holds the running rows up for a bounded
+   time, not for its whole prefill). One chunk per tick, as this engine first did, admits a
+   request every tick or two: a 274-row batch (7b lckv under 24 GB) whose requests last 34 ticks
+   would run about a tenth full. Oldest first (not round-robin) gives
    requests their first tokens in arrival order, never starves a long prompt, and keeps one job's
    cache alive at a time (a job's cache is made at its first chunk). Without `prefill_chunk`,
    each admitted prompt is prefilled whole at once, left-padded to a bucket length;
@@ -42,7 +46,7 @@ import numpy as np
 
 from lckv_jax.generation import Generator, PrefillJob
 from lckv_jax.sampling import Sampling
-from lckv_jax.serve import PREFILL_CHUNK
+from lckv_jax.serve import PREFILL_CHUNK, PREFILL_TOKENS_PER_TICK
 
 # Prompt lengths are padded up to one of these (then to multiples of the largest): one prefill
 # compilation per bucket, not per prompt length.
@@ -122,20 +126,20 @@ class Engine:
   def __init__(self, model, *, max_batch: int, max_prompt: int, max_tokens: int,
                eos_ids: Sequence[int] = (), pad_id: int = 0, steps_per_tick: int = 8,
                max_waiting: int = 256, prefill_chunk: int | None = PREFILL_CHUNK,
-               prefill_chunks_per_tick: int = 1, cache_dtype=None):
+               prefill_tokens_per_tick: int = PREFILL_TOKENS_PER_TICK, cache_dtype=None):
     """`prefill_chunk`: prompt tokens per prefill call (at most `max_prompt`; None: each prompt
-    whole, padded to a bucket length); `prefill_chunks_per_tick`: the most chunks prefilled
-    between two decode calls; `cache_dtype`: the KV cache's storage (default the compute dtype;
-    "int8" or "fp8" quantize it, as `generate`'s)."""
+    whole, padded to a bucket length); `prefill_tokens_per_tick`: the most prompt tokens
+    prefilled between two decode calls, in whole chunks (at least one); `cache_dtype`: the KV
+    cache's storage (default the compute dtype; "int8" or "fp8" quantize it, as `generate`'s)."""
     if max_batch < 1 or max_prompt < 1 or max_tokens < 1 or steps_per_tick < 1:
       raise ValueError("engine: max_batch, max_prompt, max_tokens and steps_per_tick must be >= 1")
-    if not isinstance(prefill_chunks_per_tick, int) or prefill_chunks_per_tick < 1:
-      raise ValueError(f"engine: prefill_chunks_per_tick must be an integer >= 1, got "
-                       f"{prefill_chunks_per_tick!r}")
+    if not isinstance(prefill_tokens_per_tick, int) or prefill_tokens_per_tick < 1:
+      raise ValueError(f"engine: prefill_tokens_per_tick must be an integer >= 1, got "
+                       f"{prefill_tokens_per_tick!r}")
     self.max_batch, self.max_prompt, self.max_tokens = max_batch, max_prompt, max_tokens
     self.steps_per_tick, self.max_waiting = steps_per_tick, max_waiting
     self.prefill_chunk = chunk_for(prefill_chunk, max_prompt)
-    self.prefill_chunks_per_tick = prefill_chunks_per_tick
+    self.prefill_chunks_per_tick = max(1, prefill_tokens_per_tick // (self.prefill_chunk or 1))
     self.max_len = row_slots(max_prompt, max_tokens, prefill_chunk)
     limit = model.config.max_position_embeddings
     if max_prompt + max_tokens > limit:

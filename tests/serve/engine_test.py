@@ -120,8 +120,8 @@ def test_the_engine_refuses_what_it_cannot_take(model):
     Engine(model, max_batch=1, max_prompt=100, max_tokens=100)
   with pytest.raises(ValueError, match="prefill_chunk must be a positive integer or None, got 0"):
     Engine(model, max_batch=1, max_prompt=8, max_tokens=4, prefill_chunk=0)
-  with pytest.raises(ValueError, match="prefill_chunks_per_tick must be an integer >= 1, got 0"):
-    Engine(model, max_batch=1, max_prompt=8, max_tokens=4, prefill_chunks_per_tick=0)
+  with pytest.raises(ValueError, match="prefill_tokens_per_tick must be an integer >= 1, got 0"):
+    Engine(model, max_batch=1, max_prompt=8, max_tokens=4, prefill_tokens_per_tick=0)
   # A row's cache holds the longest prompt as padded (whole chunks, or a bucket) and its budget;
   # a chunk longer than the longest prompt would only pad further: it is cut to max_prompt.
   for chunk, max_len in ((4, 12 + 4), (None, 16 + 4), (256, 10 + 4)):
@@ -141,7 +141,7 @@ def _tick_until_done(engine, sinks, ticks=200):
 def test_a_long_prompt_prefills_between_decode_calls_and_cancelling_it_frees_the_row(model):
   # Ticks driven by hand (warmed up, not started): one chunk of 4 and one decode step a tick.
   engine = Engine(model, max_batch=2, max_prompt=20, max_tokens=12, steps_per_tick=1,
-                  prefill_chunk=4)
+                  prefill_chunk=4, prefill_tokens_per_tick=4)
   engine.warm_up()
   short, long = prompts([3, 18], seed=22)
   runner, waiter = _Sink(), _Sink()
@@ -175,6 +175,30 @@ def test_a_long_prompt_prefills_between_decode_calls_and_cancelling_it_frees_the
   _tick_until_done(engine, [nxt])
   assert nxt.tokens == generate(model, [short], max_new_tokens=4, prefill_chunk=4).tokens[0]
   assert engine.stats.requests_finished == 4
+
+
+def test_the_prefill_budget_refills_every_free_row_in_a_tick_by_default(model):
+  # A full batch needs as many admissions a tick as rows free: one chunk a tick (the first
+  # engine's rule) left a large batch mostly empty under load. The budget counts prompt tokens
+  # in whole chunks (at least one), oldest request first.
+  ps = prompts([3, 4, 2, 7, 4, 1], seed=23)  # 1, 1, 1, 2, 1, 1 chunks of 4
+  for budget, running in ((4, [1, 2, 3]), (11, [2, 3, 5]), (None, [6, 6, 6])):
+    kw = {} if budget is None else {"prefill_tokens_per_tick": budget}
+    engine = Engine(model, max_batch=6, max_prompt=8, max_tokens=12, steps_per_tick=1,
+                    prefill_chunk=4, **kw)
+    assert engine.prefill_chunks_per_tick == (2048 if budget is None else max(1, budget // 4))
+    engine.warm_up()
+    sinks = [_Sink() for _ in ps]
+    for p, sink in zip(ps, sinks):
+      engine.submit(Request(p, 12, Sampling(), 0, sink))
+    seen = []
+    for _ in range(3):
+      engine.tick()
+      seen.append(engine.stats.running)
+    assert seen == running, budget
+  _tick_until_done(engine, sinks)
+  for p, sink in zip(ps, sinks):
+    assert sink.tokens == generate(model, [p], max_new_tokens=12, prefill_chunk=4).tokens[0]
 
 
 def test_a_quantized_cache_serves_the_tokens_generate_gives_with_it(model):
