@@ -20,8 +20,8 @@ stays under a limit (`TTFT_P99_LIMIT_S`, 2 s by default: an interactive client's
 
 Saturation: `--burst K` ends the sweep with K x rows requests arriving at once, so that requests
 wait for rows for most of the run. During every run the client reads the server's /metrics every
-`METRICS_EVERY_S`; the tokens the server generated while requests were waiting (every row taken)
-over that time are the run's `full_tokens_per_s`, the server's throughput with a full batch. The
+`METRICS_EVERY_S`; the tokens the server generated while every row was taken, over that time,
+are the run's `full_tokens_per_s`, the server's throughput with a full batch. The
 client's own tokens/s over the whole run also counts the ramp-down, when the last requests finish
 on an emptying batch. `--duration D` sends rate x D requests per rate instead of `--requests`,
 so that low rates take no longer than high ones.
@@ -190,12 +190,19 @@ def _scrape(text: str) -> dict[str, float]:
   return out
 
 
+def _full(m: dict) -> bool:
+  """Every row taken (decoding or being prefilled), by one /metrics sample. Requests waiting is
+  not the test: they wait for the next tick even while rows are free."""
+  rows = m.get("lckv_max_batch", 0)
+  return rows > 0 and m.get("lckv_running_rows", 0) + m.get("lckv_prefilling_rows", 0) >= rows
+
+
 def full_batch(samples: list[tuple[float, dict]]) -> tuple[float, float]:
-  """(seconds, tokens/s) over the intervals between two /metrics samples that both saw requests
-  waiting: every row was taken then, so this is the server's full-batch throughput."""
+  """(seconds, tokens/s) over the intervals between two /metrics samples that both saw every row
+  taken: the server's full-batch throughput."""
   secs = tokens = 0.0
   for (t0, a), (t1, b) in zip(samples, samples[1:]):
-    if a.get("lckv_queue_length", 0) > 0 and b.get("lckv_queue_length", 0) > 0:
+    if _full(a) and _full(b):
       secs += t1 - t0
       tokens += b["lckv_generated_tokens_total"] - a["lckv_generated_tokens_total"]
   return secs, (tokens / secs if secs else 0.0)

@@ -54,14 +54,16 @@ def test_sustained_rate_is_the_highest_rate_kept_up_with_under_the_ttft_limit(tm
   assert table[4] == "| 7b lckv | int8 | 1,234 | none | – | – | 200 |"
 
 
-def test_full_batch_throughput_counts_only_the_time_requests_waited():
+def test_full_batch_throughput_counts_only_the_time_every_row_was_taken():
   import benchmarks.serve_load as sl
-  page = ("# HELP lckv_queue_length x\nlckv_queue_length {q}\n"
-          "lckv_generated_tokens_total {t}\nlckv_requests_total{{outcome=\"completed\"}} 3.0\n")
-  samples = [(t, sl._scrape(page.format(q=q, t=tok)))
-             for t, q, tok in [(0.0, 0, 0), (1.0, 5, 100), (2.0, 3, 1100), (3.0, 1, 2100),
-                               (4.0, 0, 2600), (5.0, 0, 2800)]]
-  assert samples[1][1] == {"lckv_queue_length": 5.0, "lckv_generated_tokens_total": 100.0}
+  page = ("# HELP lckv_running_rows x\nlckv_running_rows {r}\nlckv_prefilling_rows {p}\n"
+          "lckv_max_batch 8.0\nlckv_generated_tokens_total {t}\n"
+          "lckv_requests_total{{outcome=\"completed\"}} 3.0\n")
+  samples = [(t, sl._scrape(page.format(r=r, p=p, t=tok)))
+             for t, r, p, tok in [(0.0, 0, 4, 0), (1.0, 6, 2, 100), (2.0, 8, 0, 1100),
+                                  (3.0, 7, 1, 2100), (4.0, 5, 0, 2600), (5.0, 2, 0, 2800)]]
+  assert samples[1][1] == {"lckv_running_rows": 6.0, "lckv_prefilling_rows": 2.0,
+                           "lckv_max_batch": 8.0, "lckv_generated_tokens_total": 100.0}
   assert sl.full_batch(samples) == (2.0, 1000.0)  # 1 s -> 3 s: 2,000 tokens
   assert sl.full_batch(samples[:2]) == (0.0, 0.0)
   sweep = [_result(1, 0.98, 0.3, tok=50), dict(_result(None, 9.0, 5.0, tok=300), full_s=4.0,
