@@ -44,7 +44,7 @@ import time
 import numpy as np
 
 from benchmarks import records
-from benchmarks.common import ROOT, command, config_path, default_out
+from benchmarks.common import ROOT, cap_allocator, command, config_path, default_out
 
 
 TTFT_P99_LIMIT_S = 2.0
@@ -330,6 +330,9 @@ def main(argv=None) -> str:
     args.burst = args.burst or 3
   if (args.max_batch is None) == (args.memory_bytes is None):
     p.error("give one of --max_batch or --memory_bytes")
+  # The server's allocator gets the memory its rows are sized for, no more: a batch that did not
+  # fit would fail here, where a larger GPU would hide it.
+  cap_allocator(args.memory_bytes)
   context = args.prompt[1] + args.output[1]
   flags = [f"--max_prompt={args.prompt[1]}", f"--max_tokens={args.output[1]}",
            f"--steps_per_tick={args.steps_per_tick}", "--max_waiting=1000000"]
@@ -375,6 +378,7 @@ def main(argv=None) -> str:
                                  args.output, cfg.vocab_size, seed=7))
         print(json.dumps(r), flush=True)
         results.append(r)
+      peak = _scrape(httpx.get(url + "/metrics").text).get("lckv_device_memory_peak_bytes")
     finally:
       proc.send_signal(signal.SIGTERM)
       proc.wait(120)
@@ -387,7 +391,8 @@ def main(argv=None) -> str:
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,
       prefill_tokens_per_tick=args.prefill_tokens_per_tick, burst=args.burst,
-      cache_dtype=args.cache_dtype, server_start_s=round(startup, 1), results=results,
+      cache_dtype=args.cache_dtype, server_start_s=round(startup, 1),
+      peak_bytes=int(peak) if peak else None, results=results,
       saturated_tokens_per_s=saturated_tokens_per_s(results),
       sustained=sustained_rate(results), ttft_p99_limit_s=TTFT_P99_LIMIT_S,
       device=device, python=platform.python_version(), command=command(

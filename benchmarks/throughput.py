@@ -48,13 +48,12 @@ from flax import nnx
 from benchmarks import records
 from benchmarks.common import cache_len, cap_allocator, command, default_out, serving_model
 from lckv_jax import roofline as rl
-from lckv_jax.cache import cache_bytes
+from lckv_jax.cache import cache_bytes, prefill_bytes_per_token, reserve_bytes
 from lckv_jax.generation import Generator
 
 # XLA workspace, cuBLAS/cuDNN/Triton autotuning scratch (allocated after the cache, when a new
 # batch compiles) and allocator fragmentation: 2 GiB + 10% of the device limit. With 2 GiB alone
 # the 1b llama run under a 24 GB cap ran out of memory in the prefill at the predicted batch.
-RESERVE, RESERVE_FRACTION = 2 << 30, 0.05
 CACHE_DTYPES = {"bfloat16": "bfloat16", "int8": "int8", "fp8": "float8_e4m3fn"}  # flag -> dtype
 DEFAULT_CACHE_DTYPE = "bfloat16"  # the compute dtype of `serving_model`
 
@@ -136,7 +135,7 @@ def prefill_rows(config, batch: int, prompt: int, limit: int) -> int:
   The last chunk may be smaller (one more prefill compile). The H100 runs required equal chunks,
   which left 7b lckv at batch 59 (a prime) prefilling one row at a time.
   """
-  per_token = _prefill_bytes_per_token(config)
+  per_token = prefill_bytes_per_token(config)
   rows = min(batch, max(1, 32768 // prompt))
   if limit:
     rows = min(rows, max(1, int(0.08 * limit) // (prompt * per_token)))
@@ -158,17 +157,11 @@ def memory_need(config, batch: int, prompt: int, gen: int, weights: int, limit: 
   slots = cache_len(prompt, gen)
   cache = cache_copies * cache_bytes(config, batch, slots, cache_dtype, metadata=True)
   rows = prefill_rows(config, batch, prompt, limit)
-  chunk = rows * prompt * _prefill_bytes_per_token(config)
+  chunk = rows * prompt * prefill_bytes_per_token(config)
   if rows < batch:  # row chunks prefill into caches of `prompt` slots, copied into the cache
     chunk += cache_bytes(config, rows, prompt, cache_dtype, metadata=True)
   state = batch * (gen * 4 + 4 * config.vocab_size * 4)  # tokens; logits, softmax, sampling
-  return weights + cache + state + chunk + RESERVE + int(RESERVE_FRACTION * limit)
-
-
-def _prefill_bytes_per_token(config) -> int:
-  """Live bf16 activations of one prefill token (an estimate: 16 widths of the residual stream
-  and 6 of the MLP)."""
-  return 2 * (16 * config.hidden_size + 6 * config.intermediate_size)
+  return weights + cache + state + chunk + reserve_bytes(limit)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,6 +97,23 @@ def cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype=None, *, ri
   return batch * per_slot * sum(buffer_slots(config, max_len, ring).values())
 
 
+# What a run on an accelerator needs beyond its arrays: XLA's and cuBLAS's workspaces, the
+# allocator's fragmentation. Measured on the H100 (stop 10): runs sized without it ran out of
+# memory at the predicted batch.
+RESERVE_BYTES, RESERVE_FRACTION = 2 << 30, 0.05
+
+
+def reserve_bytes(memory_bytes: int) -> int:
+  """Bytes of `memory_bytes` kept free of weights, caches and activations."""
+  return RESERVE_BYTES + int(RESERVE_FRACTION * memory_bytes)
+
+
+def prefill_bytes_per_token(config: ModelConfig) -> int:
+  """Live activations of one prefill token, an estimate: 16 widths of the residual stream and 6
+  of the MLP in the compute dtype (2 bytes)."""
+  return 2 * (16 * config.hidden_size + 6 * config.intermediate_size)
+
+
 def sink_cache_bytes(config: ModelConfig, batch: int, n_sink: int, window: int, dtype=None) -> int:
   """Bytes of the K and V buffers (and scales) of `KVCache.create_sink`, whatever the generated
   length."""

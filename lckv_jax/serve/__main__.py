@@ -21,12 +21,18 @@ PROG = "python -m lckv_jax.serve"
 
 
 def rows_that_fit(config, memory_bytes: int, weights_bytes: int, max_len: int,
-                  cache_dtype=None) -> int:
+                  cache_dtype=None, prefill_tokens: int = PREFILL_CHUNK) -> int:
   """The largest batch whose cache (in `cache_dtype`, scales counted) and decode state fit beside
-  the weights."""
-  from lckv_jax.cache import cache_bytes
-  per_row = cache_bytes(config, 1, max_len, cache_dtype, metadata=True) + 4 * config.vocab_size * 4
-  return max(0, (memory_bytes - weights_bytes) // per_row)
+  the weights, the prompt being prefilled (its row's cache and the activations of a call of
+  `prefill_tokens` tokens) and the reserve `benchmarks.throughput` sizes its batches with
+  (`cache.reserve_bytes`: XLA's workspaces, fragmentation), so that the two compare at the same
+  memory."""
+  from lckv_jax.cache import cache_bytes, prefill_bytes_per_token, reserve_bytes
+  row_cache = cache_bytes(config, 1, max_len, cache_dtype, metadata=True)
+  per_row = row_cache + 4 * config.vocab_size * 4  # + logits, probabilities, sampling state
+  free = (memory_bytes - weights_bytes - reserve_bytes(memory_bytes) - row_cache
+          - prefill_tokens * prefill_bytes_per_token(config))
+  return max(0, free // per_row)
 
 
 def chunk_flag(text: str) -> int | None:
@@ -117,23 +123,27 @@ def main(argv: list[str]) -> int:
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     batch = rows_that_fit(cfg, args.memory_bytes, weights,
                           row_slots(max_prompt, max_tokens, args.prefill_chunk),
-                          args.cache_dtype)
+                          args.cache_dtype, args.prefill_chunk or max_prompt)
     if batch < 1:
       raise ValueError(f"--memory_bytes={args.memory_bytes}: not even one row's cache fits "
-                       f"beside {weights:,} bytes of weights")
+                       f"beside {weights:,} bytes of weights and the reserve")
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   engine = Engine(model, max_batch=batch, max_prompt=max_prompt, max_tokens=max_tokens,
                   eos_ids=eos, steps_per_tick=args.steps_per_tick, max_waiting=args.max_waiting,
                   prefill_chunk=args.prefill_chunk,
                   prefill_tokens_per_tick=args.prefill_tokens_per_tick,
                   cache_dtype=args.cache_dtype)
-  seconds = engine.warm_up()
+  seconds = engine.warm_up()  # runs every call at the full batch: the peak is the server's
+  peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  if args.memory_bytes and peak and peak > args.memory_bytes:
+    raise ValueError(f"--memory_bytes={args.memory_bytes:,}: {batch} rows peaked at {peak:,} "
+                     "bytes in the warm-up; give less memory to the rows (--max_batch)")
   name = args.model_name or os.path.basename(os.path.normpath(path))
   stored = f" {args.cache_dtype}" if args.cache_dtype else ""
   print(f"serving {name} ({cfg.layer_types}) on http://{args.host}:{args.port}: {batch} rows of "
         f"{engine.max_len}{stored} cache slots, prompts up to {max_prompt} tokens (prefilled "
         f"{engine.prefill_chunk or 'whole'} at a time), up to {max_tokens} new; compiled in "
-        f"{seconds:.1f} s", flush=True)
+        f"{seconds:.1f} s" + (f"; device memory peak {peak:,} bytes" if peak else ""), flush=True)
   engine.start()
   app = create_app(engine, tokenizer, name)
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Any
 
+import jax
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -73,6 +74,8 @@ class Metrics:
                           registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1))
     self.tokens_per_s = Gauge("lckv_tokens_per_second", "Generated tokens/s since the last "
                               "scrape", registry=r)
+    self.peak = Gauge("lckv_device_memory_peak_bytes", "Peak bytes in use on the accelerator "
+                      "(0 where the device does not say)", registry=r)
     self._last = (time.monotonic(), 0)
 
   def render(self) -> bytes:
@@ -82,6 +85,7 @@ class Metrics:
     self.prefilling.set(s.prefilling)
     self.rows.set(s.max_batch)
     self.cache.set(s.cache_slots_used / max(s.cache_slots, 1))
+    self.peak.set((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0))
     now, before = time.monotonic(), self._last
     self.tokens.inc(s.tokens_generated - before[1])
     self.tokens_per_s.set((s.tokens_generated - before[1]) / max(now - before[0], 1e-9))
