@@ -187,6 +187,27 @@ class Settings:
   log: Callable[[str], None] = print
 
 
+def budget(settings: Settings) -> dict:
+  """What every configuration of one study shares: the base config, the steps and the extra
+  config flags (the token budget and the recipe). Each record keeps it."""
+  return dict(config=os.path.basename(settings.config), steps=settings.steps,
+              train_args=list(settings.train_args))
+
+
+def check_budget(records: dict[str, dict], settings: Settings, path: str) -> None:
+  """Raises if a record of `path` was trained with another budget than `settings` ask for: a
+  table mixing 300-step and 2,000-step runs would compare nothing, silently. A field an old
+  record lacks is not compared."""
+  want = budget(settings)
+  for name, rec in records.items():
+    for key, value in want.items():
+      if key in rec and rec[key] != value:
+        raise ValueError(
+            f"study: {name!r} in {path} was trained with {key}={rec[key]!r}, this run asks for "
+            f"{key}={value!r}; every configuration of a study has the same budget: give the "
+            "flags it was started with (--config, --steps, --set), or another --workdir")
+
+
 def _config_flags(settings: Settings, entry: Entry) -> list[str]:
   flags = [f"--config={settings.config}", f"--config.model.layer_types={entry.layer_types}",
            f"--config.steps={settings.steps}", *settings.train_args]
@@ -325,7 +346,7 @@ def measure(entry: Entry, settings: Settings, task_files: Sequence[str], env=Non
   train = [settings.python, "train.py", f"--workdir={wd}", *flags]
   rec = dict(name=entry.name, layer_types=entry.layer_types, group=entry.group,
              overrides=dict(entry.overrides), kv_layers=entry.kv_layers, cyclic=entry.cyclic,
-             steps=settings.steps)
+             **budget(settings))
   ev = _json_lines(_run(train + ["--mode=evaluate"], settings, capture=True, env=env))
   if ev:
     rec.update(eval_loss=ev[-1]["eval_loss"], eval_ppl=ev[-1]["eval_ppl"],
@@ -421,6 +442,7 @@ def run(entries: Sequence[Entry], settings: Settings, task_files: Sequence[str] 
   os.makedirs(settings.workdir, exist_ok=True)
   path = os.path.join(settings.workdir, RECORDS)
   records = read_records(path)
+  check_budget(records, settings, path)
   todo = [e for e in entries if e.name not in records]
   settings.log(f"study: {len(entries)} configurations, {len(entries) - len(todo)} done, "
                f"{len(todo)} to run ({settings.steps} steps each) in {settings.workdir}"

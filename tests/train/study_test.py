@@ -202,3 +202,17 @@ def test_a_shared_device_run_shows_no_cost_until_the_timing_pass():
   rows["sandwich-top:2"]["train_shared_device"] = True
   line = next(l for l in study.table(rows).splitlines() if l.startswith("| sandwich-top:2"))
   assert "| – | – |" in line  # its logged tok/s is not a cost
+
+
+def test_a_study_refuses_to_mix_budgets(tmp_path):
+  settings = study.Settings(config="configs/study_110m.py", workdir=str(tmp_path), steps=300,
+                            train_args=("--config.batch_size=16",))
+  assert study.budget(settings) == dict(config="study_110m.py", steps=300,
+                                        train_args=["--config.batch_size=16"])
+  same = {"llama": dict(name="llama", **study.budget(settings)),
+          "old": dict(name="old", steps=300)}  # a record from before the budget was kept
+  study.check_budget(same, settings, "study.json")
+  for key, value in (("steps", 2000), ("train_args", []), ("config", "1b.py")):
+    mixed = {**same, "other": dict(study.budget(settings), **{key: value})}
+    with pytest.raises(ValueError, match=f"'other' in study.json was trained with {key}="):
+      study.check_budget(mixed, settings, "study.json")
