@@ -319,7 +319,7 @@ def measured_ceilings(smoke: bool = False, path: str | None = None) -> dict:
     if saved.get("device") == device:
       return {k: v for k, v in saved.items() if k != "device"}
   small = smoke or jax.default_backend() == "cpu"
-  extra = {} if small else {"decode_kernel": rl.measure_decode_kernel_bandwidth()}
+  extra = {} if small else {"decode_kernel": rl.measure_decode_kernel_bandwidth}
   ceilings = rl.ceilings(small, extra)
   if path:
     with open(path, "w") as f:

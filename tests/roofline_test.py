@@ -168,6 +168,7 @@ def test_measurements_are_positive_and_finite():
 
 
 def test_the_ceiling_is_the_best_of_every_bandwidth_measured(monkeypatch):
+  monkeypatch.setattr(rf, "warm_up_device", lambda: 0)
   monkeypatch.setattr(rf, "measure_copy_bandwidth", lambda **kw: 4.3e12)
   monkeypatch.setattr(rf, "measure_read_bandwidth", lambda **kw: 4.1e12)
   monkeypatch.setattr(rf, "measure_hbm_bandwidth", lambda **kw: 3.2e12)
@@ -179,6 +180,27 @@ def test_the_ceiling_is_the_best_of_every_bandwidth_measured(monkeypatch):
   assert c["hbm_vs_datasheet"] == round(4.4 / 4.8, 3) and c["matmul_vs_datasheet"] == 0.799
   monkeypatch.setattr(rf.jax, "devices", lambda: [type("D", (), {"device_kind": "cpu"})])
   assert "datasheet" not in rf.ceilings()
+
+
+def test_a_ceiling_is_timed_by_its_fastest_run_after_a_warm_up(monkeypatch):
+  durations = iter([0.5, 0.03, 0.01, 0.02])  # the untimed first call, then three timed
+  calls = []
+  monkeypatch.setattr(rf.time, "perf_counter", lambda: sum(calls))
+
+  def fn():
+    calls.append(next(durations))
+  assert rf._best_seconds(fn, 3) == pytest.approx(0.01)
+  assert rf.warm_up_device(seconds=0.0) == 0  # nothing to do at 0 s
+  monkeypatch.undo()
+  assert rf.warm_up_device(seconds=0.01, n=64) >= 1
+  # A callable extra reading is measured inside `ceilings`, after its warm-up.
+  order = []
+  monkeypatch.setattr(rf, "warm_up_device", lambda: order.append("warm"))
+  for name in ("measure_copy_bandwidth", "measure_read_bandwidth", "measure_hbm_bandwidth"):
+    monkeypatch.setattr(rf, name, lambda **kw: 1e12)
+  monkeypatch.setattr(rf, "measure_matmul_rate", lambda **kw: 1e14)
+  c = rf.ceilings(extra_hbm={"decode_kernel": lambda: order.append("kernel") or 2e12})
+  assert order == ["warm", "kernel"] and c["hbm_ceiling_source"] == "decode_kernel"
 
 
 def test_copy_read_and_decode_kernel_readings_run_on_small_sizes():
