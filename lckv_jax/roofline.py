@@ -199,7 +199,7 @@ def _axpb(x, a, b):
 def measure_hbm_bandwidth(nbytes: int = 2**31, dtype=jnp.bfloat16, repeats: int = 5) -> float:
   """Memory bandwidth (bytes/s) of an elementwise pass y = x * a + b over `nbytes` of `dtype`.
 
-  Counts 2 * nbytes per pass (x read, y written); `_PASSES` passes per timed call, the median
+  Counts 2 * nbytes per pass (x read, y written); `_PASSES` passes per timed call, the fastest
   of `repeats` calls. The buffer is donated and updated in place, so one array is ever alive.
   """
   n = nbytes // jnp.dtype(dtype).itemsize
