@@ -278,6 +278,16 @@ def _random_checkpoint(shape: str, layer_types: str, context: int, folder: str) 
   return path
 
 
+def _raise_open_files_limit() -> None:
+  """Open files up to the hard limit (often 1,024 by default: fewer than a burst's streams);
+  the server, started after, inherits it."""
+  import resource
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  if hard == resource.RLIM_INFINITY or soft < hard:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                else max(soft, 1 << 16), hard))
+
+
 def _device_kind() -> str:
   out = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"],
                        cwd=ROOT, capture_output=True, text=True, check=True)
@@ -333,6 +343,7 @@ def main(argv=None) -> str:
   # The server's allocator gets the memory its rows are sized for, no more: a batch that did not
   # fit would fail here, where a larger GPU would hide it.
   cap_allocator(args.memory_bytes)
+  _raise_open_files_limit()  # a burst opens a connection per request, here and in the server
   context = args.prompt[1] + args.output[1]
   flags = [f"--max_prompt={args.prompt[1]}", f"--max_tokens={args.output[1]}",
            f"--steps_per_tick={args.steps_per_tick}", "--max_waiting=1000000"]

@@ -146,8 +146,10 @@ def main(argv: list[str]) -> int:
         f"{seconds:.1f} s" + (f"; device memory peak {peak:,} bytes" if peak else ""), flush=True)
   engine.start()
   app = create_app(engine, tokenizer, name)
+  # A burst of thousands of clients (a full 1b lckv batch is 5,400 rows) overflows uvicorn's
+  # default listen queue of 2,048; the kernel caps this at its somaxconn.
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                          timeout_graceful_shutdown=None)
+                          timeout_graceful_shutdown=None, backlog=16384)
   server = uvicorn.Server(config)
   # SIGTERM or Ctrl-C: uvicorn stops accepting, waits for the open requests (their rows finish
   # decoding), then re-raises the signal, so the process ends as killed by it, after the drain.
