@@ -10,9 +10,12 @@ output lengths; throughput, time to first token and inter-token latency against 
 
 It starts `python -m lckv_jax.serve` (random bf16 weights of configs/<shape>.py, saved to a
 temporary folder, or --checkpoint) and drives it with streaming requests from one asyncio client:
-each request's time to first token (TTFT) and the gaps between its tokens (inter-token latency,
-ITL) are measured at the client. Per rate: requests/s and output tokens/s achieved, TTFT and ITL
-p50/p99, rejected requests (429). The server's admitted batch (its max_batch) is in the record.
+each request's time to first token (TTFT) and the gaps between its streamed chunks (inter-token
+latency, ITL: the server sends a row's tokens every `--steps_per_tick` steps, so a gap spans up
+to that many tokens) are measured at the client, and its time per output token (TPOT: first to
+last token over the tokens after the first, counted by the stream's usage chunk). Per rate:
+requests/s and output tokens/s achieved, TTFT, ITL and TPOT p50/p99, rejected requests (429).
+The server's admitted batch (its max_batch) is in the record.
 
 `sustained_rate` reads a sweep as a serving team does: the highest arrival rate the server keeps
 up with (every request served, achieved rate within 10% of the offered one) while the p99 TTFT
@@ -166,7 +169,8 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int, seed: int) 
   t0 = time.perf_counter()
   stamps = []
   body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed,
-          "stream": True}
+          "stream": True, "stream_options": {"include_usage": True}}
+  last = ""
   async with client.stream("POST", url + "/v1/completions", json=body) as r:
     if r.status_code != 200:
       await r.aread()
@@ -174,9 +178,15 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int, seed: int) 
     async for line in r.aiter_lines():
       if line.startswith("data: ") and line != "data: [DONE]":
         stamps.append(time.perf_counter())
-  usage_tokens = max_tokens  # every request runs to its budget (no EOS in random weights' ids)
+        last = line
+  # The last chunk holds the token count, not tokens (a request can stop at an EOS early).
+  tokens = max_tokens
+  if '"usage"' in last:
+    stamps.pop()
+    tokens = json.loads(last[len("data: "):])["usage"]["completion_tokens"]
   return dict(status=200, ttft=stamps[0] - t0 if stamps else None,
-              itl=list(np.diff(stamps)) if len(stamps) > 1 else [], tokens=usage_tokens,
+              itl=list(np.diff(stamps)) if len(stamps) > 1 else [], tokens=tokens,
+              tpot=(stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 and stamps else None,
               end=stamps[-1] if stamps else time.perf_counter())
 
 
@@ -248,6 +258,7 @@ async def run_rate(url: str, rate: float | None, n: int, prompt_range, output_ra
   ok = [d for d in done if d["status"] == 200]
   ttft = [d["ttft"] for d in ok if d["ttft"] is not None]
   itl = [g for d in ok for g in d["itl"]]
+  tpot = [d["tpot"] for d in ok if d.get("tpot") is not None]
   pct = lambda xs, q: round(float(np.percentile(xs, q)), 5) if xs else None  # noqa: E731
   return dict(rate=rate, requests=n, served=len(ok), rejected=n - len(ok),
               wall_s=round(wall, 3), requests_per_s=round(len(ok) / wall, 3),
@@ -255,7 +266,8 @@ async def run_rate(url: str, rate: float | None, n: int, prompt_range, output_ra
               full_s=round(full_s, 2), full_tokens_per_s=round(full_tps, 1),
               peak_running=max((m.get("lckv_running_rows", 0) for _, m in samples), default=0),
               ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99),
-              itl_p50_s=pct(itl, 50), itl_p99_s=pct(itl, 99))
+              itl_p50_s=pct(itl, 50), itl_p99_s=pct(itl, 99),
+              tpot_p50_s=pct(tpot, 50), tpot_p99_s=pct(tpot, 99))
 
 
 def _random_checkpoint(shape: str, layer_types: str, context: int, folder: str) -> str:

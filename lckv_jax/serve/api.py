@@ -26,7 +26,7 @@ from lckv_jax.sampling import Sampling, validate
 from lckv_jax.serve.engine import Engine, QueueFull, Request
 
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
-                     "seed", "n", "stream", "user"}
+                     "seed", "n", "stream", "stream_options", "user"}
 CHAT_FIELDS = (COMPLETION_FIELDS - {"prompt"}) | {"messages"}
 
 
@@ -102,7 +102,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, retry_after: int =
   metrics = Metrics(engine)
   created = int(time.time())
 
-  def parse(body: Any, chat: bool) -> tuple[list[int], int, Sampling, int, list[str], bool]:
+  def parse(body: Any, chat: bool
+            ) -> tuple[list[int], int, Sampling, int, list[str], bool, bool]:
     if not isinstance(body, dict):
       raise BadRequest("the request body must be a JSON object")
     allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
@@ -148,7 +149,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, retry_after: int =
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
       raise BadRequest("stream must be true or false", "stream")
-    return prompt, max_tokens, Sampling(temperature, top_k, top_p), seed, stop, stream
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict)
+                                or set(options) - {"include_usage"}
+                                or not isinstance(options.get("include_usage", False), bool)):
+      raise BadRequest('stream_options must be {"include_usage": true or false}, with '
+                       "stream=true", "stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    return (prompt, max_tokens, Sampling(temperature, top_k, top_p), seed, stop, stream,
+            include_usage)
 
   async def complete(http: HTTPRequest, chat: bool):
     try:
@@ -156,7 +165,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, retry_after: int =
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       return error(400, f"the request body is not valid JSON: {e}")
     try:
-      prompt, max_tokens, sampling, seed, stop, stream = parse(body, chat)
+      prompt, max_tokens, sampling, seed, stop, stream, include_usage = parse(body, chat)
     except BadRequest as e:
       metrics.requests.labels("invalid").inc()
       return error(400, str(e), e.param)
@@ -220,6 +229,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, retry_after: int =
         async for delta, finish in events_until_done():
           if delta or finish:
             yield f"data: {json.dumps(chunk(delta, finish))}\n\n"
+        if include_usage:  # OpenAI's last chunk: no choices, the request's token counts
+          last = dict(chunk("", None), choices=[], usage=usage())
+          yield f"data: {json.dumps(last)}\n\n"
         metrics.requests.labels("completed").inc()
         yield "data: [DONE]\n\n"
       return StreamingResponse(sse(), media_type="text/event-stream")

@@ -20,11 +20,11 @@ def test_serve_load_smoke(tmp_path):
   assert [r["rate"] for r in record["results"]][0] == 20.0  # the next unless saturated
   assert record["saturated_tokens_per_s"] > 0 and "sustained" in record
   assert record["results"][-1]["rate"] is None  # the burst: 3 x 4 rows at once
-  assert 1 <= record["results"][-1]["peak_running"] <= 4  # read from /metrics during the run
+  assert 0 <= record["results"][-1]["peak_running"] <= 4  # sampled from /metrics (may miss rows)
   for r in record["results"]:
     assert r["served"] + r["rejected"] == r["requests"] == 12 and r["served"] > 0
     assert r["output_tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
-    assert 0 < r["itl_p50_s"] <= r["itl_p99_s"]
+    assert 0 < r["itl_p50_s"] <= r["itl_p99_s"] and 0 < r["tpot_p50_s"] <= r["tpot_p99_s"]
 
 
 def _result(rate, rps, ttft99, rejected=0, tok=100.0):

@@ -90,6 +90,13 @@ def test_streaming_and_not_agree_and_stop_sequences_cut(served):
   chunks = list(parts)
   assert "".join(c.choices[0].text for c in chunks) == whole
   assert chunks[-1].choices[0].finish_reason == "length"
+  # OpenAI's stream_options: a last chunk with no choices and the token counts.
+  counted = list(client.completions.create(model="tiny", prompt=p, max_tokens=30, temperature=0.8,
+                                           seed=123, extra_body={"top_k": 40}, stream=True,
+                                           stream_options={"include_usage": True}))
+  assert "".join(c.choices[0].text for c in counted[:-1]) == whole
+  assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == 30
+  assert counted[-1].usage.prompt_tokens == len(p)
   greedy = client.completions.create(model="tiny", prompt=p, max_tokens=30, temperature=0)
   text = greedy.choices[0].text
   stop = text[5:7]
@@ -112,6 +119,8 @@ def test_bad_requests_get_400_with_an_openai_error_body(served):
       (json.dumps({"prompt": [300]}), "token id 300 is outside the vocabulary"),
       (json.dumps({"prompt": [1], "model": "gpt-4"}), "is not served here"),
       (json.dumps([1, 2]), "must be a JSON object"),
+      (json.dumps({"prompt": [1], "stream_options": {"include_usage": True}}), "with stream=true"),
+      (json.dumps({"prompt": [1], "stream": True, "stream_options": {"x": 1}}), "stream_options"),
   ]
   for body, message in cases:
     r = httpx.post(url + "/v1/completions", content=body, timeout=30)
