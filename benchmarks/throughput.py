@@ -51,9 +51,6 @@ from lckv_jax import roofline as rl
 from lckv_jax.cache import cache_bytes, prefill_bytes_per_token, reserve_bytes
 from lckv_jax.generation import Generator
 
-# XLA workspace, cuBLAS/cuDNN/Triton autotuning scratch (allocated after the cache, when a new
-# batch compiles) and allocator fragmentation: 2 GiB + 10% of the device limit. With 2 GiB alone
-# the 1b llama run under a 24 GB cap ran out of memory in the prefill at the predicted batch.
 CACHE_DTYPES = {"bfloat16": "bfloat16", "int8": "int8", "fp8": "float8_e4m3fn"}  # flag -> dtype
 DEFAULT_CACHE_DTYPE = "bfloat16"  # the compute dtype of `serving_model`
 

@@ -97,9 +97,10 @@ def cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype=None, *, ri
   return batch * per_slot * sum(buffer_slots(config, max_len, ring).values())
 
 
-# What a run on an accelerator needs beyond its arrays: XLA's and cuBLAS's workspaces, the
-# allocator's fragmentation. Measured on the H100 (stop 10): runs sized without it ran out of
-# memory at the predicted batch.
+# What a run on an accelerator needs beyond its arrays: XLA's workspace, cuBLAS/cuDNN/Triton
+# autotuning scratch (allocated after the cache, when a new batch compiles) and allocator
+# fragmentation. With 2 GiB alone, 1b llama under a 24 GB cap ran out of memory in the prefill at
+# the predicted batch (H100).
 RESERVE_BYTES, RESERVE_FRACTION = 2 << 30, 0.05
 
 

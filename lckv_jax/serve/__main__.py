@@ -98,15 +98,16 @@ def main(argv: list[str]) -> int:
   from lckv_jax.tokenizer import load_tokenizer
 
   path = checkpoint_dir(args.checkpoint, "--checkpoint")
+  stored_config = checkpoint.load_config(path)
   # The tokenizer first: a checkpoint without one fails in a second, not after loading 14 GB.
-  tokenizer = load_tokenizer(path, vocab_size=checkpoint.load_config(path).vocab_size,
-                             flag="--checkpoint", transformers=True)
+  tokenizer = load_tokenizer(path, vocab_size=stored_config.vocab_size, flag="--checkpoint",
+                             transformers=True)
   if args.random_weights:
     import dataclasses
 
     from lckv_jax import Transformer
-    cfg = dataclasses.replace(checkpoint.load_config(path), dtype="bfloat16",
-                              param_dtype="bfloat16", scan_layers=False, remat="none")
+    cfg = dataclasses.replace(stored_config, dtype="bfloat16", param_dtype="bfloat16",
+                              scan_layers=False, remat="none")
     # Made op by op on the default device (the GPU's memory, never the host's). Not one jitted
     # program: XLA compiled a 1b model's initialisation for over 100 s on the H200 (7b: over
     # 240 s, "Very slow compile"), where each initialiser alone compiles in milliseconds.
