@@ -109,10 +109,14 @@ def reserve_bytes(memory_bytes: int) -> int:
   return RESERVE_BYTES + int(RESERVE_FRACTION * memory_bytes)
 
 
-def prefill_bytes_per_token(config: ModelConfig) -> int:
+def prefill_bytes_per_token(config: ModelConfig, slots: int = 0) -> int:
   """Live activations of one prefill token, an estimate: 16 widths of the residual stream and 6
-  of the MLP in the compute dtype (2 bytes)."""
-  return 2 * (16 * config.hidden_size + 6 * config.intermediate_size)
+  of the MLP in the compute dtype (2 bytes), plus, with `slots`, its row of attention scores and
+  probabilities over that many cache slots (float32, every query head): a chunk after the first
+  attends densely to the cache (the first, into an empty cache, runs the fused kernel on a GPU
+  and materialises no scores)."""
+  scores = 2 * 4 * config.num_heads * slots
+  return 2 * (16 * config.hidden_size + 6 * config.intermediate_size) + scores
 
 
 def sink_cache_bytes(config: ModelConfig, batch: int, n_sink: int, window: int, dtype=None) -> int:

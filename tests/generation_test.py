@@ -287,6 +287,33 @@ def test_generation_refuses_prompts_past_the_limits(tiny_model):
     gen_lib.prefill(model, t, pos, seg, cache, jnp.zeros(2, jnp.int32))
 
 
+def test_free_rows_is_the_empty_batch_of_start_without_running_the_model(tiny_model):
+  # A server's batch starts as free rows. `start` on one-token prompts made it before, and with a
+  # prefill chunk that prefilled [batch, chunk] tokens at once (out of memory at 7b, 205 rows):
+  # `free_rows` runs nothing, and has the layout of what `start` gives, so the decode step
+  # compiled for one serves the other.
+  from lckv_jax.sampling import Sampling
+  model = tiny_model(std=0.1, layer_types="0_2_2_3")
+  gen = Generator(model, max_new_tokens=5, max_len=24, per_row_sampling=True, prefill_chunk=8)
+  free = gen.free_rows(3)
+  started = gen.start([[0]] * 3, max_new_tokens=1, seeds=[0, 1, 2])
+  layout = lambda s: jax.tree.map(lambda x: (x.shape, x.dtype), s)  # noqa: E731
+  assert layout(free) == layout(started)
+  assert np.asarray(free.done).all()
+  # Requests inserted into free rows decode as they do alone; the free rows stay empty.
+  ps = prompts([3, 9], seed=4)
+  settings = [Sampling(), Sampling(1.0, 5, 0.9)]
+  state = free
+  for row, (p, s) in zip((0, 2), zip(ps, settings)):
+    state = gen.insert(state, row, gen.start([p], sampling=[s], seeds=[row + 5]))
+  out = gen.results(gen.decode(state))
+  for row, (p, s) in zip((0, 2), zip(ps, settings)):
+    assert out[row] == gen.results(gen.decode(gen.start([p], sampling=[s], seeds=[row + 5])))[0]
+  assert out[1] == []  # free: nothing generated
+  with pytest.raises(ValueError, match="fixed max_len"):
+    Generator(model, max_new_tokens=2).free_rows(2)
+
+
 def test_per_row_sampling_gives_each_request_its_own_tokens_whatever_the_batch(tiny_model):
   from lckv_jax.sampling import Sampling
   model = tiny_model(std=0.1, layer_types="0_2_2_3")

@@ -31,7 +31,7 @@ def rows_that_fit(config, memory_bytes: int, weights_bytes: int, max_len: int,
   row_cache = cache_bytes(config, 1, max_len, cache_dtype, metadata=True)
   per_row = row_cache + 4 * config.vocab_size * 4  # + logits, probabilities, sampling state
   free = (memory_bytes - weights_bytes - reserve_bytes(memory_bytes) - row_cache
-          - prefill_tokens * prefill_bytes_per_token(config))
+          - prefill_tokens * prefill_bytes_per_token(config, slots=max_len))
   return max(0, free // per_row)
 
 
@@ -147,7 +147,7 @@ def main(argv: list[str]) -> int:
         f"{seconds:.1f} s" + (f"; device memory peak {peak:,} bytes" if peak else ""), flush=True)
   engine.start()
   app = create_app(engine, tokenizer, name)
-  # A burst of thousands of clients (a full 1b lckv batch is 5,400 rows) overflows uvicorn's
+  # A burst of thousands of clients (a full 1b lckv batch is 5,382 rows) overflows uvicorn's
   # default listen queue of 2,048; the kernel caps this at its somaxconn.
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                           timeout_graceful_shutdown=None, backlog=16384)

@@ -10,7 +10,7 @@ loop (`Generator.decode`). Each tick (`Engine.tick`) the engine
    SGLang's per-step token budgets: enough to refill every row that frees in a tick, so the
    batch stays full under load, while a long prompt holds the running rows up for a bounded
    time, not for its whole prefill). One chunk per tick, as this engine first did, admits a
-   request every tick or two: a 205-row batch (7b lckv under 24 GB) whose requests last 34 ticks
+   request every tick or two: a 203-row batch (7b lckv under 24 GB) whose requests last 34 ticks
    would run about a tenth full. Oldest first (not round-robin) gives
    requests their first tokens in arrival order, never starves a long prompt, and keeps one job's
    cache alive at a time (a job's cache is made at its first chunk). Without `prefill_chunk`,
@@ -191,9 +191,8 @@ class Engine:
     return [n for n in (c - 1, c, c + 1) if 1 <= n <= self.max_prompt]
 
   def _reset(self) -> None:
-    """A decode state whose rows are all free (a one-token budget, already spent)."""
-    self.state = self.gen.start([[self.pad_id]] * self.max_batch, max_new_tokens=1,
-                                seeds=list(range(self.max_batch)))
+    """A decode state whose rows are all free."""
+    self.state = self.gen.free_rows(self.max_batch)
 
   def start(self) -> None:
     if self.state is None:
