@@ -28,6 +28,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 _MIN_BLOCK = 16  # Triton's smallest matrix-multiply tile
+# Bytes of one K (or V) block. Triton keeps a few stages of the K and V blocks in shared memory
+# (227 KiB per block on Hopper): 128 slots of float32 at head_dim 128 (64 KiB each) asked for
+# 272 KiB on the H200, so wider elements or heads get fewer slots per block.
+_BLOCK_BYTES = 32 * 1024
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) = 0 without inf - inf = NaN
 
 
@@ -39,6 +43,13 @@ def block_size(slots: int, block_k: int = 128) -> int | None:
       return b
     b //= 2
   return None
+
+
+def block_cap(head_dim: int, itemsize: int, block_k: int = 128) -> int:
+  """`block_k`, halved until a block of K is at most `_BLOCK_BYTES` (not under 16 slots)."""
+  while block_k > _MIN_BLOCK and block_k * head_dim * itemsize > _BLOCK_BYTES:
+    block_k //= 2
+  return block_k
 
 
 def slices(batch: int, kv_heads: int, slots: int, block_k: int,
@@ -137,7 +148,8 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
       Slot x is read at buffer index x % slots, so a ring buffer's window may wrap around.
     k_scale_BxSxK, v_scale_BxSxK: [batch, slots, kv_heads] float32 scales of a quantized cache
       (k, v int8 or float8_e4m3fn: the values are k * k_scale); None for a float cache.
-    block_k: slots per inner step (halved until it divides `slots`; see `block_size`).
+    block_k: slots per inner step (halved until it divides `slots` and a block of K fits
+      `_BLOCK_BYTES`; see `block_size` and `block_cap`).
     interpret: run the kernel in the Pallas interpreter (CPU tests).
   Returns:
     [batch, heads, head_dim] in the dtype of v (of q for a quantized cache).
@@ -145,7 +157,7 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
   b, h, d = q_BxHxD.shape
   _, slots, kv_heads, _ = k_BxSxKxD.shape
   groups = h // kv_heads
-  bk = block_size(slots, block_k)
+  bk = block_size(slots, block_cap(d, k_BxSxKxD.dtype.itemsize, block_k))
   if bk is None:
     raise ValueError(f"prefix_attention: {slots} cache slots is not a multiple of {_MIN_BLOCK}")
   split, k_splits = slices(b, kv_heads, slots, bk)

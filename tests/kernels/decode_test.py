@@ -7,7 +7,7 @@ import pytest
 
 from lckv_jax.kernels.reference import dot_product_attention
 from lckv_jax.generation import generate
-from lckv_jax.kernels.decode import block_size, prefix_attention
+from lckv_jax.kernels.decode import block_cap, block_size, prefix_attention
 from tests.generation_test import PRESETS, prompts
 
 
@@ -129,6 +129,10 @@ def test_the_compiled_kernels_read_a_quantized_cache_as_its_dequantized_values(n
 def test_decode_kernel_block_sizes():
   assert block_size(4096) == 128 and block_size(48) == 16 and block_size(96) == 32
   assert block_size(40) is None
+  # Shared memory: float32 at head_dim 128 in blocks of 128 slots asked the H200 for 272 KiB (it
+  # has 227 KiB); bf16 keeps its 128 slots, float32 and wide heads get fewer.
+  assert block_cap(128, 2) == 128 and block_cap(128, 1) == 128 and block_cap(64, 2) == 128
+  assert block_cap(128, 4) == 64 and block_cap(256, 2) == 64 and block_cap(256, 4) == 32
   with pytest.raises(ValueError, match="multiple of 16"):
     prefix_attention(jnp.ones((1, 2, 4)), jnp.ones((1, 40, 2, 4)), jnp.ones((1, 40, 2, 4)),
                      jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32), interpret=True)
