@@ -74,9 +74,11 @@ def run(args) -> dict:
 
 def setting(args) -> str:
   """'1b_lckv_b32_p512_g256_unrolled_pallas': shape, layer_types, sizes, `_unrolled` for
-  --no_scan, then --tag."""
+  --no_scan, the --decode_attention unless auto, then --tag. (The kernel was left out once: the
+  H200's mosaic run replaced its pallas run.)"""
+  kernel = "" if args.decode_attention == "auto" else f"_{args.decode_attention}"
   return (f"{args.shape}_{args.layer_types.replace(':', '-')}_b{args.batch}_p{args.prompt}"
-          f"_g{args.gen}{'_unrolled' if args.no_scan else ''}{args.tag}")
+          f"_g{args.gen}{'_unrolled' if args.no_scan else ''}{kernel}{args.tag}")
 
 
 def main(argv=None):

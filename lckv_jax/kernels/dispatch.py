@@ -15,7 +15,8 @@ it. `choose` picks the kernel from the config's two knobs, one per kind of call:
 - `decode_attention`, decode steps: `pallas` (reads each row's valid cache prefix only,
   `kernels/decode.py`, Pallas's Triton backend), `mosaic` (the same on Pallas's Mosaic GPU
   backend for Hopper, `kernels/decode_mgpu.py`: 16-bit queries, head_dim and slots multiples
-  of 64) or `dense`; `auto` is pallas on a GPU.
+  of 64) or `dense`; `auto` is pallas on a GPU (on the H200, 1.30 ms against mosaic's 1.48 ms
+  per 1b decode step at batch 32).
 
 Every other call (a prefill into a filled cache, the reference's zero-key decoding) takes the
 dense reference, which runs any mask. Adding a kernel: one file in `kernels/`, one row in
