@@ -310,6 +310,74 @@ def decode_speed() -> str:
                     "end-to-end tok/s"], rows)
 
 
+# ---------------------------------------------------------------------------------------------
+# The cross-layer sharing study (study.py) on the H200.
+# ---------------------------------------------------------------------------------------------
+
+STUDY_H200 = os.path.join(RESULTS, "study_h200", "study.json")
+# The methods the study's grid generalises, as the NAACL paper names them.
+STUDY_ALIASES = {"lasagna-bottom:6": "CLA", "pizza-bottom:6": "YOCO w/o SWA",
+                 "sandwich-top:3": "LCKV, 2 warm-up, m=7", "lckv:4": "LCKV, 4 warm-up",
+                 "lckv:0": "LCKV, no warm-up", "lckv:2 m=2": "LCKV, m=2", "lckv:2 m=4": "LCKV, m=4"}
+# Training time relative to the standard transformer, the authors' 110M runs (issue 15).
+STUDY_AUTHORS_COST = (("bottom targets", ("pizza-bottom", "sandwich-bottom", "lasagna-bottom"),
+                       "0.94-0.97x"),
+                      ("middle (pizza, sandwich)", ("pizza-middle", "sandwich-middle"),
+                       "1.68-1.70x"),
+                      ("top (pizza, sandwich)", ("pizza-top", "sandwich-top"), "2.16-2.20x"),
+                      ("lasagna-middle", ("lasagna-middle",), "2.93x"),
+                      ("lasagna-top", ("lasagna-top",), "3.08x"))
+
+
+@functools.cache
+def _study() -> dict[str, dict]:
+  from lckv_jax.train import study
+  return study.read_records(STUDY_H200)
+
+
+def study_h200() -> str:
+  """README.md: every configuration of the H200 study; cost = the standard model's training
+  tokens/s over this one's, each timed alone (`benchmarks.train_speed`)."""
+  from lckv_jax.train import study
+  recs = _study()
+  base = study.baseline_tokens_per_s(list(recs.values()))
+  rows = []
+  for name, r in recs.items():
+    alias = STUDY_ALIASES.get(name)
+    ppl = f"{r['eval_ppl']:.2f}"
+    if r.get("eval_ppl_sequential") is not None:
+      ppl += f" ({r['eval_ppl_sequential']:.2f})"
+    acc = next(iter(r.get("tasks", {}).values()), {}).get("acc")
+    decode = [r.get(f"decode_{p}+{g}") for p, g in study.DECODE_SETTINGS]
+    rows.append([name + (f" ({alias})" if alias else ""), str(r["kv_layers"]), ppl,
+                 "–" if acc is None else f"{acc:.3f}",
+                 f"{base / r['train_speed_tokens_per_s']:.2f}x",
+                 *[f"{_n(d['tokens_per_s'])} ({d['batch']})" if d else "–" for d in decode],
+                 f"{1000 * r['prefill_latency_s']:.0f}"])
+  return _markdown(["configuration", "KV layers", "held-out ppl (exact)", "MC acc (200)",
+                    "train cost", *[f"decode {p}+{g} tok/s (batch)"
+                                    for p, g in study.DECODE_SETTINGS], "prefill (ms)"], rows)
+
+
+def study_h200_cost() -> str:
+  """README.md: the study's training cost per target against the authors' 110M numbers."""
+  from lckv_jax.train import study
+  recs = _study()
+  base = study.baseline_tokens_per_s(list(recs.values()))
+
+  def span(prefixes, reduction):
+    costs = [base / r["train_speed_tokens_per_s"] for name, r in recs.items()
+             if r["group"] == reduction and name.split(":")[0] in prefixes]
+    if not costs:
+      return "–"
+    return (f"{min(costs):.2f}x" if max(costs) - min(costs) < 0.005
+            else f"{min(costs):.2f}-{max(costs):.2f}x")
+  rows = [[what, theirs, span(prefixes, "2x"), span(prefixes, "4x")]
+          for what, prefixes, theirs in STUDY_AUTHORS_COST]
+  return _markdown(["target", "authors (110M)", "ours at 2x (6 KV layers)",
+                    "ours at 4x (3 KV layers)"], rows)
+
+
 TABLES = {
     "throughput_max_batch": throughput_max_batch,
     "throughput_paper": throughput_paper,
@@ -327,6 +395,8 @@ TABLES = {
     "train_speed_h200": functools.partial(_train_speed, H200, PACKED),
     "train_py": train_py,
     "decode_speed": decode_speed,
+    "study_h200": study_h200,
+    "study_h200_cost": study_h200_cost,
 }
 DOCS = ("README.md", *sorted(os.path.relpath(p, ROOT)
                              for p in glob.glob(os.path.join(RESULTS, "*.md"))))

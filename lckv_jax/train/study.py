@@ -619,6 +619,53 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
   return sorted(keep, key=lambda i: points[i][0])
 
 
+def label_offsets(points: Sequence[tuple[float, float]], widths: Sequence[float], height: float
+                  ) -> list[float]:
+  """Vertical offsets (in points, y up) of labels set to the right of `points` so that no two
+  overlap. Labels whose spans overlap sideways form a column; a column keeps its points' order
+  top to bottom, `height` apart at least, centred on its points. Points sharing a KV size (the
+  study's columns) would otherwise print over one another."""
+  n = len(points)
+  spans = [(x, x + w) for (x, _), w in zip(points, widths)]
+  column = list(range(n))  # union-find over sideways overlaps
+
+  def root(i):
+    while column[i] != i:
+      i = column[i]
+    return i
+  for i in range(n):
+    for j in range(i):
+      if spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1]:
+        column[root(i)] = root(j)
+  offsets = [0.0] * n
+  for c in {root(i) for i in range(n)}:
+    members = sorted((i for i in range(n) if root(i) == c), key=lambda i: -points[i][1])
+    ys = [points[i][1] for i in members]
+    pos = ys[:1]
+    for y in ys[1:]:
+      pos.append(min(y, pos[-1] - height))
+    shift = sum(y - p for y, p in zip(ys, pos)) / len(ys)
+    for i, p, y in zip(members, pos, ys):
+      offsets[i] = p + shift - y
+  return offsets
+
+
+def label_points(ax, xs, ys, names, fontsize: float = 6) -> None:
+  """Each point labelled with its name, no label over another (`label_offsets`); a label moved
+  off its point gets a thin line to it."""
+  fig = ax.figure
+  fig.canvas.draw()  # the axes' limits, so that data map to points
+  to_pt = 72 / fig.dpi
+  pts = [tuple(v * to_pt for v in ax.transData.transform((x, y))) for x, y in zip(xs, ys)]
+  widths = [0.55 * fontsize * len(n) for n in names]
+  offsets = label_offsets(pts, widths, 1.2 * fontsize)
+  for i, (x, y, n) in enumerate(zip(xs, ys, names)):
+    dy = offsets[i]
+    arrow = dict(arrowstyle="-", lw=0.4, color="0.5") if abs(dy) > 1 else None
+    ax.annotate(n, (x, y), fontsize=fontsize, xytext=(4, dy - fontsize / 3),
+                textcoords="offset points", arrowprops=arrow)
+
+
 def plots(records: dict[str, dict], out_dir: str) -> list[str]:
   """Perplexity against KV-cache size (each configuration labelled), decode throughput against
   perplexity with the Pareto front, and training cost; returns the files written."""
@@ -643,9 +690,9 @@ def plots(records: dict[str, dict], out_dir: str) -> list[str]:
     written.append(path)
 
   def scatter(ax, xs, ys, names, groups):
-    for x, y, n, g in zip(xs, ys, names, groups):
+    for x, y, g in zip(xs, ys, groups):
       ax.scatter(x, y, color=colors[g], s=18)
-      ax.annotate(n, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    label_points(ax, xs, ys, names)
     for g in dict.fromkeys(groups):
       ax.scatter([], [], color=colors[g], label=g)
     ax.legend(fontsize=7)

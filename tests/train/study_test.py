@@ -4,6 +4,7 @@ end is in tests/study_py_test.py."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from lckv_jax import layer_types as L
@@ -78,6 +79,21 @@ def test_the_report_from_a_fixed_record_file(tmp_path):
 def test_pareto_front_keeps_the_points_nothing_beats():
   pts = [(100, 10.0), (180, 10.2), (90, 11.0), (180, 10.5), (50, 9.5)]
   assert study.pareto(pts) == [4, 0, 1]
+
+
+def test_labels_of_points_in_a_column_never_overlap_and_keep_their_order():
+  # The study's points share KV sizes: nine labels on one x printed over one another. Drawn
+  # from a random column plus a far point, whose label stays where it is.
+  rng = np.random.default_rng(3)
+  ys = list(rng.uniform(0, 20, size=9))
+  points = [(100.0 + rng.uniform(0, 2), y) for y in ys] + [(400.0, 10.0)]
+  widths = [60.0] * 10
+  off = study.label_offsets(points, widths, height=7.0)
+  assert off[-1] == 0.0  # alone in its column
+  column = sorted(range(9), key=lambda i: -ys[i])
+  placed = [ys[i] + off[i] for i in column]
+  assert all(a - b >= 7.0 - 1e-9 for a, b in zip(placed, placed[1:]))  # apart, in order
+  assert abs(np.mean(placed) - np.mean(ys)) < 1e-9  # centred on its points
 
 
 def test_held_out_task_is_a_valid_multiple_choice_file(tmp_path):
