@@ -52,6 +52,27 @@ def _greedy(engine, ps, budgets) -> list[_Sink]:
 
 
 @pytest.mark.parametrize("chunk", [4, None])
+def test_the_model_only_ever_runs_one_prompt_at_a_time(model, chunk, monkeypatch):
+  # The batch starts as free rows made without the model. It was once `start` on max_batch
+  # one-token prompts: with a chunk of 256 that prefilled [max_batch, 256] tokens at once, and
+  # its attention scores (6.4 GiB at 7b, 205 rows) ran the H200 out of its 24 GB cap at start.
+  from lckv_jax import generation
+  batches = []
+  real = generation.prefill
+
+  def prefill(model, tokens, *args, **kw):
+    batches.append(tokens.shape[0])
+    return real(model, tokens, *args, **kw)
+  monkeypatch.setattr(generation, "prefill", prefill)
+  engine = _engine(model, max_batch=6, prefill_chunk=chunk)
+  try:
+    _greedy(engine, prompts([3, 9, 14], seed=2), [4, 2, 5])
+  finally:
+    engine.stop()
+  assert batches and set(batches) == {1}
+
+
+@pytest.mark.parametrize("chunk", [4, None])
 def test_sixteen_requests_through_four_rows_get_their_offline_tokens(model, chunk):
   # Chunks of 4: prompts of 1 to 5 chunks; None: each prompt whole, padded to its bucket.
   engine = _engine(model, prefill_chunk=chunk)  # started: warmed up, everything it runs compiled
