@@ -58,7 +58,7 @@ def test_device_slugs():
 
 
 BENCHMARKS = ("throughput", "decode_profile", "decode_speed", "train_speed", "prefill_iterations",
-              "first_step", "train_py", "kv_quant")
+              "first_step", "train_py", "kv_quant", "hf_generate", "serve_load")
 
 
 def test_results_are_one_record_file_per_benchmark_and_device():
