@@ -74,18 +74,26 @@ def saturated_tokens_per_s(results: list[dict]) -> float:
   return max(full) if full else max(r["output_tokens_per_s"] for r in results)
 
 
-def markdown(entries: list[dict]) -> str:
+def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> str:
   """One row per served model: its rows, the sustained rate (the highest kept up with, p99 TTFT
-  within the entry's limit) with its latencies, and the saturated output tokens/s."""
+  within the entry's limit) with its latencies, and the saturated output tokens/s; with
+  `offline` (an entry's setting -> the offline max-batch tokens/s of the same model and memory,
+  `benchmarks.throughput`), that number and the saturated one's fraction of it."""
   head = ["model", "cache", "rows", "sustained req/s", "TTFT p50 / p99 (s)",
           "inter-token p50 / p99 (ms)", "saturated output tok/s"]
+  if offline is not None:
+    head += ["offline max batch tok/s", "saturated / offline"]
   rows = []
   for e in entries:
     s = sustained_rate(e["results"], e.get("ttft_p99_limit_s", TTFT_P99_LIMIT_S))
     at = ([f"{s['rate']:g}", f"{s['ttft_p50_s']:.2f} / {s['ttft_p99_s']:.2f}",
            f"{1e3 * s['itl_p50_s']:.1f} / {1e3 * s['itl_p99_s']:.1f}"] if s else ["none", "–", "–"])
+    saturated = saturated_tokens_per_s(e["results"])
     rows.append([e["label"], e.get("cache_dtype") or "bf16", f"{e['max_batch']:,}", *at,
-                 f"{saturated_tokens_per_s(e['results']):,.0f}"])
+                 f"{saturated:,.0f}"])
+    if offline is not None:
+      ref = offline.get(e["setting"])
+      rows[-1] += [f"{ref:,.0f}", f"{saturated / ref:.2f}"] if ref else ["–", "–"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 

@@ -378,6 +378,27 @@ def study_h200_cost() -> str:
                     "ours at 4x (3 KV layers)"], rows)
 
 
+# ---------------------------------------------------------------------------------------------
+# Serving (benchmarks.serve_load) on the H200, against the offline max batch of the same memory.
+# ---------------------------------------------------------------------------------------------
+
+# The load runs, in the README's order, each with the offline setting (benchmarks.throughput,
+# P=G=512: the load's longest prompt and output, the same slots per row) it is held against.
+SERVE_LOAD = (("7b llama 25507659776", "7b_llama_p512_g512_max_25.5GB"),
+              ("7b lckv 25507659776", "7b_lckv_p512_g512_max_25.5GB"),
+              ("1b llama 25507659776", "1b_llama_p512_g512_max_25.5GB"),
+              ("1b lckv 25507659776", "1b_lckv_p512_g512_max_25.5GB"))
+
+
+def serve_load_h200() -> str:
+  """README.md: the load runs on the H200 that exist, against the offline max batch."""
+  from benchmarks import serve_load
+  entries = {e["setting"]: e for e in _entries("serve_load", H200)}
+  offline = {e["setting"]: e["tokens_per_s"] for e in _entries("throughput", H200)}
+  runs = [entries[s] for s, _ in SERVE_LOAD if s in entries]
+  return serve_load.markdown(runs, {s: offline[o] for s, o in SERVE_LOAD if o in offline})
+
+
 TABLES = {
     "throughput_max_batch": throughput_max_batch,
     "throughput_paper": throughput_paper,
@@ -397,6 +418,7 @@ TABLES = {
     "decode_speed": decode_speed,
     "study_h200": study_h200,
     "study_h200_cost": study_h200_cost,
+    "serve_load_h200": serve_load_h200,
 }
 DOCS = ("README.md", *sorted(os.path.relpath(p, ROOT)
                              for p in glob.glob(os.path.join(RESULTS, "*.md"))))

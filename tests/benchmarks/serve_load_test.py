@@ -52,6 +52,11 @@ def test_sustained_rate_is_the_highest_rate_kept_up_with_under_the_ttft_limit(tm
   assert table[2] == "| 1b llama | bf16 | 8 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | 210 |"
   assert table[3] == "| 1b lckv | bf16 | 40 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | 160 |"
   assert table[4] == "| 7b lckv | int8 | 1,234 | none | – | – | 200 |"
+  # Against the offline max batch of the same memory (issue 16's 80% target).
+  entries = [dict(e, setting=s) for e, s in zip(entries, ("a", "b"))]
+  table = sl.markdown(entries, {"a": 300.0}).splitlines()
+  assert table[0].endswith("| offline max batch tok/s | saturated / offline |")
+  assert table[2].endswith("| 210 | 300 | 0.70 |") and table[3].endswith("| 160 | – | – |")
 
 
 def test_full_batch_throughput_counts_only_the_time_every_row_was_taken():
