@@ -134,6 +134,8 @@ def main(argv: list[str]) -> int:
                   prefill_chunk=args.prefill_chunk,
                   prefill_tokens_per_tick=args.prefill_tokens_per_tick,
                   cache_dtype=args.cache_dtype)
+  print(f"{batch} rows of {engine.max_len} cache slots; compiling and running each call once "
+        "(warm-up)", flush=True)
   seconds = engine.warm_up()  # runs every call at the full batch: the peak is the server's
   peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
   if args.memory_bytes and peak and peak > args.memory_bytes:
