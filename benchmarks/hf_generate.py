@@ -49,6 +49,7 @@ def hf_model(shape: str, max_positions: int, device: str):
 
 def run(args, setting: str) -> dict:
   import torch
+  import transformers
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model, config = hf_model(args.shape, args.prompt + args.gen, device)
   g = torch.Generator().manual_seed(0)
@@ -80,7 +81,7 @@ def run(args, setting: str) -> dict:
       shape=args.shape, layer_types="llama", hf_setting=setting, batch=args.batch,
       prompt=args.prompt, gen=args.gen, compiled=setting == "static" and not args.no_compile,
       dtype="bfloat16", device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-      torch=torch.__version__, transformers=__import__("transformers").__version__,
+      torch=torch.__version__, transformers=transformers.__version__,
       python=platform.python_version(), command=args.command,
       first_call_s=round(first[0], 3) if first else None, warm_s=[round(t, 6) for t in warm],
       seconds=round(best, 6), median_s=round(statistics.median(warm), 6),

@@ -330,17 +330,18 @@ STUDY_AUTHORS_COST = (("bottom targets", ("pizza-bottom", "sandwich-bottom", "la
 
 
 @functools.cache
-def _study() -> dict[str, dict]:
+def _study() -> tuple[dict[str, dict], float]:
+  """The H200 study's records and the standard model's training tokens/s, which costs divide."""
   from lckv_jax.train import study
-  return study.read_records(STUDY_H200)
+  recs = study.read_records(STUDY_H200)
+  return recs, study.baseline_tokens_per_s(list(recs.values()))
 
 
 def study_h200() -> str:
   """README.md: every configuration of the H200 study; cost = the standard model's training
   tokens/s over this one's, each timed alone (`benchmarks.train_speed`)."""
   from lckv_jax.train import study
-  recs = _study()
-  base = study.baseline_tokens_per_s(list(recs.values()))
+  recs, base = _study()
   rows = []
   for name, r in recs.items():
     alias = STUDY_ALIASES.get(name)
@@ -361,9 +362,7 @@ def study_h200() -> str:
 
 def study_h200_cost() -> str:
   """README.md: the study's training cost per target against the authors' 110M numbers."""
-  from lckv_jax.train import study
-  recs = _study()
-  base = study.baseline_tokens_per_s(list(recs.values()))
+  recs, base = _study()
 
   def span(prefixes, reduction):
     costs = [base / r["train_speed_tokens_per_s"] for name, r in recs.items()
@@ -382,7 +381,7 @@ def study_h200_cost() -> str:
 # Serving (benchmarks.serve_load) on the H200, against the offline max batch of the same memory.
 # ---------------------------------------------------------------------------------------------
 
-# The load runs, in the README's order, each with the offline setting (benchmarks.throughput,
+# The load runs, in the table's order, each with the offline setting (benchmarks.throughput,
 # P=G=512: the load's longest prompt and output, the same slots per row) it is held against.
 SERVE_LOAD = (("7b llama 25507659776", "7b_llama_p512_g512_max_25.5GB"),
               ("7b lckv 25507659776", "7b_lckv_p512_g512_max_25.5GB"),
@@ -391,7 +390,7 @@ SERVE_LOAD = (("7b llama 25507659776", "7b_llama_p512_g512_max_25.5GB"),
 
 
 def serve_load_h200() -> str:
-  """README.md: the load runs on the H200 that exist, against the offline max batch."""
+  """serve_load.md: the load runs on the H200 that exist, against the offline max batch."""
   from benchmarks import serve_load
   entries = {e["setting"]: e for e in _entries("serve_load", H200)}
   offline = {e["setting"]: e["tokens_per_s"] for e in _entries("throughput", H200)}
