@@ -48,6 +48,7 @@ import numpy as np
 
 from benchmarks import records
 from benchmarks.common import ROOT, cap_allocator, command, config_path, default_out
+from lckv_jax.serve import PREFILL_ROWS
 
 
 TTFT_P99_LIMIT_S = 2.0
@@ -336,6 +337,8 @@ def main(argv=None) -> str:
                  help="the server's --prefill_chunk (default: the server's default)")
   p.add_argument("--prefill_tokens_per_tick", type=int, default=None,
                  help="the server's --prefill_tokens_per_tick (default: the server's default)")
+  p.add_argument("--prefill_rows", type=int, default=None,
+                 help="the server's --prefill_rows (default: the server's default)")
   p.add_argument("--cache_dtype", default=None, choices=["int8", "fp8"],
                  help="the server's --cache_dtype (default: the compute dtype)")
   p.add_argument("--start_timeout", type=float, default=900,
@@ -373,6 +376,8 @@ def main(argv=None) -> str:
     flags.append(f"--prefill_chunk={args.prefill_chunk}")
   if args.prefill_tokens_per_tick is not None:
     flags.append(f"--prefill_tokens_per_tick={args.prefill_tokens_per_tick}")
+  if args.prefill_rows is not None:
+    flags.append(f"--prefill_rows={args.prefill_rows}")
   if args.cache_dtype:
     flags.append(f"--cache_dtype={args.cache_dtype}")
   with tempfile.TemporaryDirectory() as tmp:
@@ -421,7 +426,8 @@ def main(argv=None) -> str:
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,
-      prefill_tokens_per_tick=args.prefill_tokens_per_tick, burst=args.burst,
+      prefill_tokens_per_tick=args.prefill_tokens_per_tick,
+      prefill_rows=args.prefill_rows or PREFILL_ROWS, burst=args.burst,
       cache_dtype=args.cache_dtype, server_start_s=round(startup, 1),
       peak_bytes=int(peak) if peak else None, results=results,
       saturated_tokens_per_s=saturated_tokens_per_s(results),

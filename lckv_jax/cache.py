@@ -6,7 +6,7 @@ slot, `seg == 0` marking an empty slot that is never attended). For LCKV `0_20_.
 3 buffers of 22 layers. Its static part says how the buffers are laid out; the cache owns what
 follows from that: where a chunk is written (`write`), widening rings around a chunk and
 compacting them after (`widen`, `compact`), the sink cache's eviction (`evict_sink`), and rows
-(`insert_row`, `put_rows`, `left_align`).
+(`insert_row`, `insert_rows`, `put_rows`, `left_align`).
 
 Three layouts, all read by `Transformer.step` the same way (attention masks by the stored
 `pos`/`seg`, never by slot order):
@@ -376,6 +376,17 @@ class KVCache:
         raise ValueError(f"insert_row: the caches differ at layer {j}: {e.k.shape[1]} slots vs "
                          f"{other.slots(j)}")
     return self.with_layers({j: jax.tree.map(lambda a, b: a.at[row].set(b[other_row]), e,
+                                             other[j]) for j, e in self.layers.items()})
+
+  def insert_rows(self, rows, other: KVCache) -> KVCache:
+    """Batch rows `rows[i]` replaced by row i of `other` (same layout and slots); a row index
+    outside the batch (e.g. the batch size) skips that row of `other`. `rows`: [other's batch]."""
+    self._check_same_layout(other, "insert_rows")
+    for j, e in self.layers.items():
+      if other.slots(j) != e.k.shape[1]:
+        raise ValueError(f"insert_rows: the caches differ at layer {j}: {e.k.shape[1]} slots vs "
+                         f"{other.slots(j)}")
+    return self.with_layers({j: jax.tree.map(lambda a, b: a.at[rows].set(b, mode="drop"), e,
                                              other[j]) for j, e in self.layers.items()})
 
   def put_rows(self, rows: KVCache, start) -> KVCache:

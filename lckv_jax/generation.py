@@ -313,6 +313,27 @@ class PrefillJob:
   def done(self) -> bool:
     return self.chunks_done == self.num_chunks
 
+  @staticmethod
+  def stack(jobs: Sequence[PrefillJob]) -> PrefillJob:
+    """Jobs not yet started, of one padded length and chunk, as one job of all their rows: the
+    prompts a server admits together prefill in one [rows, C] call each chunk, not one call a
+    prompt (a 1b chunk of [1, 256] tokens reads the weights for 0.6 TFLOP of work). Each row
+    keeps its own padding, sampling, seed and budget, so its tokens are those of its own job."""
+    first = jobs[0]
+    if any(j.cache is not None or j.chunks_done for j in jobs):
+      raise ValueError("PrefillJob.stack: every job must be unstarted (no chunk run yet)")
+    shapes = {(j.tokens.shape[1], j.chunk, j.sampling is None) for j in jobs}
+    if len(shapes) > 1:
+      raise ValueError(f"PrefillJob.stack: the jobs differ in (padded length, chunk, per-row "
+                       f"sampling): {sorted(shapes)}")
+    cat = lambda f: np.concatenate([getattr(j, f) for j in jobs])  # noqa: E731
+    rows = lambda f: None if first.sampling is None else tuple(  # noqa: E731
+        x for j in jobs for x in getattr(j, f))
+    return PrefillJob(tokens=cat("tokens"), positions=cat("positions"),
+                      segment_ids=cat("segment_ids"), lengths=cat("lengths"),
+                      budget=cat("budget"), chunk=first.chunk, seed=first.seed,
+                      sampling=rows("sampling"), seeds=rows("seeds"))
+
 
 @dataclasses.dataclass(frozen=True)
 class _Settings:
@@ -416,6 +437,17 @@ def _insert(state: DecodeState, new: DecodeState, row, new_row) -> DecodeState:
   return state._replace(cache=cache, **rest)
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert_rows(state: DecodeState, new: DecodeState, rows) -> DecodeState:
+  """`state` (donated: in place) with rows `rows[i]` replaced by row i of `new`; an index past
+  the batch skips that row."""
+  cache = state.cache.insert_rows(rows, new.cache)
+  rest = {f: jax.tree.map(lambda a, c: a.at[rows].set(c, mode="drop"), getattr(state, f),
+                          getattr(new, f))
+          for f in DecodeState._fields if f not in ("cache", "rng")}
+  return state._replace(cache=cache, **rest)
+
+
 class Generator:
   """Prefill and decode loop for one model and one set of generation settings.
 
@@ -425,7 +457,8 @@ class Generator:
   >>> gen.results(state)                           # [[...], [...]]
 
   Continuous batching: `gen.decode(state, num_steps=k)`, then `gen.insert(state, row,
-  gen.start([prompt]))` into a row whose `done` is set, and decode on.
+  gen.start([prompt]))` into a row whose `done` is set, and decode on (`insert_rows` puts the
+  rows of a job of several prompts into as many free rows in one call).
 
   Chunked prefill: with `prefill_chunk=C` a prompt goes into its cache C tokens per call,
   left-padded to a whole number of chunks only. `start` is `begin`, `prefill_next` per chunk and
@@ -691,10 +724,12 @@ class Generator:
     tokens, positions, segment_ids = (a[:, cols] for a in (job.tokens, job.positions,
                                                             job.segment_ids))
     if k == 0:
-      # From slot 0 of an empty cache. Without padding in it, no positions and segments: causal
-      # by index, the fused kernel (on GPU) instead of the dense mask.
+      # From slot 0 of an empty cache. One row without padding: no positions and segments,
+      # causal by index, the fused kernel (on GPU) instead of the dense mask. Several rows take
+      # the masked call even when none is padded (rare: every length a multiple of C), so that a
+      # server compiles two first-chunk calls per batch size, not three.
       mode, write_index = Mode.PREFILL_EMPTY, None
-      if (segment_ids != 0).all():
+      if b == 1 and (segment_ids != 0).all():
         positions = segment_ids = None
     else:
       # After the k*C slots the cache holds. Positions count from each row's first real token,
@@ -755,6 +790,22 @@ class Generator:
     # Rows traced, not static: one compilation serves every row (a server inserts into all).
     out = _insert(state, new, jnp.asarray(row, jnp.int32), jnp.asarray(new_row, jnp.int32))
     return _shard_state(out, self.mesh)
+
+  def insert_rows(self, state: DecodeState, rows: Sequence[int | None], new: DecodeState
+                  ) -> DecodeState:
+    """`state` with batch row `rows[i]` replaced by row i of `new` (a `finish`ed job of several
+    prompts), in one call; a None skips row i of `new` (a request cancelled while prefilling)."""
+    b, nb = state.token.shape[0], new.token.shape[0]
+    if len(rows) != nb:
+      raise ValueError(f"insert_rows: {nb} new rows need {nb} row indices, got {len(rows)}")
+    taken = [r for r in rows if r is not None]
+    if any(not 0 <= r < b for r in taken) or len(set(taken)) != len(taken):
+      raise ValueError(f"insert_rows: rows must be distinct and in 0..{b - 1} (or None), got "
+                       f"{list(rows)}")
+    if self.sink is None and self.max_len is None:
+      raise ValueError("insert_rows needs a Generator with a fixed max_len (the cache length)")
+    index = jnp.asarray([b if r is None else r for r in rows], jnp.int32)  # b: dropped
+    return _shard_state(_insert_rows(state, new, index), self.mesh)
 
   @staticmethod
   def results(state: DecodeState) -> list[list[int]]:

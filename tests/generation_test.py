@@ -14,7 +14,8 @@ import pytest
 from lckv_jax import ModelConfig
 from lckv_jax import generation as gen_lib
 from lckv_jax.cache import KVCache
-from lckv_jax.generation import Generator, generate
+from lckv_jax.generation import Generator, PrefillJob, generate
+from lckv_jax.sampling import Sampling
 from lckv_jax.mode import Mode
 from tests import ROOT as REPO, reference
 from tests.checkpoint_test import LIMITED, VOCAB
@@ -415,6 +416,37 @@ def test_chunked_generate_gives_the_tokens_of_chunks_interleaved_with_decoding(t
   assert generate(model, [a, b, c], max_new_tokens=10, **kw).tokens == alone
   # For this cycle, chunks change the tokens: the equalities above are the chunked path's.
   assert alone[2] != generate(model, [c], max_new_tokens=10, prefill_iterations=2).tokens[0]
+
+
+def test_stacked_jobs_fill_several_rows_in_one_call_with_each_rows_own_tokens(tiny_model):
+  # A server's job of several prompts admitted together (`PrefillJob.stack`), inserted into
+  # free rows of a running batch in one call (`insert_rows`; None skips a cancelled one): each
+  # row decodes what its prompt gives alone, with its own sampling and seed.
+  model = tiny_model(std=0.1, layer_types="0_2_2_3")
+  gen = Generator(model, max_new_tokens=6, max_len=32, prefill_chunk=4, prefill_iterations=2,
+                  per_row_sampling=True)
+  a, b, c, d = prompts([5, 7, 6, 3], seed=31)  # a, b, c: two chunks of 4; d: one
+  settings = [(Sampling(), 1), (Sampling(0.8, 8), 2), (Sampling(1.0), 3)]
+  job = PrefillJob.stack([gen.begin([p], sampling=[s], seeds=[seed])
+                          for p, (s, seed) in zip((a, b, c), settings)])
+  assert job.tokens.shape == (3, 8) and job.seeds == (1, 2, 3)
+  running = gen.start([d, d, d, d], sampling=[Sampling()] * 4, seeds=[9] * 4)
+  running = gen.decode(running._replace(done=running.done.at[1:].set(True)), num_steps=1)
+  while not job.done:
+    job = gen.prefill_next(job)
+  free_row = gen.results(running)[2]
+  state = gen.decode(gen.insert_rows(running, [3, None, 1], gen.finish(job)))
+  out = gen.results(state)
+  alone = [gen.results(gen.decode(gen.start([p], sampling=[s], seeds=[seed])))[0]
+           for p, (s, seed) in zip((a, b, c), settings)]
+  assert out[3] == alone[0] and out[1] == alone[2]
+  assert out[2] == free_row  # untouched: free, never decoded on
+  with pytest.raises(ValueError, match="rows must be distinct"):
+    gen.insert_rows(state, [1, 1, 2], gen.start([a, b, c]))
+  with pytest.raises(ValueError, match="3 new rows need 3 row indices"):
+    gen.insert_rows(state, [0, 1], gen.start([a, b, c]))
+  with pytest.raises(ValueError, match="differ in"):
+    PrefillJob.stack([gen.begin([a]), gen.begin([d])])
 
 
 def test_chunked_prefill_refuses_bad_settings(tiny_model):

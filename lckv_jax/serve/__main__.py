@@ -15,24 +15,34 @@ import os
 import sys
 
 from lckv_jax import cli
-from lckv_jax.serve import PREFILL_CHUNK, PREFILL_TOKENS_PER_TICK
+from lckv_jax.serve import PREFILL_CHUNK, PREFILL_ROWS, PREFILL_TOKENS_PER_TICK, group_sizes
 
 PROG = "python -m lckv_jax.serve"
 
 
 def rows_that_fit(config, memory_bytes: int, weights_bytes: int, max_len: int,
-                  cache_dtype=None, prefill_tokens: int = PREFILL_CHUNK) -> int:
+                  cache_dtype=None, prefill_tokens: int = PREFILL_CHUNK,
+                  prefill_rows: int = 1) -> int:
   """The largest batch whose cache (in `cache_dtype`, scales counted) and decode state fit beside
-  the weights, the prompt being prefilled (its row's cache and the activations of a call of
-  `prefill_tokens` tokens) and the reserve `benchmarks.throughput` sizes its batches with
-  (`cache.reserve_bytes`: XLA's workspaces, fragmentation), so that the two compare at the same
-  memory."""
+  the weights, the prompts being prefilled (a call of `prefill_tokens` tokens: its activations,
+  and the cache of its job's `prefill_rows` rows) and the reserve `benchmarks.throughput` sizes
+  its batches with (`cache.reserve_bytes`: XLA's workspaces, fragmentation), so that the two
+  compare at the same memory."""
   from lckv_jax.cache import cache_bytes, prefill_bytes_per_token, reserve_bytes
   row_cache = cache_bytes(config, 1, max_len, cache_dtype, metadata=True)
   per_row = row_cache + 4 * config.vocab_size * 4  # + logits, probabilities, sampling state
-  free = (memory_bytes - weights_bytes - reserve_bytes(memory_bytes) - row_cache
+  free = (memory_bytes - weights_bytes - reserve_bytes(memory_bytes) - prefill_rows * row_cache
           - prefill_tokens * prefill_bytes_per_token(config, slots=max_len))
   return max(0, free // per_row)
+
+
+def prefill_rows_that_fit(most: int, fit) -> int:
+  """The most prompts a prefill call takes (a power of two up to `most`) when they may cost the
+  batch at most 1/16 of its rows: `fit(k)` is the batch beside a job of k rows. A job's cache
+  and activations grow with its rows; at 7b, a row of llama's cache is 537 MB, so llama
+  prefills one prompt at a time there and LCKV a few (1b: 8)."""
+  alone = fit(1)
+  return next(k for k in group_sizes(most) if k == 1 or 16 * fit(k) >= 15 * alone)
 
 
 def chunk_flag(text: str) -> int | None:
@@ -79,6 +89,12 @@ def main(argv: list[str]) -> int:
                  help="most prompt tokens prefilled between two decode calls (whole chunks, at "
                  "least one): larger keeps a large batch full under load, smaller bounds the "
                  f"pause of the running requests (default {PREFILL_TOKENS_PER_TICK})")
+  p.add_argument("--prefill_rows", type=int, default=PREFILL_ROWS,
+                 help="most prompts prefilled together in one call (prompts that pad to the same "
+                 "number of chunks, admitted in the same tick): fewer, fuller calls under load. "
+                 "With --memory_bytes, lowered (to a power of two) until the prefill's cache and "
+                 "activations take at most 1/16 of the rows; 1 without --prefill_chunk "
+                 f"(default {PREFILL_ROWS})")
   p.add_argument("--cache_dtype", default=None, choices=["int8", "fp8", "bfloat16", "float32"],
                  help="the KV cache's storage; int8 and fp8 quantize it with a float32 scale per "
                  "token and KV head: about half the bytes of bf16, so --memory_bytes admits about "
@@ -122,9 +138,12 @@ def main(argv: list[str]) -> int:
   batch = args.max_batch
   if batch is None:
     weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    batch = rows_that_fit(cfg, args.memory_bytes, weights,
-                          row_slots(max_prompt, max_tokens, args.prefill_chunk),
-                          args.cache_dtype, args.prefill_chunk or max_prompt)
+    slots = row_slots(max_prompt, max_tokens, args.prefill_chunk)
+    fit = lambda k: rows_that_fit(cfg, args.memory_bytes, weights, slots,  # noqa: E731
+                                  args.cache_dtype, k * (args.prefill_chunk or max_prompt), k)
+    if args.prefill_chunk is not None:
+      args.prefill_rows = prefill_rows_that_fit(args.prefill_rows, fit)
+    batch = fit(1 if args.prefill_chunk is None else args.prefill_rows)
     if batch < 1:
       raise ValueError(f"--memory_bytes={args.memory_bytes}: not even one row's cache fits "
                        f"beside {weights:,} bytes of weights and the reserve")
@@ -133,7 +152,7 @@ def main(argv: list[str]) -> int:
                   eos_ids=eos, steps_per_tick=args.steps_per_tick, max_waiting=args.max_waiting,
                   prefill_chunk=args.prefill_chunk,
                   prefill_tokens_per_tick=args.prefill_tokens_per_tick,
-                  cache_dtype=args.cache_dtype)
+                  prefill_rows=args.prefill_rows, cache_dtype=args.cache_dtype)
   print(f"{batch} rows of {engine.max_len} cache slots; compiling and running each call once "
         "(warm-up)", flush=True)
   seconds = engine.warm_up()  # runs every call at the full batch: the peak is the server's
@@ -145,7 +164,8 @@ def main(argv: list[str]) -> int:
   stored = f" {args.cache_dtype}" if args.cache_dtype else ""
   print(f"serving {name} ({cfg.layer_types}) on http://{args.host}:{args.port}: {batch} rows of "
         f"{engine.max_len}{stored} cache slots, prompts up to {max_prompt} tokens (prefilled "
-        f"{engine.prefill_chunk or 'whole'} at a time), up to {max_tokens} new; compiled in "
+        f"{engine.prefill_chunk or 'whole'} at a time, up to {engine.prefill_rows} at once), up "
+        f"to {max_tokens} new; compiled in "
         f"{seconds:.1f} s" + (f"; device memory peak {peak:,} bytes" if peak else ""), flush=True)
   engine.start()
   app = create_app(engine, tokenizer, name)

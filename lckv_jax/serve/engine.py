@@ -3,27 +3,32 @@
 A fixed batch of `max_batch` rows decodes `steps_per_tick` tokens per call of the jitted decode
 loop (`Generator.decode`). Each tick (`Engine.tick`) the engine
 
-1. admits waiting requests into free rows: a row is reserved for the request and its prompt
-   becomes a prefill job (`Generator.begin`, host work only);
-2. prefills: with `prefill_chunk=C`, chunks of C tokens (`Generator.prefill_next`), oldest job
-   first, up to `prefill_tokens_per_tick` tokens (8,192 by default, the scale of vLLM's and
-   SGLang's per-step token budgets: enough to refill every row that frees in a tick, so the
+1. admits waiting requests into free rows: each row is reserved for its request, and the
+   requests admitted together whose prompts pad to the same number of chunks become prefill jobs
+   of up to `prefill_rows` rows each (`Generator.begin`, `PrefillJob.stack`; host work only). One
+   call then prefills a chunk of every row of a job: a [1, C] call reads all the weights for a
+   few hundred tokens of work (a 1b model's call is mostly launch and weight reads; a 7b LCKV
+   call, nine passes of them), so one job a prompt leaves the GPU's matmul rate unused exactly
+   when requests pile up;
+2. prefills: with `prefill_chunk=C`, the next chunk of each job, oldest job first, until this
+   tick's calls reach `prefill_tokens_per_tick` tokens (8,192 by default, the scale of vLLM's
+   and SGLang's per-step token budgets: enough to refill every row that frees in a tick, so the
    batch stays full under load, while a long prompt holds the running rows up for a bounded
-   time, not for its whole prefill). One chunk per tick, as this engine first did, admits a
-   request every tick or two: a 203-row batch (7b lckv under 24 GB) whose requests last 34 ticks
-   would run about a tenth full. Oldest first (not round-robin) gives
-   requests their first tokens in arrival order, never starves a long prompt, and keeps one job's
-   cache alive at a time (a job's cache is made at its first chunk). Without `prefill_chunk`,
-   each admitted prompt is prefilled whole at once, left-padded to a bucket length;
-3. inserts each finished job into its row (`Generator.finish`, `Generator.insert`): only then
-   does the row decode (until then its `done` flag stays set, as a free row's, and the decode
-   loop skips it);
+   time, not for its whole prefill; at least one call a tick). Oldest first (not round-robin)
+   gives requests their first tokens in arrival order, never starves a long prompt, and keeps
+   one job's cache alive at a time (a job's cache is made at its first chunk). Without
+   `prefill_chunk`, each prompt is prefilled whole, left-padded to a bucket length, one job a
+   prompt (a job of several would compile every bucket at every batch size);
+3. inserts each finished job's rows into theirs (`Generator.finish`, `Generator.insert_rows`):
+   only then does a row decode (until then its `done` flag stays set, as a free row's, and the
+   decode loop skips it);
 4. decodes the running rows, hands every row's new tokens to its request, and frees the rows
    that finished (EOS, their budget) or were cancelled (a client that disconnected, a stop
-   sequence; a request cancelled mid-prefill frees its row and drops its job).
+   sequence; a request cancelled mid-prefill frees its row, and its job skips the row).
 
-Shapes never change after warm-up (every chunk is [1, C] into a row cache of `max_len` slots, or
-a prompt is one of a few bucket lengths), so nothing recompiles; the cache is the largest that
+Shapes never change after warm-up (every chunk is [k, C] into a cache of `max_len` slots, k a
+power of two up to `prefill_rows`, or a prompt is one of a few bucket lengths), so nothing
+recompiles; the cache is the largest that
 `cache_bytes` fits in the memory given, which is where a smaller KV cache (LCKV's) becomes more
 rows.
 
@@ -46,7 +51,7 @@ import numpy as np
 
 from lckv_jax.generation import Generator, PrefillJob
 from lckv_jax.sampling import Sampling
-from lckv_jax.serve import PREFILL_CHUNK, PREFILL_TOKENS_PER_TICK
+from lckv_jax.serve import PREFILL_CHUNK, PREFILL_ROWS, PREFILL_TOKENS_PER_TICK, group_sizes
 
 # Prompt lengths are padded up to one of these (then to multiples of the largest): one prefill
 # compilation per bucket, not per prompt length.
@@ -120,26 +125,38 @@ class Stats:
   tpot: list = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass
+class _Group:
+  """Requests admitted together whose prompts pad to one length: one prefill job of their rows."""
+  rows: list[int | None]  # the batch row of each job row; None once its request is cancelled
+  job: PrefillJob
+
+
 class Engine:
   """Owns the model, the decode state and a thread that runs the loop."""
 
   def __init__(self, model, *, max_batch: int, max_prompt: int, max_tokens: int,
                eos_ids: Sequence[int] = (), pad_id: int = 0, steps_per_tick: int = 8,
                max_waiting: int = 256, prefill_chunk: int | None = PREFILL_CHUNK,
-               prefill_tokens_per_tick: int = PREFILL_TOKENS_PER_TICK, cache_dtype=None):
+               prefill_tokens_per_tick: int = PREFILL_TOKENS_PER_TICK,
+               prefill_rows: int = PREFILL_ROWS, cache_dtype=None):
     """`prefill_chunk`: prompt tokens per prefill call (at most `max_prompt`; None: each prompt
     whole, padded to a bucket length); `prefill_tokens_per_tick`: the most prompt tokens
-    prefilled between two decode calls, in whole chunks (at least one); `cache_dtype`: the KV
-    cache's storage (default the compute dtype; "int8" or "fp8" quantize it, as `generate`'s)."""
+    (padding included) prefilled between two decode calls, in whole calls (at least one);
+    `prefill_rows`: the most prompts one call prefills (at most `max_batch`; 1 without
+    `prefill_chunk`); `cache_dtype`: the KV cache's storage (default the compute dtype; "int8"
+    or "fp8" quantize it, as `generate`'s)."""
     if max_batch < 1 or max_prompt < 1 or max_tokens < 1 or steps_per_tick < 1:
       raise ValueError("engine: max_batch, max_prompt, max_tokens and steps_per_tick must be >= 1")
-    if not isinstance(prefill_tokens_per_tick, int) or prefill_tokens_per_tick < 1:
-      raise ValueError(f"engine: prefill_tokens_per_tick must be an integer >= 1, got "
-                       f"{prefill_tokens_per_tick!r}")
+    for name, value in (("prefill_tokens_per_tick", prefill_tokens_per_tick),
+                        ("prefill_rows", prefill_rows)):
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"engine: {name} must be an integer >= 1, got {value!r}")
     self.max_batch, self.max_prompt, self.max_tokens = max_batch, max_prompt, max_tokens
     self.steps_per_tick, self.max_waiting = steps_per_tick, max_waiting
     self.prefill_chunk = chunk_for(prefill_chunk, max_prompt)
-    self.prefill_chunks_per_tick = max(1, prefill_tokens_per_tick // (self.prefill_chunk or 1))
+    self.prefill_tokens_per_tick = prefill_tokens_per_tick
+    self.prefill_rows = 1 if self.prefill_chunk is None else min(prefill_rows, max_batch)
     self.max_len = row_slots(max_prompt, max_tokens, prefill_chunk)
     limit = model.config.max_position_embeddings
     if max_prompt + max_tokens > limit:
@@ -153,7 +170,8 @@ class Engine:
     self.stats = Stats(max_batch=max_batch, cache_slots=max_batch * self.max_len)
     self._waiting: queue.Queue[Request] = queue.Queue()
     self._rows: list[Request | None] = [None] * max_batch  # the request holding each row
-    self._jobs: dict[int, PrefillJob] = {}  # rows being prefilled, oldest admission first
+    self._groups: list[_Group] = []  # prefill jobs, oldest admission first
+    self._prefilling: set[int] = set()  # rows whose request is in a job of `_groups`
     self._wake = threading.Event()
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
@@ -163,15 +181,16 @@ class Engine:
   # -- lifecycle -----------------------------------------------------------------------------
 
   def warm_up(self) -> float:
-    """Compiles the decode loop and every prefill call the engine will make (`_warm_lengths`);
-    returns the seconds it took (reported at start)."""
+    """Compiles the decode loop and every prefill and insert call the engine will make
+    (`_warm_lengths` at every job size); returns the seconds it took (reported at start)."""
     t0 = time.monotonic()
     self._reset()
-    for n in self._warm_lengths():
-      job = self._begin([self.pad_id] * n, Sampling(), 0, 1)
-      while not job.done:
-        job = self.gen.prefill_next(job)
-      self.state = self.gen.insert(self.state, 0, self.gen.finish(job))
+    for k in group_sizes(self.prefill_rows):
+      for n in self._warm_lengths(k):
+        job = PrefillJob.stack([self._begin([self.pad_id] * n, Sampling(), 0, 1)] * k)
+        while not job.done:
+          job = self.gen.prefill_next(job)
+        self.state = self.gen.insert_rows(self.state, list(range(k)), self.gen.finish(job))
     self.state = self.gen.decode(self.state, self.steps_per_tick)
     # The one op of freeing rows (`_collect`).
     self.state = self.state._replace(done=self.state.done | np.zeros(self.max_batch, bool))
@@ -179,16 +198,17 @@ class Engine:
     self.compile_seconds = time.monotonic() - t0
     return self.compile_seconds
 
-  def _warm_lengths(self) -> list[int]:
-    """Prompt lengths that between them run every prefill call the engine can make."""
+  def _warm_lengths(self, rows: int = 1) -> list[int]:
+    """Prompt lengths that between them run every prefill call a job of `rows` rows can make."""
     c = self.prefill_chunk
     if c is None:
       # Per bucket: a prompt of its length prefills unpadded (the fused path), a shorter padded.
       return [n for b in BUCKETS if b <= bucket(self.max_prompt)
               for n in ((b, b - 1) if b > 1 else (b,))]
-    # The three chunk calls: a first chunk with padding (a prompt of C - 1), one without (C),
-    # and a later chunk (C + 1), where prompts of that length can come.
-    return [n for n in (c - 1, c, c + 1) if 1 <= n <= self.max_prompt]
+    # The chunk calls: a first chunk with padding (a prompt of C - 1), one without (C: one row
+    # only, `Generator`), and a later chunk (C + 1), where prompts of that length can come.
+    lengths = (c - 1, c, c + 1) if rows == 1 else (c - 1 if c > 1 else c, c + 1)
+    return [n for n in lengths if 1 <= n <= self.max_prompt]
 
   def _reset(self) -> None:
     """A decode state whose rows are all free."""
@@ -244,49 +264,86 @@ class Engine:
 
   def _admit(self) -> None:
     """Waiting requests into free rows, as prefill jobs (host work: nothing runs yet)."""
-    for row in range(self.max_batch):
-      if self._rows[row] is not None:
-        continue
-      try:
-        req = self._waiting.get_nowait()
-      except queue.Empty:
+    admitted = []  # (row, request, its job), in arrival order
+    free = (row for row in range(self.max_batch) if self._rows[row] is None)
+    for row in free:
+      while True:
+        try:
+          req = self._waiting.get_nowait()
+        except queue.Empty:
+          req = None
+          break
+        if req.cancelled:
+          req.emit([], "cancelled")
+          continue
+        try:
+          admitted.append((row, req, self._begin(req.prompt, req.sampling, req.seed,
+                                                 req.max_tokens)))
+          break
+        except Exception as e:  # noqa: BLE001 - one bad request never stops the loop
+          logging.exception("request %d failed at prefill", req.id)
+          req.emit([], f"error: {e}")
+      if req is None:
         break
-      if req.cancelled:
-        req.emit([], "cancelled")
-        continue
-      try:
-        self._jobs[row] = self._begin(req.prompt, req.sampling, req.seed, req.max_tokens)
-      except Exception as e:  # noqa: BLE001 - one bad request never stops the loop
-        logging.exception("request %d failed at prefill", req.id)
-        req.emit([], f"error: {e}")
-        continue
       self._rows[row] = req
       req.generated = 0
+    self._groups += self._group(admitted)
+    self._prefilling.update(row for row, _, _ in admitted)
     self.stats.waiting = self._waiting.qsize()
 
+  def _group(self, admitted: list) -> list[_Group]:
+    """The admitted requests as jobs: those whose prompts pad to one length together (each row
+    keeps its own padding, so no prompt is padded further), in jobs of `group_sizes` rows."""
+    by_length: dict[int, list] = {}
+    for order, (row, _, job) in enumerate(admitted):
+      by_length.setdefault(job.tokens.shape[1], []).append((order, row, job))
+    groups = []  # (arrival of the job's first request, the job)
+    for items in by_length.values():
+      for k in group_sizes(self.prefill_rows):
+        while len(items) >= k:
+          part, items = items[:k], items[k:]
+          groups.append((part[0][0], _Group(rows=[row for _, row, _ in part],
+                                            job=PrefillJob.stack([job for _, _, job in part]))))
+    return [g for _, g in sorted(groups, key=lambda g: g[0])]  # oldest first, as they came
+
   def _prefill(self) -> None:
-    """Runs this tick's prefill chunks, oldest job first, and inserts each job that finishes
-    into its row. Without chunking, every admitted prompt (one chunk each) is prefilled now."""
-    budget = self.prefill_chunks_per_tick if self.prefill_chunk is not None else len(self._jobs)
-    while budget > 0:
-      # Cancelled jobs are left to `_collect`, which frees their rows.
-      row = next((r for r in self._jobs if not self._rows[r].cancelled), None)
-      if row is None:
+    """Runs this tick's prefill calls, oldest job first, and inserts each job that finishes into
+    its rows."""
+    budget, ran = self.prefill_tokens_per_tick, False
+    while self._groups:
+      group = self._groups[0]
+      if all(row is None for row in group.rows):  # every request cancelled: `_collect` freed them
+        self._groups.pop(0)
+        continue
+      tokens = group.job.tokens.shape[0] * group.job.chunk  # the call's, padding included
+      if ran and tokens > budget:
         break
-      req = self._rows[row]
       try:
-        job = self.gen.prefill_next(self._jobs[row])
-        budget -= 1
+        job = self.gen.prefill_next(group.job)
         if job.done:
-          del self._jobs[row]
-          self.state = self.gen.insert(self.state, row, self.gen.finish(job))
+          self._groups.pop(0)
+          self.state = self.gen.insert_rows(self.state, group.rows, self.gen.finish(job))
+          self._prefilling.difference_update(group.rows)
         else:
-          self._jobs[row] = job
-      except Exception as e:  # noqa: BLE001 - one bad request never stops the loop
-        logging.exception("request %d failed at prefill", req.id)
-        req.emit([], f"error: {e}")
-        self._jobs.pop(row, None)
-        self._rows[row] = None
+          group.job = job
+      except Exception as e:  # noqa: BLE001 - one bad job never stops the loop
+        logging.exception("a prefill job of %d rows failed", len(group.rows))
+        self._groups.remove(group)
+        for row in group.rows:
+          if row is not None:
+            self._rows[row].emit([], f"error: {e}")
+            self._rows[row] = None
+            self._prefilling.discard(row)
+      budget -= tokens
+      ran = True
+
+  def _cancel_prefilling(self, row: int) -> None:
+    """Frees a row whose request was cancelled while its job prefills; the job skips the row."""
+    for group in self._groups:
+      if row in group.rows:
+        group.rows[group.rows.index(row)] = None
+    self._prefilling.discard(row)
+    self._rows[row] = None
 
   def _collect(self) -> None:
     tokens = np.asarray(self.state.tokens)
@@ -297,11 +354,10 @@ class Engine:
     for row, req in enumerate(self._rows):
       if req is None:
         continue
-      if row in self._jobs:  # still prefilling: nothing decoded yet, its `done` flag set
+      if row in self._prefilling:  # nothing decoded yet, its `done` flag set
         if req.cancelled:
           req.emit([], "cancelled")
-          del self._jobs[row]
-          self._rows[row] = None
+          self._cancel_prefilling(row)
           self.stats.requests_finished += 1
         continue
       new = tokens[row, req.generated:counts[row]].tolist()
@@ -330,8 +386,8 @@ class Engine:
       for row in finished:
         self._rows[row] = None
       self.stats.requests_finished += len(finished)
-    self.stats.prefilling = len(self._jobs)
-    self.stats.running = sum(r is not None for r in self._rows) - len(self._jobs)
+    self.stats.prefilling = len(self._prefilling)
+    self.stats.running = sum(r is not None for r in self._rows) - len(self._prefilling)
     self.stats.cache_slots_used = int(sum(
         padded_length(len(r.prompt), self.prefill_chunk) + r.generated
         for r in self._rows if r is not None))
@@ -351,7 +407,7 @@ class Engine:
       except Exception:  # noqa: BLE001 - the batch is lost; its requests end with an error
         logging.exception("decode step failed")
         for row, req in enumerate(self._rows):
-          if req is not None and row not in self._jobs:  # jobs have caches of their own
+          if req is not None and row not in self._prefilling:  # jobs have own caches
             req.emit([], "error: decode failed")
             self._rows[row] = None
         self._reset()

@@ -52,10 +52,11 @@ def _greedy(engine, ps, budgets) -> list[_Sink]:
 
 
 @pytest.mark.parametrize("chunk", [4, None])
-def test_the_model_only_ever_runs_one_prompt_at_a_time(model, chunk, monkeypatch):
+def test_the_model_prefills_at_most_prefill_rows_prompts_at_once(model, chunk, monkeypatch):
   # The batch starts as free rows made without the model. It was once `start` on max_batch
   # one-token prompts: with a chunk of 256 that prefilled [max_batch, 256] tokens at once, and
   # its attention scores (6.4 GiB at 7b, 205 rows) ran the H200 out of its 24 GB cap at start.
+  # Jobs hold up to `prefill_rows` prompts (a power of two); whole prompts go one at a time.
   from lckv_jax import generation
   batches = []
   real = generation.prefill
@@ -64,12 +65,37 @@ def test_the_model_only_ever_runs_one_prompt_at_a_time(model, chunk, monkeypatch
     batches.append(tokens.shape[0])
     return real(model, tokens, *args, **kw)
   monkeypatch.setattr(generation, "prefill", prefill)
-  engine = _engine(model, max_batch=6, prefill_chunk=chunk)
+  engine = _engine(model, max_batch=6, prefill_chunk=chunk, prefill_rows=3)
   try:
     _greedy(engine, prompts([3, 9, 14], seed=2), [4, 2, 5])
   finally:
     engine.stop()
-  assert batches and set(batches) == {1}
+  assert batches and set(batches) == ({1, 2} if chunk else {1})
+
+
+def test_prompts_admitted_together_prefill_in_one_call_each_chunk(model, monkeypatch):
+  # Five prompts of two chunks and one of one, admitted in one tick: jobs of 4 and 1 (two
+  # chunks each) and of 1, and every request gets the tokens it gets alone.
+  from lckv_jax import generation
+  calls = []
+  real = generation.prefill
+
+  def prefill(model, tokens, *args, **kw):
+    calls.append(tuple(tokens.shape))
+    return real(model, tokens, *args, **kw)
+  ps = prompts([5, 6, 8, 7, 5, 3], seed=4)
+  engine = Engine(model, max_batch=6, max_prompt=20, max_tokens=6, prefill_chunk=4,
+                  prefill_rows=4, steps_per_tick=2)
+  engine.warm_up()
+  monkeypatch.setattr(generation, "prefill", prefill)
+  sinks = [_Sink() for _ in ps]
+  for p, sink in zip(ps, sinks):
+    engine.submit(Request(p, 6, Sampling(), 0, sink))
+  while not all(s.done.is_set() for s in sinks):
+    engine.tick()
+  assert sorted(calls) == sorted([(4, 4)] * 2 + [(1, 4)] * 3)
+  for p, sink in zip(ps, sinks):
+    assert sink.tokens == generate(model, [p], max_new_tokens=6, prefill_chunk=4).tokens[0]
 
 
 @pytest.mark.parametrize("chunk", [4, None])
@@ -200,14 +226,17 @@ def test_a_long_prompt_prefills_between_decode_calls_and_cancelling_it_frees_the
 
 def test_the_prefill_budget_refills_every_free_row_in_a_tick_by_default(model):
   # A full batch needs as many admissions a tick as rows free: one chunk a tick (the first
-  # engine's rule) left a large batch mostly empty under load. The budget counts prompt tokens
-  # in whole chunks (at least one), oldest request first.
+  # engine's rule) left a large batch mostly empty under load. The budget counts the tokens of
+  # whole calls (rows x chunk, at least one call), oldest job first.
   ps = prompts([3, 4, 2, 7, 4, 1], seed=23)  # 1, 1, 1, 2, 1, 1 chunks of 4
-  for budget, running in ((4, [1, 2, 3]), (11, [2, 3, 5]), (None, [6, 6, 6])):
+  # One prompt a job; then jobs of up to 4, in order of their first prompt's arrival: [3, 4, 2,
+  # 4] (16 tokens a call, over a budget of 4 but the tick's first), [7] in two calls, [1].
+  for budget, rows, running in ((4, 1, [1, 2, 3]), (11, 1, [2, 3, 5]), (None, 1, [6, 6, 6]),
+                                (4, 4, [4, 4, 5]), (None, 4, [6, 6, 6])):
     kw = {} if budget is None else {"prefill_tokens_per_tick": budget}
     engine = Engine(model, max_batch=6, max_prompt=8, max_tokens=12, steps_per_tick=1,
-                    prefill_chunk=4, **kw)
-    assert engine.prefill_chunks_per_tick == (2048 if budget is None else max(1, budget // 4))
+                    prefill_chunk=4, prefill_rows=rows, **kw)
+    assert engine.prefill_tokens_per_tick == (8192 if budget is None else budget)
     engine.warm_up()
     sinks = [_Sink() for _ in ps]
     for p, sink in zip(ps, sinks):
@@ -216,7 +245,7 @@ def test_the_prefill_budget_refills_every_free_row_in_a_tick_by_default(model):
     for _ in range(3):
       engine.tick()
       seen.append(engine.stats.running)
-    assert seen == running, budget
+    assert seen == running, (budget, rows)
   _tick_until_done(engine, sinks)
   for p, sink in zip(ps, sinks):
     assert sink.tokens == generate(model, [p], max_new_tokens=12, prefill_chunk=4).tokens[0]
@@ -256,3 +285,28 @@ def test_the_server_sizes_a_quantized_cache_to_about_twice_the_rows():
     bf16 = rows_that_fit(cfg, cap, weights, slots)
     for name in ("int8", "fp8"):
       assert 1.9 * bf16 <= rows_that_fit(cfg, cap, weights, slots, name) <= 2.1 * bf16
+
+
+def test_prefill_rows_cost_the_batch_at_most_a_sixteenth_of_its_rows():
+  # A job's cache and activations grow with its rows: 7b llama's row cache is 537 MB, so it
+  # prefills one prompt at a time under 24 GB; LCKV's is 50 MB (a few at once); 1b's are small.
+  from benchmarks.common import config_path
+  from lckv_jax import roofline
+  from lckv_jax.config import model_from_file
+  from lckv_jax.serve import group_sizes
+  from lckv_jax.serve.__main__ import prefill_rows_that_fit, rows_that_fit
+  assert group_sizes(8) == [8, 4, 2, 1] and group_sizes(6) == [4, 2, 1] and group_sizes(1) == [1]
+  cap, slots = 25_507_659_776, 1024
+  chosen = {}
+  for shape in ("7b", "1b"):
+    for layer_types in ("llama", "lckv"):
+      cfg = model_from_file(config_path(shape), layer_types=layer_types, dtype="bfloat16",
+                            param_dtype="bfloat16")
+      weights = 2 * roofline.param_count(cfg)
+      fit = lambda k: rows_that_fit(cfg, cap, weights, slots, None, 256 * k, k)  # noqa: E731
+      k = prefill_rows_that_fit(8, fit)
+      assert k == 1 or 16 * fit(k) >= 15 * fit(1)
+      assert k == 8 or 16 * fit(2 * k) < 15 * fit(1)
+      chosen[shape, layer_types] = k
+  assert chosen[("7b", "llama")] == 1 and chosen[("7b", "lckv")] > 1
+  assert chosen[("1b", "llama")] == chosen[("1b", "lckv")] == 8
