@@ -195,7 +195,7 @@ def _prefill(graphdef, mode: Mode, iterations: int, sequential: bool, all_logits
 
 def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, write_index=None,
             *, mode: Mode = Mode.PREFILL, iterations: int | None = None,
-            prefill_mode: str = "auto", all_logits: bool = False):
+            prefill_mode: str = "auto", all_logits: bool = False, split=None):
   """Runs a chunk of prompt tokens into `cache` (donated) at `write_index` [batch].
 
   Args:
@@ -208,6 +208,7 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, 
     iterations: passes of a cyclic group over the chunk; default forward_passes + backward_passes.
     prefill_mode: 'auto' (sequential for a model with a cycle and a chunk no longer than
       `iterations`, else parallel), 'parallel' or 'sequential'.
+    split: `nnx.split(model)`, when the caller holds it (`Generator(static_weights=True)`).
   Returns:
     logits [batch, vocab] of the last token ([batch, chunk, vocab] with `all_logits`), and the
     cache.
@@ -232,7 +233,7 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, 
   sequential = prefill_mode == "sequential" or (
       prefill_mode == "auto" and cfg.layer_spec.has_cycle
       and (chunk <= iterations or cfg.use_sequential))
-  graphdef, params = nnx.split(model)
+  graphdef, params = nnx.split(model) if split is None else split
   as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
   return _prefill(graphdef, mode, iterations, sequential, all_logits, params, jnp.asarray(tokens),
                   as_array(positions), as_array(segment_ids), cache,
@@ -474,7 +475,8 @@ class Generator:
   Speed: `prefill_batch` prefills that many rows at a time (long prompts at a large batch);
   `unstack` decodes with one weight array per layer (default: on GPU, when a copy fits);
   `config.decode_attention` picks the decode kernel (on GPU one that reads each row's valid
-  cache prefix only).
+  cache prefix only); `static_weights` splits the model into graph and arrays once, for a caller
+  that never changes the weights (a server calls the model every few steps).
   """
 
   def __init__(self, model: Transformer, *, max_new_tokens: int, max_len: int | None = None,
@@ -484,7 +486,8 @@ class Generator:
                return_logits: bool = False, mesh: Mesh | None = None,
                stream: Callable | None = None, cache_dtype=None,
                prefill_batch: int | None = None, unstack: bool | None = None,
-               per_row_sampling: bool = False, prefill_chunk: int | None = None):
+               per_row_sampling: bool = False, prefill_chunk: int | None = None,
+               static_weights: bool = False):
     cfg = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -523,6 +526,14 @@ class Generator:
     self.per_row_sampling, self.sampling = per_row_sampling, sampling
     self.settings = _Settings(sampling, eos_ids, pad_id, stream)
     self.vocab_size = cfg.vocab_size
+    # A server's weights never change: split the model once. `nnx.split` walks the whole module
+    # graph (5,000 nodes at 1b, milliseconds), and a server calls the model every few steps.
+    self._split = nnx.split(self.model) if static_weights else None
+
+  def _graph(self):
+    """(graphdef, params) of the model: held with `static_weights`, else split now (weights a
+    caller updated in place since are seen)."""
+    return self._split if self._split is not None else nnx.split(self.model)
 
   def _cache_len(self, longest: int, padded: int) -> int:
     """Cache slots for prompts of up to `longest` tokens, left-padded to `padded` (the cache holds
@@ -739,7 +750,8 @@ class Generator:
     arrays = _shard_state((jnp.asarray(tokens), as_array(positions), as_array(segment_ids),
                            cache), self.mesh)
     return prefill(self.model, *arrays, write_index, mode=mode,
-                   iterations=self.prefill_iterations, prefill_mode=self.prefill_mode)
+                   iterations=self.prefill_iterations, prefill_mode=self.prefill_mode,
+                   split=self._graph())
 
   def _prefill_rows(self, tokens, positions, segment_ids, cache):
     """Prefills the prompts whole, `prefill_batch` rows at a time. One chunk runs straight into the
@@ -761,7 +773,8 @@ class Generator:
                                             jnp.asarray(segment_ids[r:r + n]))
       arrays = _shard_state((jnp.asarray(tokens[r:r + n]), *rows, sub), self.mesh)
       out, sub = prefill(self.model, *arrays, mode=Mode.PREFILL_EMPTY,
-                         iterations=self.prefill_iterations, prefill_mode=self.prefill_mode)
+                         iterations=self.prefill_iterations, prefill_mode=self.prefill_mode,
+                         split=self._graph())
       logits.append(out)
       cache = sub if n == b else _put_rows(cache, sub, r)
     return (logits[0] if len(logits) == 1 else jnp.concatenate(logits)), cache
@@ -772,7 +785,7 @@ class Generator:
     num_steps = self.max_new_tokens if num_steps is None else num_steps
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
       raise ValueError(f"decode: num_steps must be an integer >= 0, got {num_steps!r}")
-    graphdef, params = nnx.split(self.model)
+    graphdef, params = self._graph()
     state, _ = _decode(graphdef, self.settings, params, state, jnp.asarray(num_steps, jnp.int32))
     return state
 

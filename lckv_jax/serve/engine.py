@@ -164,7 +164,8 @@ class Engine:
                        f"the model's max_position_embeddings={limit}")
     self.gen = Generator(model, max_new_tokens=max_tokens, max_len=self.max_len,
                          eos_id=list(eos_ids) or None, pad_id=pad_id, per_row_sampling=True,
-                         prefill_chunk=self.prefill_chunk, cache_dtype=cache_dtype)
+                         prefill_chunk=self.prefill_chunk, cache_dtype=cache_dtype,
+                         static_weights=True)
     self.eos_ids = set(eos_ids)
     self.pad_id = pad_id
     self.stats = Stats(max_batch=max_batch, cache_slots=max_batch * self.max_len)
