@@ -66,3 +66,20 @@ def test_sample_rows_is_sample_of_each_row_with_its_own_settings_and_key():
     keys = jax.random.split(jax.random.key(trial), 6)
     got = sample_rows(logits, keys, jnp.asarray(t), jnp.asarray(k), jnp.asarray(p)).tolist()
     assert got == [int(sample(logits[r:r + 1], keys[r], t[r], k[r], p[r])[0]) for r in range(6)]
+
+
+def test_sample_rows_skips_the_sorts_and_draws_no_row_needs_and_gives_the_same_tokens():
+  # A batch without top-k / top-p rows skips the two sorts, a greedy batch the draw too (`cond`);
+  # each row still gives exactly `sample` of it alone.
+  from lckv_jax.sampling import sample, sample_rows
+  rng = np.random.RandomState(1)
+  logits = jnp.asarray(rng.randn(5, 40) * 3, jnp.float32)
+  keys = jax.random.split(jax.random.key(3), 5)
+  for t, k, p in (([0.0] * 5, [0, 40, 0, 0, 0], [1.0] * 5),  # greedy (top-k 40 = vocab: none)
+                  ([1.0, 0.0, 0.6, 2.0, 1.0], [0] * 5, [1.0] * 5),  # temperatures only
+                  ([1.0, 0.0, 0.6, 2.0, 1.0], [0, 0, 0, 4, 0], [1.0] * 5)):  # one top-k row
+    got = sample_rows(logits, keys, jnp.asarray(t), jnp.asarray(k), jnp.asarray(p)).tolist()
+    assert got == [int(sample(logits[r:r + 1], keys[r], t[r], k[r], p[r])[0]) for r in range(5)]
+  hlo = jax.jit(sample_rows).lower(logits, keys, jnp.asarray(t), jnp.asarray(k),
+                                   jnp.asarray(p)).as_text()
+  assert "stablehlo.case" in hlo  # the sorts and the draw sit in branches taken only when needed
