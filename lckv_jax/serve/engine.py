@@ -347,9 +347,9 @@ class Engine:
     self._rows[row] = None
 
   def _collect(self) -> None:
-    tokens = np.asarray(self.state.tokens)
-    counts = np.asarray(self.state.num_generated)
-    done = np.asarray(self.state.done)
+    # One transfer, one wait: each wait hands the GIL to the HTTP thread and back.
+    tokens, counts, done = jax.device_get((self.state.tokens, self.state.num_generated,
+                                           self.state.done))
     now = time.monotonic()
     finished = []
     for row, req in enumerate(self._rows):
