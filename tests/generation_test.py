@@ -471,3 +471,20 @@ def test_chunked_prefill_refuses_bad_settings(tiny_model):
   job = gen.prefill_next(gen.prefill_next(job))
   with pytest.raises(ValueError, match="chunks are all prefilled; call finish"):
     gen.prefill_next(job)
+
+
+def test_static_weights_split_once_and_give_the_same_tokens(tiny_model, monkeypatch):
+  # A server's Generator splits the model at construction, not at every prefill and decode call;
+  # the default splits at each call, so weights updated in place are seen.
+  from flax import nnx
+  model = tiny_model(std=0.1, layer_types="0_2_2_3")
+  ps = prompts([5, 9], seed=41)
+  plain = Generator(model, max_new_tokens=6, max_len=32, prefill_chunk=4)
+  static = Generator(model, max_new_tokens=6, max_len=32, prefill_chunk=4, static_weights=True)
+  run = lambda gen: gen.results(gen.decode(gen.start(ps)))  # noqa: E731
+  expected = run(plain)  # compiles: tracing the model splits its layers
+  calls = []
+  real = nnx.split
+  monkeypatch.setattr(nnx, "split", lambda *a, **k: calls.append(1) or real(*a, **k))
+  assert run(static) == expected and not calls
+  assert run(plain) == expected and calls
