@@ -102,6 +102,8 @@ def main(argv: list[str]) -> int:
   args = p.parse_args(argv)
   if (args.max_batch is None) == (args.memory_bytes is None):
     raise ValueError("give one of --max_batch or --memory_bytes")
+  if args.prefill_rows < 1:
+    raise ValueError(f"--prefill_rows must be >= 1, got {args.prefill_rows}")
 
   import jax
   import uvicorn
