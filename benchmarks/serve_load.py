@@ -95,8 +95,8 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
   `offline` (an entry's setting -> the offline max-batch tokens/s of the same model and memory,
   `benchmarks.throughput`), that number and the saturated one's fraction of it."""
   head = ["model", "cache", "rows", "prefill rows", "sustained req/s", "TTFT p50 / p99 (s)",
-          "inter-token p50 / p99 (ms)", "burst req/s", "full-batch tok/s",
-          "saturated output tok/s"]
+          "inter-token p50 / p99 (ms)", "burst req/s", "burst engine: decode / prefill / host",
+          "full-batch tok/s", "saturated output tok/s"]
   if offline is not None:
     head += ["offline max batch tok/s", "saturated / offline"]
   rows = []
@@ -105,10 +105,15 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
     at = ([f"{s['rate']:g}", f"{s['ttft_p50_s']:.2f} / {s['ttft_p99_s']:.2f}",
            f"{1e3 * s['itl_p50_s']:.1f} / {1e3 * s['itl_p99_s']:.1f}"] if s else ["none", "–", "–"])
     saturated = saturated_tokens_per_s(e["results"])
-    burst = max((r["requests_per_s"] for r in e["results"] if r["rate"] is None), default=None)
+    bursts = [r for r in e["results"] if r["rate"] is None]
+    burst = f"{bursts[-1]['requests_per_s']:.2f}" if bursts else "–"
+    share = bursts[-1].get("engine_share") if bursts else None
+    where = "–" if not share else " / ".join(
+        f"{100 * v:.0f}%" for v in (share["decode"], share["prefill"],
+                                    share["admit"] + share["emit"]))
     full = full_batch_tokens_per_s(e["results"])
     rows.append([e["label"], e.get("cache_dtype") or "bf16", f"{e['max_batch']:,}",
-                 str(e.get("prefill_rows", 1)), *at, "–" if burst is None else f"{burst:.2f}",
+                 str(e.get("prefill_rows", 1)), *at, burst, where,
                  "–" if full is None else f"{full:,.0f}", f"{saturated:,.0f}"])
     if offline is not None:
       ref = offline.get(e["setting"])
@@ -225,6 +230,25 @@ def _scrape(text: str) -> dict[str, float]:
       name, value = line.split()[:2]
       out[name] = float(value)
   return out
+
+
+def engine_phases(text: str) -> dict[str, float]:
+  """The engine loop's seconds by phase (`lckv_engine_seconds_total{phase=...}`) of a /metrics
+  page."""
+  out = {}
+  for line in text.splitlines():
+    if line.startswith('lckv_engine_seconds_total{phase="'):
+      label, value = line.split()[:2]
+      out[label.split('"')[1]] = float(value)
+  return out
+
+
+def phase_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+  """Each phase's share of the engine's time between two `engine_phases` readings: what bound
+  the run (decode and prefill: the GPU, with their dispatch; admit and emit: the host)."""
+  spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+  total = sum(spent.values())
+  return {k: round(v / total, 4) for k, v in spent.items()} if total > 0 else {}
 
 
 def _full(m: dict) -> bool:
@@ -420,17 +444,22 @@ def main(argv=None) -> str:
       rows = int(gauges["lckv_max_batch"])
       prefill_rows = int(gauges["lckv_prefill_rows"])  # the server's, lowered to fit its memory
       results = []
+      phases = lambda: engine_phases(httpx.get(url + "/metrics").text)  # noqa: E731
       for rate in args.rates:
         n = max(8, round(rate * args.duration)) if args.duration else args.requests
+        before = phases()
         r = asyncio.run(run_rate(url, rate, n, args.prompt, args.output,
                                  cfg.vocab_size, seed=int(rate * 1000)))
+        r["engine_share"] = phase_shares(before, phases())
         print(json.dumps(r), flush=True)
         results.append(r)
         if r["rejected"] or r["requests_per_s"] < 0.5 * rate:  # far past saturation: stop
           break
       if args.burst:
+        before = phases()
         r = asyncio.run(run_rate(url, None, max(1, round(args.burst * rows)), args.prompt,
                                  args.output, cfg.vocab_size, seed=7))
+        r["engine_share"] = phase_shares(before, phases())
         print(json.dumps(r), flush=True)
         results.append(r)
       peak = _scrape(httpx.get(url + "/metrics").text).get("lckv_device_memory_peak_bytes")

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from lckv_jax.sampling import Sampling, validate
-from lckv_jax.serve.engine import Engine, QueueFull, Request
+from lckv_jax.serve.engine import PHASES, Engine, QueueFull, Request
 
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
                      "seed", "n", "stream", "stream_options", "user"}
@@ -76,6 +76,10 @@ class Metrics:
                           registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1))
     self.tokens_per_s = Gauge("lckv_tokens_per_second", "Generated tokens/s since the last "
                               "scrape", registry=r)
+    self.engine_seconds = Counter("lckv_engine_seconds", "Seconds of the engine's loop by "
+                                  "phase: admit, prefill, decode, emit (tokens to requests), "
+                                  "idle", ["phase"], registry=r)
+    self._seconds = dict.fromkeys(PHASES, 0.0)
     self.peak = Gauge("lckv_device_memory_peak_bytes", "Peak bytes in use on the accelerator "
                       "(0 where the device does not say)", registry=r)
     self._last = (time.monotonic(), 0)
@@ -93,6 +97,9 @@ class Metrics:
     self.tokens.inc(s.tokens_generated - before[1])
     self.tokens_per_s.set((s.tokens_generated - before[1]) / max(now - before[0], 1e-9))
     self._last = (now, s.tokens_generated)
+    for phase, seconds in list(s.seconds.items()):
+      self.engine_seconds.labels(phase).inc(max(0.0, seconds - self._seconds[phase]))
+      self._seconds[phase] = seconds
     while s.ttft:
       self.ttft.observe(s.ttft.pop())
     while s.tpot:

@@ -110,6 +110,11 @@ class Request:
   cancelled: bool = False
 
 
+# The engine thread's time: admitting (host), prefilling (its calls dispatched and waited for),
+# decoding (likewise), handing the tokens out to the requests (host), idle (nothing to run).
+PHASES = ("admit", "prefill", "decode", "emit", "idle")
+
+
 @dataclasses.dataclass
 class Stats:
   """What /metrics reports (read without a lock: each field is one word)."""
@@ -123,6 +128,9 @@ class Stats:
   cache_slots: int = 0
   ttft: list = dataclasses.field(default_factory=list)  # seconds, drained by the metrics
   tpot: list = dataclasses.field(default_factory=list)
+  # Seconds of the engine's thread in each phase of its loop (`PHASES`): what binds a server.
+  seconds: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
 
 
 @dataclasses.dataclass
@@ -346,10 +354,13 @@ class Engine:
     self._prefilling.discard(row)
     self._rows[row] = None
 
-  def _collect(self) -> None:
-    # One transfer, one wait: each wait hands the GIL to the HTTP thread and back.
-    tokens, counts, done = jax.device_get((self.state.tokens, self.state.num_generated,
-                                           self.state.done))
+  def _fetch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows' tokens, counts and done flags on the host, once the calls before are done: one
+    transfer, one wait (each wait hands the GIL to the HTTP thread and back)."""
+    return jax.device_get((self.state.tokens, self.state.num_generated, self.state.done))
+
+  def _collect(self, fetched=None) -> None:
+    tokens, counts, done = self._fetch() if fetched is None else fetched
     now = time.monotonic()
     finished = []
     for row, req in enumerate(self._rows):
@@ -397,14 +408,20 @@ class Engine:
     """One round of the loop: admit, prefill, decode, hand out tokens. The engine's thread calls
     it; a test may call it by hand on an engine that is warmed up but not started. Returns
     whether any row holds a request."""
+    t = time.perf_counter()
     self._admit()
+    t = self._lap("admit", t)
     self._prefill()
-    self._collect()  # first tokens of the inserted, and cancellations
+    fetched = self._fetch()
+    t = self._lap("prefill", t)
+    self._collect(fetched)  # first tokens of the inserted, and cancellations
+    t = self._lap("emit", t)
     if not any(r is not None for r in self._rows):
       return False
     if self.stats.running:  # rows only being prefilled have nothing to decode
       try:
         self.state = self.gen.decode(self.state, self.steps_per_tick)
+        fetched = self._fetch()  # a failure on the device shows here, not at the dispatch
       except Exception:  # noqa: BLE001 - the batch is lost; its requests end with an error
         logging.exception("decode step failed")
         for row, req in enumerate(self._rows):
@@ -413,11 +430,20 @@ class Engine:
             self._rows[row] = None
         self._reset()
         return True
-      self._collect()
+      t = self._lap("decode", t)
+      self._collect(fetched)
+      self._lap("emit", t)
     return True
+
+  def _lap(self, phase: str, since: float) -> float:
+    now = time.perf_counter()
+    self.stats.seconds[phase] += now - since
+    return now
 
   def _loop(self) -> None:
     while not self._stop.is_set():
       if not self.tick():
+        t = time.perf_counter()
         self._wake.wait(0.05)
         self._wake.clear()
+        self._lap("idle", t)

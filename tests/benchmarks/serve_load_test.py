@@ -24,6 +24,9 @@ def test_serve_load_smoke(tmp_path):
   assert 0 <= record["results"][-1]["peak_running"] <= 4  # sampled from /metrics (may miss rows)
   for r in record["results"]:
     assert r["served"] + r["rejected"] == r["requests"] == 12 and r["served"] > 0
+    share = r["engine_share"]  # where the engine's loop spent the run
+    assert set(share) == {"admit", "prefill", "decode", "emit", "idle"}
+    assert abs(sum(share.values()) - 1) < 1e-3 and share["decode"] > 0
     assert r["output_tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
     assert 0 < r["itl_p50_s"] <= r["itl_p99_s"] and 0 < r["tpot_p50_s"] <= r["tpot_p99_s"]
 
@@ -57,9 +60,14 @@ def test_sustained_rate_is_the_highest_rate_kept_up_with_under_the_ttft_limit(tm
   assert os.path.getsize(out) > 10_000
   table = sl.markdown([*entries, dict(label="7b lckv", max_batch=1234, cache_dtype="int8",
                                       results=sweep[2:4])]).splitlines()
-  assert table[2] == "| 1b llama | bf16 | 8 | 1 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | 210 |"
-  assert table[3] == "| 1b lckv | bf16 | 40 | 1 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | 160 |"
-  assert table[4] == "| 7b lckv | int8 | 1,234 | 1 | none | – | – | – | – | 200 |"
+  assert table[2] == "| 1b llama | bf16 | 8 | 1 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 210 |"
+  assert table[3] == "| 1b lckv | bf16 | 40 | 1 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 160 |"
+  assert table[4] == "| 7b lckv | int8 | 1,234 | 1 | none | – | – | – | – | – | 200 |"
+  burst = dict(_result(None, 5.0, 9.0, tok=250), engine_share=dict(
+      admit=0.01, prefill=0.3, decode=0.5, emit=0.09, idle=0.1))
+  row = sl.markdown([dict(label="x", max_batch=8, prefill_rows=4,
+                          results=sweep + [burst])]).splitlines()[2]
+  assert row == "| x | bf16 | 8 | 4 | 4 | 0.75 / 1.50 | 10.0 / 20.0 | 5.00 | 50% / 30% / 10% | – | 250 |"
   # Against the offline max batch of the same memory (issue 16's 80% target).
   entries = [dict(e, setting=s) for e, s in zip(entries, ("a", "b"))]
   table = sl.markdown(entries, {"a": 300.0}).splitlines()
@@ -88,3 +96,15 @@ def test_full_batch_throughput_counts_only_the_time_every_row_was_taken():
   sweep[1]["full_s"], sweep[1]["full_tokens_per_s"] = 4.0, 200.0  # the fill: below the burst's
   assert sl.saturated_tokens_per_s(sweep) == 300.0
   assert sl.sustained_rate(sweep)["rate"] == 1  # the burst has no rate
+
+
+def test_phase_shares_read_the_engine_seconds_of_two_metrics_pages():
+  import benchmarks.serve_load as sl
+  page = ('# TYPE lckv_engine_seconds_total counter\n'
+          'lckv_engine_seconds_total{{phase="decode"}} {d}\n'
+          'lckv_engine_seconds_total{{phase="emit"}} {e}\nlckv_max_batch 4.0\n')
+  before = sl.engine_phases(page.format(d=1.0, e=0.5))
+  assert before == {"decode": 1.0, "emit": 0.5}
+  assert sl.phase_shares(before, sl.engine_phases(page.format(d=4.0, e=1.5))) == {
+      "decode": 0.75, "emit": 0.25}
+  assert sl.phase_shares(before, before) == {}

@@ -173,6 +173,11 @@ def test_a_disconnected_client_frees_its_row_and_overload_gets_429(served):
   assert m[("lckv_time_to_first_token_seconds_count", ())] >= codes.count(200)
   assert m[("lckv_requests_total", (("outcome", "rejected"),))] == codes.count(429)
   assert m[("lckv_generated_tokens_total", ())] > 0
+  assert m[("lckv_prefill_rows", ())] >= 1
+  phases = {labels[0][1]: v for (name, labels), v in m.items()
+            if name == "lckv_engine_seconds_total"}
+  assert set(phases) == {"admit", "prefill", "decode", "emit", "idle"}
+  assert phases["decode"] > 0 and phases["prefill"] > 0 and all(v >= 0 for v in phases.values())
 
 
 def test_models_health_and_sigterm_drains_the_running_requests(tmp_path):
