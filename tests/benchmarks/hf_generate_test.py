@@ -14,8 +14,9 @@ def test_hf_generate_times_both_settings_and_writes_their_records(tmp_path):
   entries = {e["setting"]: e for e in records.read(path)}
   assert set(entries) == {"tiny_llama_b2_p8_g5_eager", "tiny_llama_b2_p8_g5_static"}
   for e in entries.values():
-    # Recorded to 0.1 tokens/s: at a CPU's 14 tokens/s that is more than 1e-3 of it.
-    assert e["tokens_per_s"] == pytest.approx(2 * 5 / e["seconds"], abs=0.051)
+    # Recorded to 0.1 tokens/s (at a CPU's 14 tokens/s, more than 1e-3 of it), from the seconds
+    # as recorded.
+    assert e["tokens_per_s"] == round(2 * 5 / e["seconds"], 1)
     assert e["seconds"] == min(e["warm_s"]) and len(e["warm_s"]) == 2
     assert e["compiled"] is False and e["device"] == "cpu"
   json.dumps(entries)  # plain JSON
