@@ -727,6 +727,15 @@ class Generator:
         raise ValueError(f"start: a seed must be an integer in [0, 2**32), got {s!r}")
     return tuple(sampling), tuple(int(s) for s in seeds)
 
+  def _inputs(self, tokens, positions, segment_ids) -> tuple:
+    """A prefill call's host arrays: on a mesh, placed on it (`_shard_state` shards device
+    arrays); on one device, left on the host for `prefill` to check and transfer (checking
+    device arrays fetches each back: three waits a call)."""
+    if self.mesh is None:
+      return tokens, positions, segment_ids
+    as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
+    return as_array(tokens), as_array(positions), as_array(segment_ids)
+
   def _prefill_chunk(self, job: PrefillJob, cache: KVCache):
     """Chunk `job.chunks_done` of every row into `cache` (`prefill_next` with `prefill_chunk`)."""
     b = job.tokens.shape[0]
@@ -746,9 +755,7 @@ class Generator:
       # After the k*C slots the cache holds. Positions count from each row's first real token,
       # not from the slot, so they are always given: one compilation for every later chunk.
       mode, write_index = Mode.PREFILL, np.full((b,), k * c, np.int32)
-    as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
-    arrays = _shard_state((jnp.asarray(tokens), as_array(positions), as_array(segment_ids),
-                           cache), self.mesh)
+    arrays = _shard_state((*self._inputs(tokens, positions, segment_ids), cache), self.mesh)
     return prefill(self.model, *arrays, write_index, mode=mode,
                    iterations=self.prefill_iterations, prefill_mode=self.prefill_mode,
                    split=self._graph())
@@ -769,9 +776,8 @@ class Generator:
       # The sink cache has no rings: its prompt slots are copied as written, left-aligned after.
       sub = cache if n == b else KVCache.create(cfg, n, longest, self.cache_dtype,
                                                 ring=self.sink is None, contiguous=True)
-      rows = (None, None) if unpadded else (jnp.asarray(positions[r:r + n]),
-                                            jnp.asarray(segment_ids[r:r + n]))
-      arrays = _shard_state((jnp.asarray(tokens[r:r + n]), *rows, sub), self.mesh)
+      rows = (None, None) if unpadded else (positions[r:r + n], segment_ids[r:r + n])
+      arrays = _shard_state((*self._inputs(tokens[r:r + n], *rows), sub), self.mesh)
       out, sub = prefill(self.model, *arrays, mode=Mode.PREFILL_EMPTY,
                          iterations=self.prefill_iterations, prefill_mode=self.prefill_mode,
                          split=self._graph())
