@@ -359,8 +359,11 @@ class KVCache:
       layers[j] = _take(e, jnp.minimum(src, e.k.shape[1] - 1), src < e.k.shape[1])
     return dataclasses.replace(self, layers=layers)
 
-  def _check_same_layout(self, other: KVCache, what: str) -> None:
+  def _check_same_layout(self, other: KVCache, what: str, same_slots: bool = False) -> None:
     for j, e in self.layers.items():
+      if same_slots and j in other.layers and other.slots(j) != e.k.shape[1]:
+        raise ValueError(f"{what}: the caches differ at layer {j}: {e.k.shape[1]} slots vs "
+                         f"{other.slots(j)}")
       if j not in other.layers or other[j].k.shape[2:] != e.k.shape[2:]:
         raise ValueError(f"{what}: the caches differ at layer {j}: heads "
                          f"{e.k.shape[2:]} vs {other.layers.get(j, e).k.shape[2:]}")
@@ -370,22 +373,14 @@ class KVCache:
 
   def insert_row(self, row: int | jax.Array, other: KVCache, other_row: int = 0) -> KVCache:
     """Batch row `row` replaced by row `other_row` of `other` (same layout and slots)."""
-    self._check_same_layout(other, "insert_row")
-    for j, e in self.layers.items():
-      if other.slots(j) != e.k.shape[1]:
-        raise ValueError(f"insert_row: the caches differ at layer {j}: {e.k.shape[1]} slots vs "
-                         f"{other.slots(j)}")
+    self._check_same_layout(other, "insert_row", same_slots=True)
     return self.with_layers({j: jax.tree.map(lambda a, b: a.at[row].set(b[other_row]), e,
                                              other[j]) for j, e in self.layers.items()})
 
   def insert_rows(self, rows, other: KVCache) -> KVCache:
     """Batch rows `rows[i]` replaced by row i of `other` (same layout and slots); a row index
     outside the batch (e.g. the batch size) skips that row of `other`. `rows`: [other's batch]."""
-    self._check_same_layout(other, "insert_rows")
-    for j, e in self.layers.items():
-      if other.slots(j) != e.k.shape[1]:
-        raise ValueError(f"insert_rows: the caches differ at layer {j}: {e.k.shape[1]} slots vs "
-                         f"{other.slots(j)}")
+    self._check_same_layout(other, "insert_rows", same_slots=True)
     return self.with_layers({j: jax.tree.map(lambda a, b: a.at[rows].set(b, mode="drop"), e,
                                              other[j]) for j, e in self.layers.items()})
 

@@ -429,16 +429,6 @@ def _serving_layout(model: Transformer, unstack: bool | None) -> Transformer:
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(state: DecodeState, new: DecodeState, row, new_row) -> DecodeState:
-  """`state` (donated: in place) with row `row` replaced by row `new_row` of `new`."""
-  cache = state.cache.insert_row(row, new.cache, new_row)
-  rest = {f: jax.tree.map(lambda a, c: a.at[row].set(c[new_row]), getattr(state, f),
-                          getattr(new, f))
-          for f in DecodeState._fields if f not in ("cache", "rng")}
-  return state._replace(cache=cache, **rest)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
 def _insert_rows(state: DecodeState, new: DecodeState, rows) -> DecodeState:
   """`state` (donated: in place) with rows `rows[i]` replaced by row i of `new`; an index past
   the batch skips that row."""
@@ -805,10 +795,9 @@ class Generator:
       raise ValueError(f"insert: new_row must be in 0..{nb - 1}, got {new_row}")
     if self.sink is None and self.max_len is None:
       raise ValueError("insert needs a Generator with a fixed max_len (the cache length)")
-    # KVCache.insert_row checks the two caches' layouts while `_insert` traces.
-    # Rows traced, not static: one compilation serves every row (a server inserts into all).
-    out = _insert(state, new, jnp.asarray(row, jnp.int32), jnp.asarray(new_row, jnp.int32))
-    return _shard_state(out, self.mesh)
+    rows = [None] * nb  # `insert_rows` with every other row of `new` skipped
+    rows[new_row] = row
+    return self.insert_rows(state, rows, new)
 
   def insert_rows(self, state: DecodeState, rows: Sequence[int | None], new: DecodeState
                   ) -> DecodeState:
@@ -823,6 +812,8 @@ class Generator:
                        f"{list(rows)}")
     if self.sink is None and self.max_len is None:
       raise ValueError("insert_rows needs a Generator with a fixed max_len (the cache length)")
+    # KVCache.insert_rows checks the two caches' layouts while `_insert_rows` traces. Rows
+    # traced, not static: one compilation serves every row (a server inserts into all).
     index = jnp.asarray([b if r is None else r for r in rows], jnp.int32)  # b: dropped
     return _shard_state(_insert_rows(state, new, index), self.mesh)
 
