@@ -274,31 +274,35 @@ class Engine:
   def _admit(self) -> None:
     """Waiting requests into free rows, as prefill jobs (host work: nothing runs yet)."""
     admitted = []  # (row, request, its job), in arrival order
-    free = (row for row in range(self.max_batch) if self._rows[row] is None)
-    for row in free:
-      while True:
-        try:
-          req = self._waiting.get_nowait()
-        except queue.Empty:
-          req = None
-          break
-        if req.cancelled:
-          req.emit([], "cancelled")
-          continue
-        try:
-          admitted.append((row, req, self._begin(req.prompt, req.sampling, req.seed,
-                                                 req.max_tokens)))
-          break
-        except Exception as e:  # noqa: BLE001 - one bad request never stops the loop
-          logging.exception("request %d failed at prefill", req.id)
-          req.emit([], f"error: {e}")
-      if req is None:
+    for row in range(self.max_batch):
+      if self._rows[row] is not None:
+        continue
+      waiting = self._next_waiting()
+      if waiting is None:
         break
-      self._rows[row] = req
-      req.generated = 0
+      admitted.append((row, *waiting))
+      self._rows[row] = waiting[0]
+      waiting[0].generated = 0
     self._groups += self._group(admitted)
     self._prefilling.update(row for row, _, _ in admitted)
     self.stats.waiting = self._waiting.qsize()
+
+  def _next_waiting(self) -> tuple[Request, PrefillJob] | None:
+    """The next waiting request and its one-prompt job (None when none waits); a cancelled
+    request, or one its job refuses, ends here."""
+    while True:
+      try:
+        req = self._waiting.get_nowait()
+      except queue.Empty:
+        return None
+      if req.cancelled:
+        req.emit([], "cancelled")
+        continue
+      try:
+        return req, self._begin(req.prompt, req.sampling, req.seed, req.max_tokens)
+      except Exception as e:  # noqa: BLE001 - one bad request never stops the loop
+        logging.exception("request %d failed at prefill", req.id)
+        req.emit([], f"error: {e}")
 
   def _group(self, admitted: list) -> list[_Group]:
     """The admitted requests as jobs: those whose prompts pad to one length together (each row
