@@ -9,17 +9,20 @@ output lengths; throughput, time to first token and inter-token latency against 
       --out benchmarks/results/serve_load_h200.png              # the figure of a record file
 
 It starts `python -m lckv_jax.serve` (random bf16 weights of configs/<shape>.py, saved to a
-temporary folder, or --checkpoint) and drives it with streaming requests from one asyncio client:
-each request's time to first token (TTFT) and the gaps between its streamed chunks (inter-token
-latency, ITL: the server sends a row's tokens every `--steps_per_tick` steps, so a gap spans up
-to that many tokens) are measured at the client, and its time per output token (TPOT: first to
-last token over the tokens after the first, counted by the stream's usage chunk). Per rate:
-requests/s and output tokens/s achieved, TTFT, ITL and TPOT p50/p99, rejected requests (429).
-The server's admitted batch (its max_batch) is in the record.
+temporary folder, or --checkpoint) and drives it with streaming requests from `--clients` asyncio
+processes (one falls behind a GPU server's hundreds of streams; `client_cpu` in each result is
+the busiest one's CPU share): each request's time to first token (TTFT) and the gaps between its
+streamed chunks (inter-token latency, ITL: the server sends a row's tokens every
+`--steps_per_tick` steps, so a gap spans up to that many tokens) are measured at the client, and
+its time per output token (TPOT: first to last token over the tokens after the first, counted by
+the stream's usage chunk). Per rate: requests/s and output tokens/s achieved, TTFT, ITL and TPOT
+p50/p99, rejected requests (429), the mean and peak of the rows decoding, and the engine loop's
+seconds by phase (`engine_share`: what bound the server). The server's admitted batch (its
+max_batch) is in the record.
 
 `sustained_rate` reads a sweep as a serving team does: the highest arrival rate the server keeps
-up with (every request served, achieved rate within 10% of the offered one) while the p99 TTFT
-stays under a limit (`TTFT_P99_LIMIT_S`, 2 s by default: an interactive client's patience).
+up with (every request served, the rate within the server's capacity) while the p99 TTFT stays
+under a limit (`TTFT_P99_LIMIT_S`, 2 s by default: an interactive client's patience).
 
 Saturation: `--burst K` ends the sweep with K x rows requests arriving at once, so that requests
 wait for rows for most of the run. During every run the client reads the server's /metrics every
@@ -197,8 +200,9 @@ def start_server(checkpoint: str, flags: list[str], timeout: float = 900, env=No
 
 
 async def _one(client, url: str, prompt: list[int], max_tokens: int, seed: int) -> dict:
-  """One streaming request: its TTFT, inter-token gaps and tokens (or its HTTP error)."""
-  t0 = time.perf_counter()
+  """One streaming request: its TTFT, inter-token gaps and tokens (or its HTTP error). Times are
+  `time.monotonic()` (CLOCK_MONOTONIC: one clock across the client processes)."""
+  t0 = time.monotonic()
   stamps = []
   body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed,
           "stream": True, "stream_options": {"include_usage": True}}
@@ -209,7 +213,7 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int, seed: int) 
       return dict(status=r.status_code)
     async for line in r.aiter_lines():
       if line.startswith("data: ") and line != "data: [DONE]":
-        stamps.append(time.perf_counter())
+        stamps.append(time.monotonic())
         last = line
   # The last chunk holds the token count, not tokens (a request can stop at an EOS early).
   tokens = max_tokens
@@ -219,7 +223,81 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int, seed: int) 
   return dict(status=200, ttft=stamps[0] - t0 if stamps else None,
               itl=list(np.diff(stamps)) if len(stamps) > 1 else [], tokens=tokens,
               tpot=(stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 and stamps else None,
-              end=stamps[-1] if stamps else time.perf_counter())
+              end=stamps[-1] if stamps else time.monotonic())
+
+
+def arrivals(rate: float | None, n: int, prompt_range, output_range, vocab: int, seed: int
+             ) -> list[tuple[float, list[int], int, int]]:
+  """`n` requests of a Poisson process of `rate` per second (None: all at once): (seconds after
+  the start, prompt ids, max_tokens, seed) each."""
+  rng = np.random.default_rng(seed)
+  gaps = rng.exponential(1.0 / rate, n) if rate else np.zeros(n)
+  at = np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+  prompts = [rng.integers(1, vocab, int(rng.integers(*prompt_range))).tolist() for _ in range(n)]
+  outputs = [int(rng.integers(*output_range)) for _ in range(n)]
+  return [(float(at[i]), prompts[i], outputs[i], seed + i) for i in range(n)]
+
+
+async def _drive(url: str, items: list, start: float) -> tuple[list[dict], float]:
+  """Sends `items` (`arrivals`) at `start` + their offsets (monotonic seconds) and waits for
+  them: their results, and this process's CPU seconds meanwhile."""
+  import httpx
+  cpu = time.process_time()
+  limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+  async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    tasks = []
+    for offset, prompt, max_tokens, seed in items:
+      delay = start + offset - time.monotonic()
+      if delay > 0:
+        await asyncio.sleep(delay)
+      tasks.append(asyncio.create_task(_one(client, url, prompt, max_tokens, seed)))
+    done = await asyncio.gather(*tasks)
+  return done, time.process_time() - cpu
+
+
+def _client(url: str, items: list, start: float) -> tuple[list[dict], float]:
+  """`_drive` in a client process of the pool (`Clients`)."""
+  return asyncio.run(_drive(url, items, start))
+
+
+def _ready(_=None) -> int:
+  return os.getpid()
+
+
+class Clients:
+  """The processes that send a run's requests. One asyncio process parsing hundreds of streams
+  of server-sent events can fall behind a GPU server, and a late reader reads as a slow server
+  (later tokens, longer gaps, later arrivals); each process takes every k-th request. The
+  superposition of k Poisson processes of rate r/k is one of rate r, so the arrivals are the
+  same. `clients=1` sends from the calling process (no pool)."""
+
+  def __init__(self, clients: int):
+    import multiprocessing
+    self.n = clients
+    self.pool = None
+    if clients > 1:  # spawned: a forked child would inherit the parent's threads
+      self.pool = multiprocessing.get_context("spawn").Pool(clients)
+      self.pool.map(_ready, range(clients))  # every process up and importing before a run
+
+  async def run(self, url: str, items: list) -> tuple[list[dict], list[float], float]:
+    """Each request's result (in `items`' order), each client's CPU seconds, the start."""
+    if self.pool is None:
+      start = time.monotonic()
+      done, cpu = await _drive(url, items, start)
+      return done, [cpu], start
+    start = time.monotonic() + 0.2  # every process has it before the first arrival is due
+    parts = [items[i::self.n] for i in range(self.n)]
+    job = self.pool.starmap_async(_client, [(url, part, start) for part in parts])
+    outs = await asyncio.get_running_loop().run_in_executor(None, job.get)
+    done = [None] * len(items)
+    for i, (results, _) in enumerate(outs):
+      done[i::self.n] = results
+    return done, [cpu for _, cpu in outs], start
+
+  def close(self) -> None:
+    if self.pool is not None:
+      self.pool.close()
+      self.pool.join()
 
 
 def _scrape(text: str) -> dict[str, float]:
@@ -251,6 +329,26 @@ def phase_shares(before: dict[str, float], after: dict[str, float]) -> dict[str,
   return {k: round(v / total, 4) for k, v in spent.items()} if total > 0 else {}
 
 
+def host_use(before: tuple[float, str], after: tuple[float, str]) -> dict[str, float]:
+  """From two (monotonic seconds, /metrics page) readings: `server_cpu`, the server process's
+  CPU seconds per second (all its threads: the engine's, the HTTP loop's, the runtime's), and
+  `engine_cpu`, the engine thread's CPU seconds per second it was not idle (below 1, it waited:
+  on the device, or for the GIL)."""
+  (t0, a), (t1, b) = before, after
+  ga, gb = _scrape(a), _scrape(b)
+  busy = sum(v for k, v in engine_phases(b).items() if k != "idle") - sum(
+      v for k, v in engine_phases(a).items() if k != "idle")
+  cpu = lambda g, k: g.get(k, 0.0)  # noqa: E731
+  out = {}
+  if t1 > t0 and "process_cpu_seconds_total" in gb:
+    out["server_cpu"] = round((cpu(gb, "process_cpu_seconds_total")
+                               - cpu(ga, "process_cpu_seconds_total")) / (t1 - t0), 3)
+  if busy > 0:
+    out["engine_cpu"] = round((cpu(gb, "lckv_engine_cpu_seconds_total")
+                               - cpu(ga, "lckv_engine_cpu_seconds_total")) / busy, 3)
+  return out
+
+
 def _full(m: dict) -> bool:
   """Every row taken (decoding or being prefilled), by one /metrics sample. Requests waiting is
   not the test: they wait for the next tick even while rows are free."""
@@ -273,7 +371,7 @@ async def _sample_metrics(client, url: str, samples: list, stop: asyncio.Event) 
   while not stop.is_set():
     try:
       r = await client.get(url + "/metrics")
-      samples.append((time.perf_counter(), _scrape(r.text)))
+      samples.append((time.monotonic(), _scrape(r.text)))
     except Exception:  # noqa: BLE001 - a missed sample only shortens the window
       pass
     try:
@@ -283,25 +381,16 @@ async def _sample_metrics(client, url: str, samples: list, stop: asyncio.Event) 
 
 
 async def run_rate(url: str, rate: float | None, n: int, prompt_range, output_range, vocab: int,
-                   seed: int) -> dict:
-  """`n` requests arriving as a Poisson process of `rate` per second (None: all at once)."""
+                   seed: int, clients: Clients | None = None) -> dict:
+  """`n` requests arriving as a Poisson process of `rate` per second (None: all at once), sent
+  by `clients` (default: this process)."""
   import httpx
-  rng = np.random.default_rng(seed)
-  gaps = rng.exponential(1.0 / rate, n) if rate else np.zeros(n)
-  prompts = [rng.integers(1, vocab, int(rng.integers(*prompt_range))).tolist() for _ in range(n)]
-  outputs = [int(rng.integers(*output_range)) for _ in range(n)]
-  limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+  items = arrivals(rate, n, prompt_range, output_range, vocab, seed)
   samples: list = []
   stop = asyncio.Event()
-  async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+  async with httpx.AsyncClient(timeout=None) as client:
     sampler = asyncio.create_task(_sample_metrics(client, url, samples, stop))
-    t0 = time.perf_counter()
-    tasks = []
-    for i in range(n):
-      tasks.append(asyncio.create_task(_one(client, url, prompts[i], outputs[i], seed + i)))
-      if gaps[i]:
-        await asyncio.sleep(gaps[i])
-    done = await asyncio.gather(*tasks)
+    done, cpu, t0 = await (clients or Clients(1)).run(url, items)
     wall = max((d.get("end", t0) for d in done), default=t0) - t0
     stop.set()
     await sampler
@@ -311,14 +400,23 @@ async def run_rate(url: str, rate: float | None, n: int, prompt_range, output_ra
   itl = [g for d in ok for g in d["itl"]]
   tpot = [d["tpot"] for d in ok if d.get("tpot") is not None]
   pct = lambda xs, q: round(float(np.percentile(xs, q)), 5) if xs else None  # noqa: E731
+  running = [m.get("lckv_running_rows", 0) for _, m in samples]
   return dict(rate=rate, requests=n, served=len(ok), rejected=n - len(ok),
               wall_s=round(wall, 3), requests_per_s=round(len(ok) / wall, 3),
               output_tokens_per_s=round(sum(d["tokens"] for d in ok) / wall, 1),
               full_s=round(full_s, 2), full_tokens_per_s=round(full_tps, 1),
-              peak_running=max((m.get("lckv_running_rows", 0) for _, m in samples), default=0),
+              peak_running=max(running, default=0),
+              mean_running=round(float(np.mean(running)), 1) if running else 0.0,
+              clients=len(cpu), client_cpu=round(max(cpu) / wall, 3) if wall > 0 else None,
               ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99),
               itl_p50_s=pct(itl, 50), itl_p99_s=pct(itl, 99),
               tpot_p50_s=pct(tpot, 50), tpot_p99_s=pct(tpot, 99))
+
+
+def _server_side(before: tuple[float, str], after: tuple[float, str]) -> dict:
+  """A run's engine phase shares and host CPU use, from /metrics pages read before and after."""
+  return dict(engine_share=phase_shares(engine_phases(before[1]), engine_phases(after[1])),
+              **host_use(before, after))
 
 
 def _random_checkpoint(shape: str, layer_types: str, context: int, folder: str) -> str:
@@ -383,6 +481,10 @@ def main(argv=None) -> str:
                  help="the server's --prefill_rows (default: the server's default)")
   p.add_argument("--cache_dtype", default=None, choices=["int8", "fp8"],
                  help="the server's --cache_dtype (default: the compute dtype)")
+  p.add_argument("--clients", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                 help="client processes sending the requests (default: half the CPU cores, at "
+                 "most 8): one process falls behind hundreds of streams; each result records "
+                 "the busiest one's CPU share (client_cpu), which near 1 means the client bound")
   p.add_argument("--start_timeout", type=float, default=900,
                  help="seconds the server may take to start (weights, compiles) before the run "
                       "fails with its log")
@@ -405,6 +507,8 @@ def main(argv=None) -> str:
     args.burst = args.burst or 3
   if (args.max_batch is None) == (args.memory_bytes is None):
     p.error("give one of --max_batch or --memory_bytes")
+  if args.clients < 1:
+    p.error(f"--clients must be >= 1, got {args.clients}")
   # The server's allocator gets the memory its rows are sized for, no more: a batch that did not
   # fit would fail here, where a larger GPU would hide it.
   cap_allocator(args.memory_bytes)
@@ -438,32 +542,36 @@ def main(argv=None) -> str:
     startup = time.monotonic() - t0
     print(f"server up in {startup:.0f} s (its log: {log_path})", flush=True)
     import httpx
+    clients = None
     try:
+      clients = Clients(args.clients)
       health = httpx.get(url + "/metrics").text
       gauges = _scrape(health)
       rows = int(gauges["lckv_max_batch"])
       prefill_rows = int(gauges["lckv_prefill_rows"])  # the server's, lowered to fit its memory
       results = []
-      phases = lambda: engine_phases(httpx.get(url + "/metrics").text)  # noqa: E731
+      page = lambda: (time.monotonic(), httpx.get(url + "/metrics").text)  # noqa: E731
       for rate in args.rates:
         n = max(8, round(rate * args.duration)) if args.duration else args.requests
-        before = phases()
+        before = page()
         r = asyncio.run(run_rate(url, rate, n, args.prompt, args.output,
-                                 cfg.vocab_size, seed=int(rate * 1000)))
-        r["engine_share"] = phase_shares(before, phases())
+                                 cfg.vocab_size, seed=int(rate * 1000), clients=clients))
+        r.update(_server_side(before, page()))
         print(json.dumps(r), flush=True)
         results.append(r)
         if r["rejected"] or r["requests_per_s"] < 0.5 * rate:  # far past saturation: stop
           break
       if args.burst:
-        before = phases()
+        before = page()
         r = asyncio.run(run_rate(url, None, max(1, round(args.burst * rows)), args.prompt,
-                                 args.output, cfg.vocab_size, seed=7))
-        r["engine_share"] = phase_shares(before, phases())
+                                 args.output, cfg.vocab_size, seed=7, clients=clients))
+        r.update(_server_side(before, page()))
         print(json.dumps(r), flush=True)
         results.append(r)
       peak = _scrape(httpx.get(url + "/metrics").text).get("lckv_device_memory_peak_bytes")
     finally:
+      if clients is not None:
+        clients.close()
       proc.send_signal(signal.SIGTERM)
       proc.wait(120)
   device = _device_kind()  # after the server has gone: one process on the accelerator
@@ -475,7 +583,7 @@ def main(argv=None) -> str:
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,
       prefill_tokens_per_tick=args.prefill_tokens_per_tick,
-      prefill_rows=prefill_rows, burst=args.burst,
+      prefill_rows=prefill_rows, burst=args.burst, clients=args.clients,
       cache_dtype=args.cache_dtype, server_start_s=round(startup, 1),
       peak_bytes=int(peak) if peak else None, results=results,
       saturated_tokens_per_s=saturated_tokens_per_s(results),
