@@ -15,7 +15,8 @@ import uuid
 from typing import Any
 
 import jax
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
@@ -80,6 +81,11 @@ class Metrics:
                                   "phase: admit, prefill, decode, emit (tokens to requests), "
                                   "idle", ["phase"], registry=r)
     self._seconds = dict.fromkeys(PHASES, 0.0)
+    self.engine_cpu = Counter("lckv_engine_cpu_seconds", "CPU seconds of the engine's thread "
+                              "(against its seconds by phase: the share it ran, not waited)",
+                              registry=r)
+    self._cpu = 0.0
+    ProcessCollector(registry=r)  # process_cpu_seconds_total: the server's CPU, all threads
     self.peak = Gauge("lckv_device_memory_peak_bytes", "Peak bytes in use on the accelerator "
                       "(0 where the device does not say)", registry=r)
     self._last = (time.monotonic(), 0)
@@ -100,6 +106,8 @@ class Metrics:
     for phase, seconds in list(s.seconds.items()):
       self.engine_seconds.labels(phase).inc(max(0.0, seconds - self._seconds[phase]))
       self._seconds[phase] = seconds
+    self.engine_cpu.inc(max(0.0, s.cpu_seconds - self._cpu))
+    self._cpu = s.cpu_seconds
     while s.ttft:
       self.ttft.observe(s.ttft.pop())
     while s.tpot:

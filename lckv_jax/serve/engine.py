@@ -130,6 +130,9 @@ class Stats:
   tpot: list = dataclasses.field(default_factory=list)
   # Seconds of the engine's thread in each phase of its loop (`PHASES`): what binds a server.
   seconds: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+  # CPU seconds of the engine's thread: against its wall seconds, the share it ran rather than
+  # waited (on the device, or for the GIL the HTTP thread holds).
+  cpu_seconds: float = 0.0
 
 
 
@@ -445,8 +448,11 @@ class Engine:
     return now
 
   def _loop(self) -> None:
+    cpu = time.thread_time()
     while not self._stop.is_set():
-      if not self.tick():
+      busy = self.tick()
+      self.stats.cpu_seconds = time.thread_time() - cpu
+      if not busy:
         t = time.perf_counter()
         self._wake.wait(0.05)
         self._wake.clear()

@@ -178,6 +178,10 @@ def test_a_disconnected_client_frees_its_row_and_overload_gets_429(served):
             if name == "lckv_engine_seconds_total"}
   assert set(phases) == {"admit", "prefill", "decode", "emit", "idle"}
   assert phases["decode"] > 0 and phases["prefill"] > 0 and all(v >= 0 for v in phases.values())
+  # The engine thread's CPU: at most its busy seconds; the process's, all threads.
+  busy = sum(v for k, v in phases.items() if k != "idle")
+  assert 0 < m[("lckv_engine_cpu_seconds_total", ())] <= 1.05 * busy + 0.05
+  assert m[("process_cpu_seconds_total", ())] >= m[("lckv_engine_cpu_seconds_total", ())]
 
 
 def test_models_health_and_sigterm_drains_the_running_requests(tmp_path):
