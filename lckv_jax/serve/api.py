@@ -208,7 +208,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, retry_after: int =
       try:
         while True:
           toks, reason = await events.get()
-          delta = text.add(toks)
+          # The last event lets go the text held back as the possible start of a stop sequence.
+          delta = text.add(toks, last=reason is not None)
           if text.stopped and reason is None:  # a stop sequence: free the row now
             engine.cancel(req)
             reason = "stop"
@@ -342,30 +343,87 @@ def _chat_prompt(messages, tokenizer) -> list[int]:
 
 
 class _Text:
-  """A request's text so far, decoded from all its tokens (a token may end mid-character), cut at
-  the first stop sequence."""
+  """A request's text so far, decoded from its tokens as they come, cut before the first stop
+  sequence.
+
+  Decoding is incremental, as vLLM's detokenizer does it: each `add` decodes only a window of
+  recent ids, its context (a few ids already read) and the unread ones, and takes the text past
+  the context's: decoding is not the concatenation of the tokens' texts (SentencePiece drops the
+  leading space of a sequence's first word; the bytes of one character may come in several
+  tokens). A call then costs its ids and a few more, not all the ids before it: a decode of them
+  all made each call O(n) and a request O(n^2). Text that may begin a stop sequence waits for the
+  next ids (or the last), so that no part of a stop sequence is streamed.
+  """
+
+  CONTEXT = 4  # ids before the unread ones that a window keeps, when they make a context
 
   def __init__(self, tokenizer, stop: list[str]):
     self.tokenizer, self.stop = tokenizer, stop
-    self.ids: list[int] = []
-    self.text = ""
+    self.text = ""  # the concatenation of the deltas returned
     self.stopped = False
+    self._count = 0
+    self._window: list[int] = []  # the context's ids, then the unread ones
+    self._read = 0  # where the unread ids start in the window
+    self._context = ""  # decode(window[:read]): what the window's text starts with
+    self._taken = 0  # characters of the unread ids' text already taken (before an incomplete one)
+    self._held = ""  # text that may begin a stop sequence: out of `text` until the next ids show
 
   @property
   def count(self) -> int:
-    return len(self.ids)
+    """The ids given up to the call that met a stop sequence, its own included (the usage)."""
+    return self._count
 
-  def add(self, ids: list[int]) -> str:
-    if self.stopped or not ids:
+  def add(self, ids: list[int], last: bool = False) -> str:
+    """The text `ids` add (the delta); `last`: no ids follow, so held text is let go."""
+    if self.stopped or not (ids or last):
       return ""
-    self.ids += ids
-    full = self.tokenizer.decode(self.ids)
-    if full.endswith("\ufffd"):  # an incomplete character: wait for the next token
-      full = full.rstrip("\ufffd")
-    for s in self.stop:
-      at = full.find(s)
-      if at >= 0:
-        full, self.stopped = full[:at], True
-    delta = full[len(self.text):] if full.startswith(self.text) else ""
-    self.text = full if full.startswith(self.text) else self.text
-    return delta
+    self._count += len(ids)
+    new, self._held = self._held + self._decode(ids), ""
+    at = min((a for a in (new.find(s) for s in self.stop) if a >= 0), default=-1)
+    if at >= 0:
+      new, self.stopped = new[:at], True
+    elif not last:
+      cut = len(new) - self._stop_start(new)
+      new, self._held = new[:cut], new[cut:]
+    self.text += new
+    return new
+
+  def _decode(self, ids: list[int]) -> str:
+    """The text `ids` add, but for a trailing incomplete character (the next ids may finish it)."""
+    self._window.extend(ids)
+    text = self.tokenizer.decode(self._window)
+    # The decode of ids that end mid-character ends in one or more "\ufffd".
+    complete = not text.endswith("\ufffd")
+    new = (text if complete else text.rstrip("\ufffd"))[len(self._context) + self._taken:]
+    self._taken += len(new)
+    if complete:
+      self._slide(text)
+    return new
+
+  def _slide(self, text: str) -> None:
+    """Makes all ids read, and the last few of them the window's context for the next ids.
+
+    A context must have text of its own (SentencePiece drops leading spaces until a sequence's
+    first character; control ids have none) and decode as it does after the ids before it (as
+    `text` ends): the last `CONTEXT` ids, or up to twice as many where those start mid-character,
+    else the ids read last, else the window keeps its start (its text is then `text`).
+    """
+    end = len(self._window)
+    near = range(end - self.CONTEXT, end - 2 * self.CONTEXT, -1)
+    for start in [s for s in near if s > self._read] + [self._read]:
+      context = self.tokenizer.decode(self._window[start:])
+      if context and text.endswith(context):
+        del self._window[:start]
+        self._context = context
+        break
+    else:
+      self._context = text
+    self._read, self._taken = len(self._window), 0
+
+  def _stop_start(self, text: str) -> int:
+    """The length of the longest end of `text` that begins a stop sequence."""
+    longest = max((len(s) for s in self.stop), default=0)
+    for n in range(min(len(text), longest - 1), 0, -1):
+      if any(s.startswith(text[-n:]) for s in self.stop):
+        return n
+    return 0
