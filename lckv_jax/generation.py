@@ -43,7 +43,7 @@ from lckv_jax.attention import KV
 from lckv_jax.cache import KVCache
 from lckv_jax.tokenizer import ByteTokenizer  # noqa: F401  (the byte fallback, re-exported)
 from lckv_jax.mode import Mode
-from lckv_jax.model import Transformer, check_inputs, relayout
+from lckv_jax.model import Transformer, check_inputs, relayout, rises_by_one
 from lckv_jax.sampling import Sampling, sample_rows, sample_with
 from lckv_jax.sharding import RULES, cache_shardings, logical_to_spec
 
@@ -168,9 +168,9 @@ def _shard_state(state, mesh: Mesh | None, rules: dict | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(9,))
-def _prefill(graphdef, mode: Mode, iterations: int, sequential: bool, all_logits: bool, params,
-             tokens, positions, segment_ids, cache: KVCache, write_index):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(10,))
+def _prefill(graphdef, mode: Mode, iterations: int, sequential: bool, all_logits: bool,
+             by_index: bool, params, tokens, positions, segment_ids, cache: KVCache, write_index):
   model = nnx.merge(graphdef, params)
   if sequential:
     if positions is None:  # Mode.PREFILL_EMPTY without padding
@@ -188,7 +188,8 @@ def _prefill(graphdef, mode: Mode, iterations: int, sequential: bool, all_logits
   else:
     roomy = cache.widen(write_index, tokens.shape[1], empty=mode is Mode.PREFILL_EMPTY)
     logits, roomy = model.step(tokens, roomy, write_index, positions, segment_ids, mode=mode,
-                               iterations=iterations, last_logits=not all_logits)
+                               iterations=iterations, last_logits=not all_logits,
+                               by_index=by_index)
     cache = roomy.compact(write_index + tokens.shape[1], like=cache)
   return (logits if all_logits else logits[:, -1]), cache
 
@@ -234,8 +235,14 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, 
       prefill_mode == "auto" and cfg.layer_spec.has_cycle
       and (chunk <= iterations or cfg.use_sequential))
   graphdef, params = nnx.split(model) if split is None else split
+  # Left-padded prompts into an empty cache: the fused kernel, the padding masked by segment
+  # (on the H200, a [4, 256] 7b LCKV chunk took 159 ms so against 205 ms through the dense
+  # mask over a 1,024-slot cache).
+  by_index = (mode is Mode.PREFILL_EMPTY and positions is not None
+              and rises_by_one(positions, segment_ids))
   as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
-  return _prefill(graphdef, mode, iterations, sequential, all_logits, params, jnp.asarray(tokens),
+  return _prefill(graphdef, mode, iterations, sequential, all_logits, by_index, params,
+                  jnp.asarray(tokens),
                   as_array(positions), as_array(segment_ids), cache,
                   jnp.asarray(write_index, jnp.int32))
 
@@ -243,6 +250,12 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, 
 # ---------------------------------------------------------------------------------------------
 # Decoding.
 # ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _empty_cache(config, batch: int, max_len: int, dtype) -> KVCache:
+  """A job's cache in one call (op by op, `KVCache.create` was 17% of a CPU server's engine)."""
+  return KVCache.create(config, batch, max_len, dtype, contiguous=True)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -284,6 +297,24 @@ class DecodeState(NamedTuple):
   rows: RowSampling | None = None  # each row's sampling (Generator(per_row_sampling=True))
 
 
+def first_chunk_sizes(chunk: int) -> tuple[int, ...]:
+  """The widths a chunked prefill's first chunk may take: C/4, C/2 or C tokens."""
+  return tuple(sorted({max(1, chunk // 4), max(1, chunk // 2), chunk}))
+
+
+def chunked_length(n: int, chunk: int) -> int:
+  """Slots a prompt of `n` tokens takes in a chunked prefill: whole chunks of `chunk` after a
+  first chunk of the smallest `first_chunk_sizes` that holds the rest, the padding on its left.
+
+  The chunks end where whole chunks would (the prompt's last token ends the last), so each chunk
+  holds the same prompt tokens as with padding to whole chunks, which only computes more
+  padding: prompts of 32-511 tokens in chunks of 256 pad to 319 on average, not 392.
+  """
+  full = -(-n // chunk)
+  rest = n - chunk * (full - 1)
+  return next(f for f in first_chunk_sizes(chunk) if f >= rest) + chunk * (full - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillJob:
   """Prompts on their way into a cache, one chunk per `Generator.prefill_next` call.
@@ -293,7 +324,7 @@ class PrefillJob:
   with decode steps, so a long prompt never holds up the running rows for its whole prefill.
   `cache` is donated to each chunk: keep the job returned, never an earlier one.
   """
-  tokens: np.ndarray  # [batch, padded] int32, left-padded to a whole number of chunks
+  tokens: np.ndarray  # [batch, padded] int32, left-padded (`chunked_length`)
   positions: np.ndarray  # [batch, padded] int32, counted from each row's first real token
   segment_ids: np.ndarray  # [batch, padded] int32, 0 on padding, 1 on the prompt
   lengths: np.ndarray  # [batch] int32, real tokens of each prompt
@@ -308,26 +339,40 @@ class PrefillJob:
 
   @property
   def num_chunks(self) -> int:
-    return self.tokens.shape[1] // self.chunk
+    return -(-self.tokens.shape[1] // self.chunk)
+
+  def bounds(self, k: int) -> tuple[int, int]:
+    """The slots [start, end) of chunk k: a first chunk of the rest (`chunked_length`), then
+    whole chunks."""
+    first = self.tokens.shape[1] - self.chunk * (self.num_chunks - 1)
+    return (0, first) if k == 0 else (first + (k - 1) * self.chunk, first + k * self.chunk)
 
   @property
   def done(self) -> bool:
     return self.chunks_done == self.num_chunks
 
   @staticmethod
-  def stack(jobs: Sequence[PrefillJob]) -> PrefillJob:
-    """Jobs not yet started, of one padded length and chunk, as one job of all their rows: the
-    prompts a server admits together prefill in one [rows, C] call each chunk, not one call a
-    prompt (a 1b chunk of [1, 256] tokens reads the weights for 0.6 TFLOP of work). Each row
-    keeps its own padding, sampling, seed and budget, so its tokens are those of its own job."""
+  def stack(jobs: Sequence[PrefillJob], pad_id: int = 0) -> PrefillJob:
+    """Jobs not yet started, of one number of chunks and chunk, as one job of all their rows:
+    the prompts a server admits together prefill in one [rows, C] call each chunk, not one call
+    a prompt (a 1b chunk of [1, 256] tokens reads the weights for 0.6 TFLOP of work). Rows of a
+    narrower first chunk are left-padded (`pad_id`) to the widest. Each row keeps its own
+    sampling, seed and budget, and its padding is masked, so its tokens are those of its own
+    job."""
     first = jobs[0]
     if any(j.cache is not None or j.chunks_done for j in jobs):
       raise ValueError("PrefillJob.stack: every job must be unstarted (no chunk run yet)")
-    shapes = {(j.tokens.shape[1], j.chunk, j.sampling is None) for j in jobs}
+    shapes = {(j.num_chunks, j.chunk, j.sampling is None) for j in jobs}
     if len(shapes) > 1:
-      raise ValueError(f"PrefillJob.stack: the jobs differ in (padded length, chunk, per-row "
+      raise ValueError(f"PrefillJob.stack: the jobs differ in (chunks, chunk, per-row "
                        f"sampling): {sorted(shapes)}")
-    cat = lambda f: np.concatenate([getattr(j, f) for j in jobs])  # noqa: E731
+    width = max(j.tokens.shape[1] for j in jobs)
+
+    def cat(f):
+      pad = {"tokens": pad_id}.get(f, 0)
+      return np.concatenate([
+          np.pad(a, ((0, 0), (width - a.shape[1], 0)), constant_values=pad) if a.ndim == 2
+          and a.shape[1] < width else a for a in (getattr(j, f) for j in jobs)])
     rows = lambda f: None if first.sampling is None else tuple(  # noqa: E731
         x for j in jobs for x in getattr(j, f))
     return PrefillJob(tokens=cat("tokens"), positions=cat("positions"),
@@ -344,10 +389,25 @@ class _Settings:
   stream: Callable | None
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
-def _first(settings: _Settings, state: DecodeState, logits_BxV, key) -> DecodeState:
-  # `state` is donated: without it the returned state is a copy, cache included (XLA does not
-  # forward an input buffer to an output), and the start of a large batch holds two caches.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5,))
+def _started(settings: _Settings, n: int, vocab: int, sink: bool, from_seed: bool, cache, logits_BxV,
+             seed, lengths, budget, padded, rows) -> DecodeState:
+  """The decode state of a prefilled job (`Generator.finish`), its first tokens sampled: one
+  call, where a dozen eager ops took 9 ms of a 1b server's host per job on the H200. `n`: the
+  budget's slots of tokens; `vocab`: logits kept per token (0: none); `sink`: rows left-aligned
+  (slot = position); `seed`: an int (`from_seed`) or a PRNG key; `rows`: each row's
+  (temperature, top_k, top_p, seed) or None; `cache` donated."""
+  b = lengths.shape[0]
+  rng, key = jax.random.split(jax.random.key(seed) if from_seed else seed)
+  write_index = padded
+  if sink:
+    cache, write_index = cache.left_align(padded - lengths), lengths
+  state = DecodeState(
+      cache=cache, token=jnp.zeros((b,), jnp.int32), write_index=write_index,
+      position=lengths, done=jnp.zeros((b,), bool), num_generated=jnp.zeros((b,), jnp.int32),
+      max_new=budget, tokens=jnp.full((b, n), settings.pad_id, jnp.int32),
+      logits=jnp.zeros((b, n, vocab), jnp.float32) if vocab else None, rng=rng,
+      rows=None if rows is None else RowSampling(*rows[:3], jax.vmap(jax.random.key)(rows[3])))
   return _finish(settings, state, logits_BxV, key)
 
 
@@ -451,8 +511,9 @@ class Generator:
   gen.start([prompt]))` into a row whose `done` is set, and decode on (`insert_rows` puts the
   rows of a job of several prompts into as many free rows in one call).
 
-  Chunked prefill: with `prefill_chunk=C` a prompt goes into its cache C tokens per call,
-  left-padded to a whole number of chunks only. `start` is `begin`, `prefill_next` per chunk and
+  Chunked prefill: with `prefill_chunk=C` a prompt goes into its cache C tokens per call after
+  a first chunk of C/4, C/2 or C tokens that holds the rest and the left padding
+  (`chunked_length`). `start` is `begin`, `prefill_next` per chunk and
   `finish`, which a server calls one at a time between decode steps (`lckv_jax.serve.engine`), so
   a long prompt never stalls the running rows for its whole prefill. For a model without a cycle
   (every layer reads the KV of itself or a layer below) this is the function of the one-shot
@@ -569,7 +630,7 @@ class Generator:
     """Prefills left-padded prompts and samples each row's first token.
 
     `pad_to`: left-pad every prompt to this length (see `pad_prompts`; with `prefill_chunk`, then
-    on to a whole number of chunks). With `per_row_sampling`, each row samples with its own
+    on to `chunked_length`). With `per_row_sampling`, each row samples with its own
     `sampling[r]` (default the Generator's) and `seeds[r]` (default seed + r); else `sampling`
     and `seeds` must be None.
 
@@ -589,9 +650,9 @@ class Generator:
 
     Host work only (padding and checks): whatever `start` would refuse (an empty prompt, an id
     outside the vocabulary, a prompt that does not fit the cache or the positions) raises here,
-    before any chunk runs. With `prefill_chunk=C` the prompts are left-padded to a whole number
-    of chunks (not further), and the job has `padded // C` chunks; without, one chunk: the
-    whole padded prompt.
+    before any chunk runs. With `prefill_chunk=C` the prompts are left-padded to
+    `chunked_length` (a first chunk of C/4, C/2 or C tokens, then whole chunks), and the job
+    has `ceil(padded / C)` chunks; without, one chunk: the whole padded prompt.
     """
     cfg = self.model.config
     if not self.per_row_sampling and (sampling is not None or seeds is not None):
@@ -601,10 +662,10 @@ class Generator:
     b, longest = tokens.shape
     chunk = longest
     if self.prefill_chunk is not None:
-      # Every chunk call is [batch, C]: the padding (segment 0, never attended) goes on the left,
-      # into the first chunk, so that the prompt's last token ends the last chunk.
+      # Every later chunk call is [batch, C]: the padding (segment 0, never attended) goes on the
+      # left, into the first chunk, so that the prompt's last token ends the last chunk.
       chunk = self.prefill_chunk
-      extra = -longest % chunk
+      extra = chunked_length(longest, chunk) - longest
       tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=self.settings.pad_id)
       positions = np.pad(positions, ((0, 0), (extra, 0)))
       segment_ids = np.pad(segment_ids, ((0, 0), (extra, 0)))
@@ -622,10 +683,10 @@ class Generator:
   def prefill_next(self, job: PrefillJob) -> PrefillJob:
     """Runs the job's next chunk into its cache (created at the first); returns the new job.
 
-    With `prefill_chunk=C`, chunk k is `tokens[:, k*C:(k+1)*C]` [batch, C]: the first in
-    `Mode.PREFILL_EMPTY` (with positions and segments only when it holds padding), the later ones
-    in `Mode.PREFILL` at `write_index = k*C`. Every call has one of these three shapes and modes,
-    whatever the prompt's length, so nothing compiles after the first of each.
+    With `prefill_chunk=C`, chunk k covers `job.bounds(k)`: the first, of C/4, C/2 or C tokens,
+    in `Mode.PREFILL_EMPTY`, the later ones, [batch, C], in `Mode.PREFILL` after it. Every call
+    has one of these four shapes and modes, whatever the prompt's length, so nothing compiles
+    after the first of each.
     """
     if job.done:
       raise ValueError(f"prefill_next: the job's {job.num_chunks} chunks are all prefilled; "
@@ -637,7 +698,7 @@ class Generator:
       if self.sink is not None:
         cache = KVCache.create_sink(self.model.config, b, *self.sink, dtype=self.cache_dtype)
       else:  # each row one sequence in contiguous slots: decode steps read only that span
-        cache = KVCache.create(self.model.config, b, max_len, self.cache_dtype, contiguous=True)
+        cache = _empty_cache(self.model.config, b, max_len, self.cache_dtype)
     if self.prefill_chunk is None:
       logits, cache = self._prefill_rows(job.tokens, job.positions, job.segment_ids, cache)
     else:
@@ -651,26 +712,19 @@ class Generator:
     if not job.done:
       raise ValueError(f"finish: {job.num_chunks - job.chunks_done} of the job's "
                        f"{job.num_chunks} chunks are not prefilled yet (prefill_next)")
-    cfg = self.model.config
     b, padded = job.tokens.shape
-    cache = job.cache
-    rng = jax.random.key(job.seed) if isinstance(job.seed, int) else job.seed
-    rng, key = jax.random.split(rng)
-    if self.sink is not None:  # rows left-aligned: slot = position
-      cache = cache.left_align(jnp.asarray(padded - job.lengths))
-      write_index = jnp.asarray(job.lengths)
-    else:
-      write_index = jnp.full((b,), padded, jnp.int32)
-    n = self.max_new_tokens
-    rows = None if job.sampling is None else row_sampling(job.sampling, job.seeds)
-    state = DecodeState(
-        cache=cache, token=jnp.zeros((b,), jnp.int32), write_index=write_index,
-        position=jnp.asarray(job.lengths), done=jnp.zeros((b,), bool),
-        num_generated=jnp.zeros((b,), jnp.int32), max_new=jnp.asarray(job.budget),
-        tokens=jnp.full((b, n), self.settings.pad_id, jnp.int32),
-        logits=jnp.zeros((b, n, cfg.vocab_size), jnp.float32) if self.return_logits else None,
-        rng=rng, rows=rows)
-    return _shard_state(_first(self.settings, state, job.logits, key), self.mesh)
+    rows = None if job.sampling is None else (
+        np.asarray([s.temperature for s in job.sampling], np.float32),
+        np.asarray([s.top_k for s in job.sampling], np.int32),
+        np.asarray([s.top_p for s in job.sampling], np.float32),
+        np.asarray(job.seeds, np.uint32))
+    from_seed = isinstance(job.seed, (int, np.integer))
+    seed = np.uint32(job.seed % 2**32) if from_seed else job.seed
+    vocab = self.model.config.vocab_size if self.return_logits else 0
+    state = _started(self.settings, self.max_new_tokens, vocab, self.sink is not None, from_seed,
+                     job.cache, job.logits, seed, job.lengths, job.budget,
+                     np.full((b,), padded, np.int32), rows)
+    return _shard_state(state, self.mesh)
 
   def free_rows(self, batch: int, seed: int = 0) -> DecodeState:
     """A decode state of `batch` rows that hold nothing (done, a budget of no tokens): the batch
@@ -728,26 +782,26 @@ class Generator:
 
   def _prefill_chunk(self, job: PrefillJob, cache: KVCache):
     """Chunk `job.chunks_done` of every row into `cache` (`prefill_next` with `prefill_chunk`)."""
-    b = job.tokens.shape[0]
-    c, k = job.chunk, job.chunks_done
-    cols = slice(k * c, (k + 1) * c)
-    tokens, positions, segment_ids = (a[:, cols] for a in (job.tokens, job.positions,
-                                                            job.segment_ids))
-    if k == 0:
-      # From slot 0 of an empty cache. One row without padding: no positions and segments,
-      # causal by index, the fused kernel (on GPU) instead of the dense mask. Several rows take
-      # the masked call even when none is padded (rare: every length a multiple of C), so that a
-      # server compiles two first-chunk calls per batch size, not three.
-      mode, write_index = Mode.PREFILL_EMPTY, None
-      if b == 1 and (segment_ids != 0).all():
-        positions = segment_ids = None
-    else:
-      # After the k*C slots the cache holds. Positions count from each row's first real token,
-      # not from the slot, so they are always given: one compilation for every later chunk.
-      mode, write_index = Mode.PREFILL, np.full((b,), k * c, np.int32)
+    b, k = job.tokens.shape[0], job.chunks_done
+    start, end = job.bounds(k)
+    tokens, positions, segment_ids = (a[:, start:end] for a in (job.tokens, job.positions,
+                                                                job.segment_ids))
+    # From slot 0 of an empty cache, the first chunk; the later ones after the slots the cache
+    # holds. Positions count from each row's first real token, not from the slot, so they are
+    # always given: the first chunk's rise by one within the prompt, so it takes the fused
+    # kernel however it is padded (`prefill`), one compilation per width and batch size.
+    mode = Mode.PREFILL_EMPTY if k == 0 else Mode.PREFILL
+    write_index = None if k == 0 else np.full((b,), start, np.int32)
+    cfg = self.model.config
+    prefill_mode = self.prefill_mode
+    if prefill_mode == "auto":  # by the job's chunk, not this call's width: a narrower first
+      # chunk iterates as a whole chunk would (`prefill`'s rule, on C)
+      iterations = self.prefill_iterations or cfg.forward_passes + cfg.backward_passes
+      prefill_mode = "sequential" if cfg.layer_spec.has_cycle and (
+          job.chunk <= iterations or cfg.use_sequential) else "parallel"
     arrays = _shard_state((*self._inputs(tokens, positions, segment_ids), cache), self.mesh)
     return prefill(self.model, *arrays, write_index, mode=mode,
-                   iterations=self.prefill_iterations, prefill_mode=self.prefill_mode,
+                   iterations=self.prefill_iterations, prefill_mode=prefill_mode,
                    split=self._graph())
 
   def _prefill_rows(self, tokens, positions, segment_ids, cache):

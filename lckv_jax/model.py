@@ -75,6 +75,18 @@ def check_inputs(config: ModelConfig, tokens, positions=None, segment_ids=None, 
                        f"(max_position_embeddings={limit})")
 
 
+def rises_by_one(positions_BxT, segment_ids_BxT) -> bool:
+  """Whether concrete positions rise by one per token within each segment and each row's
+  segments come in runs in order (left padding, packed documents): then causal attention by
+  position is causal attention by index within a segment. False for traced arrays (unknown)."""
+  if not (_concrete(positions_BxT) and _concrete(segment_ids_BxT)):
+    return False
+  pos, seg = np.asarray(positions_BxT), np.asarray(segment_ids_BxT)
+  same = seg[:, 1:] == seg[:, :-1]
+  steps_ok = ~(same & (seg[:, 1:] != 0)) | (pos[:, 1:] == pos[:, :-1] + 1)
+  return bool(np.all(steps_ok) and np.all(seg[:, 1:] >= seg[:, :-1]))
+
+
 def _nan_rows(config: ModelConfig, logits_BxTxV, tokens, positions, segment_ids):
   """NaN logits for rows holding an out-of-range token id or position (padding aside).
 
@@ -329,15 +341,17 @@ class Transformer(nnx.Module):
   # -- passes ----------------------------------------------------------------------------------
 
   def _context(self, mode: Mode, positions, segment_ids, write_index, default_inputs: bool,
-               contiguous: bool) -> _Context:
+               contiguous: bool, by_index: bool = False) -> _Context:
     cfg = self.config
     cos_sin = rope_tables(rope_inv_freq(cfg), positions)
     # Default positions and one segment per row, and no earlier keys: plain causal attention by
-    # index, which a fused kernel does without a dense mask.
-    own_keys = mode is Mode.TRAIN or (mode is Mode.PREFILL_EMPTY and default_inputs)
+    # index, which a fused kernel does without a dense mask. So too a chunk into an empty cache
+    # whose positions rise by one per token within each segment (`by_index`: left padding).
+    empty = mode is Mode.PREFILL_EMPTY and (default_inputs or by_index)
+    own_keys = mode is Mode.TRAIN or empty
     # Packed documents without a cache (positions +1 per token within a document): splash masks
     # by segment ids; cuDNN takes the segments as a [batch, 1, T, T] mask beside its causal one.
-    packed = mode is Mode.TRAIN and not default_inputs
+    packed = (mode is Mode.TRAIN or empty) and not default_inputs
     masks = {}
     if mode is Mode.TRAIN and dispatch.resolve_attention_impl(cfg.attention_impl,
                                                                cfg.dtype) == "dense":
@@ -380,7 +394,8 @@ class Transformer(nnx.Module):
     return h, {**store, **kv}
 
   def _forward(self, mode: Mode, tokens, positions, segment_ids, cache: cache_lib.KVCache | None,
-               write_index, forward_passes, backward_passes, last_logits: bool = False):
+               write_index, forward_passes, backward_passes, last_logits: bool = False,
+               by_index: bool = False):
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq] integers, got shape {tokens.shape}")
@@ -393,7 +408,7 @@ class Transformer(nnx.Module):
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
     ctx = self._context(mode, positions, segment_ids, write_index, default_inputs,
-                        cache is not None and cache.contiguous)
+                        cache is not None and cache.contiguous, by_index)
     store = {} if cache is None else dict(cache.layers)  # layer -> KV
     # Clipped, so that the pass stays finite for out-of-range ids (`_nan_rows` flags them).
     h = self.embed[...].astype(cfg.compute_dtype)[jnp.clip(tokens, 0, cfg.vocab_size - 1)]
@@ -448,7 +463,8 @@ class Transformer(nnx.Module):
 
   def step(self, tokens, cache: cache_lib.KVCache, write_index=None, positions=None,
            segment_ids=None, *, mode: Mode | None = None, iterations: int | None = None,
-           last_logits: bool = False) -> tuple[jax.Array, cache_lib.KVCache]:
+           last_logits: bool = False, by_index: bool = False
+           ) -> tuple[jax.Array, cache_lib.KVCache]:
     """A chunk of tokens against a cache: returns logits and the cache with this chunk's KV.
 
     Args:
@@ -464,6 +480,10 @@ class Transformer(nnx.Module):
       iterations: passes of a cyclic group over the chunk; default 1 for DECODE (exact) and
         m + b for a prefill (the prefill of the reference).
       last_logits: return the logits of the last token only ([batch, 1, vocab]).
+      by_index: in `Mode.PREFILL_EMPTY`, the caller vouches that `positions` rise by one per
+        token within each segment, segments in runs (left padding: `rises_by_one`); attention
+        is then causal by index within a segment, and takes the fused kernel with the segments
+        as its mask, as packed documents in training do.
 
     Out-of-range token ids and positions raise when concrete, else give NaN logits in their row
     (as in `__call__`); the cache then holds that chunk's KV of a clipped id.
@@ -496,7 +516,7 @@ class Transformer(nnx.Module):
     if iterations < 1:
       raise ValueError(f"iterations must be >= 1, got {iterations}")
     return self._forward(mode, tokens, positions, segment_ids, cache, write_index,
-                         iterations - 1, 1, last_logits)
+                         iterations - 1, 1, last_logits, by_index and mode is Mode.PREFILL_EMPTY)
 
   def sequential(self, tokens, positions=None, segment_ids=None, *, cache_dtype=None
                  ) -> jax.Array:

@@ -232,6 +232,42 @@ def test_unpadded_empty_prefill_takes_the_fused_kernel_and_equals_the_masked_one
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["lckv", "yoco", "llama"])
+def test_left_padded_empty_prefill_takes_the_fused_kernel_and_equals_the_masked_one(
+    name, tiny_model, monkeypatch):
+  # Left padding: positions rise by one within the prompt, so causal by index is causal by
+  # position there, and the fused kernel runs the chunk with the segments as its mask.
+  from lckv_jax.kernels import fused
+  model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS[name], attention_impl="xla")
+  t, pos, seg, _ = gen_lib.pad_prompts(prompts([10, 6, 3, 1], seed=7), 64)
+  calls = []
+  real = fused.fused_causal_attention
+  monkeypatch.setattr(fused, "fused_causal_attention",
+                      lambda *a, **k: calls.append(k["segment_ids_BxT"] is not None) or real(*a, **k))
+  outs = []
+  for mode in (Mode.PREFILL, Mode.PREFILL_EMPTY):  # the dense mask, then the fused kernel
+    cache = KVCache.create(model.config, 4, 16)
+    logits, cache = gen_lib.prefill(model, t, pos, seg, cache, jnp.zeros(4, jnp.int32),
+                                    mode=mode, all_logits=True)
+    outs.append((logits, cache))
+  assert calls and all(calls)  # only the second call, and with the segments
+  np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_positions_that_do_not_rise_by_one_keep_the_dense_mask():
+  from lckv_jax.model import rises_by_one
+  seg = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 2, 2]])
+  assert rises_by_one(np.array([[0, 0, 0, 1, 2], [4, 5, 6, 0, 1]]), seg)
+  assert not rises_by_one(np.array([[0, 0, 0, 2, 3], [4, 5, 6, 0, 1]]), seg)  # a gap
+  assert not rises_by_one(np.array([[0, 0, 0, 1, 2], [0, 1, 0, 1, 2]]),  # segments 1, 2, 1
+                          np.array([[0, 0, 1, 1, 1], [1, 1, 2, 1, 1]]))
+  seen = []
+  jax.jit(lambda p: seen.append(rises_by_one(p, seg)))(jnp.zeros((2, 5), jnp.int32))
+  assert seen == [False]  # traced: unknown
+
+
 def test_prefill_in_row_chunks_equals_one_prefill(tiny_model):
   model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS["lckv"])
   ps = prompts([7, 3, 5, 7, 2], seed=6)
@@ -245,13 +281,15 @@ def test_prefill_in_row_chunks_equals_one_prefill(tiny_model):
 
 
 def test_start_hands_the_cache_through_without_a_copy(tiny_model):
-  # `_first` (the first token) donates the decode state: its cache is the prefill's buffer, not
-  # a copy, so a large batch never holds two caches at the start.
+  # `_started` (the first token) donates the prefill's cache: the decode state's is its buffer,
+  # not a copy, so a large batch never holds two caches at the start.
   model = tiny_model(std=0.1, sliding_window=3, layer_types=PRESETS["lckv"])
   gen = Generator(model, max_new_tokens=4, max_len=32)
   state = gen.start(prompts([5, 5], seed=9))
-  analysis = gen_lib._first.lower(gen.settings, state, jnp.zeros((2, 64)),
-                                  jax.random.key(0)).compile().memory_analysis()
+  n = np.full((2,), 5, np.int32)
+  analysis = gen_lib._started.lower(gen.settings, 4, 0, False, True, state.cache,
+                                    jnp.zeros((2, 64)), np.uint32(0), n, n, n,
+                                    None).compile().memory_analysis()
   cache = sum(x.nbytes for x in jax.tree.leaves(state.cache))
   assert analysis.alias_size_in_bytes >= cache
 
@@ -449,6 +487,20 @@ def test_stacked_jobs_fill_several_rows_in_one_call_with_each_rows_own_tokens(ti
     PrefillJob.stack([gen.begin([a]), gen.begin([d])])
 
 
+def test_a_chunked_prompt_pads_only_its_first_chunk_to_a_quarter_a_half_or_a_whole_chunk(
+    tiny_model):
+  from lckv_jax.generation import chunked_length
+  lengths = (1, 64, 65, 128, 129, 256, 257, 300, 400, 512)
+  assert [chunked_length(n, 256) for n in lengths] == [64, 64, 128, 128, 256, 256, 320, 320, 512,
+                                                       512]
+  assert [chunked_length(n, 4) for n in (1, 2, 3, 5, 7, 18)] == [1, 2, 4, 5, 8, 18]
+  # The load mix of benchmarks.serve_load: 319 slots a prompt on average, not 392.
+  assert np.mean([chunked_length(n, 256) for n in range(32, 512)]) < 320
+  job = Generator(tiny_model(), max_new_tokens=2, max_len=32, prefill_chunk=4).begin(
+      [list(range(1, 10))])  # 9 tokens: a first chunk of 1, then two of 4
+  assert job.num_chunks == 3 and [job.bounds(k) for k in range(3)] == [(0, 1), (1, 5), (5, 9)]
+
+
 def test_chunked_prefill_refuses_bad_settings(tiny_model):
   model = tiny_model(std=0.1, layer_types="0_2_2_3")
   for bad in (0, -4, 2.5, True, "4"):
@@ -460,10 +512,12 @@ def test_chunked_prefill_refuses_bad_settings(tiny_model):
     generate(model, [[1, 2]], prefill_chunk=4, sink=(1, 8))
   with pytest.raises(ValueError, match="prefill_chunk=4 with prefill_batch=2"):
     Generator(model, max_new_tokens=2, prefill_chunk=4, prefill_batch=2)
-  # The cache holds the padded prompt: 6 tokens padded to 8 + 2 new need 9 slots.
-  with pytest.raises(ValueError, match=r"prompt of 6 tokens \(padded to 8\) \+ max_new_tokens=2 "
+  # The cache holds the padded prompt: 7 tokens padded to 8 (a first chunk of 4 for the 3 left
+  # after a whole chunk) + 2 new need 9 slots; 6 tokens take 6 (a first chunk of 2), and fit.
+  with pytest.raises(ValueError, match=r"prompt of 7 tokens \(padded to 8\) \+ max_new_tokens=2 "
                                        "needs 9 cache slots, but max_len=8"):
-    generate(model, [list(range(6))], max_new_tokens=2, max_len=8, prefill_chunk=4)
+    generate(model, [list(range(7))], max_new_tokens=2, max_len=8, prefill_chunk=4)
+  generate(model, [list(range(6))], max_new_tokens=2, max_len=8, prefill_chunk=4)
   gen = Generator(model, max_new_tokens=2, max_len=16, prefill_chunk=4)
   job = gen.begin([[1, 2, 3, 4, 5]])
   with pytest.raises(ValueError, match="2 of the job's 2 chunks are not prefilled yet"):

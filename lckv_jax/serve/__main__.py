@@ -90,8 +90,8 @@ def main(argv: list[str]) -> int:
                  "least one): larger keeps a large batch full under load, smaller bounds the "
                  f"pause of the running requests (default {PREFILL_TOKENS_PER_TICK})")
   p.add_argument("--prefill_rows", type=int, default=PREFILL_ROWS,
-                 help="most prompts prefilled together in one call (prompts that pad to the same "
-                 "number of chunks, admitted in the same tick): fewer, fuller calls under load. "
+                 help="most prompts prefilled together in one call (prompts that take as many "
+                 "chunks, admitted in the same tick): fewer, fuller calls under load. "
                  "With --memory_bytes, lowered (to a power of two) until the prefill's cache and "
                  "activations take at most 1/16 of the rows; 1 without --prefill_chunk "
                  f"(default {PREFILL_ROWS})")

@@ -4,7 +4,7 @@ A fixed batch of `max_batch` rows decodes `steps_per_tick` tokens per call of th
 loop (`Generator.decode`). Each tick (`Engine.tick`) the engine
 
 1. admits waiting requests into free rows: each row is reserved for its request, and the
-   requests admitted together whose prompts pad to the same number of chunks become prefill jobs
+   requests admitted together whose prompts take as many chunks become prefill jobs
    of up to `prefill_rows` rows each (`Generator.begin`, `PrefillJob.stack`; host work only). One
    call then prefills a chunk of every row of a job: a [1, C] call reads all the weights (for
    LCKV, once per iteration) for C tokens of work, so one job a prompt would leave the GPU's
@@ -26,8 +26,9 @@ loop (`Generator.decode`). Each tick (`Engine.tick`) the engine
    that finished (EOS, their budget) or were cancelled (a client that disconnected, a stop
    sequence; a request cancelled mid-prefill frees its row, and its job skips the row).
 
-Shapes never change after warm-up (every chunk is [k, C] into a cache of `max_len` slots, k a
-power of two up to `prefill_rows`, or a prompt is one of a few bucket lengths), so nothing
+Shapes never change after warm-up (every later chunk is [k, C] and a first chunk [k, C/4], [k, C/2]
+or [k, C], into a cache of `max_len` slots, k a power of two up to `prefill_rows`, or a prompt is
+one of a few bucket lengths), so nothing
 recompiles; the cache is the largest that
 `cache_bytes` fits in the memory given, which is where a smaller KV cache (LCKV's) becomes more
 rows.
@@ -49,7 +50,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from lckv_jax.generation import Generator, PrefillJob
+from lckv_jax.generation import Generator, PrefillJob, chunked_length, first_chunk_sizes
 from lckv_jax.sampling import Sampling
 from lckv_jax.serve import PREFILL_CHUNK, PREFILL_ROWS, PREFILL_TOKENS_PER_TICK, group_sizes
 
@@ -76,9 +77,10 @@ def chunk_for(prefill_chunk: int | None, max_prompt: int) -> int | None:
 
 
 def padded_length(n: int, chunk: int | None) -> int:
-  """Cache slots a prompt of `n` tokens takes, left padding included: a whole number of chunks,
-  or (without chunked prefill) its bucket length."""
-  return bucket(n) if chunk is None else -(-n // chunk) * chunk
+  """Cache slots a prompt of `n` tokens takes alone, left padding included (`chunked_length`),
+  or (without chunked prefill) its bucket length. (In a job with longer prompts of as many
+  chunks, its first chunk is padded to theirs.)"""
+  return bucket(n) if chunk is None else chunked_length(n, chunk)
 
 
 def row_slots(max_prompt: int, max_tokens: int, prefill_chunk: int | None) -> int:
@@ -138,7 +140,8 @@ class Stats:
 
 @dataclasses.dataclass
 class _Group:
-  """Requests admitted together whose prompts pad to one length: one prefill job of their rows."""
+  """Requests admitted together whose prompts take as many chunks: one prefill job of their
+  rows."""
   rows: list[int | None]  # the batch row of each job row; None once its request is cancelled
   job: PrefillJob
 
@@ -199,7 +202,8 @@ class Engine:
     self._reset()
     for k in group_sizes(self.prefill_rows):
       for n in self._warm_lengths(k):
-        job = PrefillJob.stack([self._begin([self.pad_id] * n, Sampling(), 0, 1)] * k)
+        job = PrefillJob.stack([self._begin([self.pad_id] * n, Sampling(), 0, 1)] * k,
+                               self.pad_id)
         while not job.done:
           job = self.gen.prefill_next(job)
         self.state = self.gen.insert_rows(self.state, list(range(k)), self.gen.finish(job))
@@ -217,10 +221,9 @@ class Engine:
       # Per bucket: a prompt of its length prefills unpadded (the fused path), a shorter padded.
       return [n for b in BUCKETS if b <= bucket(self.max_prompt)
               for n in ((b, b - 1) if b > 1 else (b,))]
-    # The chunk calls: a first chunk with padding (a prompt of C - 1), one without (C: one row
-    # only, `Generator`), and a later chunk (C + 1), where prompts of that length can come.
-    lengths = (c - 1, c, c + 1) if rows == 1 else (c - 1 if c > 1 else c, c + 1)
-    return [n for n in lengths if 1 <= n <= self.max_prompt]
+    # The chunk calls: a first chunk of each width (a prompt of that length), and a later chunk
+    # (C + 1), where prompts of those lengths can come.
+    return [n for n in (*first_chunk_sizes(c), c + 1) if 1 <= n <= self.max_prompt]
 
   def _reset(self) -> None:
     """A decode state whose rows are all free."""
@@ -268,8 +271,8 @@ class Engine:
   def _begin(self, prompt: list[int], sampling: Sampling, seed: int, max_tokens: int
              ) -> PrefillJob:
     # Left padding is masked (segment 0) and positions count from the first real token, so the
-    # row computes what the unpadded prompt would. With chunks, `begin` pads to a whole number
-    # of them; without, to the prompt's bucket.
+    # row computes what the unpadded prompt would. With chunks, `begin` pads the first chunk
+    # (`chunked_length`); without, the prompt to its bucket.
     pad_to = None if self.prefill_chunk is not None else bucket(len(prompt))
     return self.gen.begin([prompt], max_new_tokens=max_tokens, sampling=[sampling],
                           seeds=[seed], pad_to=pad_to)
@@ -308,18 +311,21 @@ class Engine:
         req.emit([], f"error: {e}")
 
   def _group(self, admitted: list) -> list[_Group]:
-    """The admitted requests as jobs: those whose prompts pad to one length together (each row
-    keeps its own padding, so no prompt is padded further), in jobs of `group_sizes` rows."""
-    by_length: dict[int, list] = {}
+    """The admitted requests as jobs: those whose prompts take as many chunks together, in jobs
+    of `group_sizes` rows; each job's first chunk is as wide as its widest row's
+    (`PrefillJob.stack`), so rows of similar length go together."""
+    by_chunks: dict[int, list] = {}
     for order, (row, _, job) in enumerate(admitted):
-      by_length.setdefault(job.tokens.shape[1], []).append((order, row, job))
+      by_chunks.setdefault(job.num_chunks, []).append((order, row, job))
     groups = []  # (arrival of the job's first request, the job)
-    for items in by_length.values():
+    for items in by_chunks.values():
+      items.sort(key=lambda item: item[2].tokens.shape[1])
       for k in group_sizes(self.prefill_rows):
         while len(items) >= k:
           part, items = items[:k], items[k:]
-          groups.append((part[0][0], _Group(rows=[row for _, row, _ in part],
-                                            job=PrefillJob.stack([job for _, _, job in part]))))
+          groups.append((min(o for o, _, _ in part), _Group(
+              rows=[row for _, row, _ in part],
+              job=PrefillJob.stack([job for _, _, job in part], self.pad_id))))
     return [g for _, g in sorted(groups, key=lambda g: g[0])]  # oldest first, as they came
 
   def _prefill(self) -> None:

@@ -169,9 +169,11 @@ def test_the_engine_refuses_what_it_cannot_take(model):
     Engine(model, max_batch=1, max_prompt=8, max_tokens=4, prefill_chunk=0)
   with pytest.raises(ValueError, match="prefill_tokens_per_tick must be an integer >= 1, got 0"):
     Engine(model, max_batch=1, max_prompt=8, max_tokens=4, prefill_tokens_per_tick=0)
-  # A row's cache holds the longest prompt as padded (whole chunks, or a bucket) and its budget;
-  # a chunk longer than the longest prompt would only pad further: it is cut to max_prompt.
-  for chunk, max_len in ((4, 12 + 4), (None, 16 + 4), (256, 10 + 4)):
+  # A row's cache holds the longest prompt as padded (`chunked_length`: 10 tokens in chunks of
+  # 4 are a first chunk of 2 and two of 4; in chunks of 6, two of 6; or a bucket) and its
+  # budget; a chunk longer than the longest prompt would only pad further: it is cut to
+  # max_prompt.
+  for chunk, max_len in ((4, 10 + 4), (6, 12 + 4), (None, 16 + 4), (256, 10 + 4)):
     engine = Engine(model, max_batch=2, max_prompt=10, max_tokens=4, prefill_chunk=chunk)
     assert engine.max_len == max_len and engine.stats.cache_slots == 2 * max_len
   assert engine.prefill_chunk == 10
@@ -202,8 +204,9 @@ def test_a_long_prompt_prefills_between_decode_calls_and_cancelling_it_frees_the
     seen.append((len(runner.tokens), engine.stats.prefilling, len(waiter.tokens)))
   # The running row gets a token every tick while the long prompt goes in, chunk by chunk.
   assert seen == [(3, 1, 0), (4, 1, 0), (5, 1, 0), (6, 1, 0), (7, 0, 2)]
-  # Slots in use: each prompt padded to whole chunks (4 and 20), and the tokens so far.
-  assert engine.stats.cache_slots_used == 4 + 7 + 20 + 2
+  # Slots in use: each prompt padded (`chunked_length`: 3 to a first chunk of 4; 18 to a first
+  # chunk of 2 and four of 4), and the tokens so far.
+  assert engine.stats.cache_slots_used == 4 + 7 + 18 + 2
   _tick_until_done(engine, [runner, waiter])
   assert runner.tokens == generate(model, [short], max_new_tokens=12, prefill_chunk=4).tokens[0]
   assert waiter.tokens == generate(model, [long], max_new_tokens=6, prefill_chunk=4).tokens[0]
