@@ -54,6 +54,7 @@ from benchmarks.common import ROOT, cap_allocator, command, config_path, default
 
 
 TTFT_P99_LIMIT_S = 2.0
+DEFAULT_PROMPT, DEFAULT_OUTPUT = [32, 512], [32, 512]  # tokens, uniform: the load mix
 METRICS_EVERY_S = 0.25
 FULL_MIN_S = 1.0  # seconds of full batch below which a run's full_tokens_per_s is not used
 
@@ -468,8 +469,10 @@ def main(argv=None) -> str:
   p.add_argument("--burst", type=float, default=0,
                  help="end with K x rows requests arriving at once (the batch kept full: the "
                  "saturated throughput)")
-  p.add_argument("--prompt", type=int, nargs=2, default=[32, 512], help="prompt length range")
-  p.add_argument("--output", type=int, nargs=2, default=[32, 512], help="output length range")
+  p.add_argument("--prompt", type=int, nargs=2, default=DEFAULT_PROMPT,
+                 help="prompt length range")
+  p.add_argument("--output", type=int, nargs=2, default=DEFAULT_OUTPUT,
+                 help="output length range")
   p.add_argument("--max_batch", type=int, default=None)
   p.add_argument("--memory_bytes", type=int, default=None)
   p.add_argument("--steps_per_tick", type=int, default=8)
@@ -578,7 +581,10 @@ def main(argv=None) -> str:
   label = args.checkpoint or f"{args.shape} {args.layer_types}"
   entry = records.entry(
       f"{label} {args.memory_bytes or args.max_batch}"
-      + (f" {args.cache_dtype}" if args.cache_dtype else "") + (" smoke" if args.smoke else ""),
+      + (f" {args.cache_dtype}" if args.cache_dtype else "") + (" smoke" if args.smoke else "")
+      # Another load mix is another setting, not a re-run of this one.
+      + ("" if (args.prompt, args.output) == (DEFAULT_PROMPT, DEFAULT_OUTPUT) or args.smoke
+         else f" prompt {args.prompt[0]}-{args.prompt[1]} output {args.output[0]}-{args.output[1]}"),
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,
