@@ -98,7 +98,7 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
   within the entry's limit) with its latencies, and the saturated output tokens/s; with
   `offline` (an entry's setting -> the offline max-batch tokens/s of the same model and memory,
   `benchmarks.throughput`), that number and the saturated one's fraction of it."""
-  head = ["model", "cache", "rows", "prefill rows", "sustained req/s", "TTFT p50 / p99 (s)",
+  head = ["model", "cache", "prompt / output tokens", "rows", "prefill rows", "sustained req/s", "TTFT p50 / p99 (s)",
           "inter-token p50 / p99 (ms)", "burst req/s", "burst engine: decode / prefill / host",
           "full-batch tok/s", "saturated output tok/s"]
   if offline is not None:
@@ -116,7 +116,8 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
         f"{100 * v:.0f}%" for v in (share["decode"], share["prefill"],
                                     share["admit"] + share["emit"]))
     full = full_batch_tokens_per_s(e["results"])
-    rows.append([e["label"], e.get("cache_dtype") or "bf16", f"{e['max_batch']:,}",
+    mix = "{}-{} / {}-{}".format(*e.get("prompt", DEFAULT_PROMPT), *e.get("output", DEFAULT_OUTPUT))
+    rows.append([e["label"], e.get("cache_dtype") or "bf16", mix, f"{e['max_batch']:,}",
                  str(e.get("prefill_rows", 1)), *at, burst, where,
                  "–" if full is None else f"{full:,.0f}", f"{saturated:,.0f}"])
     if offline is not None:
@@ -127,7 +128,9 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
 
 
 def plot(entries: list[dict], out: str, title: str = "") -> str:
-  """Output tokens/s and p99 TTFT against the arrival rate, one line per served model."""
+  """Output tokens/s and p99 TTFT against the arrival rate, one line per served model; the
+  burst (saturation) is the star at its achieved requests/s, with its saturated tokens/s (its
+  TTFT is queueing by design, so it is left out on the right)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -135,14 +138,23 @@ def plot(entries: list[dict], out: str, title: str = "") -> str:
   for e in entries:
     rs = sorted((r for r in e["results"] if r["rate"] is not None), key=lambda r: r["rate"])
     x = [r["rate"] for r in rs]
-    label = f"{e['label']} (batch {e['max_batch']})"
-    a.plot(x, [r["output_tokens_per_s"] for r in rs], "o-", label=label)
-    b.plot(x, [r["ttft_p99_s"] for r in rs], "o-", label=label)
+    mix = ("" if [e.get("prompt", DEFAULT_PROMPT), e.get("output", DEFAULT_OUTPUT)] == [
+        DEFAULT_PROMPT, DEFAULT_OUTPUT] else " {}-{} / {}-{}".format(*e["prompt"], *e["output"]))
+    label = f"{e['label']}{mix} (batch {e['max_batch']})"
+    y = [r["output_tokens_per_s"] for r in rs]
+    bursts = [r for r in e["results"] if r["rate"] is None]
+    line, = a.plot(x, y, "o-", label=label)
+    if bursts:
+      a.plot(x[-1:] + [bursts[-1]["requests_per_s"]],
+             y[-1:] + [saturated_tokens_per_s(e["results"])], ":", color=line.get_color())
+      a.plot([bursts[-1]["requests_per_s"]], [saturated_tokens_per_s(e["results"])], "*",
+             ms=11, color=line.get_color())
+    b.plot(x, [r["ttft_p99_s"] for r in rs], "o-", label=label, color=line.get_color())
   for ax in (a, b):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("arrival rate (requests/s)")
     ax.grid(alpha=0.3)
-  a.set_ylabel("output tokens/s")
+  a.set_ylabel("output tokens/s (star: saturated, at the burst's requests/s)")
   b.set_ylabel("time to first token, p99 (s)")
   b.set_yscale("log")
   b.axhline(TTFT_P99_LIMIT_S, color="gray", ls="--", lw=0.8)

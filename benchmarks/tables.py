@@ -382,11 +382,15 @@ def study_h200_cost() -> str:
 # ---------------------------------------------------------------------------------------------
 
 # The load runs, in the table's order, each with the offline setting (benchmarks.throughput,
-# P=G=512: the load's longest prompt and output, the same slots per row) it is held against.
+# P=G=512: the load's longest prompt and output, the same slots per row) it is held against;
+# the decode-heavy mix (prompts 32-256, outputs 256-1024) has no offline setting of its own.
+DECODE_MIX = " prompt 32-256 output 256-1024"
 SERVE_LOAD = (("7b llama 25507659776", "7b_llama_p512_g512_max_25.5GB"),
               ("7b lckv 25507659776", "7b_lckv_p512_g512_max_25.5GB"),
               ("1b llama 25507659776", "1b_llama_p512_g512_max_25.5GB"),
-              ("1b lckv 25507659776", "1b_lckv_p512_g512_max_25.5GB"))
+              ("1b lckv 25507659776", "1b_lckv_p512_g512_max_25.5GB"),
+              ("7b llama 25507659776" + DECODE_MIX, None),
+              ("7b lckv 25507659776" + DECODE_MIX, None))
 
 
 def serve_load_h200() -> str:

@@ -61,16 +61,20 @@ def test_sustained_rate_is_the_highest_rate_kept_up_with_under_the_ttft_limit(tm
              dict(label="1b lckv", max_batch=40, results=sweep[:3])]
   out = sl.plot(entries, str(tmp_path / "load.png"), "title")
   assert os.path.getsize(out) > 10_000
+  out = sl.plot([dict(entries[1], results=sweep[:3] + [burst], prompt=[32, 256],  # a star
+                      output=[256, 1024])], str(tmp_path / "burst.png"))
+  assert os.path.getsize(out) > 10_000
   table = sl.markdown([*entries, dict(label="7b lckv", max_batch=1234, cache_dtype="int8",
+                                      prompt=[32, 256], output=[256, 1024],
                                       results=sweep[2:4])]).splitlines()
-  assert table[2] == "| 1b llama | bf16 | 8 | 1 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 210 |"
-  assert table[3] == "| 1b lckv | bf16 | 40 | 1 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 160 |"
-  assert table[4] == "| 7b lckv | int8 | 1,234 | 1 | none | – | – | – | – | – | 200 |"
+  assert table[2] == "| 1b llama | bf16 | 32-512 / 32-512 | 8 | 1 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 210 |"
+  assert table[3] == "| 1b lckv | bf16 | 32-512 / 32-512 | 40 | 1 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 160 |"
+  assert table[4] == "| 7b lckv | int8 | 32-256 / 256-1024 | 1,234 | 1 | none | – | – | – | – | – | 200 |"
   burst = dict(_result(None, 5.0, 9.0, tok=250), engine_share=dict(
       admit=0.01, prefill=0.3, decode=0.5, emit=0.09, idle=0.1))
   row = sl.markdown([dict(label="x", max_batch=8, prefill_rows=4,
                           results=sweep + [burst])]).splitlines()[2]
-  assert row == "| x | bf16 | 8 | 4 | 4 | 0.75 / 1.50 | 10.0 / 20.0 | 5.00 | 50% / 30% / 10% | – | 250 |"
+  assert row == "| x | bf16 | 32-512 / 32-512 | 8 | 4 | 4 | 0.75 / 1.50 | 10.0 / 20.0 | 5.00 | 50% / 30% / 10% | – | 250 |"
   # Against the offline max batch of the same memory (issue 16's 80% target).
   entries = [dict(e, setting=s) for e, s in zip(entries, ("a", "b"))]
   table = sl.markdown(entries, {"a": 300.0}).splitlines()
