@@ -98,7 +98,8 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
   within the entry's limit) with its latencies, and the saturated output tokens/s; with
   `offline` (an entry's setting -> the offline max-batch tokens/s of the same model and memory,
   `benchmarks.throughput`), that number and the saturated one's fraction of it."""
-  head = ["model", "cache", "prompt / output tokens", "rows", "prefill rows", "sustained req/s", "TTFT p50 / p99 (s)",
+  head = ["model", "cache", "prompt / output tokens", "rows", "prefill rows", "sustained req/s",
+          "TTFT p50 / p99 (s)",
           "inter-token p50 / p99 (ms)", "burst req/s", "burst engine: decode / prefill / host",
           "full-batch tok/s", "saturated output tok/s"]
   if offline is not None:
@@ -596,7 +597,7 @@ def main(argv=None) -> str:
       + (f" {args.cache_dtype}" if args.cache_dtype else "") + (" smoke" if args.smoke else "")
       # Another load mix is another setting, not a re-run of this one.
       + ("" if (args.prompt, args.output) == (DEFAULT_PROMPT, DEFAULT_OUTPUT) or args.smoke
-         else f" prompt {args.prompt[0]}-{args.prompt[1]} output {args.output[0]}-{args.output[1]}"),
+         else " prompt {}-{} output {}-{}".format(*args.prompt, *args.output)),
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,

@@ -236,7 +236,7 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, 
       and (chunk <= iterations or cfg.use_sequential))
   graphdef, params = nnx.split(model) if split is None else split
   # Left-padded prompts into an empty cache: the fused kernel, the padding masked by segment
-  # (on the H200, a [4, 256] 7b LCKV chunk took 159 ms so against 205 ms through the dense
+  # (on the H200, a [4, 256] 7b LCKV chunk took 159 ms against 205 ms through the dense
   # mask over a 1,024-slot cache).
   by_index = (mode is Mode.PREFILL_EMPTY and positions is not None
               and rises_by_one(positions, segment_ids))
@@ -390,8 +390,8 @@ class _Settings:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5,))
-def _started(settings: _Settings, n: int, vocab: int, sink: bool, from_seed: bool, cache, logits_BxV,
-             seed, lengths, budget, padded, rows) -> DecodeState:
+def _started(settings: _Settings, n: int, vocab: int, sink: bool, from_seed: bool, cache,
+             logits_BxV, seed, lengths, budget, padded, rows) -> DecodeState:
   """The decode state of a prefilled job (`Generator.finish`), its first tokens sampled: one
   call, where a dozen eager ops took 9 ms of a 1b server's host per job on the H200. `n`: the
   budget's slots of tokens; `vocab`: logits kept per token (0: none); `sink`: rows left-aligned

@@ -242,8 +242,8 @@ def test_left_padded_empty_prefill_takes_the_fused_kernel_and_equals_the_masked_
   t, pos, seg, _ = gen_lib.pad_prompts(prompts([10, 6, 3, 1], seed=7), 64)
   calls = []
   real = fused.fused_causal_attention
-  monkeypatch.setattr(fused, "fused_causal_attention",
-                      lambda *a, **k: calls.append(k["segment_ids_BxT"] is not None) or real(*a, **k))
+  spy = lambda *a, **k: calls.append(k["segment_ids_BxT"] is not None) or real(*a, **k)  # noqa
+  monkeypatch.setattr(fused, "fused_causal_attention", spy)
   outs = []
   for mode in (Mode.PREFILL, Mode.PREFILL_EMPTY):  # the dense mask, then the fused kernel
     cache = KVCache.create(model.config, 4, 16)
