@@ -29,7 +29,7 @@ def test_serve_load_smoke(tmp_path):
     assert abs(sum(share.values()) - 1) < 1e-3 and share["decode"] > 0
     assert r["output_tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
     assert r["clients"] == 2 and 0 < r["client_cpu"] < 2  # two processes sent them
-    assert 0 < r["mean_running"] <= r["peak_running"]
+    assert 0 <= r["mean_running"] <= r["peak_running"]  # samples every 0.25 s: may see none
     assert r["server_cpu"] > 0 and 0 < r["engine_cpu"] <= 1.05  # CPU seconds per second
     assert 0 < r["itl_p50_s"] <= r["itl_p99_s"] and 0 < r["tpot_p50_s"] <= r["tpot_p99_s"]
 
