@@ -372,10 +372,10 @@ class KVCache:
                          f"{other[j].k.dtype}")
 
   def insert_row(self, row: int | jax.Array, other: KVCache, other_row: int = 0) -> KVCache:
-    """Batch row `row` replaced by row `other_row` of `other` (same layout and slots)."""
-    self._check_same_layout(other, "insert_row", same_slots=True)
-    return self.with_layers({j: jax.tree.map(lambda a, b: a.at[row].set(b[other_row]), e,
-                                             other[j]) for j, e in self.layers.items()})
+    """Batch row `row` replaced by row `other_row` of `other` (same layout and slots):
+    `insert_rows` with the other rows of `other` skipped."""
+    rows = jnp.full((other.batch,), self.batch, jnp.int32).at[other_row].set(row)
+    return self.insert_rows(rows, other)
 
   def insert_rows(self, rows, other: KVCache) -> KVCache:
     """Batch rows `rows[i]` replaced by row i of `other` (same layout and slots); a row index

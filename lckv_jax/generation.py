@@ -196,7 +196,8 @@ def _prefill(graphdef, mode: Mode, iterations: int, sequential: bool, all_logits
 
 def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, write_index=None,
             *, mode: Mode = Mode.PREFILL, iterations: int | None = None,
-            prefill_mode: str = "auto", all_logits: bool = False, split=None):
+            prefill_mode: str = "auto", all_logits: bool = False, split=None,
+            rule_chunk: int | None = None):
   """Runs a chunk of prompt tokens into `cache` (donated) at `write_index` [batch].
 
   Args:
@@ -210,6 +211,8 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, 
     prefill_mode: 'auto' (sequential for a model with a cycle and a chunk no longer than
       `iterations`, else parallel), 'parallel' or 'sequential'.
     split: `nnx.split(model)`, when the caller holds it (`Generator(static_weights=True)`).
+    rule_chunk: the chunk length 'auto' decides on (default this call's): a chunked prefill's
+      narrower first chunk iterates as its whole chunks do.
   Returns:
     logits [batch, vocab] of the last token ([batch, chunk, vocab] with `all_logits`), and the
     cache.
@@ -233,7 +236,7 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, 
   chunk = tokens.shape[1]
   sequential = prefill_mode == "sequential" or (
       prefill_mode == "auto" and cfg.layer_spec.has_cycle
-      and (chunk <= iterations or cfg.use_sequential))
+      and ((rule_chunk or chunk) <= iterations or cfg.use_sequential))
   graphdef, params = nnx.split(model) if split is None else split
   # Left-padded prompts into an empty cache: the fused kernel, the padding masked by segment
   # (on the H200, a [4, 256] 7b LCKV chunk took 159 ms against 205 ms through the dense
@@ -272,14 +275,24 @@ class RowSampling(NamedTuple):
   #                 request's tokens depend on its seed only, never on the rest of the batch
 
 
-def row_sampling(settings: Sequence[Sampling], seeds: Sequence[int]) -> RowSampling:
-  """RowSampling of one setting and one seed per row."""
+def row_arrays(settings: Sequence[Sampling], seeds: Sequence[int]) -> tuple[np.ndarray, ...]:
+  """Each row's (temperature, top_k, top_p, seed) as host arrays: a `RowSampling`'s makings."""
   if len(settings) != len(seeds):
     raise ValueError(f"row sampling: {len(settings)} settings for {len(seeds)} seeds")
-  return RowSampling(jnp.asarray([s.temperature for s in settings], jnp.float32),
-                     jnp.asarray([s.top_k for s in settings], jnp.int32),
-                     jnp.asarray([s.top_p for s in settings], jnp.float32),
-                     jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)))
+  return (np.asarray([s.temperature for s in settings], np.float32),
+          np.asarray([s.top_k for s in settings], np.int32),
+          np.asarray([s.top_p for s in settings], np.float32), np.asarray(seeds, np.uint32))
+
+
+def row_sampling(settings: Sequence[Sampling], seeds: Sequence[int]) -> RowSampling:
+  """RowSampling of one setting and one seed per row."""
+  return _row_sampling(row_arrays(settings, seeds))
+
+
+def _row_sampling(arrays) -> RowSampling:
+  temperature, top_k, top_p, seeds = arrays
+  return RowSampling(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p),
+                     jax.vmap(jax.random.key)(jnp.asarray(seeds)))
 
 
 class DecodeState(NamedTuple):
@@ -407,7 +420,7 @@ def _started(settings: _Settings, n: int, vocab: int, sink: bool, from_seed: boo
       position=lengths, done=jnp.zeros((b,), bool), num_generated=jnp.zeros((b,), jnp.int32),
       max_new=budget, tokens=jnp.full((b, n), settings.pad_id, jnp.int32),
       logits=jnp.zeros((b, n, vocab), jnp.float32) if vocab else None, rng=rng,
-      rows=None if rows is None else RowSampling(*rows[:3], jax.vmap(jax.random.key)(rows[3])))
+      rows=None if rows is None else _row_sampling(rows))
   return _finish(settings, state, logits_BxV, key)
 
 
@@ -713,11 +726,7 @@ class Generator:
       raise ValueError(f"finish: {job.num_chunks - job.chunks_done} of the job's "
                        f"{job.num_chunks} chunks are not prefilled yet (prefill_next)")
     b, padded = job.tokens.shape
-    rows = None if job.sampling is None else (
-        np.asarray([s.temperature for s in job.sampling], np.float32),
-        np.asarray([s.top_k for s in job.sampling], np.int32),
-        np.asarray([s.top_p for s in job.sampling], np.float32),
-        np.asarray(job.seeds, np.uint32))
+    rows = None if job.sampling is None else row_arrays(job.sampling, job.seeds)
     from_seed = isinstance(job.seed, (int, np.integer))
     seed = np.uint32(job.seed % 2**32) if from_seed else job.seed
     vocab = self.model.config.vocab_size if self.return_logits else 0
@@ -792,17 +801,10 @@ class Generator:
     # kernel however it is padded (`prefill`), one compilation per width and batch size.
     mode = Mode.PREFILL_EMPTY if k == 0 else Mode.PREFILL
     write_index = None if k == 0 else np.full((b,), start, np.int32)
-    cfg = self.model.config
-    prefill_mode = self.prefill_mode
-    if prefill_mode == "auto":  # by the job's chunk, not this call's width: a narrower first
-      # chunk iterates as a whole chunk would (`prefill`'s rule, on C)
-      iterations = self.prefill_iterations or cfg.forward_passes + cfg.backward_passes
-      prefill_mode = "sequential" if cfg.layer_spec.has_cycle and (
-          job.chunk <= iterations or cfg.use_sequential) else "parallel"
     arrays = _shard_state((*self._inputs(tokens, positions, segment_ids), cache), self.mesh)
     return prefill(self.model, *arrays, write_index, mode=mode,
-                   iterations=self.prefill_iterations, prefill_mode=prefill_mode,
-                   split=self._graph())
+                   iterations=self.prefill_iterations, prefill_mode=self.prefill_mode,
+                   split=self._graph(), rule_chunk=job.chunk)
 
   def _prefill_rows(self, tokens, positions, segment_ids, cache):
     """Prefills the prompts whole, `prefill_batch` rows at a time. One chunk runs straight into the
