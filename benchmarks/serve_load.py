@@ -93,6 +93,12 @@ def saturated_tokens_per_s(results: list[dict]) -> float:
              + [r["output_tokens_per_s"] for r in results])
 
 
+def _mix(entry: dict) -> str:
+  """An entry's load mix, 'prompts / outputs' in tokens (the default where it names none)."""
+  return "{}-{} / {}-{}".format(*entry.get("prompt", DEFAULT_PROMPT),
+                                *entry.get("output", DEFAULT_OUTPUT))
+
+
 def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> str:
   """One row per served model: its rows, the sustained rate (the highest kept up with, p99 TTFT
   within the entry's limit) with its latencies, and the saturated output tokens/s; with
@@ -117,8 +123,7 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
         f"{100 * v:.0f}%" for v in (share["decode"], share["prefill"],
                                     share["admit"] + share["emit"]))
     full = full_batch_tokens_per_s(e["results"])
-    mix = "{}-{} / {}-{}".format(*e.get("prompt", DEFAULT_PROMPT), *e.get("output", DEFAULT_OUTPUT))
-    rows.append([e["label"], e.get("cache_dtype") or "bf16", mix, f"{e['max_batch']:,}",
+    rows.append([e["label"], e.get("cache_dtype") or "bf16", _mix(e), f"{e['max_batch']:,}",
                  str(e.get("prefill_rows", 1)), *at, burst, where,
                  "–" if full is None else f"{full:,.0f}", f"{saturated:,.0f}"])
     if offline is not None:
@@ -139,8 +144,7 @@ def plot(entries: list[dict], out: str, title: str = "") -> str:
   for e in entries:
     rs = sorted((r for r in e["results"] if r["rate"] is not None), key=lambda r: r["rate"])
     x = [r["rate"] for r in rs]
-    mix = ("" if [e.get("prompt", DEFAULT_PROMPT), e.get("output", DEFAULT_OUTPUT)] == [
-        DEFAULT_PROMPT, DEFAULT_OUTPUT] else " {}-{} / {}-{}".format(*e["prompt"], *e["output"]))
+    mix = "" if _mix(e) == _mix({}) else " " + _mix(e)
     label = f"{e['label']}{mix} (batch {e['max_batch']})"
     y = [r["output_tokens_per_s"] for r in rs]
     bursts = [r for r in e["results"] if r["rate"] is None]

@@ -201,7 +201,7 @@ class Engine:
     t0 = time.monotonic()
     self._reset()
     for k in group_sizes(self.prefill_rows):
-      for n in self._warm_lengths(k):
+      for n in self._warm_lengths():
         job = PrefillJob.stack([self._begin([self.pad_id] * n, Sampling(), 0, 1)] * k,
                                self.pad_id)
         while not job.done:
@@ -214,8 +214,8 @@ class Engine:
     self.compile_seconds = time.monotonic() - t0
     return self.compile_seconds
 
-  def _warm_lengths(self, rows: int = 1) -> list[int]:
-    """Prompt lengths that between them run every prefill call a job of `rows` rows can make."""
+  def _warm_lengths(self) -> list[int]:
+    """Prompt lengths that between them run every prefill call a job can make (at any size)."""
     c = self.prefill_chunk
     if c is None:
       # Per bucket: a prompt of its length prefills unpadded (the fused path), a shorter padded.
