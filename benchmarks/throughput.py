@@ -319,6 +319,7 @@ def measured_ceilings(smoke: bool = False, path: str | None = None) -> dict:
   extra = {} if small else {"decode_kernel": rl.measure_decode_kernel_bandwidth}
   ceilings = rl.ceilings(small, extra)
   if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
       json.dump(dict(ceilings, device=device), f, indent=1)
   return ceilings

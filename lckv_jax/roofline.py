@@ -160,18 +160,26 @@ def roofline_bound(bytes_total: float, flops_total: float, hbm_bytes_per_s: floa
 # ---------------------------------------------------------------------------------------------
 
 
-def _best_seconds(fn, repeats: int) -> float:
-  """The fastest wall time of `repeats` calls of `fn()` (which must block until its work is
-  done), after one untimed call. A ceiling is the best the device does: a slower call is the
-  device still clocking up or busy with something else (the H200 read 1.35 TB/s for a copy first
-  in a process, 3.05 in a process started after minutes of work, with the median)."""
-  fn()  # compiles and warms caches
-  times = []
+def _best_seconds(fn, repeats: int, calls: int = 1) -> float:
+  """The fastest per-call time of `repeats` timings, each of `calls` back-to-back calls of
+  `fn()` (which returns its result without waiting for it), after one untimed call.
+
+  A ceiling is the best the device does: a slower timing is the device still clocking up or
+  busy with something else (the H200 read 1.35 TB/s for a copy first in a process, 3.05 in a
+  process started after minutes of work, with the median). Calls in a row are queued while the
+  device runs the earlier ones, so dispatch and the wait for the result are paid once per timing,
+  not once per call: on a 1 ms copy they are a few percent of it.
+  """
+  jax.block_until_ready(fn())  # compiles and warms caches
+  best = math.inf
   for _ in range(repeats):
     t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
+    for _ in range(calls):
+      out = fn()
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - t0) / calls)
+    del out
+  return best
 
 
 def warm_up_device(seconds: float = 2.0, n: int = 4096) -> int:
@@ -207,24 +215,23 @@ def measure_hbm_bandwidth(nbytes: int = 2**31, dtype=jnp.bfloat16, repeats: int 
   a, b = jnp.asarray(0.5, dtype), jnp.asarray(0.25, dtype)
 
   def once():
-    state[0] = jax.block_until_ready(_axpb(state[0], a, b))
+    state[0] = _axpb(state[0], a, b)
+    return state[0]
 
   seconds = _best_seconds(once, repeats)
-  state[0].delete()
+  jax.block_until_ready(state[0]).delete()
   return _PASSES * 2 * n * jnp.dtype(dtype).itemsize / seconds
 
 
-def measure_copy_bandwidth(nbytes: int = 2**31, dtype=jnp.bfloat16, repeats: int = 5) -> float:
+def measure_copy_bandwidth(nbytes: int = 2**31, dtype=jnp.bfloat16, repeats: int = 5,
+                           calls: int = 8) -> float:
   """Bytes/s of a device-to-device copy of `nbytes` (read + write counted, as memcpy
-  benchmarks do), the best of a copy kernel and the read of its result."""
+  benchmarks do), timed over `calls` copies in a row."""
   n = nbytes // jnp.dtype(dtype).itemsize
   x = jax.random.normal(jax.random.key(0), (n,), dtype)
   copy = jax.jit(lambda x: x.copy())  # noqa: E731 - XLA's copy: no arithmetic, a new buffer
 
-  def once():
-    jax.block_until_ready(copy(x)).delete()
-
-  seconds = _best_seconds(once, repeats)
+  seconds = _best_seconds(lambda: copy(x), repeats, calls)
   x.delete()
   return 2 * n * jnp.dtype(dtype).itemsize / seconds
 
@@ -234,23 +241,21 @@ def _read_sum(x_RxC):
   return jnp.sum(x_RxC, axis=1, dtype=jnp.float32)  # reads everything, writes R floats
 
 
-def measure_read_bandwidth(nbytes: int = 2**31, dtype=jnp.bfloat16, repeats: int = 5) -> float:
-  """Bytes/s of a read-only pass: a row sum over `nbytes` (the writes, one float a row of 64K
-  elements, are negligible). A decode step is mostly this: weights and cache read once."""
+def measure_read_bandwidth(nbytes: int = 2**31, dtype=jnp.bfloat16, repeats: int = 5,
+                           calls: int = 8, cols: int = 1 << 16) -> float:
+  """Bytes/s of a read-only pass: a row sum over `nbytes` in rows of `cols` elements (the
+  writes, one float a row, are negligible), timed over `calls` passes in a row. A decode step is
+  mostly this: weights and cache read once."""
   n = nbytes // jnp.dtype(dtype).itemsize
-  cols = 1 << 16
   x = jax.random.normal(jax.random.key(0), (max(1, n // cols), cols), dtype)
 
-  def once():
-    jax.block_until_ready(_read_sum(x)).delete()
-
-  seconds = _best_seconds(once, repeats)
+  seconds = _best_seconds(lambda: _read_sum(x), repeats, calls)
   nbytes = x.nbytes
   x.delete()
   return nbytes / seconds
 
 
-def measure_decode_kernel_bandwidth(nbytes: int = 2**31, repeats: int = 5,
+def measure_decode_kernel_bandwidth(nbytes: int = 2**31, repeats: int = 5, calls: int = 8,
                                     interpret: bool = False) -> float:
   """Bytes/s of the decode kernel's own streaming read (`kernels.decode.prefix_attention`): one
   query per row over every slot of a bf16 cache of about `nbytes` (keys and values), 1b's
@@ -265,10 +270,7 @@ def measure_decode_kernel_bandwidth(nbytes: int = 2**31, repeats: int = 5,
   start, end = jnp.zeros((batch,), jnp.int32), jnp.full((batch,), slots, jnp.int32)
   attend = jax.jit(functools.partial(decode.prefix_attention, interpret=interpret))
 
-  def once():
-    jax.block_until_ready(attend(q, k, v, start, end)).delete()
-
-  seconds = _best_seconds(once, repeats)
+  seconds = _best_seconds(lambda: attend(q, k, v, start, end), repeats, calls)
   read = k.nbytes + v.nbytes
   for x in (q, k, v):
     x.delete()
@@ -328,10 +330,7 @@ def measure_matmul_rate(n: int = 8192, dtype=jnp.bfloat16, repeats: int = 5) -> 
   # Entries of variance 1/n keep the rows' scale through the chain (no overflow in bf16).
   w = (jax.random.normal(kw, (n, n), jnp.float32) / math.sqrt(n)).astype(dtype)
 
-  def once():
-    jax.block_until_ready(_chained_matmul(x, w)).delete()
-
-  seconds = _best_seconds(once, repeats)
+  seconds = _best_seconds(lambda: _chained_matmul(x, w), repeats)
   x.delete()
   w.delete()
   return _CHAIN * 2 * n**3 / seconds

@@ -190,6 +190,9 @@ def test_a_ceiling_is_timed_by_its_fastest_run_after_a_warm_up(monkeypatch):
   def fn():
     calls.append(next(durations))
   assert rf._best_seconds(fn, 3) == pytest.approx(0.01)
+  # Calls in a row: the per-call time of the fastest timing (two calls each).
+  durations, calls[:] = iter([0.5, 0.03, 0.03, 0.01, 0.03]), []
+  assert rf._best_seconds(fn, 2, calls=2) == pytest.approx(0.02)
   assert rf.warm_up_device(seconds=0.0) == 0  # nothing to do at 0 s
   monkeypatch.undo()
   assert rf.warm_up_device(seconds=0.01, n=64) >= 1
