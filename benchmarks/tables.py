@@ -103,15 +103,15 @@ def _paper_number(x: float) -> str:
   return f"{x:,}" if isinstance(x, int) else f"{x:,.1f}"
 
 
-def _ours(row: dict) -> tuple[dict, dict]:
-  return tuple(_get("throughput", H100, s) for s in row["ours"])
+def _ours(row: dict, device: str = H100) -> tuple[dict, dict]:
+  return tuple(_get("throughput", device, s) for s in row["ours"])
 
 
-def throughput_max_batch() -> str:
+def throughput_max_batch(device: str = H100) -> str:
   """README.md: each Table-1 row of the paper at our max batch, with the paper's lckv tok/s."""
   rows = []
   for row in PAPER:
-    llama, lckv = _ours(row)
+    llama, lckv = _ours(row, device)
     ratio = lckv["tokens_per_s"] / llama["tokens_per_s"]
     rows.append([row["model"], f"{llama['prompt']}+{llama['gen']}", row["memory"],
                  f"{llama['batch']:,}, {_n(llama['tokens_per_s'])}",
@@ -121,11 +121,11 @@ def throughput_max_batch() -> str:
                     "lckv: max batch, tok/s (lckv/llama)", "paper (lckv tok/s)"], rows)
 
 
-def throughput_paper() -> str:
+def throughput_paper(device: str = H100) -> str:
   """throughput.md: the paper's Table 1 beside our runs of each row."""
   rows = []
   for row in PAPER:
-    llama, lckv = _ours(row)
+    llama, lckv = _ours(row, device)
     (pb0, pb1), (pt0, pt1) = row["batch"], row["tok_s"]
     proj = ", proj." if llama.get("projected") or lckv.get("projected") else ""
     rows.append([
@@ -135,8 +135,33 @@ def throughput_paper() -> str:
         f"{_n(lckv['tokens_per_s'])} ({lckv['tokens_per_s'] / llama['tokens_per_s']:.2f}x{proj})",
         f"{lckv['tokens_per_s'] / pt1:.1f}x"])
   return _markdown(["paper row", "paper: batch, tok/s llama -> lckv",
-                    "here (H100, same memory): batch, tok/s llama -> lckv",
+                    f"here ({'H100' if device == H100 else 'H200'}, same memory): batch, tok/s "
+                    "llama -> lckv",
                     "lckv here / paper"], rows)
+
+
+# The quantized cache at max batch (issue 17: capacity 1.9x, tokens/s 1.7x the bf16 cache's).
+QUANT = (("1b, 24 GB, 5+2043", "1b_{}_p5_g2043_max_25.5GB"),
+         ("7b, 24 GB, 512+1024", "7b_{}_p512_g1024_max_25.5GB"))
+
+
+def throughput_quant_h200() -> str:
+  """README.md: max batch and tokens/s of the bf16, int8 and fp8 caches, and their ratios."""
+  rows, entries = [], {e["setting"]: e for e in _entries("throughput", H200)}
+  for name, pattern in QUANT:
+    for lt in ("llama", "lckv"):
+      base = entries[pattern.format(lt)]
+      for dtype in ("int8", "fp8"):
+        r = entries.get(f"{pattern.format(lt)}_{dtype}")
+        if r is None:
+          continue
+        rows.append([name, lt, dtype, f"{base['batch']:,} -> {r['batch']:,}",
+                     f"{r['batch'] / base['batch']:.2f}x",
+                     f"{_n(base['tokens_per_s'])} -> {_n(r['tokens_per_s'])}",
+                     f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+                     f"{base['step_ms']:.1f} -> {r['step_ms']:.1f}"])
+  return _markdown(["setting", "model", "cache", "max batch bf16 -> quantized", "capacity",
+                    "tok/s bf16 -> quantized", "tok/s ratio", "ms/step"], rows)
 
 
 def throughput_runs() -> str:
@@ -405,6 +430,9 @@ def serve_load_h200() -> str:
 TABLES = {
     "throughput_max_batch": throughput_max_batch,
     "throughput_paper": throughput_paper,
+    "throughput_max_batch_h200": functools.partial(throughput_max_batch, H200),
+    "throughput_paper_h200": functools.partial(throughput_paper, H200),
+    "throughput_quant_h200": throughput_quant_h200,
     "throughput_runs": throughput_runs,
     "throughput_ratios": throughput_ratios,
     "decode_profile": decode_profile,
