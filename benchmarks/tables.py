@@ -428,7 +428,6 @@ def serve_load_h200() -> str:
 
 
 TABLES = {
-    "throughput_max_batch": throughput_max_batch,
     "throughput_paper": throughput_paper,
     "throughput_max_batch_h200": functools.partial(throughput_max_batch, H200),
     "throughput_paper_h200": functools.partial(throughput_paper, H200),
