@@ -43,7 +43,8 @@ def compile_step(args, layer_types: str):
   config = model_from_file(
       config_path(args.shape), layer_types=layer_types,
       forward_passes=args.m, backward_passes=args.b, dtype=args.dtype, param_dtype="float32",
-      remat=args.remat, max_position_embeddings=max(2048, args.seq))
+      remat=args.remat, max_position_embeddings=max(2048, args.seq),
+      attention_impl=args.attention_impl)
   tx = optax.adamw(1e-4)
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
@@ -138,6 +139,8 @@ def main(argv=None):
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--remat", default="full")
+  p.add_argument("--attention_impl", default="auto", choices=("auto", "dense", "xla", "cudnn"),
+                 help="the training attention kernel (auto: cudnn on a GPU in 16-bit)")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--docs", type=int, default=1,
                  help="documents packed per row (segment ids and positions); 1 = one sequence")

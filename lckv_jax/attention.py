@@ -23,8 +23,11 @@ class KV(NamedTuple):
 
   k, v: [batch, slots, kv_heads, head_dim] (keys already rotated at their own positions).
   pos, seg: [batch, slots] int32; `seg == 0` marks an empty or padding slot, never attended.
-  k_scale, v_scale: [batch, slots, kv_heads] float32 scales of a quantized cache buffer (k, v
+  k_scale, v_scale: [batch, kv_heads, slots] float32 scales of a quantized cache buffer (k, v
     int8 or float8_e4m3fn: the values are `k * k_scale`, `lckv_jax.quant`); None otherwise.
+    Slots last: the decode kernels read one kv head's scales of a block of slots as one
+    contiguous load (in `[batch, slots, kv_heads]` they were kv_heads * 4 bytes apart, and the
+    7b int8 decode kernel took 1.5x as long: 1,015 against 671 us on the H200).
   """
   k: jax.Array
   v: jax.Array
@@ -37,12 +40,19 @@ class KV(NamedTuple):
   def quantized(self) -> bool:
     return self.k_scale is not None
 
+  def map_slots(self, fn) -> KV:
+    """`fn(x, axis)` applied to each array with its slot axis (1; 2 for the scales)."""
+    return KV(*(None if x is None else fn(x, SLOT_AXIS[f]) for f, x in zip(self._fields, self)))
+
   def dequantized(self, dtype) -> KV:
     """The same KV with k and v in `dtype` (a quantized buffer read back through its scales)."""
     if not self.quantized:
       return self
-    return KV(quant.dequantize(self.k, self.k_scale, dtype),
-              quant.dequantize(self.v, self.v_scale, dtype), self.pos, self.seg)
+    return KV(quant.dequantize(self.k, jnp.swapaxes(self.k_scale, 1, 2), dtype),
+              quant.dequantize(self.v, jnp.swapaxes(self.v_scale, 1, 2), dtype), self.pos, self.seg)
+
+
+SLOT_AXIS = {"k": 1, "v": 1, "pos": 1, "seg": 1, "k_scale": 2, "v_scale": 2}  # fields of KV
 
 
 # ---------------------------------------------------------------------------------------------

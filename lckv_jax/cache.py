@@ -26,16 +26,18 @@ contiguous slots [first non-empty slot, next write], as `Generator` keeps it; a 
 then read only that span (`config.decode_attention`).
 
 Any layout may store its K and V quantized (`dtype` "int8" or "float8_e4m3fn", `lckv_jax.quant`):
-each buffer then also holds `k_scale`, `v_scale` [batch, slots, kv_heads] (float32), one per
-token and KV head. `write` quantizes; every operation that moves slots moves the scales with
-them; `evict_sink` dequantizes the keys it re-rotates and quantizes them again. The arrays say
-the format (int8 K and V with scales), so it needs no static field: a jitted step still compiles
-once per format, as the tree's leaves differ.
+each buffer then also holds `k_scale`, `v_scale` [batch, kv_heads, slots] (float32, slots last:
+see `attention.KV`), one per token and KV head. `write` quantizes; every operation that moves
+slots moves the scales with them (`KV.map_slots`: along their own slot axis); `evict_sink`
+dequantizes the keys it re-rotates and quantizes them again. The arrays say the format (int8 K
+and V with scales), so it needs no static field: a jitted step still compiles once per format, as
+the tree's leaves differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 
 from lckv_jax import layer_types as lt_lib
 from lckv_jax import quant
-from lckv_jax.attention import KV, apply_rope, rope_inv_freq, rope_tables
+from lckv_jax.attention import KV, SLOT_AXIS, apply_rope, rope_inv_freq, rope_tables
 from lckv_jax.config import ModelConfig
 
 
@@ -77,7 +79,7 @@ def _empty(config: ModelConfig, batch: int, slots: int, dtype) -> KV:
   shape = (batch, slots, config.num_kv_heads, config.resolved_head_dim)
   scales = ()
   if quant.is_quantized(dtype):
-    scales = tuple(jnp.zeros(shape[:3], quant.SCALE_DTYPE) for _ in range(2))
+    scales = tuple(jnp.zeros((batch, shape[2], slots), quant.SCALE_DTYPE) for _ in range(2))
   # Distinct arrays (never aliases), so the whole cache can be donated to `jit`.
   return KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), jnp.int32),
             jnp.zeros((batch, slots), jnp.int32), *scales)
@@ -141,20 +143,23 @@ def write(entry: KV, k_BxTxKxD, v_BxTxKxD, positions_BxT, segment_ids_BxT,
   if t > slots:
     raise ValueError(f"a chunk of {t} tokens does not fit a cache buffer of {slots} slots")
   if t == 1:  # a slice update, which XLA does in place
-    put = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
     index = write_index_B % slots
+    row_put = lambda buf, new, i, axis: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis)
   else:
-    put = jax.vmap(lambda buf, new, i: buf.at[i].set(new))
     index = (write_index_B[:, None] + jnp.arange(t)) % slots
+    row_put = lambda buf, new, i, axis: buf.at[(slice(None),) * axis + (i,)].set(new)
+
+  def put(buf, new, axis):  # new: [batch, T] along buf's slot axis
+    return jax.vmap(lambda b, n, i: row_put(b, n, i, axis - 1))(buf, new, index)
+
+  new = KV(k_BxTxKxD.astype(entry.k.dtype), v_BxTxKxD.astype(entry.v.dtype), positions_BxT,
+           segment_ids_BxT)
   if entry.quantized:  # a quantized buffer: the chunk's values and their scales
     (k, k_scale), (v, v_scale) = (quant.quantize(x, entry.k.dtype) for x in (k_BxTxKxD, v_BxTxKxD))
-    return KV(put(entry.k, k, index), put(entry.v, v, index), put(entry.pos, positions_BxT, index),
-              put(entry.seg, segment_ids_BxT, index), put(entry.k_scale, k_scale, index),
-              put(entry.v_scale, v_scale, index))
-  return KV(put(entry.k, k_BxTxKxD.astype(entry.k.dtype), index),
-            put(entry.v, v_BxTxKxD.astype(entry.v.dtype), index),
-            put(entry.pos, positions_BxT, index),
-            put(entry.seg, segment_ids_BxT, index))
+    new = KV(k, v, positions_BxT, segment_ids_BxT, jnp.swapaxes(k_scale, 1, 2),
+             jnp.swapaxes(v_scale, 1, 2))
+  return KV(*(None if b is None else put(b, n, SLOT_AXIS[f])
+              for f, b, n in zip(KV._fields, entry, new)))
 
 
 def _rering(entry: KV, end_B: jax.Array, slots: int) -> KV:
@@ -173,13 +178,12 @@ def _rering(entry: KV, end_B: jax.Array, slots: int) -> KV:
 
 def _take(entry: KV, src_BxS: jax.Array, valid_BxS: jax.Array) -> KV:
   """Slot s of each row taken from slot `src[s]`, or empty where not `valid[s]`."""
-  take = jax.vmap(lambda buf, idx: buf[idx])
+  def moved(x, axis):  # any per-slot array: k, v, pos, seg, the scales
+    taken = jax.vmap(lambda buf, idx: jnp.take(buf, idx, axis=axis - 1))(x, src_BxS)
+    mask = jnp.expand_dims(valid_BxS, [d for d in range(1, x.ndim) if d != axis])
+    return jnp.where(mask, taken, jnp.zeros((), x.dtype))
 
-  def moved(x):  # any per-slot array: k, v, pos, seg, the scales
-    mask = valid_BxS.reshape(valid_BxS.shape + (1,) * (x.ndim - 2))
-    return jnp.where(mask, take(x, src_BxS), jnp.zeros((), x.dtype))
-
-  return jax.tree.map(moved, entry)
+  return entry.map_slots(moved)
 
 
 def rerotate(config: ModelConfig, k_BxSxKxD: jax.Array, shift: int) -> jax.Array:
@@ -328,17 +332,20 @@ class KVCache:
       raise ValueError(f"sink cache: n_sink ({n_sink}) must be smaller than its {cap} slots")
     full = length_B >= cap
 
-    def shift(x):
-      return jnp.concatenate([x[:, :n_sink], x[:, n_sink + 1:], jnp.zeros_like(x[:, :1])], axis=1)
+    def shift(x, axis):
+      part = functools.partial(jax.lax.slice_in_dim, x, axis=axis)
+      return jnp.concatenate([part(0, n_sink), part(n_sink + 1, None),
+                              jnp.zeros_like(part(0, 1))], axis=axis)
 
     layers = {}
     for j, e in self.layers.items():
-      shifted = jax.tree.map(shift, e)
+      shifted = e.map_slots(shift)
       k, k_scale = shifted.k[:, n_sink:], None
       if e.quantized:  # rotate the values, then quantize them again (new scales)
-        k = quant.dequantize(k, shifted.k_scale[:, n_sink:], jnp.float32)
+        k = quant.dequantize(k, jnp.swapaxes(shifted.k_scale[:, :, n_sink:], 1, 2), jnp.float32)
         k, k_scale = quant.quantize(rerotate(config, k, -1), e.k.dtype)
-        k_scale = jnp.concatenate([shifted.k_scale[:, :n_sink], k_scale], axis=1)
+        k_scale = jnp.concatenate([shifted.k_scale[:, :, :n_sink], jnp.swapaxes(k_scale, 1, 2)],
+                                  axis=2)
       else:
         k = rerotate(config, k, -1)
       k = jnp.concatenate([shifted.k[:, :n_sink], k], axis=1)

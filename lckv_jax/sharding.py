@@ -58,7 +58,7 @@ LOGITS = ("activation_batch", "activation_length", "activation_vocab")  # [batch
 # Logical axes of the arrays of one `attention.KV` cache entry.
 CACHE_KV = ("cache_batch", "cache_slots", "cache_kv_heads", "cache_head_dim")  # k, v
 CACHE_SLOTS = ("cache_batch", "cache_slots")  # pos, seg
-CACHE_SCALES = ("cache_batch", "cache_slots", "cache_kv_heads")  # k_scale, v_scale (quantized)
+CACHE_SCALES = ("cache_batch", "cache_kv_heads", "cache_slots")  # k_scale, v_scale (quantized)
 
 
 def maybe_initialize_distributed() -> bool:
@@ -149,7 +149,7 @@ def cache_shardings(cache, mesh: Mesh, rules=None):
   """NamedShardings of a decode cache: the same tree, each `attention.KV` entry a KV of shardings.
 
   k, v [batch, slots, kv_heads, head_dim] follow `CACHE_KV`; pos, seg [batch, slots] `CACHE_SLOTS`;
-  a quantized cache's k_scale, v_scale [batch, slots, kv_heads] `CACHE_SCALES`.
+  a quantized cache's k_scale, v_scale [batch, kv_heads, slots] `CACHE_SCALES`.
   `cache` may be a `cache.KVCache`, one KV, or any tree of them (abstract or concrete).
   """
   axes_of = (CACHE_KV, CACHE_KV, CACHE_SLOTS, CACHE_SLOTS, CACHE_SCALES, CACHE_SCALES)

@@ -224,7 +224,8 @@ def test_quantized_cache_bytes_are_half_of_bf16_plus_the_scales(layer_types, rin
     cache = KVCache.create(cfg, b, n, name)
     assert cache.quantized and cache.dtype == quant.cache_dtype(name) and cache.rings == rings
     for e in cache.layers.values():
-      assert e.k_scale.shape == e.v_scale.shape == e.k.shape[:3]
+      b_, slots_, heads = e.k.shape[:3]  # the scales: [batch, kv_heads, slots]
+      assert e.k_scale.shape == e.v_scale.shape == (b_, heads, slots_)
       assert e.k_scale.dtype == e.v_scale.dtype == jnp.float32
     # K and V: 1 byte an element; one float32 scale per slot and KV head for each.
     assert cache_lib.cache_bytes(cfg, b, n, name) == cache.nbytes() == b * slots * 2 * 2 * (8 + 4)
@@ -266,6 +267,7 @@ def _random_quantized(cfg, batch, slots, name, seed=0, sink=None):
     (kq, ks), (vq, vs) = (quant.quantize(x, e.k.dtype) for x in (k, v))
     length = rs.randint(1, s + 1, batch)
     seg = (np.arange(s)[None] < length[:, None]).astype(np.int32)
+    ks, vs = jnp.swapaxes(ks, 1, 2), jnp.swapaxes(vs, 1, 2)  # stored [batch, kv_heads, slots]
     layers[j] = e._replace(k=kq, v=vq, k_scale=ks, v_scale=vs,
                            pos=jnp.asarray(np.arange(s)[None] * seg), seg=jnp.asarray(seg))
   quantized = cache.with_layers(layers)
@@ -316,9 +318,10 @@ def test_sink_eviction_requantizes_the_rotated_keys(name, rtol, tiny_config, cap
     # The rotated keys are quantized again: within half a step (int8) or e4m3's precision.
     err = jnp.abs(e.k[0, 2:] - want.k[0, 2:])
     if rtol is None:
-      assert bool((err <= qe[j].k_scale[0, 2:, :, None] * (0.5 + 1e-5)).all())
+      assert bool((err <= qe[j].k_scale[0, :, 2:].T[:, :, None] * (0.5 + 1e-5)).all())
     else:
-      bound = jnp.maximum(jnp.abs(want.k[0, 2:]) * rtol, qe[j].k_scale[0, 2:, :, None] * 2.0**-10)
+      bound = jnp.maximum(jnp.abs(want.k[0, 2:]) * rtol,
+                          qe[j].k_scale[0, :, 2:].T[:, :, None] * 2.0**-10)
       assert bool((err <= bound * (1 + 1e-5) + 1e-6).all())
 
 

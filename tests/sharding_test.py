@@ -67,7 +67,7 @@ def test_cache_shardings_name_the_cache_axes(tiny_config):
   int8 = jax.eval_shape(lambda: KVCache.create(cfg, 4, 16, "int8"))
   for e in sharding.cache_shardings(int8, mesh).layers.values():
     assert e.k.spec == P(("data", "fsdp"), None, "tensor", None), e.k.spec
-    assert e.k_scale.spec == e.v_scale.spec == P(("data", "fsdp"), None, "tensor"), e.k_scale.spec
+    assert e.k_scale.spec == e.v_scale.spec == P(("data", "fsdp"), "tensor", None), e.k_scale.spec
 
 
 _SCRIPT = textwrap.dedent("""

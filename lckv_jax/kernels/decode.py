@@ -11,8 +11,9 @@ and the slices are merged in XLA.
 The cache keeps its `[batch, slots, kv_heads, head_dim]` layout: each program reads the strided
 `[slots, head_dim]` view of one (row, kv head), so no transposed copy of the cache is made.
 
-A quantized cache (int8 or fp8 K and V, one float32 scale per slot and kv head,
-`lckv_jax.quant`) is read as stored: each block's K and V are converted to the queries' dtype
+A quantized cache (int8 or fp8 K and V, one float32 scale per slot and kv head, stored
+`[batch, kv_heads, slots]` so that a block's scales are one contiguous load, `lckv_jax.quant`) is
+read as stored: each block's K and V are converted to the queries' dtype
 (exact: int8 and e4m3 values are bf16 values) and the scales applied in float32, to the scores
 (`(q . k_q) * k_scale[slot]`) and to the probabilities before the value product
 (`(p * v_scale[slot]) . v_q`). No dequantized copy of the cache is made.
@@ -79,7 +80,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
   """One (row, kv head, slice): online softmax of the q heads of the group over its slots.
 
   q_ref [groups, head_dim]; k_ref, v_ref [slots, head_dim]; with `quantized`, k_scale_ref,
-  v_scale_ref [slots]; then start_ref, end_ref scalars.
+  v_scale_ref [slots] (contiguous); then start_ref, end_ref scalars.
   Writes the slice's unnormalised output o [groups, head_dim] (f32), its softmax denominator l
   and running max m [groups].
   """
@@ -134,8 +135,8 @@ def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "interpret"))
-def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_BxSxK=None,
-                     v_scale_BxSxK=None, block_k: int = 128, interpret: bool = False
+def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_BxKxS=None,
+                     v_scale_BxKxS=None, block_k: int = 128, interpret: bool = False
                      ) -> jax.Array:
   """Softmax attention of one query per row over the cache slots [start, end) of that row.
 
@@ -146,7 +147,7 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
       end - start <= slots); a row with end <= start sees nothing and gets zeros
       (docs/spec.md §3.5).
       Slot x is read at buffer index x % slots, so a ring buffer's window may wrap around.
-    k_scale_BxSxK, v_scale_BxSxK: [batch, slots, kv_heads] float32 scales of a quantized cache
+    k_scale_BxKxS, v_scale_BxKxS: [batch, kv_heads, slots] float32 scales of a quantized cache
       (k, v int8 or float8_e4m3fn: the values are k * k_scale); None for a float cache.
     block_k: slots per inner step (halved until it divides `slots` and a block of K fits
       `_BLOCK_BYTES`; see `block_size` and `block_cap`).
@@ -163,8 +164,8 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
   split, k_splits = slices(b, kv_heads, slots, bk)
   # Triton's dot wants at least 16 rows: pad the q heads of a group (MHA has 1) with zero rows.
   rows = max(_MIN_BLOCK, 1 << (groups - 1).bit_length())
-  quantized = k_scale_BxSxK is not None
-  if quantized != (v_scale_BxSxK is not None):
+  quantized = k_scale_BxKxS is not None
+  if quantized != (v_scale_BxKxS is not None):
     raise ValueError("prefix_attention: give both k_scale and v_scale (a quantized cache), or "
                      "neither")
   out_dtype = q_BxHxD.dtype if quantized else v_BxSxKxD.dtype
@@ -174,9 +175,9 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
   kernel = functools.partial(_kernel, block_k=bk, split=split, scale=1.0 / math.sqrt(d),
                              quantized=quantized)
   kv_spec = pl.BlockSpec((None, slots, None, d), lambda i, k, j: (i, 0, k, 0))
-  scale_spec = pl.BlockSpec((None, slots, None), lambda i, k, j: (i, 0, k))
+  scale_spec = pl.BlockSpec((None, None, slots), lambda i, k, j: (i, k, 0))
   row_spec = pl.BlockSpec((None,), lambda i, k, j: (i,))
-  scales = (k_scale_BxSxK.astype(jnp.float32), v_scale_BxSxK.astype(jnp.float32)) if quantized \
+  scales = (k_scale_BxKxS.astype(jnp.float32), v_scale_BxKxS.astype(jnp.float32)) if quantized \
       else ()
   o, l, m = pl.pallas_call(
       kernel,

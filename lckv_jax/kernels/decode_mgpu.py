@@ -21,8 +21,8 @@ fp8 K and V, one float32 scale per slot and kv head, `lckv_jax.quant`) is read a
 converted block by block in shared memory to the queries' dtype (exact: int8 and e4m3 values are
 bf16 and f16 values); the scales apply in float32, to the scores (`(q . k_q) * k_scale[slot]`)
 and to the probabilities before the value product (`(p * v_scale[slot]) . v_q`), as in the
-Triton kernel. The scales of one kv head are strided in memory (`[batch, slots, kv_heads]`), too
-narrow for TMA: each block's are read with plain loads one block ahead.
+Triton kernel. The scales are stored `[batch, kv_heads, slots]`, so a block's scales of one kv
+head are contiguous; they are read with plain loads one block ahead.
 
 `interpret=True` runs the kernel in Mosaic GPU's interpreter on the CPU (the tests). The
 interpreter's wgmma takes no transposed operand, so there the scores are one `jnp.dot` of the
@@ -113,8 +113,8 @@ def _layout(x, layout, interpret: bool):
   return x if interpret else plgpu.layout_cast(x, layout)
 
 
-def _load_strided(ref, layout, interpret: bool):
-  """A [block_k] vector with a stride in global memory (no TMA): plain loads, in `layout`."""
+def _load_plain(ref, layout, interpret: bool):
+  """A [block_k] vector in global memory, read with plain loads (no TMA), in `layout`."""
   if interpret:
     return ref[...]
   # plgpu.load took the index apart from the ref before JAX 0.11.
@@ -130,7 +130,7 @@ def _kernel(q_gmem, k_gmem, v_gmem, *refs, block_k: int, split: int, rows_out: i
 
   q_gmem [batch, kv_heads, 64, head_dim] (the group's heads, zero rows after);
   k_gmem, v_gmem [batch, slots, kv_heads, head_dim]; with `quantized`, k_scale, v_scale
-  [batch, slots, kv_heads]; then start, end [batch].
+  [batch, kv_heads, slots]; then start, end [batch].
   Writes the slice's unnormalised output o [rows_out, head_dim] (f32), its softmax denominator l
   and running max m [rows_out], of outputs [k_splits, batch, kv_heads, ...].
   """
@@ -154,8 +154,8 @@ def _kernel(q_gmem, k_gmem, v_gmem, *refs, block_k: int, split: int, rows_out: i
 
   def load_scales(s):
     """Step s's k and v scales [block_k] (plain loads, issued a step ahead of their use)."""
-    at = (i, pl.ds(jnp.clip(block(s), 0, slots // block_k - 1) * block_k, block_k), h)
-    return tuple(_load_strided(x.at[at], rowwise, interpret) for x in scales)
+    at = (i, h, pl.ds(jnp.clip(block(s), 0, slots // block_k - 1) * block_k, block_k))
+    return tuple(_load_plain(x.at[at], rowwise, interpret) for x in scales)
 
   def along_slots(x, buf):
     """A [block_k] vector in the scores' column layout (through shared memory, for the GPU)."""
@@ -285,8 +285,8 @@ def _interpret_params(interpret):
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "interpret"))
-def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_BxSxK=None,
-                     v_scale_BxSxK=None, block_k: int = 128, interpret=False) -> jax.Array:
+def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_BxKxS=None,
+                     v_scale_BxKxS=None, block_k: int = 128, interpret=False) -> jax.Array:
   """Softmax attention of one query per row over the cache slots [start, end) of that row.
 
   Args:
@@ -299,7 +299,7 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
       end - start <= slots); a row with end <= start sees nothing and gets zeros
       (docs/spec.md §3.5).
       Slot x is read at buffer index x % slots, so a ring buffer's window may wrap around.
-    k_scale_BxSxK, v_scale_BxSxK: [batch, slots, kv_heads] float32 scales of a quantized cache
+    k_scale_BxKxS, v_scale_BxKxS: [batch, kv_heads, slots] float32 scales of a quantized cache
       (k, v int8 or float8_e4m3fn: the values are k * k_scale); None for a float cache.
     block_k: slots per block (128 or 64; the largest that divides `slots`, see `block_size`).
     interpret: run the kernel in Mosaic GPU's interpreter on the CPU (the tests): True, or an
@@ -310,8 +310,8 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
   b, h, d = q_BxHxD.shape
   _, slots, kv_heads, _ = k_BxSxKxD.shape
   groups = h // kv_heads
-  quantized = k_scale_BxSxK is not None
-  if quantized != (v_scale_BxSxK is not None):
+  quantized = k_scale_BxKxS is not None
+  if quantized != (v_scale_BxKxS is not None):
     raise ValueError("prefix_attention: give both k_scale and v_scale (a quantized cache), or "
                      "neither")
   dtype = q_BxHxD.dtype if quantized else k_BxSxKxD.dtype
@@ -322,7 +322,7 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
   rows_out = 8 * math.ceil(groups / 8)  # whole 8-row tiles of the output
   q = q_BxHxD.astype(dtype).reshape(b, kv_heads, groups, d)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, _ROWS - groups), (0, 0)))
-  scales = (k_scale_BxSxK.astype(jnp.float32), v_scale_BxSxK.astype(jnp.float32)) if quantized \
+  scales = (k_scale_BxKxS.astype(jnp.float32), v_scale_BxKxS.astype(jnp.float32)) if quantized \
       else ()
   kernel = functools.partial(_kernel, block_k=bk, split=split, rows_out=rows_out,
                              scale=1.0 / math.sqrt(d), quantized=quantized,

@@ -133,8 +133,8 @@ def _prefix(module: Callable):
   each row's span of slots (interpreted off a GPU)."""
   def run(q, kv, plan: Plan, inputs: Inputs):
     start, end = inputs.span
-    return module().prefix_attention(q[:, 0], kv.k, kv.v, start, end, k_scale_BxSxK=kv.k_scale,
-                                     v_scale_BxSxK=kv.v_scale,
+    return module().prefix_attention(q[:, 0], kv.k, kv.v, start, end, k_scale_BxKxS=kv.k_scale,
+                                     v_scale_BxKxS=kv.v_scale,
                                      interpret=jax.default_backend() != "gpu")[:, None]
   return run
 
@@ -166,7 +166,8 @@ def attend(plan: Plan, q_BxTxHxD, kv, inputs: Inputs):
   if plan.mode is Mode.DECODE:
     chex.assert_axis_dimension(q_BxTxHxD, 1, 1)
   if kv.quantized:
-    chex.assert_shape([kv.k_scale, kv.v_scale], kv.k.shape[:3])  # [batch, slots, kv_heads]
+    b, slots, kv_heads = kv.k.shape[:3]
+    chex.assert_shape([kv.k_scale, kv.v_scale], (b, kv_heads, slots))
     if plan.kernel not in READS_QUANTIZED:
       kv = kv.dequantized(q_BxTxHxD.dtype)
   out = KERNELS[plan.kernel](q_BxTxHxD, kv, plan, inputs)

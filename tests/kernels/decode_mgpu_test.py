@@ -109,8 +109,8 @@ def test_decode_kernel_reads_a_quantized_cache_as_its_dequantized_values(name, d
   (kq, ks), (vq, vs) = (quant.quantize(x, quant.cache_dtype(name)) for x in (k, v))
   start = jnp.asarray([0, 100, 256, 5])
   end = jnp.asarray([128, 150, 270, 5])  # a full buffer, a wrapped span, one inside, nothing
-  out = prefix_attention(q, kq, vq, start, end, k_scale_BxSxK=ks, v_scale_BxSxK=vs,
-                         interpret=True)
+  out = prefix_attention(q, kq, vq, start, end, k_scale_BxKxS=ks.swapaxes(1, 2),
+                         v_scale_BxKxS=vs.swapaxes(1, 2), interpret=True)
   assert out.dtype == dtype
   ref = _reference(q, quant.dequantize(kq, ks, jnp.float32), quant.dequantize(vq, vs, jnp.float32),
                    start, end)
@@ -128,8 +128,9 @@ def test_the_kernel_has_no_data_race():
   kq, ks = quant.quantize(k, quant.cache_dtype("int8"))
   vq, vs = quant.quantize(v, quant.cache_dtype("int8"))
   start, end = jnp.asarray([0, 200]), jnp.asarray([256, 400])
-  out = prefix_attention(q.astype(jnp.bfloat16), kq, vq, start, end, k_scale_BxSxK=ks,
-                         v_scale_BxSxK=vs, block_k=64,
+  out = prefix_attention(q.astype(jnp.bfloat16), kq, vq, start, end,
+                         k_scale_BxKxS=ks.swapaxes(1, 2), v_scale_BxKxS=vs.swapaxes(1, 2),
+                         block_k=64,
                          interpret=InterpretGPUParams(detect_races=True))
   jax.block_until_ready(out)
   assert not interpret_pallas_call.get_races().races_found
@@ -174,7 +175,8 @@ def test_what_the_kernel_runs():
     prefix_attention(q[..., :16], k[:, :48, :, :16], v[:, :48, :, :16], z, o, interpret=True)
   kq, ks = quant.quantize(k, quant.cache_dtype("int8"))
   with pytest.raises(ValueError, match="both k_scale and v_scale"):
-    prefix_attention(q.astype(jnp.bfloat16), kq, kq, z, o, k_scale_BxSxK=ks, interpret=True)
+    prefix_attention(q.astype(jnp.bfloat16), kq, kq, z, o, k_scale_BxKxS=ks.swapaxes(1, 2),
+                     interpret=True)
 
 
 # -- the kernel, lowered for the GPU on any machine ----------------------------------------------
@@ -189,7 +191,7 @@ def test_the_kernel_lowers_for_a_hopper_gpu(name):
   kw = {}
   if name is not None:
     (k, ks), (v, vs) = (quant.quantize(x, quant.cache_dtype(name)) for x in (k, v))
-    kw = dict(k_scale_BxSxK=ks, v_scale_BxSxK=vs)
+    kw = dict(k_scale_BxKxS=ks.swapaxes(1, 2), v_scale_BxKxS=vs.swapaxes(1, 2))
   span = (jnp.zeros(2, jnp.int32), jnp.full(2, 700, jnp.int32))
   attend = jax.jit(functools.partial(prefix_attention, **kw))
   text = attend.trace(q, k, v, *span).lower(lowering_platforms=("cuda",)).as_text()

@@ -81,8 +81,8 @@ def test_decode_kernel_reads_a_quantized_cache_as_its_dequantized_values(name, d
   (kq, ks), (vq, vs) = (quant.quantize(x, quant.cache_dtype(name)) for x in (k, v))
   start = jnp.asarray([0, 17, 64, 5])
   end = jnp.asarray([32, 45, 70, 5])  # a full buffer, a wrapped span, one inside, nothing
-  out = prefix_attention(q, kq, vq, start, end, k_scale_BxSxK=ks, v_scale_BxSxK=vs, block_k=16,
-                         interpret=True)
+  out = prefix_attention(q, kq, vq, start, end, k_scale_BxKxS=ks.swapaxes(1, 2),
+                         v_scale_BxKxS=vs.swapaxes(1, 2), block_k=16, interpret=True)
   assert out.dtype == dtype
   idx = jnp.arange(slots)
   mask = (((idx[None] - start[:, None]) % slots) < (end - start)[:, None])[:, None, :]
@@ -94,7 +94,7 @@ def test_decode_kernel_reads_a_quantized_cache_as_its_dequantized_values(name, d
   np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=tol, rtol=tol)
   assert float(jnp.abs(out[3].astype(jnp.float32)).max()) == 0.0
   with pytest.raises(ValueError, match="both k_scale and v_scale"):
-    prefix_attention(q, kq, vq, start, end, k_scale_BxSxK=ks, interpret=True)
+    prefix_attention(q, kq, vq, start, end, k_scale_BxKxS=ks.swapaxes(1, 2), interpret=True)
 
 
 @pytest.mark.gpu
@@ -116,7 +116,8 @@ def test_the_compiled_kernels_read_a_quantized_cache_as_its_dequantized_values(n
   (kq, ks), (vq, vs) = (quant.quantize(x, quant.cache_dtype(name)) for x in (k, v))
   start = jnp.asarray([0, 100, 900, 5])
   end = jnp.asarray([slots, 700, 1200, 5])
-  out = attend(q, kq, vq, start, end, k_scale_BxSxK=ks, v_scale_BxSxK=vs)
+  out = attend(q, kq, vq, start, end, k_scale_BxKxS=ks.swapaxes(1, 2),
+               v_scale_BxKxS=vs.swapaxes(1, 2))
   x = jnp.arange(2 * slots)
   seen = (x[None] >= start[:, None]) & (x[None] < end[:, None])
   mask = jnp.zeros((b, slots), bool).at[:, x % slots].max(seen)[:, None, :]

@@ -139,7 +139,7 @@ def test_the_mosaic_decode_kernel_equals_the_dense_reference():
   pos = jnp.broadcast_to(jnp.arange(slots), (b, slots))
   seg = (pos < filled[:, None]).astype(jnp.int32)
   (kq, ks), (vq, vs) = (quant.quantize(x, quant.cache_dtype("int8")) for x in (k, v))
-  kv = KV(kq, vq, pos, seg, ks, vs)
+  kv = KV(kq, vq, pos, seg, ks.swapaxes(1, 2), vs.swapaxes(1, 2))  # scales: [b, kv_heads, slots]
   q1, q_pos = q[:, :1].astype(jnp.bfloat16), (filled - 1)[:, None]
   dense = dispatch.attend(dispatch.Plan(D, "dense", PLAIN), q1.astype(jnp.float32),
                           kv.dequantized(jnp.float32), dispatch.Inputs(dense_mask=make_mask(
@@ -163,7 +163,7 @@ def test_a_quantized_kv_reads_as_its_dequantized_values(kernel, mode, name):
   pos = jnp.broadcast_to(jnp.arange(slots), (b, slots))
   filled = jnp.array([slots, 17])
   seg = (pos < filled[:, None]).astype(jnp.int32)
-  quantized = KV(kq, vq, pos, seg, ks, vs)
+  quantized = KV(kq, vq, pos, seg, ks.swapaxes(1, 2), vs.swapaxes(1, 2))
   assert quantized.quantized and not KV(k, v, pos, seg).quantized
   floats = quantized.dequantized(jnp.float32)
   assert floats.k.dtype == jnp.float32 and floats.k_scale is None
