@@ -415,7 +415,8 @@ SERVE_LOAD = (("7b llama 25507659776", "7b_llama_p512_g512_max_25.5GB"),
               ("1b llama 25507659776", "1b_llama_p512_g512_max_25.5GB"),
               ("1b lckv 25507659776", "1b_lckv_p512_g512_max_25.5GB"),
               ("7b llama 25507659776" + DECODE_MIX, None),
-              ("7b lckv 25507659776" + DECODE_MIX, None))
+              ("7b lckv 25507659776" + DECODE_MIX, None),
+              ("7b lckv 25507659776 int8" + DECODE_MIX, None))
 
 
 def serve_load_h200() -> str:
@@ -443,7 +444,7 @@ TABLES = {
     "kv_quant_tiny_bf16": functools.partial(_kv_quant, "tiny_bf16"),
     "kv_quant_tiny_bf16_sink": functools.partial(_kv_quant, "tiny_bf16", "sink_table_markdown"),
     "train_speed": functools.partial(_train_speed, H100, TRAIN_SPEED),
-    "train_speed_h200": functools.partial(_train_speed, H200, PACKED),
+    "train_speed_h200": functools.partial(_train_speed, H200, TRAIN_SPEED),
     "train_py": train_py,
     "decode_speed": decode_speed,
     "study_h200": study_h200,
