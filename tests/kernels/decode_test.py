@@ -7,7 +7,7 @@ import pytest
 
 from lckv_jax.kernels.reference import dot_product_attention
 from lckv_jax.generation import generate
-from lckv_jax.kernels.decode import block_cap, block_size, prefix_attention
+from lckv_jax.kernels.decode import block_cap, block_size, heads_per_program, prefix_attention
 from tests.generation_test import PRESETS, prompts
 
 
@@ -125,6 +125,32 @@ def test_the_compiled_kernels_read_a_quantized_cache_as_its_dequantized_values(n
                               quant.dequantize(vq, vs, jnp.float32), mask)[:, 0]
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2, rtol=2e-2)
   assert float(jnp.abs(out[3].astype(jnp.float32)).max()) == 0.0
+
+
+def test_gqa_programs_read_their_kv_heads_side_by_side():
+  # 1b: 8 q heads per kv head fill 16 rows with 2 kv heads (their K rows are one 128-element
+  # read); MHA and groups of 16 keep one kv head a program, as do odd kv heads and wide heads.
+  assert heads_per_program(8, 4, 64) == 2 and heads_per_program(8, 4, 128) == 2
+  assert heads_per_program(4, 8, 64) == 2 and heads_per_program(6, 4, 64) == 2
+  assert heads_per_program(1, 32, 128) == 1 and heads_per_program(16, 2, 64) == 1
+  assert heads_per_program(8, 3, 64) == 1 and heads_per_program(8, 4, 256) == 1
+  # Two kv heads a program give the attention one gives: over a wrapped ring span, on a quantized
+  # cache, with a row that sees nothing.
+  from lckv_jax import quant
+  rng = np.random.default_rng(5)
+  b, slots, d = 3, 32, 16
+  q = jnp.asarray(rng.normal(size=(b, 12, d)), jnp.float32)  # 3 q heads per kv head, 4 kv heads
+  k, v = (jnp.asarray(rng.normal(size=(b, slots, 4, d)), jnp.float32) for _ in range(2))
+  (kq, ks), (vq, vs) = (quant.quantize(x, jnp.int8) for x in (k, v))
+  start, end = jnp.asarray([20, 0, 7]), jnp.asarray([45, 32, 7])
+  for kv, scales in (((k, v), {}), ((kq, vq), dict(k_scale_BxKxS=ks.swapaxes(1, 2),
+                                                    v_scale_BxKxS=vs.swapaxes(1, 2)))):
+    one = prefix_attention(q, *kv, start, end, heads=1, block_k=16, interpret=True, **scales)
+    two = prefix_attention(q, *kv, start, end, heads=2, block_k=16, interpret=True, **scales)
+    np.testing.assert_allclose(two, one, atol=2e-6)
+    assert float(jnp.abs(two[2]).max()) == 0.0
+  with pytest.raises(ValueError, match=r"must be one of \(1, 2\) and divide the 4 kv heads, got 4"):
+    prefix_attention(q, k, v, start, end, heads=4, interpret=True)
 
 
 def test_decode_kernel_block_sizes():
