@@ -36,6 +36,7 @@ _MIN_BLOCK = 16  # Triton's smallest matrix-multiply tile
 # (227 KiB per block on Hopper): 128 slots of float32 at head_dim 128 (64 KiB each) asked for
 # 272 KiB on the H200, so wider elements or heads get fewer slots per block.
 _BLOCK_BYTES = 32 * 1024
+_PROGRAMS = 512  # programs that fill a GPU's ~132 SMs (`slices`)
 _MAX_WIDTH = 256  # elements of K a program reads per slot (`heads_per_program`)
 # KV heads a program may read: 1 or 2. A sweep with 4 (1b, int8) ended in an illegal memory access
 # on the H200 that was not isolated; 2 is what was measured and tested compiled.
@@ -61,7 +62,7 @@ def block_cap(head_dim: int, itemsize: int, block_k: int = 128) -> int:
 
 
 def slices(batch: int, kv_heads: int, slots: int, block_k: int,
-           target_programs: int = 512) -> tuple[int, int]:
+           target_programs: int = _PROGRAMS) -> tuple[int, int]:
   """(slots per slice, slices) of the slot axis, a slice a whole number of blocks: enough
   programs for a GPU's ~132 SMs at small batch, one slice at large."""
   blocks = slots // block_k
@@ -82,19 +83,22 @@ def merge_slices(o, l, m):
   return (o * weight[..., None]).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
 
 
-def heads_per_program(groups: int, kv_heads: int, head_dim: int) -> int:
+def heads_per_program(groups: int, kv_heads: int, head_dim: int, batch: int) -> int:
   """KV heads one program reads: 2 for GQA whose q heads leave rows of Triton's 16-row tile
-  empty (1b: 8 q heads per kv head, so 2 kv heads fill it), 1 for MHA and wide groups.
+  empty (1b: 8 q heads per kv head, so 2 kv heads fill it) at a batch whose rows fill the GPU
+  without cutting the slots into slices; 1 for MHA, wide groups and small batches.
 
   The kv heads' slots sit side by side in the cache (`[..., kv_heads, head_dim]`), so a program's
   row of K is one contiguous read of 2 * head_dim elements (at 1b in int8: 128 bytes, a whole
   memory line, where one head's row is half of one), and the softmax runs once for both heads'
-  rows. H200, 1b at 4,541 rows: the int8 kernel 1,291 -> 997 us, bf16 1,324 -> 1,268 us; at
-  batch 32 bf16 60 -> 65 us. At most `_MAX_WIDTH` elements a slot (the program's output
-  [16, 2 * head_dim] stays in registers).
+  rows. H200, 1b at 4,541 rows: the int8 kernel 1,291 -> 997 us, bf16 1,324 -> 1,268 us; but at
+  batch 32 (slices of the slots fill the GPU) bf16 60 -> 65 us, so small batches keep one head.
+  At most `_MAX_WIDTH` elements a slot (the program's output [16, 2 * head_dim] stays in
+  registers).
   """
   padded = 1 << (groups - 1).bit_length()  # a group's rows, a power of two
-  if padded == 1 or padded >= _MIN_BLOCK or kv_heads % 2 or 2 * head_dim > _MAX_WIDTH:
+  if (padded == 1 or padded >= _MIN_BLOCK or kv_heads % 2 or 2 * head_dim > _MAX_WIDTH
+      or batch * kv_heads < _PROGRAMS):
     return 1
   return 2
 
@@ -196,7 +200,7 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
   b, h, d = q_BxHxD.shape
   _, slots, kv_heads, _ = k_BxSxKxD.shape
   groups = h // kv_heads
-  hg = heads_per_program(groups, kv_heads, d) if heads is None else heads
+  hg = heads_per_program(groups, kv_heads, d, b) if heads is None else heads
   if hg not in _HEADS or kv_heads % hg:
     raise ValueError(f"prefix_attention: heads (kv heads per program) must be one of {_HEADS} "
                      f"and divide the {kv_heads} kv heads, got {hg}")

@@ -31,17 +31,18 @@ def test_decode_kernel_equals_attention_over_the_span(heads, kv_heads, slots):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
-def test_the_compiled_kernel_equals_attention_over_the_span(dtype, atol):
-  # Compiled for the GPU (Triton), not interpreted: 1b's heads, rows of different spans, a ring
-  # window that wraps, and a row that sees nothing.
+def test_the_compiled_kernel_equals_attention_over_the_span(dtype, atol, heads):
+  # Compiled for the GPU (Triton), not interpreted, with one and two kv heads a program: rows of
+  # different spans, a ring window that wraps, and a row that sees nothing.
   rng = np.random.default_rng(7)
   b, heads, kv_heads, d, slots = 6, 32, 8, 128, 1024
   q = jnp.asarray(rng.normal(size=(b, heads, d)), dtype)
   k, v = (jnp.asarray(rng.normal(size=(b, slots, kv_heads, d)), dtype) for _ in range(2))
   start = jnp.asarray([0, 0, 100, 900, 5, 512])
   end = jnp.asarray([1, slots, 700, 1200, 5, 1024])  # row 3 wraps past the end
-  out = prefix_attention(q, k, v, start, end)
+  out = prefix_attention(q, k, v, start, end, heads=heads)
   x = jnp.arange(2 * slots)
   seen = (x[None] >= start[:, None]) & (x[None] < end[:, None])  # slot x at x % slots
   mask = jnp.zeros((b, slots), bool).at[:, x % slots].max(seen)[:, None, :]
@@ -98,15 +99,18 @@ def test_decode_kernel_reads_a_quantized_cache_as_its_dequantized_values(name, d
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["pallas", "mosaic"])
+@pytest.mark.parametrize("kernel", ["pallas", "pallas, 2 kv heads a program", "mosaic"])
 @pytest.mark.parametrize("name", ["int8", "fp8"])
 def test_the_compiled_kernels_read_a_quantized_cache_as_its_dequantized_values(name, kernel):
-  # Both decode kernels (Triton, Mosaic GPU) compiled for the GPU at 1b's heads over bf16
-  # queries: int8 / e4m3 K and V with their float32 scales, a wrapped span and a row that sees
-  # nothing, against the dense float32 attention over the dequantized buffers.
+  # Both decode kernels (Triton, Mosaic GPU) compiled for the GPU over bf16 queries: int8 / e4m3
+  # K and V with their float32 scales, a wrapped span and a row that sees nothing, against the
+  # dense float32 attention over the dequantized buffers.
+  import functools
   from lckv_jax import quant
   from lckv_jax.kernels import decode, decode_mgpu
-  attend = {"pallas": decode, "mosaic": decode_mgpu}[kernel].prefix_attention
+  attend = {"pallas": decode.prefix_attention, "mosaic": decode_mgpu.prefix_attention,
+            "pallas, 2 kv heads a program": functools.partial(decode.prefix_attention, heads=2)
+            }[kernel]
   rng = np.random.default_rng(13)
   b, heads, kv_heads, d, slots = 4, 32, 8, 128, 1024
   q = jnp.asarray(rng.normal(size=(b, heads, d)), jnp.bfloat16)
@@ -129,11 +133,13 @@ def test_the_compiled_kernels_read_a_quantized_cache_as_its_dequantized_values(n
 
 def test_gqa_programs_read_their_kv_heads_side_by_side():
   # 1b: 8 q heads per kv head fill 16 rows with 2 kv heads (their K rows are one 128-element
-  # read); MHA and groups of 16 keep one kv head a program, as do odd kv heads and wide heads.
-  assert heads_per_program(8, 4, 64) == 2 and heads_per_program(8, 4, 128) == 2
-  assert heads_per_program(4, 8, 64) == 2 and heads_per_program(6, 4, 64) == 2
-  assert heads_per_program(1, 32, 128) == 1 and heads_per_program(16, 2, 64) == 1
-  assert heads_per_program(8, 3, 64) == 1 and heads_per_program(8, 4, 256) == 1
+  # read) at a large batch; MHA and groups of 16 keep one kv head a program, as do odd kv heads,
+  # wide heads and a batch that needs slices of the slots to fill the GPU (1b at 32 rows).
+  assert heads_per_program(8, 4, 64, 4541) == 2 and heads_per_program(8, 4, 128, 128) == 2
+  assert heads_per_program(4, 8, 64, 64) == 2 and heads_per_program(6, 4, 64, 128) == 2
+  assert heads_per_program(8, 4, 64, 32) == 1
+  assert heads_per_program(1, 32, 128, 208) == 1 and heads_per_program(16, 2, 64, 512) == 1
+  assert heads_per_program(8, 3, 64, 512) == 1 and heads_per_program(8, 4, 256, 512) == 1
   # Two kv heads a program give the attention one gives: over a wrapped ring span, on a quantized
   # cache, with a row that sees nothing.
   from lckv_jax import quant
