@@ -179,7 +179,7 @@ def _rering(entry: KV, end_B: jax.Array, slots: int) -> KV:
 def _take(entry: KV, src_BxS: jax.Array, valid_BxS: jax.Array) -> KV:
   """Slot s of each row taken from slot `src[s]`, or empty where not `valid[s]`."""
   def moved(x, axis):  # any per-slot array: k, v, pos, seg, the scales
-    taken = jax.vmap(lambda buf, idx: jnp.take(buf, idx, axis=axis - 1))(x, src_BxS)
+    taken = jax.vmap(lambda buf, idx: jnp.take(buf, idx, axis=axis - 1, mode="clip"))(x, src_BxS)
     mask = jnp.expand_dims(valid_BxS, [d for d in range(1, x.ndim) if d != axis])
     return jnp.where(mask, taken, jnp.zeros((), x.dtype))
 

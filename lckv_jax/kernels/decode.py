@@ -221,8 +221,9 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
   q = q_BxHxD.reshape(b, n, hg, groups, d)
   q = q if quantized else q.astype(k_BxSxKxD.dtype)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, gp - groups), (0, 0)))
-  # Block-diagonal: row (g, r) holds its query in the columns of kv head g of the program.
-  q = jnp.einsum("bnhrd,hk->bnhrkd", q, jnp.eye(hg, dtype=q.dtype)).reshape(b, n, rows, hg * d)
+  if hg > 1:  # block-diagonal: row (g, r) holds its query in the columns of kv head g
+    q = jnp.einsum("bnhrd,hk->bnhrkd", q, jnp.eye(hg, dtype=q.dtype))
+  q = q.reshape(b, n, rows, hg * d)
   k, v = (x.reshape(b, slots, n, hg * d) for x in (k_BxSxKxD, v_BxSxKxD))
   kernel = functools.partial(_kernel, block_k=bk, split=split, scale=1.0 / math.sqrt(d),
                              quantized=quantized, group_rows=gp)
@@ -245,8 +246,7 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
       interpret=interpret,
       name="lckv_decode_attention",
   )(q, k, v, *scales, start_B.astype(jnp.int32), end_B.astype(jnp.int32))
-  # Row (g, r)'s output is in the columns of its own kv head g: the diagonal blocks.
   o = merge_slices(o, l, m).reshape(b, n, hg, gp, hg, d)
-  o = jnp.diagonal(o, axis1=2, axis2=4)  # [b, n, gp, d, hg]
-  o = jnp.moveaxis(o, -1, 2)[:, :, :, :groups]  # [b, n, hg, groups, d]
-  return o.reshape(b, h, d).astype(out_dtype)
+  if hg > 1:  # row (g, r)'s output is in the columns of its own kv head g: the diagonal blocks
+    o = jnp.moveaxis(jnp.diagonal(o, axis1=2, axis2=4), -1, 2)  # [b, n, hg, gp, d]
+  return o.reshape(b, n, hg, gp, d)[:, :, :, :groups].reshape(b, h, d).astype(out_dtype)
