@@ -3,8 +3,10 @@
 Random bf16 weights (one array per layer, the serving layout), prompts of P random tokens, G
 generated tokens per row (no early stop), batch B. Throughput = B*G / (prefill + decode), the
 paper's number; decode-only tokens/s, prefill time, per-step time and peak device memory are
-recorded too. Compile time is measured (JAX's compile events) and subtracted from the phase it
-fell in, so one pass per setting suffices.
+recorded too (`peak_bytes`: the process's peak so far, which JAX cannot reset, so with several
+models or batches in one command a later run shows an earlier one's peak if it was higher).
+Compile time is measured (JAX's compile events) and subtracted from the phase it fell in, so one
+pass per setting suffices.
 
 `--max_batch` finds the largest batch that fits, exact to one row: doubling, then bisection, over a memory model
 (weights + cache + decode state + the prefill chunk's activations + a reserve) against the
