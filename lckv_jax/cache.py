@@ -132,6 +132,13 @@ def sink_cache_bytes(config: ModelConfig, batch: int, n_sink: int, window: int, 
 # ---------------------------------------------------------------------------------------------
 
 
+def _quantize(x_BxTxKxD, dtype) -> tuple[jax.Array, jax.Array]:
+  """x quantized for a buffer: (values [batch, T, kv_heads, head_dim], scales [batch, kv_heads,
+  T], slots last as stored)."""
+  q, scale_BxTxK = quant.quantize(x_BxTxKxD, dtype)
+  return q, jnp.swapaxes(scale_BxTxK, 1, 2)
+
+
 def write(entry: KV, k_BxTxKxD, v_BxTxKxD, positions_BxT, segment_ids_BxT,
           write_index_B) -> KV:
   """`entry` with a chunk's KV at slots `write_index .. write_index + T - 1` of each row.
@@ -152,12 +159,12 @@ def write(entry: KV, k_BxTxKxD, v_BxTxKxD, positions_BxT, segment_ids_BxT,
   def put(buf, new, axis):  # new: [batch, T] along buf's slot axis
     return jax.vmap(lambda b, n, i: row_put(b, n, i, axis - 1))(buf, new, index)
 
-  new = KV(k_BxTxKxD.astype(entry.k.dtype), v_BxTxKxD.astype(entry.v.dtype), positions_BxT,
-           segment_ids_BxT)
   if entry.quantized:  # a quantized buffer: the chunk's values and their scales
-    (k, k_scale), (v, v_scale) = (quant.quantize(x, entry.k.dtype) for x in (k_BxTxKxD, v_BxTxKxD))
-    new = KV(k, v, positions_BxT, segment_ids_BxT, jnp.swapaxes(k_scale, 1, 2),
-             jnp.swapaxes(v_scale, 1, 2))
+    (k, k_scale), (v, v_scale) = (_quantize(x, entry.k.dtype) for x in (k_BxTxKxD, v_BxTxKxD))
+    new = KV(k, v, positions_BxT, segment_ids_BxT, k_scale, v_scale)
+  else:
+    new = KV(k_BxTxKxD.astype(entry.k.dtype), v_BxTxKxD.astype(entry.v.dtype), positions_BxT,
+             segment_ids_BxT)
   return KV(*(None if b is None else put(b, n, SLOT_AXIS[f])
               for f, b, n in zip(KV._fields, entry, new)))
 
@@ -342,10 +349,9 @@ class KVCache:
       shifted = e.map_slots(shift)
       k, k_scale = shifted.k[:, n_sink:], None
       if e.quantized:  # rotate the values, then quantize them again (new scales)
-        k = quant.dequantize(k, jnp.swapaxes(shifted.k_scale[:, :, n_sink:], 1, 2), jnp.float32)
-        k, k_scale = quant.quantize(rerotate(config, k, -1), e.k.dtype)
-        k_scale = jnp.concatenate([shifted.k_scale[:, :, :n_sink], jnp.swapaxes(k_scale, 1, 2)],
-                                  axis=2)
+        k = shifted.dequantized(jnp.float32).k[:, n_sink:]
+        k, k_scale = _quantize(rerotate(config, k, -1), e.k.dtype)
+        k_scale = jnp.concatenate([shifted.k_scale[:, :, :n_sink], k_scale], axis=2)
       else:
         k = rerotate(config, k, -1)
       k = jnp.concatenate([shifted.k[:, :n_sink], k], axis=1)
