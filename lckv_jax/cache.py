@@ -111,13 +111,17 @@ def reserve_bytes(memory_bytes: int) -> int:
   return RESERVE_BYTES + int(RESERVE_FRACTION * memory_bytes)
 
 
-def prefill_bytes_per_token(config: ModelConfig, slots: int = 0) -> int:
+def prefill_bytes_per_token(config: ModelConfig, slots: int = 0, backend: str | None = None
+                            ) -> int:
   """Live activations of one prefill token, an estimate: 16 widths of the residual stream and 6
-  of the MLP in the compute dtype (2 bytes), plus, with `slots`, its row of attention scores and
-  probabilities over that many cache slots (float32, every query head): a chunk after the first
-  attends densely to the cache (the first, into an empty cache, runs the fused kernel on a GPU
-  and materialises no scores)."""
-  scores = 2 * 4 * config.num_heads * slots
+  of the MLP in the compute dtype (2 bytes), plus, with `slots`, what a chunk after the first
+  holds to attend to that many cache slots: where it runs the dense reference (a CPU, float32,
+  `attention_impl="dense"` or `"splash"`), its row of scores and probabilities (float32, every
+  query head); under cuDNN's fused kernel (a GPU in 16-bit), the mask's bias row (2 bytes a
+  slot). The first chunk, into an empty cache, runs the fused kernel and holds neither."""
+  from lckv_jax.kernels import dispatch  # the kernel a later chunk gets (dispatch.choose)
+  fused = dispatch.resolve_attention_impl(config.attention_impl, config.dtype, backend) == "cudnn"
+  scores = (2 if fused else 2 * 4 * config.num_heads) * slots
   return 2 * (16 * config.hidden_size + 6 * config.intermediate_size) + scores
 
 

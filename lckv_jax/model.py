@@ -201,7 +201,7 @@ class _Context:
     plan = dispatch.Plan(self.mode, kernel, mask)
     if kernel in dispatch.READS_SPAN:
       return plan, dispatch.Inputs(span=self._decode_span(role, kv))
-    if kernel != "dense":
+    if kernel not in dispatch.READS_MASK:
       return plan, dispatch.Inputs(segment_ids=self.segment_ids if self.packed else None)
     return plan, dispatch.Inputs(dense_mask=self._dense_mask(role, kv, window))
 

@@ -400,6 +400,27 @@ def test_chunked_prefill_gives_the_one_shot_logits_without_a_cycle(layer_types, 
     assert chunked.tokens == whole.tokens
 
 
+@pytest.mark.parametrize("layer_types,cache_dtype", [
+    ("0_3_3_3", None),  # LCKV: the lower layers read the top layer's KV of the chunks before
+    ("0s_2_2s_3", None),  # a cycle over sliding windows shorter than a chunk
+    ("0_1_2_3", "int8")])
+def test_chunks_into_a_filled_cache_take_the_fused_kernel_with_the_dense_ones_logits(
+    layer_types, cache_dtype, tiny_model):
+  # attention_impl="xla": every chunk after the first runs jax's fused attention over the cache
+  # with the dense mask (dispatch's "xla_masked", "cudnn_masked" on a GPU), not the reference.
+  dense = tiny_model(std=0.1, layer_types=layer_types, sliding_window=3)
+  fused = tiny_model(std=0.1, layer_types=layer_types, sliding_window=3, attention_impl="xla")
+  ps = prompts([3, 9, 14], seed=15)
+  want = generate(dense, ps, max_new_tokens=4, return_logits=True, prefill_chunk=4,
+                  cache_dtype=cache_dtype)
+  got = generate(fused, ps, max_new_tokens=4, return_logits=True, prefill_chunk=4,
+                 cache_dtype=cache_dtype)
+  # int8: a float rounding difference upstream can move a stored key by one step (scale / 127).
+  atol = 2e-5 if cache_dtype is None else 2e-3
+  np.testing.assert_allclose(got.logits, want.logits, atol=atol, rtol=1e-5)
+  assert got.tokens == want.tokens
+
+
 def _padded_chunks(p, chunk):
   """`p` left-padded to a whole number of chunks: tokens, positions, segments [1, padded]."""
   t, pos, seg, _ = gen_lib.pad_prompts([p], 64, pad_to=-(-len(p) // chunk) * chunk)

@@ -228,7 +228,7 @@ def _scores(q_smem, k_smem, block_k: int, interpret: bool):
     return jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
 
   def qk(acc):
-    plgpu.wgmma(acc, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+    plgpu.wgmma(acc, q_smem, k_smem.transpose((1, 0)))
     return acc[...]
   return pl.run_scoped(qk, plgpu.ACC((_ROWS, block_k), jnp.float32))
 

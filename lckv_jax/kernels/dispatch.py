@@ -18,7 +18,10 @@ it. `choose` picks the kernel from the config's two knobs, one per kind of call:
   of 64) or `dense`; `auto` is pallas on a GPU (on the H200, 1.30 ms against mosaic's 1.48 ms
   per 1b decode step at batch 32).
 
-Every other call (a prefill into a filled cache, the reference's zero-key decoding) takes the
+A prefill chunk into a filled cache (a long prompt's later chunks, a server's chunked prefill)
+takes the same knob's fused kernel with a dense mask ([batch, T, slots], read by cuDNN as a bias:
+`cudnn_masked`, `xla_masked`), or the dense reference where that knob resolves to dense or
+splash. The reference's zero-key decoding, and every call the kernels above cannot run, take the
 dense reference, which runs any mask. Adding a kernel: one file in `kernels/`, one row in
 `KERNELS`, its name among the knob's values (`lckv_jax.config`), and a test against `dense`.
 
@@ -95,8 +98,13 @@ def choose(config, mode: Mode, mask: Mask, *, own_keys: bool, contiguous: bool,
     if impl == "mosaic" and _decode_mgpu().supports(
         slots, config.dtype, config.resolved_head_dim, config.num_heads // config.num_kv_heads):
       return "mosaic"
-  if own_keys and not mask.zero_key:
-    return resolve_attention_impl(config.attention_impl, config.dtype, backend)
+  if mask.zero_key:
+    return "dense"
+  impl = resolve_attention_impl(config.attention_impl, config.dtype, backend)
+  if own_keys:
+    return impl
+  if mode is not Mode.DECODE and impl in ("cudnn", "xla"):
+    return f"{impl}_masked"
   return "dense"
 
 
@@ -112,6 +120,13 @@ def _fused(implementation: str):
                                         diag_masked=plan.mask.diag_masked, window=plan.mask.window,
                                         implementation=implementation,
                                         segment_ids_BxT=inputs.segment_ids)
+  return run
+
+
+def _fused_masked(implementation: str):
+  def run(q, kv, plan: Plan, inputs: Inputs):
+    return fused.fused_masked_attention(q, kv.k, kv.v, inputs.dense_mask,
+                                        implementation=implementation)
   return run
 
 
@@ -145,10 +160,14 @@ def _prefix(module: Callable):
 READS_QUANTIZED = frozenset({"pallas", "mosaic"})
 # Decode kernels that read each row's span of slots (`Inputs.span`), not a dense mask.
 READS_SPAN = frozenset({"pallas", "mosaic"})
+# Kernels that read a dense mask (`Inputs.dense_mask`); the others need none made.
+READS_MASK = frozenset({"dense", "xla_masked", "cudnn_masked"})
 KERNELS: dict[str, Callable] = {
     "dense": _dense,
     "xla": _fused("xla"),
     "cudnn": _fused("cudnn"),
+    "xla_masked": _fused_masked("xla"),
+    "cudnn_masked": _fused_masked("cudnn"),
     "splash": _splash,
     "pallas": _prefix(lambda: decode),
     "mosaic": _prefix(_decode_mgpu),

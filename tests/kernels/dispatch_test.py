@@ -23,7 +23,15 @@ MOSAIC = {"decode_attention": "mosaic", "dtype": "bfloat16", "head_dim": 64}
     ("tpu", {}, P, PLAIN, True, False, 0, "splash"),
     ("cpu", {"attention_impl": "xla"}, P, PLAIN, True, False, 0, "xla"),
     ("gpu", {"dtype": "bfloat16"}, E, PLAIN, True, True, 128, "cudnn"),  # an unpadded prefill
-    ("gpu", {"dtype": "bfloat16"}, F, PLAIN, False, True, 128, "dense"),  # into a filled cache
+    ("gpu", {"dtype": "bfloat16"}, F, PLAIN, False, True, 128, "cudnn_masked"),  # a filled cache
+    ("gpu", {"dtype": "bfloat16"}, F, PLAIN, False, False, 128, "cudnn_masked"),  # any layout
+    ("gpu", {"dtype": "bfloat16"}, E, PLAIN, False, True, 128, "cudnn_masked"),  # padded, unsorted
+    ("gpu", {}, F, PLAIN, False, True, 128, "dense"),  # float32: no fused kernel
+    ("gpu", {"dtype": "bfloat16", "attention_impl": "dense"}, F, PLAIN, False, True, 128, "dense"),
+    ("cpu", {}, F, PLAIN, False, True, 128, "dense"),
+    ("cpu", {"attention_impl": "xla"}, F, PLAIN, False, True, 128, "xla_masked"),
+    ("tpu", {}, F, PLAIN, False, True, 128, "dense"),  # splash takes no dense mask
+    ("gpu", {"dtype": "bfloat16"}, F, ZERO, False, True, 128, "dense"),
     ("gpu", {}, D, PLAIN, False, True, 128, "pallas"),
     ("gpu", {}, D, PLAIN, False, True, 40, "dense"),  # not whole blocks of the kernel
     ("gpu", {}, D, PLAIN, False, False, 128, "dense"),  # rows not contiguous
@@ -109,6 +117,71 @@ def test_cudnn_equals_the_dense_reference_on_a_gpu(diag_masked, window, packed):
   rows = slice(1, None) if diag_masked else slice(None)  # a masked diagonal: token 0 sees none
   np.testing.assert_allclose(np.asarray(got, np.float32)[:, rows], np.asarray(dense)[:, rows],
                              atol=3e-2)
+
+
+def _filled_cache_chunk(seed, *, diag_masked, window, b=2, t=8, slots=24, heads=4, kv_heads=2,
+                        d=8, dtype=jnp.float32):
+  """A chunk of t queries after what a cache of `slots` holds, with the chunk's own KV written
+  at its slots: row 0 a prompt from slot 0, row 1 left-padded (its first chunk's padding, masked)
+  and ending earlier; slots past each row's chunk are unwritten (segment 0)."""
+  ks = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(ks[0], (b, t, heads, d), dtype)
+  k = jax.random.normal(ks[1], (b, slots, kv_heads, d), dtype)
+  v = jax.random.normal(ks[2], (b, slots, kv_heads, d), dtype)
+  start = jnp.array([10, 6])  # each row's chunk occupies slots [start, start + t)
+  pad = jnp.array([0, 3])  # row 1's first 3 slots are padding
+  slot = jnp.arange(slots)[None]
+  seg = ((slot >= pad[:, None]) & (slot < (start + t)[:, None])).astype(jnp.int32)
+  pos = jnp.maximum(slot - pad[:, None], 0) * seg
+  q_slot = start[:, None] + jnp.arange(t)[None]
+  q_pos = q_slot - pad[:, None]
+  q_seg = jnp.ones((b, t), jnp.int32)
+  dense_mask = make_mask(q_pos, q_seg, pos, seg, diag_masked=diag_masked, window=window)
+  return q, KV(k, v, pos, seg), dense_mask
+
+
+@pytest.mark.parametrize("diag_masked,window", [(False, None), (True, None), (True, 5),
+                                                (False, 4)])
+def test_masked_chunk_kernel_equals_the_dense_reference(diag_masked, window):
+  # A prefill chunk into a filled cache: jax's fused attention reading the dense mask.
+  q, kv, dense_mask = _filled_cache_chunk(6, diag_masked=diag_masked, window=window)
+  mask = dispatch.Mask(diag_masked, window)
+  inputs = dispatch.Inputs(dense_mask=dense_mask)
+  dense = dispatch.attend(dispatch.Plan(F, "dense", mask), q, kv, inputs)
+  got = dispatch.attend(dispatch.Plan(F, "xla_masked", mask), q, kv, inputs)
+  np.testing.assert_allclose(got, dense, atol=2e-5)
+
+
+def test_masked_chunk_kernel_gives_zeros_to_a_query_that_sees_nothing():
+  q, kv, dense_mask = _filled_cache_chunk(7, diag_masked=True, window=None)
+  dense_mask = dense_mask.at[1, :2].set(False)  # two queries of row 1 see no key
+  inputs = dispatch.Inputs(dense_mask=dense_mask)
+  plan = dispatch.Plan(F, "xla_masked", PLAIN)
+  got = np.asarray(dispatch.attend(plan, q, kv, inputs))
+  assert np.all(got[1, :2] == 0) and np.all(np.abs(got[1, 2:]).sum(-1) > 0)
+  np.testing.assert_allclose(got, dispatch.attend(dispatch.Plan(F, "dense", PLAIN), q, kv, inputs),
+                             atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("diag_masked,window,t,slots", [(False, None, 256, 1024),
+                                                        (True, None, 256, 1024),
+                                                        (True, 64, 64, 512), (False, None, 7, 97)])
+def test_cudnn_masked_equals_the_dense_reference_on_a_gpu(diag_masked, window, t, slots):
+  q, kv, dense_mask = _filled_cache_chunk(8, diag_masked=diag_masked, window=window, t=t,
+                                          slots=slots + 300, heads=8, kv_heads=4, d=64,
+                                          dtype=jnp.bfloat16)
+  kv = kv._replace(k=kv.k[:, :slots], v=kv.v[:, :slots], pos=kv.pos[:, :slots],
+                   seg=kv.seg[:, :slots])
+  dense_mask = dense_mask[:, :, :slots]
+  mask = dispatch.Mask(diag_masked, window)
+  inputs = dispatch.Inputs(dense_mask=dense_mask)
+  dense = dispatch.attend(dispatch.Plan(F, "dense", mask), q.astype(jnp.float32),
+                          kv.dequantized(jnp.float32) if kv.quantized else kv._replace(
+                              k=kv.k.astype(jnp.float32), v=kv.v.astype(jnp.float32)), inputs)
+  got = dispatch.attend(dispatch.Plan(F, "cudnn_masked", mask), q, kv, inputs)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(dense), atol=3e-2)
 
 
 def test_the_decode_kernel_equals_the_dense_reference():
