@@ -37,8 +37,8 @@ def test_the_compiled_kernel_equals_attention_over_the_span(dtype, atol, heads):
   # Compiled for the GPU (Triton), not interpreted, with one and two kv heads a program: rows of
   # different spans, a ring window that wraps, and a row that sees nothing.
   rng = np.random.default_rng(7)
-  b, heads, kv_heads, d, slots = 6, 32, 8, 128, 1024
-  q = jnp.asarray(rng.normal(size=(b, heads, d)), dtype)
+  b, q_heads, kv_heads, d, slots = 6, 32, 8, 128, 1024
+  q = jnp.asarray(rng.normal(size=(b, q_heads, d)), dtype)
   k, v = (jnp.asarray(rng.normal(size=(b, slots, kv_heads, d)), dtype) for _ in range(2))
   start = jnp.asarray([0, 0, 100, 900, 5, 512])
   end = jnp.asarray([1, slots, 700, 1200, 5, 1024])  # row 3 wraps past the end
