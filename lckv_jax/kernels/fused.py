@@ -15,42 +15,46 @@ def fused_causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, *, diag_masked: bool
                            segment_ids_BxT: jax.Array | None = None) -> jax.Array:
   """Attention of one chunk through `jax.nn.dot_product_attention` (cuDNN on GPU).
 
-  Causal by index, the window as the kernel's local window (the query and W-1 keys before it).
-  The masked diagonal (docs/spec.md §3) is a [1, 1, T, T] mask beside the causal one, which
-  cuDNN reads as a bias; query 0 then sees nothing and gets zeros. (Shifting instead, queries
-  1..T-1 over keys 0..T-2, made every call copy q, k and v into odd-length, padded arrays and
-  the output back: 0.17 ms a layer pass of a 1b prefill of 32 x 512 tokens on the H200.)
+  Causal by index, the window as the kernel's local window, and the masked diagonal by shifting
+  (docs/spec.md §3): query t >= 1 attends causally over keys 0..t-1, which is the causal
+  attention of queries 1..T-1 over keys 0..T-2; query 0 sees nothing and gets zeros. A window W
+  covers the query and W-1 keys before it; with the diagonal masked, W-1 keys.
 
   `segment_ids_BxT`: packed documents (0 = padding), positions +1 per token within a document
   (causal and window by index). Attention stays within a document through a [batch, 1, T, T]
-  mask; a query that sees no key (a document's first token with the diagonal masked, padding)
-  gets zeros, as in the dense path.
+  mask, which cuDNN reads as a bias beside its causal mask; a query that sees no key (a
+  document's first token with the diagonal masked, padding) gets zeros, as in the dense path.
   """
   seg = segment_ids_BxT
-  t = q_BxTxHxD.shape[1]
-  q, k, v = q_BxTxHxD, k_BxTxKxD, v_BxTxKxD
+  if diag_masked:
+    q, k, v = q_BxTxHxD[:, 1:], k_BxTxKxD[:, :-1], v_BxTxKxD[:, :-1]
+    left = None if window is None else window - 2
+    seg_q, seg_k = (None, None) if seg is None else (seg[:, 1:], seg[:, :-1])
+  else:
+    q, k, v = q_BxTxHxD, k_BxTxKxD, v_BxTxKxD
+    left = None if window is None else window - 1
+    seg_q = seg_k = seg
   # cuDNN's fused kernels want an even length; padding at the end is invisible to earlier
   # queries under the causal mask, and the padded rows are dropped.
-  pad = t % 2 if implementation == "cudnn" else 0
+  n = q.shape[1]
+  if n == 0:  # a single diagonal-masked token sees nothing
+    return jnp.zeros_like(q_BxTxHxD)
+  pad = n % 2 if implementation == "cudnn" else 0
   if pad:
     q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-  n = t + pad
-  i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
   mask = None
   if seg is not None:
-    s = jnp.pad(seg, ((0, 0), (0, pad)))
-    mask = ((s[:, :, None] == s[:, None, :]) & (s[:, None, :] != 0))[:, None]
-  if diag_masked:
-    off_diagonal = (i != j)[None, None]
-    mask = off_diagonal if mask is None else mask & off_diagonal
+    sq, sk = (jnp.pad(x, ((0, 0), (0, pad))) for x in (seg_q, seg_k))
+    mask = ((sq[:, :, None] == sk[:, None, :]) & (sk[:, None, :] != 0))[:, None]
   out = jax.nn.dot_product_attention(
       q, k, v, mask=mask, is_causal=True, implementation=implementation,
-      local_window_size=None if window is None else (window - 1, 0))[:, :t]
-  if mask is not None:  # the kernel's large negative bias leaves a blind query's row uniform
-    visible = mask[:, 0, :t, :t] & (j[:t, :t] <= i[:t, :t])
-    if window is not None:
-      visible &= i[:t, :t] - j[:t, :t] < window
+      local_window_size=None if left is None else (left, 0))[:, :n]
+  if seg is not None:  # the kernel's large negative bias leaves a blind query's row uniform
+    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    visible = mask[:, 0, :n, :n] & (j <= i) & (True if left is None else i - j <= left)
     out = jnp.where(visible.any(-1)[:, :, None, None], out, 0).astype(out.dtype)
+  if diag_masked:
+    out = jnp.concatenate([jnp.zeros_like(out[:, :1]), out], axis=1)
   return out
 
 
