@@ -290,9 +290,9 @@ def test_the_server_sizes_a_quantized_cache_to_about_twice_the_rows():
       assert 1.9 * bf16 <= rows_that_fit(cfg, cap, weights, slots, name) <= 2.1 * bf16
 
 
-def test_prefill_rows_cost_the_batch_at_most_an_eighth_of_its_rows():
+def test_prefill_rows_cost_the_batch_at_most_a_sixteenth_of_its_rows():
   # A job's cache and activations grow with its rows: 7b llama's row cache is 537 MB, so it
-  # prefills two prompts at a time under 24 GB; LCKV's is 50 MB (more at once); 1b's are small.
+  # prefills one prompt at a time under 24 GB; LCKV's is 50 MB (a few at once); 1b's are small.
   from benchmarks.common import config_path
   from lckv_jax import roofline
   from lckv_jax.config import model_from_file
@@ -308,8 +308,8 @@ def test_prefill_rows_cost_the_batch_at_most_an_eighth_of_its_rows():
       weights = 2 * roofline.param_count(cfg)
       fit = lambda k: rows_that_fit(cfg, cap, weights, slots, None, 256 * k, k)  # noqa: E731
       k = prefill_rows_that_fit(8, fit)
-      assert k == 1 or 8 * fit(k) >= 7 * fit(1)
-      assert k == 8 or 8 * fit(2 * k) < 7 * fit(1)
+      assert k == 1 or 16 * fit(k) >= 15 * fit(1)
+      assert k == 8 or 16 * fit(2 * k) < 15 * fit(1)
       chosen[shape, layer_types] = k
-  assert chosen[("7b", "llama")] <= 2 and chosen[("7b", "lckv")] > chosen[("7b", "llama")]
+  assert chosen[("7b", "llama")] == 1 and chosen[("7b", "lckv")] > 1
   assert chosen[("1b", "llama")] == chosen[("1b", "lckv")] == 8
