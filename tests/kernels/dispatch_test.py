@@ -177,8 +177,8 @@ def test_cudnn_masked_equals_the_dense_reference_on_a_gpu(diag_masked, window, t
   mask = dispatch.Mask(diag_masked, window)
   inputs = dispatch.Inputs(dense_mask=dense_mask)
   dense = dispatch.attend(dispatch.Plan(F, "dense", mask), q.astype(jnp.float32),
-                          kv.dequantized(jnp.float32) if kv.quantized else kv._replace(
-                              k=kv.k.astype(jnp.float32), v=kv.v.astype(jnp.float32)), inputs)
+                          kv._replace(k=kv.k.astype(jnp.float32), v=kv.v.astype(jnp.float32)),
+                          inputs)
   got = dispatch.attend(dispatch.Plan(F, "cudnn_masked", mask), q, kv, inputs)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(dense), atol=3e-2)
