@@ -187,6 +187,30 @@ def _tick_until_done(engine, sinks, ticks=200):
   raise AssertionError(f"not done after {ticks} ticks")
 
 
+def test_rows_admitted_count_as_taken_while_their_prompts_prefill(model, monkeypatch):
+  # /metrics reads these counts while the engine prefills: a row refilled this tick is taken
+  # (prefilling) from its admission on, not only once the tick's tokens are collected, so a
+  # saturated server shows a full batch (benchmarks.serve_load's full-batch windows).
+  engine = Engine(model, max_batch=3, max_prompt=20, max_tokens=12, steps_per_tick=1,
+                  prefill_chunk=4)
+  engine.warm_up()
+  first, second, third = _Sink(), _Sink(), _Sink()
+  engine.submit(Request(prompts([3])[0], 6, Sampling(), 0, first))
+  engine.tick()
+  assert (engine.stats.running, engine.stats.prefilling) == (1, 0)
+  seen, real = [], engine._prefill
+
+  def prefill():
+    seen.append((engine.stats.running, engine.stats.prefilling))
+    real()
+  monkeypatch.setattr(engine, "_prefill", prefill)
+  for p, sink in zip(prompts([5, 9], seed=3), (second, third)):
+    engine.submit(Request(p, 3, Sampling(), 0, sink))
+  engine.tick()
+  assert seen == [(1, 2)]  # the two admitted rows, before any of their chunks ran
+  _tick_until_done(engine, [first, second, third])
+
+
 def test_a_long_prompt_prefills_between_decode_calls_and_cancelling_it_frees_the_row(model):
   # Ticks driven by hand (warmed up, not started): one chunk of 4 and one decode step a tick.
   engine = Engine(model, max_batch=2, max_prompt=20, max_tokens=12, steps_per_tick=1,
