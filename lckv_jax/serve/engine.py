@@ -291,11 +291,13 @@ class Engine:
       waiting[0].generated = 0
     self._groups += self._group(admitted)
     self._prefilling.update(row for row, _, _ in admitted)
-    self.stats.waiting = self._waiting.qsize()
-    # The rows taken, now: counted only in `_collect`, a row freed by the last decode call read as
-    # free through the whole prefill phase that refills it (57% of a saturated 7b LCKV server's
-    # time), and /metrics saw a full batch only 7 s of a 63 s burst that kept requests waiting.
+    # The rows taken, now, and before the queue shrinks: counted only in `_collect`, a row freed
+    # by the last decode call read as free through the whole prefill phase that refills it (57%
+    # of a saturated 7b LCKV server's time: /metrics saw a full batch only 7 s of a 63 s burst
+    # that kept requests waiting), and a request admitted into an idle server read as neither
+    # waiting nor prefilling, so a drain (`stop`) polling then could end the loop under it.
     self._count_rows()
+    self.stats.waiting = self._waiting.qsize()
 
   def _count_rows(self) -> None:
     self.stats.prefilling = len(self._prefilling)

@@ -188,9 +188,10 @@ def _tick_until_done(engine, sinks, ticks=200):
 
 
 def test_rows_admitted_count_as_taken_while_their_prompts_prefill(model, monkeypatch):
-  # /metrics reads these counts while the engine prefills: a row refilled this tick is taken
-  # (prefilling) from its admission on, not only once the tick's tokens are collected, so a
-  # saturated server shows a full batch (benchmarks.serve_load's full-batch windows).
+  # /metrics and a drain (`stop`) read these counts while the engine prefills: a row refilled
+  # this tick is taken (prefilling) from its admission on, not only once the tick's tokens are
+  # collected, so a saturated server shows a full batch (benchmarks.serve_load's full-batch
+  # windows), and a request admitted into an idle server is never neither waiting nor running.
   engine = Engine(model, max_batch=3, max_prompt=20, max_tokens=12, steps_per_tick=1,
                   prefill_chunk=4)
   engine.warm_up()
@@ -201,14 +202,21 @@ def test_rows_admitted_count_as_taken_while_their_prompts_prefill(model, monkeyp
   seen, real = [], engine._prefill
 
   def prefill():
-    seen.append((engine.stats.running, engine.stats.prefilling))
+    seen.append((engine.stats.running, engine.stats.prefilling, engine.stats.waiting))
     real()
   monkeypatch.setattr(engine, "_prefill", prefill)
   for p, sink in zip(prompts([5, 9], seed=3), (second, third)):
     engine.submit(Request(p, 3, Sampling(), 0, sink))
   engine.tick()
-  assert seen == [(1, 2)]  # the two admitted rows, before any of their chunks ran
+  assert seen == [(1, 2, 0)]  # the two admitted rows, before any of their chunks ran
   _tick_until_done(engine, [first, second, third])
+  # Into an idle server: during its prefill the request counts as prefilling.
+  seen.clear()
+  fourth = _Sink()
+  engine.submit(Request(prompts([4], seed=4)[0], 2, Sampling(), 0, fourth))
+  engine.tick()
+  assert seen == [(0, 1, 0)]
+  _tick_until_done(engine, [fourth])
 
 
 def test_a_long_prompt_prefills_between_decode_calls_and_cancelling_it_frees_the_row(model):
