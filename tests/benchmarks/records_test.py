@@ -58,7 +58,7 @@ def test_device_slugs():
 
 
 BENCHMARKS = ("throughput", "decode_profile", "decode_speed", "train_speed", "prefill_iterations",
-              "first_step", "train_py", "kv_quant", "hf_generate", "serve_load",
+              "prefill_speed", "first_step", "train_py", "kv_quant", "hf_generate", "serve_load",
               "hbm_ceilings")  # hbm_ceilings: a probe of `lckv_jax.roofline`'s measurements
 
 
