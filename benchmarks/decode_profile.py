@@ -57,6 +57,24 @@ def device_kernels(trace_dir: str) -> tuple[list[tuple[str, int, int]], dict]:
   return sorted(events, key=lambda e: e[1]), lines
 
 
+def traced(run):
+  """`run()` under `jax.profiler`, waited for: (its result, the GPU's kernels, the trace's line
+  counts), as `device_kernels` reads them."""
+  with tempfile.TemporaryDirectory() as trace:
+    jax.profiler.start_trace(trace)
+    out = jax.block_until_ready(run())
+    jax.profiler.stop_trace()
+    return (out, *device_kernels(trace))
+
+
+def report(record: dict, out: str) -> None:
+  """Writes `record` into the record file `out` and prints it, its largest kernels a line each."""
+  records.update(out, [record])
+  print(json.dumps({k: v for k, v in record.items() if k != "largest"}), flush=True)
+  for row in record.get("largest", []):
+    print("  ", row)
+
+
 def summarize(kernels, steps: int, top: int = 15) -> dict:
   """Per-token numbers of the kernels in the trace."""
   if not kernels:
@@ -118,12 +136,7 @@ def main(argv=None):
     return state, (time.perf_counter() - t0) / args.steps
 
   state, wall1 = timed(state)
-  with tempfile.TemporaryDirectory() as trace:
-    jax.profiler.start_trace(trace)
-    state = gen.decode(state, args.steps)
-    jax.block_until_ready(state.tokens)
-    jax.profiler.stop_trace()
-    kernels, lines = device_kernels(trace)
+  state, kernels, lines = traced(lambda: gen.decode(state, args.steps))
   state, wall2 = timed(state)
 
   graphdef, params = nnx.split(gen.model)
@@ -144,12 +157,8 @@ def main(argv=None):
       decode_temp_bytes=getattr(mem, "temp_size_in_bytes", None),
       decode_alias_bytes=getattr(mem, "alias_size_in_bytes", None),
       trace_lines=lines, **summarize(kernels, args.steps))
-  out = args.out or records.record_path(default_out(), "decode_profile",
-                                        jax.devices()[0].device_kind, ext="jsonl")
-  records.update(out, [record])
-  print(json.dumps({k: v for k, v in record.items() if k != "largest"}), flush=True)
-  for row in record.get("largest", []):
-    print("  ", row)
+  report(record, args.out or records.record_path(default_out(), "decode_profile",
+                                                 jax.devices()[0].device_kind, ext="jsonl"))
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ measured, `roofline.ceilings`; on a CPU no kernels are traced and the rate is no
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 import types
 
@@ -35,7 +33,7 @@ import numpy as np
 
 from benchmarks import records
 from benchmarks.common import default_out, serving_model
-from benchmarks.decode_profile import device_kernels, summarize
+from benchmarks.decode_profile import report, summarize, traced
 from lckv_jax import generation as gen_lib
 from lckv_jax import roofline as rl
 from lckv_jax.kernels import dispatch
@@ -81,13 +79,7 @@ def time_start(gen, prompts, reps: int) -> list[float]:
 
 
 def profile_start(gen, prompts) -> dict:
-  with tempfile.TemporaryDirectory() as trace:
-    jax.profiler.start_trace(trace)
-    state = gen.start(prompts)
-    jax.block_until_ready(state.token)
-    jax.profiler.stop_trace()
-    kernels, _ = device_kernels(trace)
-  del state
+  _, kernels, _ = traced(lambda: gen.start(prompts))
   return summarize(kernels, steps=1, top=12)  # "per token" = per call here
 
 
@@ -144,12 +136,8 @@ def main(argv=None):
     warm = statistics.median(seconds[1:])
     fields.update(ms=[round(1e3 * s, 1) for s in seconds], flop_ms=round(1e3 * flop_s, 1),
                   vs_flops=round(warm / flop_s, 3), **profile_start(gen, prompts))
-  record = records.entry(setting(a), **fields)
-  out = a.out or records.record_path(default_out(), "prefill_speed", jax.devices()[0].device_kind)
-  records.update(out, [record])
-  print(json.dumps({k: v for k, v in record.items() if k != "largest"}), flush=True)
-  for row in record.get("largest", []):
-    print("  ", row)
+  report(records.entry(setting(a), **fields), a.out or records.record_path(
+      default_out(), "prefill_speed", jax.devices()[0].device_kind))
 
 
 if __name__ == "__main__":
