@@ -27,9 +27,12 @@ under a limit (`TTFT_P99_LIMIT_S`, 2 s by default: an interactive client's patie
 Saturation: `--burst K` ends the sweep with K x rows requests arriving at once, so that requests
 wait for rows for most of the run. During every run the client reads the server's /metrics every
 `METRICS_EVERY_S`; the tokens the server generated while every row was taken, over that time,
-are the run's `full_tokens_per_s`, the server's throughput with a full batch. The
-client's own tokens/s over the whole run also counts the ramp-down, when the last requests finish
-on an emptying batch. `--duration D` sends rate x D requests per rate instead of `--requests`,
+are the run's `full_tokens_per_s`, the server's throughput with a full batch (a burst's window
+opens with every row prefilling at once). A burst's `steady_tokens_per_s` is the saturated
+server's steady state: the tokens generated from the end of its first fill (once as many requests
+have finished as there are rows) to the last sample that saw requests waiting (every freed row
+refilled at the next tick). The client's own tokens/s over the whole run also counts the fill
+and the ramp-down, when the last requests finish on an emptying batch. `--duration D` sends rate x D requests per rate instead of `--requests`,
 so that low rates take no longer than high ones.
 """
 
@@ -84,11 +87,21 @@ def full_batch_tokens_per_s(results: list[dict]) -> float | None:
   return max(full) if full else None
 
 
+def steady_burst(results: list[dict]) -> dict | None:
+  """The last burst whose steady state (`steady_state`) lasted `FULL_MIN_S`, or None."""
+  steady = [r for r in results if r["rate"] is None and r.get("steady_tokens_per_s")
+            and r.get("steady_s", 0) >= FULL_MIN_S]
+  return steady[-1] if steady else None
+
+
 def saturated_tokens_per_s(results: list[dict]) -> float:
-  """What the server does when saturated: the best of its full-batch tokens/s and the client's
-  output tokens/s over a run (the burst's: requests waiting for rows most of the run). The
-  full-batch window of a burst opens with every row prefilling at once, so it can read below
-  the whole burst's rate."""
+  """What the server does when saturated: its steady tokens/s in a burst where measured, else
+  the best of its full-batch tokens/s and the client's output tokens/s over a run (the burst's:
+  requests waiting for rows most of the run; both windows include the first fill, so both are
+  lower bounds)."""
+  steady = steady_burst(results)
+  if steady is not None:
+    return steady["steady_tokens_per_s"]
   return max([full_batch_tokens_per_s(results) or 0.0]
              + [r["output_tokens_per_s"] for r in results])
 
@@ -107,7 +120,7 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
   head = ["model", "cache", "prompt / output tokens", "rows", "prefill rows", "sustained req/s",
           "TTFT p50 / p99 (s)",
           "inter-token p50 / p99 (ms)", "burst req/s", "burst engine: decode / prefill / host",
-          "full-batch tok/s", "saturated output tok/s"]
+          "burst steady tok/s (s)", "saturated output tok/s"]
   if offline is not None:
     head += ["offline max batch tok/s", "saturated / offline"]
   rows = []
@@ -122,10 +135,12 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
     where = "–" if not share else " / ".join(
         f"{100 * v:.0f}%" for v in (share["decode"], share["prefill"],
                                     share["admit"] + share["emit"]))
-    full = full_batch_tokens_per_s(e["results"])
+    steady = steady_burst(e["results"])
+    steady = "–" if steady is None else (
+        f"{steady['steady_tokens_per_s']:,.0f} ({steady['steady_s']:.0f})")
     rows.append([e["label"], e.get("cache_dtype") or "bf16", _mix(e), f"{e['max_batch']:,}",
-                 str(e.get("prefill_rows", 1)), *at, burst, where,
-                 "–" if full is None else f"{full:,.0f}", f"{saturated:,.0f}"])
+                 str(e.get("prefill_rows", 1)), *at, burst, where, steady,
+                 f"{saturated:,.0f}"])
     if offline is not None:
       ref = offline.get(e["setting"])
       rows[-1] += [f"{ref:,.0f}", f"{saturated / ref:.2f}"] if ref else ["–", "–"]
@@ -385,6 +400,24 @@ def full_batch(samples: list[tuple[float, dict]]) -> tuple[float, float]:
   return secs, (tokens / secs if secs else 0.0)
 
 
+def steady_state(samples: list[tuple[float, dict]], ends: list[float], rows: int
+                 ) -> tuple[float, float]:
+  """(seconds, tokens/s) of a saturated run's steady state, from /metrics samples and the
+  requests' end times (one monotonic clock): from the end of the first fill (the `rows`-th
+  request to finish: every row has turned over about once, so the rows' ages are mixed, not
+  all prefilling at once) to the last sample that saw requests waiting."""
+  waiting = [t for t, m in samples if m.get("lckv_queue_length", 0) > 0]
+  if len(ends) <= rows or not waiting:
+    return 0.0, 0.0
+  start, stop = sorted(ends)[rows - 1], max(waiting)
+  inside = [(t, m) for t, m in samples if start <= t <= stop]
+  if len(inside) < 2:
+    return 0.0, 0.0
+  (t0, a), (t1, b) = inside[0], inside[-1]
+  key = "lckv_generated_tokens_total"
+  return t1 - t0, (b[key] - a[key]) / (t1 - t0)
+
+
 async def _sample_metrics(client, url: str, samples: list, stop: asyncio.Event) -> None:
   while not stop.is_set():
     try:
@@ -414,6 +447,11 @@ async def run_rate(url: str, rate: float | None, n: int, prompt_range, output_ra
     await sampler
   full_s, full_tps = full_batch(samples)
   ok = [d for d in done if d["status"] == 200]
+  steady = {}
+  if rate is None and samples:  # a burst: saturated once its first fill is done
+    rows = int(samples[0][1].get("lckv_max_batch", 0))
+    secs, tps = steady_state(samples, [d["end"] for d in ok], rows)
+    steady = dict(steady_s=round(secs, 2), steady_tokens_per_s=round(tps, 1))
   ttft = [d["ttft"] for d in ok if d["ttft"] is not None]
   itl = [g for d in ok for g in d["itl"]]
   tpot = [d["tpot"] for d in ok if d.get("tpot") is not None]
@@ -422,7 +460,7 @@ async def run_rate(url: str, rate: float | None, n: int, prompt_range, output_ra
   return dict(rate=rate, requests=n, served=len(ok), rejected=n - len(ok),
               wall_s=round(wall, 3), requests_per_s=round(len(ok) / wall, 3),
               output_tokens_per_s=round(sum(d["tokens"] for d in ok) / wall, 1),
-              full_s=round(full_s, 2), full_tokens_per_s=round(full_tps, 1),
+              full_s=round(full_s, 2), full_tokens_per_s=round(full_tps, 1), **steady,
               peak_running=max(running, default=0),
               mean_running=round(float(np.mean(running)), 1) if running else 0.0,
               clients=len(cpu), client_cpu=round(max(cpu) / wall, 3) if wall > 0 else None,

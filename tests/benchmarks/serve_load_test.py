@@ -105,6 +105,25 @@ def test_full_batch_throughput_counts_only_the_time_every_row_was_taken():
   assert sl.sustained_rate(sweep)["rate"] == 1  # the burst has no rate
 
 
+def test_steady_state_runs_from_the_first_fill_to_the_last_waiting_request():
+  import benchmarks.serve_load as sl
+  page = "lckv_max_batch 4.0\nlckv_queue_length {q}\nlckv_generated_tokens_total {t}\n"
+  samples = [(t, sl._scrape(page.format(q=q, t=tok)))
+             for t, q, tok in [(0.0, 8, 0), (1.0, 8, 10), (2.0, 6, 210), (3.0, 3, 510),
+                               (4.0, 1, 890), (5.0, 0, 1200), (6.0, 0, 1300)]]
+  ends = [1.5, 1.7, 1.9, 2.0, 2.4, 3.3, 4.5, 5.5, 6.0]  # the 4th (rows) ends at 2.0
+  assert sl.steady_state(samples, ends, rows=4) == (2.0, 340.0)  # 2 s -> 4 s: 680 tokens
+  assert sl.steady_state(samples, ends[:4], rows=4) == (0.0, 0.0)  # no request past the fill
+  assert sl.steady_state(samples[:3], ends, rows=4) == (0.0, 0.0)  # one sample in the window
+  # The table and the saturated number take the burst's steady state over its other windows.
+  burst = dict(_result(None, 9.0, 5.0, tok=300), full_s=4.0, full_tokens_per_s=450.0,
+               steady_s=12.4, steady_tokens_per_s=420.0)
+  assert sl.saturated_tokens_per_s([_result(1, 0.98, 0.3, tok=50), burst]) == 420.0
+  row = sl.markdown([dict(label="x", max_batch=8, results=[burst])]).splitlines()[2]
+  assert row.endswith("| 420 (12) | 420 |")
+  assert sl.saturated_tokens_per_s([dict(burst, steady_s=0.5)]) == 450.0  # too short
+
+
 def test_phase_shares_read_the_engine_seconds_of_two_metrics_pages():
   import benchmarks.serve_load as sl
   page = ('# TYPE lckv_engine_seconds_total counter\n'
