@@ -160,7 +160,8 @@ def plot(entries: list[dict], out: str, title: str = "") -> str:
     rs = sorted((r for r in e["results"] if r["rate"] is not None), key=lambda r: r["rate"])
     x = [r["rate"] for r in rs]
     mix = "" if _mix(e) == _mix({}) else " " + _mix(e)
-    label = f"{e['label']}{mix} (batch {e['max_batch']})"
+    cache = f" {e['cache_dtype']}" if e.get("cache_dtype") else ""
+    label = f"{e['label']}{cache}{mix} (batch {e['max_batch']})"
     y = [r["output_tokens_per_s"] for r in rs]
     bursts = [r for r in e["results"] if r["rate"] is None]
     line, = a.plot(x, y, "o-", label=label)
@@ -174,7 +175,7 @@ def plot(entries: list[dict], out: str, title: str = "") -> str:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("arrival rate (requests/s)")
     ax.grid(alpha=0.3)
-  a.set_ylabel("output tokens/s (star: saturated, at the burst's requests/s)")
+  a.set_ylabel("output tokens/s\n(star: saturated, at the burst's requests/s)")
   b.set_ylabel("time to first token, p99 (s)")
   b.set_yscale("log")
   b.axhline(TTFT_P99_LIMIT_S, color="gray", ls="--", lw=0.8)
