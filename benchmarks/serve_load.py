@@ -32,8 +32,9 @@ opens with every row prefilling at once). A burst's `steady_tokens_per_s` is the
 server's steady state: the tokens generated from the end of its first fill (once as many requests
 have finished as there are rows) to the last sample that saw requests waiting (every freed row
 refilled at the next tick). The client's own tokens/s over the whole run also counts the fill
-and the ramp-down, when the last requests finish on an emptying batch. `--duration D` sends rate x D requests per rate instead of `--requests`,
-so that low rates take no longer than high ones.
+and the ramp-down, when the last requests finish on an emptying batch. `--duration D` sends
+rate x D requests per rate instead of `--requests`, so that low rates take no longer than high
+ones.
 """
 
 from __future__ import annotations

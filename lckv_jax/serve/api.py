@@ -61,9 +61,9 @@ class Outbox:
   """Events from the engine's thread into the event loop's queues, one wake-up a batch.
 
   `loop.call_soon_threadsafe` per event wakes the loop (a write to its self-pipe) each time: the
-  5,328 events of a 1b LCKV server's tick took 57-87 ms of the engine's thread on a 2-core CI
-  machine, against 17-19 ms appended here and flushed by one call (medians of 10). A request's
-  events keep their order (one list, flushed in order)."""
+  5,328 events of a 1b LCKV server's tick took 57-87 ms of the engine's thread on the 2-core
+  development machine, against 17-19 ms appended here and flushed by one call (medians of 10).
+  A request's events keep their order (one list, flushed in order)."""
 
   def __init__(self, loop: asyncio.AbstractEventLoop):
     self.loop = loop
