@@ -539,6 +539,8 @@ def main(argv=None) -> str:
                  help="the server's --prefill_tokens_per_tick (default: the server's default)")
   p.add_argument("--prefill_rows", type=int, default=None,
                  help="the server's --prefill_rows (default: the server's default)")
+  p.add_argument("--admit_lookahead", type=int, default=None,
+                 help="the server's --admit_lookahead (default: the server's default)")
   p.add_argument("--cache_dtype", default=None, choices=["int8", "fp8"],
                  help="the server's --cache_dtype (default: the compute dtype)")
   p.add_argument("--clients", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
@@ -584,6 +586,8 @@ def main(argv=None) -> str:
     flags.append(f"--prefill_tokens_per_tick={args.prefill_tokens_per_tick}")
   if args.prefill_rows is not None:
     flags.append(f"--prefill_rows={args.prefill_rows}")
+  if args.admit_lookahead is not None:
+    flags.append(f"--admit_lookahead={args.admit_lookahead}")
   if args.cache_dtype:
     flags.append(f"--cache_dtype={args.cache_dtype}")
   with tempfile.TemporaryDirectory() as tmp:
@@ -609,6 +613,7 @@ def main(argv=None) -> str:
       gauges = _scrape(health)
       rows = int(gauges["lckv_max_batch"])
       prefill_rows = int(gauges["lckv_prefill_rows"])  # the server's, lowered to fit its memory
+      lookahead = int(gauges["lckv_admit_lookahead"])
       results = []
       page = lambda: (time.monotonic(), httpx.get(url + "/metrics").text)  # noqa: E731
       for rate in args.rates:
@@ -646,7 +651,7 @@ def main(argv=None) -> str:
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,
       prefill_tokens_per_tick=args.prefill_tokens_per_tick,
-      prefill_rows=prefill_rows, burst=args.burst, clients=args.clients,
+      prefill_rows=prefill_rows, admit_lookahead=lookahead, burst=args.burst, clients=args.clients,
       cache_dtype=args.cache_dtype, server_start_s=round(startup, 1),
       peak_bytes=int(peak) if peak else None, results=results,
       saturated_tokens_per_s=saturated_tokens_per_s(results),

@@ -95,10 +95,15 @@ def main(argv: list[str]) -> int:
                  f"pause of the running requests (default {PREFILL_TOKENS_PER_TICK})")
   p.add_argument("--prefill_rows", type=int, default=PREFILL_ROWS,
                  help="most prompts prefilled together in one call (prompts that take as many "
-                 "chunks, admitted in the same tick): fewer, fuller calls under load. "
+                 "chunks, admitted in the same tick; --admit_lookahead): fewer, fuller calls "
+                 "under load. "
                  "With --memory_bytes, lowered (to a power of two) until the prefill's cache and "
                  "activations take at most 1/16 of the rows; 1 without --prefill_chunk "
                  f"(default {PREFILL_ROWS})")
+  p.add_argument("--admit_lookahead", type=int, default=None,
+                 help="how many waiting requests past the oldest admission looks through for "
+                 "prompts of the same prefill shape, so jobs are full (0: arrival order only; "
+                 "default 8 x --prefill_rows)")
   p.add_argument("--cache_dtype", default=None, choices=["int8", "fp8", "bfloat16", "float32"],
                  help="the KV cache's storage; int8 and fp8 quantize it with a float32 scale per "
                  "token and KV head: about half the bytes of bf16, so --memory_bytes admits about "
@@ -108,6 +113,8 @@ def main(argv: list[str]) -> int:
     raise ValueError("give one of --max_batch or --memory_bytes")
   if args.prefill_rows < 1:
     raise ValueError(f"--prefill_rows must be >= 1, got {args.prefill_rows}")
+  if args.admit_lookahead is not None and args.admit_lookahead < 0:
+    raise ValueError(f"--admit_lookahead must be >= 0, got {args.admit_lookahead}")
 
   import jax
   import uvicorn
@@ -158,7 +165,8 @@ def main(argv: list[str]) -> int:
                   eos_ids=eos, steps_per_tick=args.steps_per_tick, max_waiting=args.max_waiting,
                   prefill_chunk=args.prefill_chunk,
                   prefill_tokens_per_tick=args.prefill_tokens_per_tick,
-                  prefill_rows=args.prefill_rows, cache_dtype=args.cache_dtype)
+                  prefill_rows=args.prefill_rows, admit_lookahead=args.admit_lookahead,
+                  cache_dtype=args.cache_dtype)
   print(f"{batch} rows of {engine.max_len} cache slots; compiling and running each call once "
         "(warm-up)", flush=True)
   seconds = engine.warm_up()  # runs every call at the full batch: the peak is the server's

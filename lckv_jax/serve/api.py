@@ -97,6 +97,9 @@ class Metrics:
     self.rows = Gauge("lckv_max_batch", "Rows of the decode batch", registry=r)
     self.prefill_rows = Gauge("lckv_prefill_rows", "Most prompts one prefill call takes",
                               registry=r)
+    self.admit_lookahead = Gauge("lckv_admit_lookahead", "Waiting requests past the oldest that "
+                                 "admission looks through for a prefill job's partners",
+                                 registry=r)
     self.cache = Gauge("lckv_cache_use", "Share of the cache's slots in use", registry=r)
     self.tokens = Counter("lckv_generated_tokens", "Tokens generated", registry=r)
     self.requests = Counter("lckv_requests", "Requests by outcome", ["outcome"], registry=r)
@@ -126,6 +129,7 @@ class Metrics:
     self.prefilling.set(s.prefilling)
     self.rows.set(s.max_batch)
     self.prefill_rows.set(self.engine.prefill_rows)
+    self.admit_lookahead.set(self.engine.admit_lookahead)
     self.cache.set(s.cache_slots_used / max(s.cache_slots, 1))
     self.peak.set((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0))
     now, before = time.monotonic(), self._last

@@ -3,9 +3,10 @@
 A fixed batch of `max_batch` rows decodes `steps_per_tick` tokens per call of the jitted decode
 loop (`Generator.decode`). Each tick (`Engine.tick`) the engine
 
-1. admits waiting requests into free rows: each row is reserved for its request, and the
-   requests admitted together whose prompts take as many chunks become prefill jobs
-   of up to `prefill_rows` rows each (`Generator.begin`, `PrefillJob.stack`; host work only). One
+1. admits waiting requests into free rows: each row is reserved for its request, and requests
+   whose prompts make the same call shape become prefill jobs of up to `prefill_rows` rows each,
+   the oldest waiting request first, its partners from the next `admit_lookahead` (`_admit`;
+   `Generator.begin`, `PrefillJob.stack`; host work only). One
    call then prefills a chunk of every row of a job: a [1, C] call reads all the weights (for
    LCKV, once per iteration) for C tokens of work, so one job a prompt would leave the GPU's
    matmul rate unused exactly when requests pile up (on the H200, 7b LCKV's burst went from 4.7
@@ -153,24 +154,32 @@ class Engine:
                eos_ids: Sequence[int] = (), pad_id: int = 0, steps_per_tick: int = 8,
                max_waiting: int = 256, prefill_chunk: int | None = PREFILL_CHUNK,
                prefill_tokens_per_tick: int = PREFILL_TOKENS_PER_TICK,
-               prefill_rows: int = PREFILL_ROWS, cache_dtype=None):
+               prefill_rows: int = PREFILL_ROWS, admit_lookahead: int | None = None,
+               cache_dtype=None):
     """`prefill_chunk`: prompt tokens per prefill call (at most `max_prompt`; None: each prompt
     whole, padded to a bucket length); `prefill_tokens_per_tick`: the most prompt tokens
     (padding included) prefilled between two decode calls, in whole calls (at least one);
     `prefill_rows`: the most prompts one call prefills (at most `max_batch`; 1 without
-    `prefill_chunk`); `cache_dtype`: the KV cache's storage (default the compute dtype; "int8"
+    `prefill_chunk`); `admit_lookahead`: how far past the oldest waiting request admission looks
+    for prompts of its job's shape (default 8 jobs' worth, 8 x `prefill_rows`; 0: arrival order
+    only); `cache_dtype`: the KV cache's storage (default the compute dtype; "int8"
     or "fp8" quantize it, as `generate`'s)."""
     if max_batch < 1 or max_prompt < 1 or max_tokens < 1 or steps_per_tick < 1:
       raise ValueError("engine: max_batch, max_prompt, max_tokens and steps_per_tick must be >= 1")
-    for name, value in (("prefill_tokens_per_tick", prefill_tokens_per_tick),
-                        ("prefill_rows", prefill_rows)):
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"engine: {name} must be an integer >= 1, got {value!r}")
+    for name, value, least in (("prefill_tokens_per_tick", prefill_tokens_per_tick, 1),
+                               ("prefill_rows", prefill_rows, 1),
+                               ("admit_lookahead", admit_lookahead, 0)):
+      if name == "admit_lookahead" and value is None:
+        continue
+      if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"engine: {name} must be an integer >= {least}, got {value!r}")
     self.max_batch, self.max_prompt, self.max_tokens = max_batch, max_prompt, max_tokens
     self.steps_per_tick, self.max_waiting = steps_per_tick, max_waiting
     self.prefill_chunk = chunk_for(prefill_chunk, max_prompt)
     self.prefill_tokens_per_tick = prefill_tokens_per_tick
     self.prefill_rows = 1 if self.prefill_chunk is None else min(prefill_rows, max_batch)
+    self.admit_lookahead = (8 * self.prefill_rows if self.prefill_rows > 1 else 0) if \
+        admit_lookahead is None else admit_lookahead
     self.max_len = row_slots(max_prompt, max_tokens, prefill_chunk)
     limit = model.config.max_position_embeddings
     if max_prompt + max_tokens > limit:
@@ -186,6 +195,8 @@ class Engine:
     self._waiting: queue.Queue[Request] = queue.Queue()
     self._rows: list[Request | None] = [None] * max_batch  # the request holding each row
     self._groups: list[_Group] = []  # prefill jobs, oldest admission first
+    # Requests taken from the queue, their jobs begun, not yet in a row: the admission window.
+    self._pending: list[tuple[Request, PrefillJob]] = []
     self._prefilling: set[int] = set()  # rows whose request is in a job of `_groups`
     self._wake = threading.Event()
     self._stop = threading.Event()
@@ -255,10 +266,10 @@ class Engine:
                        f"{self.max_prompt}")
     if not 1 <= request.max_tokens <= self.max_tokens:
       raise ValueError(f"max_tokens must be in 1..{self.max_tokens}, got {request.max_tokens}")
-    if self._waiting.qsize() >= self.max_waiting:
+    if self._num_waiting() >= self.max_waiting:
       raise QueueFull(f"{self.max_waiting} requests are waiting")
     self._waiting.put(request)
-    self.stats.waiting = self._waiting.qsize()
+    self.stats.waiting = self._num_waiting()
     self._wake.set()
 
   def cancel(self, request: Request) -> None:
@@ -278,26 +289,69 @@ class Engine:
                           seeds=[seed], pad_to=pad_to)
 
   def _admit(self) -> None:
-    """Waiting requests into free rows, as prefill jobs (host work: nothing runs yet)."""
-    admitted = []  # (row, request, its job), in arrival order
-    for row in range(self.max_batch):
-      if self._rows[row] is not None:
-        continue
-      waiting = self._next_waiting()
-      if waiting is None:
-        break
-      admitted.append((row, *waiting))
-      self._rows[row] = waiting[0]
-      waiting[0].generated = 0
-    self._groups += self._group(admitted)
-    self._prefilling.update(row for row, _, _ in admitted)
+    """Waiting requests into free rows, as prefill jobs (host work: nothing runs yet).
+
+    The oldest waiting request always goes first, and its job takes as many rows as a job can
+    (`group_sizes`, within the free rows and `prefill_rows`) from the next `admit_lookahead`
+    waiting requests, those whose prompts make the same call shape first (as many chunks, the
+    same first-chunk width). Taking them in arrival order instead split the rows that free in a
+    tick (about 6 of a saturated 7b LCKV server's 198) by chunk count into jobs of 1 or 2 prompts,
+    so most prefill calls read all the weights (9 times, once an iteration) for a few hundred
+    tokens of work. A request is passed over only by requests within that window, and only while
+    it is not the oldest, so none waits without bound.
+    """
+    free = [row for row in range(self.max_batch) if self._rows[row] is None]
+    self._pull(len(free) + self.admit_lookahead)
+    while free and self._pending:
+      part = self._partners(min(len(free), self.prefill_rows))
+      rows, free = free[:len(part)], free[len(part):]
+      for row, (req, _) in zip(rows, part):
+        self._rows[row] = req
+        req.generated = 0
+      self._groups.append(_Group(rows=rows, job=PrefillJob.stack([job for _, job in part],
+                                                                 self.pad_id)))
+      self._prefilling.update(rows)
     # The rows taken, now, and before the queue shrinks: counted only in `_collect`, a row freed
     # by the last decode call read as free through the whole prefill phase that refills it (57%
     # of a saturated 7b LCKV server's time: /metrics saw a full batch only 7 s of a 63 s burst
     # that kept requests waiting), and a request admitted into an idle server read as neither
     # waiting nor prefilling, so a drain (`stop`) polling then could end the loop under it.
     self._count_rows()
-    self.stats.waiting = self._waiting.qsize()
+    self.stats.waiting = self._num_waiting()
+
+  def _num_waiting(self) -> int:
+    return self._waiting.qsize() + len(self._pending)
+
+  def _pull(self, n: int) -> None:
+    """Moves waiting requests from the queue into `_pending` (their jobs begun) until `n` are
+    there or none waits; cancelled requests (here or in the queue) end."""
+    kept = []
+    for req, job in self._pending:
+      if req.cancelled:
+        req.emit([], "cancelled")
+      else:
+        kept.append((req, job))
+    self._pending = kept
+    while len(self._pending) < n:
+      waiting = self._next_waiting()
+      if waiting is None:
+        break
+      self._pending.append(waiting)
+
+  def _partners(self, most: int) -> list[tuple[Request, PrefillJob]]:
+    """The oldest pending request and up to `most` - 1 others of as many chunks from the
+    window, the nearest in padded width first (then the oldest): one job's requests, removed
+    from `_pending`, in arrival order. Their number is a power of two (`group_sizes`)."""
+    window = self._pending  # the free rows' worth and `admit_lookahead` more (`_pull`)
+    head = window[0][1]
+    same = [i for i, (_, job) in enumerate(window) if job.num_chunks == head.num_chunks]
+    same.sort(key=lambda i: (abs(window[i][1].tokens.shape[1] - head.tokens.shape[1]), i))
+    k = next(k for k in group_sizes(self.prefill_rows) if k <= min(most, len(same)))
+    taken = sorted(same[:k])
+    part = [self._pending[i] for i in taken]
+    for i in reversed(taken):
+      del self._pending[i]
+    return part
 
   def _count_rows(self) -> None:
     self.stats.prefilling = len(self._prefilling)
@@ -319,24 +373,6 @@ class Engine:
       except Exception as e:  # noqa: BLE001 - one bad request never stops the loop
         logging.exception("request %d failed at prefill", req.id)
         req.emit([], f"error: {e}")
-
-  def _group(self, admitted: list) -> list[_Group]:
-    """The admitted requests as jobs: those whose prompts take as many chunks together, in jobs
-    of `group_sizes` rows; each job's first chunk is as wide as its widest row's
-    (`PrefillJob.stack`), so rows of similar length go together."""
-    by_chunks: dict[int, list] = {}
-    for order, (row, _, job) in enumerate(admitted):
-      by_chunks.setdefault(job.num_chunks, []).append((order, row, job))
-    groups = []  # (arrival of the job's first request, the job)
-    for items in by_chunks.values():
-      items.sort(key=lambda item: item[2].tokens.shape[1])
-      for k in group_sizes(self.prefill_rows):
-        while len(items) >= k:
-          part, items = items[:k], items[k:]
-          groups.append((min(o for o, _, _ in part), _Group(
-              rows=[row for _, row, _ in part],
-              job=PrefillJob.stack([job for _, _, job in part], self.pad_id))))
-    return [g for _, g in sorted(groups, key=lambda g: g[0])]  # oldest first, as they came
 
   def _prefill(self) -> None:
     """Runs this tick's prefill calls, oldest job first, and inserts each job that finishes into

@@ -98,6 +98,42 @@ def test_prompts_admitted_together_prefill_in_one_call_each_chunk(model, monkeyp
     assert sink.tokens == generate(model, [p], max_new_tokens=6, prefill_chunk=4).tokens[0]
 
 
+@pytest.mark.parametrize("lookahead", [None, 0])
+def test_admission_fills_a_job_with_waiting_prompts_of_its_shape(model, lookahead, monkeypatch):
+  # Two rows, jobs of up to 2, four prompts waiting of 1, 2, 1 and 2 chunks of 4. In arrival
+  # order (lookahead 0) the first two rows take prompts of 1 and 2 chunks: jobs of one prompt
+  # each, three [1, *] calls. Looking past the oldest (default) pairs the two 1-chunk prompts,
+  # then the two 2-chunk ones: every call prefills 2 rows, the oldest request's first.
+  from lckv_jax import generation
+  calls = []
+  real = generation.prefill
+
+  def prefill(model, tokens, *args, **kw):
+    calls.append(tuple(tokens.shape))
+    return real(model, tokens, *args, **kw)
+  ps = prompts([3, 6, 2, 7], seed=5)
+  engine = Engine(model, max_batch=2, max_prompt=20, max_tokens=5, prefill_chunk=4,
+                  prefill_rows=2, steps_per_tick=5, admit_lookahead=lookahead)
+  assert engine.admit_lookahead == (16 if lookahead is None else 0)
+  engine.warm_up()
+  monkeypatch.setattr(generation, "prefill", prefill)
+  sinks = [_Sink() for _ in ps]
+  for p, sink in zip(ps, sinks):
+    engine.submit(Request(p, 5, Sampling(), 0, sink))
+  engine.tick()
+  first = [sinks.index(s) for s in sinks if s.tokens]  # the requests of the first tick
+  while not all(s.done.is_set() for s in sinks):
+    engine.tick()
+  if lookahead is None:
+    assert first == [0, 2]
+    assert calls == [(2, 4)] * 3
+  else:
+    assert first == [0, 1]
+    assert [rows for rows, _ in calls] == [1] * 6
+  for p, sink in zip(ps, sinks):
+    assert sink.tokens == generate(model, [p], max_new_tokens=5, prefill_chunk=4).tokens[0]
+
+
 @pytest.mark.parametrize("chunk", [4, None])
 def test_sixteen_requests_through_four_rows_get_their_offline_tokens(model, chunk):
   # Chunks of 4: prompts of 1 to 5 chunks; None: each prompt whole, padded to its bucket.
