@@ -118,12 +118,14 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
   within the entry's limit) with its latencies, and the saturated output tokens/s; with
   `offline` (an entry's setting -> the offline max-batch tokens/s of the same model and memory,
   `benchmarks.throughput`), that number and the saturated one's fraction of it."""
-  head = ["model", "cache", "prompt / output tokens", "rows", "prefill rows", "sustained req/s",
+  head = ["model", "cache", "prompt / output tokens", "rows", "prefill rows", "steps a tick",
+          "sustained req/s",
           "TTFT p50 / p99 (s)",
           "inter-token p50 / p99 (ms)", "burst req/s", "burst engine: decode / prefill / host",
           "burst steady tok/s (s)", "saturated output tok/s"]
   if offline is not None:
     head += ["offline max batch tok/s", "saturated / offline"]
+  head.append("code")
   rows = []
   for e in entries:
     s = sustained_rate(e["results"], e.get("ttft_p99_limit_s", TTFT_P99_LIMIT_S))
@@ -140,11 +142,12 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
     steady = "–" if steady is None else (
         f"{steady['steady_tokens_per_s']:,.0f} ({steady['steady_s']:.0f})")
     rows.append([e["label"], e.get("cache_dtype") or "bf16", _mix(e), f"{e['max_batch']:,}",
-                 str(e.get("prefill_rows", 1)), *at, burst, where, steady,
-                 f"{saturated:,.0f}"])
+                 str(e.get("prefill_rows", 1)), str(e.get("steps_per_tick", 8)), *at, burst, where,
+                 steady, f"{saturated:,.0f}"])
     if offline is not None:
       ref = offline.get(e["setting"])
       rows[-1] += [f"{ref:,.0f}", f"{saturated / ref:.2f}"] if ref else ["–", "–"]
+    rows[-1].append(e.get("code", "–"))
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -162,7 +165,9 @@ def plot(entries: list[dict], out: str, title: str = "") -> str:
     x = [r["rate"] for r in rs]
     mix = "" if _mix(e) == _mix({}) else " " + _mix(e)
     cache = f" {e['cache_dtype']}" if e.get("cache_dtype") else ""
-    label = f"{e['label']}{cache}{mix} (batch {e['max_batch']})"
+    steps = e.get("steps_per_tick", 8)
+    steps = "" if steps == 8 else f", {steps} steps a tick"
+    label = f"{e['label']}{cache}{mix} (batch {e['max_batch']}{steps})"
     y = [r["output_tokens_per_s"] for r in rs]
     bursts = [r for r in e["results"] if r["rate"] is None]
     line, = a.plot(x, y, "o-", label=label)
@@ -646,7 +651,9 @@ def main(argv=None) -> str:
       + (f" {args.cache_dtype}" if args.cache_dtype else "") + (" smoke" if args.smoke else "")
       # Another load mix is another setting, not a re-run of this one.
       + ("" if (args.prompt, args.output) == (DEFAULT_PROMPT, DEFAULT_OUTPUT) or args.smoke
-         else " prompt {}-{} output {}-{}".format(*args.prompt, *args.output)),
+         else " prompt {}-{} output {}-{}".format(*args.prompt, *args.output))
+      # So are more decode steps a tick (fewer, larger prefill jobs; tokens in larger bunches).
+      + ("" if args.steps_per_tick == 8 else f" steps {args.steps_per_tick}"),
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,

@@ -412,8 +412,11 @@ def study_h200_cost() -> str:
 DECODE_MIX = " prompt 32-256 output 256-1024"
 SERVE_LOAD = (("7b llama 25507659776", "7b_llama_p512_g512_max_25.5GB"),
               ("7b lckv 25507659776", "7b_lckv_p512_g512_max_25.5GB"),
+              ("7b lckv 25507659776 steps 16", "7b_lckv_p512_g512_max_25.5GB"),
               ("1b llama 25507659776", "1b_llama_p512_g512_max_25.5GB"),
+              ("1b llama 25507659776 steps 16", "1b_llama_p512_g512_max_25.5GB"),
               ("1b lckv 25507659776", "1b_lckv_p512_g512_max_25.5GB"),
+              ("1b lckv 25507659776 steps 16", "1b_lckv_p512_g512_max_25.5GB"),
               ("7b llama 25507659776" + DECODE_MIX, None),
               ("7b lckv 25507659776" + DECODE_MIX, None),
               ("7b lckv 25507659776 int8" + DECODE_MIX, None))
