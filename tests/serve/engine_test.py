@@ -11,6 +11,7 @@ from lckv_jax.generation import Generator, generate
 from lckv_jax.sampling import Sampling
 from lckv_jax.serve.engine import Engine, QueueFull, Request
 from tests.generation_test import prompts
+from tests.serve import offline_tokens
 
 
 class _Sink:
@@ -94,8 +95,8 @@ def test_prompts_admitted_together_prefill_in_one_call_each_chunk(model, monkeyp
   while not all(s.done.is_set() for s in sinks):
     engine.tick()
   assert sorted(calls) == sorted([(4, 4)] * 2 + [(1, 4)] * 3)
-  for p, sink in zip(ps, sinks):
-    assert sink.tokens == generate(model, [p], max_new_tokens=6, prefill_chunk=4).tokens[0]
+  assert [sink.tokens for sink in sinks] == offline_tokens(model, ps, [6] * len(ps),
+                                                          prefill_chunk=4)
 
 
 @pytest.mark.parametrize("lookahead", [None, 0])
@@ -130,8 +131,8 @@ def test_admission_fills_a_job_with_waiting_prompts_of_its_shape(model, lookahea
   else:
     assert first == [0, 1]
     assert [rows for rows, _ in calls] == [1] * 6
-  for p, sink in zip(ps, sinks):
-    assert sink.tokens == generate(model, [p], max_new_tokens=5, prefill_chunk=4).tokens[0]
+  assert [sink.tokens for sink in sinks] == offline_tokens(model, ps, [5] * len(ps),
+                                                          prefill_chunk=4)
 
 
 @pytest.mark.parametrize("chunk", [4, None])
@@ -150,12 +151,12 @@ def test_sixteen_requests_through_four_rows_get_their_offline_tokens(model, chun
     engine.stop()
   # Prompts of 1 to 20 tokens, in any row, any number finishing at once: nothing compiled.
   assert "/jax/core/compile/backend_compile_duration" not in compiles
-  differ = 0
-  for p, n, sink in zip(ps, budgets, sinks):
+  for sink, want in zip(sinks, offline_tokens(model, ps, budgets, prefill_chunk=chunk)):
     assert sink.reason == "length"
-    assert sink.tokens == generate(model, [p], max_new_tokens=n, prefill_chunk=chunk).tokens[0]
-    differ += sink.tokens != generate(model, [p], max_new_tokens=n).tokens[0]
-  assert (differ > 0) == (chunk is not None)  # the chunks are seen
+    assert sink.tokens == want
+  # The chunks are seen: the longest prompt (5 chunks) gets other tokens prefilled whole.
+  whole = generate(model, [ps[6]], max_new_tokens=budgets[6]).tokens[0]
+  assert (sinks[6].tokens != whole) == (chunk is not None)
   assert engine.stats.running == 0 and engine.stats.requests_finished == 16
   assert engine.stats.tokens_generated == sum(budgets)
 
@@ -318,8 +319,8 @@ def test_the_prefill_budget_refills_every_free_row_in_a_tick_by_default(model):
       seen.append(engine.stats.running)
     assert seen == running, (budget, rows)
   _tick_until_done(engine, sinks)
-  for p, sink in zip(ps, sinks):
-    assert sink.tokens == generate(model, [p], max_new_tokens=12, prefill_chunk=4).tokens[0]
+  assert [sink.tokens for sink in sinks] == offline_tokens(model, ps, [12] * len(ps),
+                                                          prefill_chunk=4)
 
 
 def test_a_quantized_cache_serves_the_tokens_generate_gives_with_it(model):
@@ -334,9 +335,8 @@ def test_a_quantized_cache_serves_the_tokens_generate_gives_with_it(model):
   finally:
     engine.stop()
   assert engine.gen.cache_dtype == jax.numpy.int8
-  for p, n, sink in zip(ps, budgets, sinks):
-    assert sink.tokens == generate(model, [p], max_new_tokens=n, prefill_chunk=4,
-                                   cache_dtype="int8").tokens[0]
+  want = offline_tokens(model, ps, budgets, prefill_chunk=4, cache_dtype="int8")
+  assert [sink.tokens for sink in sinks] == want
 
 
 def test_the_server_sizes_a_quantized_cache_to_about_twice_the_rows():
