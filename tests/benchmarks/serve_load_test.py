@@ -67,19 +67,19 @@ def test_sustained_rate_is_the_highest_rate_kept_up_with_under_the_ttft_limit(tm
   table = sl.markdown([*entries, dict(label="7b lckv", max_batch=1234, cache_dtype="int8",
                                       prompt=[32, 256], output=[256, 1024],
                                       results=sweep[2:4])]).splitlines()
-  assert table[2] == "| 1b llama | bf16 | 32-512 / 32-512 | 8 | 1 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 210 |"
-  assert table[3] == "| 1b lckv | bf16 | 32-512 / 32-512 | 40 | 1 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 160 |"
-  assert table[4] == "| 7b lckv | int8 | 32-256 / 256-1024 | 1,234 | 1 | none | – | – | – | – | – | 200 |"
+  assert table[2] == "| 1b llama | bf16 | 32-512 / 32-512 | 8 | 1 | 8 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 210 | – |"
+  assert table[3] == "| 1b lckv | bf16 | 32-512 / 32-512 | 40 | 1 | 8 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 160 | – |"
+  assert table[4] == "| 7b lckv | int8 | 32-256 / 256-1024 | 1,234 | 1 | 8 | none | – | – | – | – | – | 200 | – |"
   burst = dict(_result(None, 5.0, 9.0, tok=250), engine_share=dict(
       admit=0.01, prefill=0.3, decode=0.5, emit=0.09, idle=0.1))
-  row = sl.markdown([dict(label="x", max_batch=8, prefill_rows=4,
-                          results=sweep + [burst])]).splitlines()[2]
-  assert row == "| x | bf16 | 32-512 / 32-512 | 8 | 4 | 4 | 0.75 / 1.50 | 10.0 / 20.0 | 5.00 | 50% / 30% / 10% | – | 250 |"
+  row = sl.markdown([dict(label="x", max_batch=8, prefill_rows=4, steps_per_tick=16,
+                          code="abc1234", results=sweep + [burst])]).splitlines()[2]
+  assert row == "| x | bf16 | 32-512 / 32-512 | 8 | 4 | 16 | 4 | 0.75 / 1.50 | 10.0 / 20.0 | 5.00 | 50% / 30% / 10% | – | 250 | abc1234 |"
   # Against the offline max batch of the same memory (issue 16's 80% target).
   entries = [dict(e, setting=s) for e, s in zip(entries, ("a", "b"))]
   table = sl.markdown(entries, {"a": 300.0}).splitlines()
-  assert table[0].endswith("| offline max batch tok/s | saturated / offline |")
-  assert table[2].endswith("| 210 | 300 | 0.70 |") and table[3].endswith("| 160 | – | – |")
+  assert table[0].endswith("| offline max batch tok/s | saturated / offline | code |")
+  assert table[2].endswith("| 210 | 300 | 0.70 | – |") and table[3].endswith("| 160 | – | – | – |")
 
 
 def test_full_batch_throughput_counts_only_the_time_every_row_was_taken():
@@ -120,7 +120,7 @@ def test_steady_state_runs_from_the_first_fill_to_the_last_waiting_request():
                steady_s=12.4, steady_tokens_per_s=420.0)
   assert sl.saturated_tokens_per_s([_result(1, 0.98, 0.3, tok=50), burst]) == 420.0
   row = sl.markdown([dict(label="x", max_batch=8, results=[burst])]).splitlines()[2]
-  assert row.endswith("| 420 (12) | 420 |")
+  assert row.endswith("| 420 (12) | 420 | – |")
   assert sl.saturated_tokens_per_s([dict(burst, steady_s=0.5)]) == 450.0  # too short
 
 
