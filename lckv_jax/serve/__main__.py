@@ -94,8 +94,8 @@ def main(argv: list[str]) -> int:
                  "least one): larger keeps a large batch full under load, smaller bounds the "
                  f"pause of the running requests (default {PREFILL_TOKENS_PER_TICK})")
   p.add_argument("--prefill_rows", type=int, default=PREFILL_ROWS,
-                 help="most prompts prefilled together in one call (prompts that take as many "
-                 "chunks, admitted in the same tick; --admit_lookahead): fewer, fuller calls "
+                 help="most prompts prefilled together in one call (prompts of the same call "
+                 "shape, the oldest waiting first; --admit_lookahead): fewer, fuller calls "
                  "under load. "
                  "With --memory_bytes, lowered (to a power of two) until the prefill's cache and "
                  "activations take at most 1/16 of the rows; 1 without --prefill_chunk "

@@ -16,7 +16,8 @@ loop (`Generator.decode`). Each tick (`Engine.tick`) the engine
    and SGLang's per-step token budgets: enough to refill every row that frees in a tick, so the
    batch stays full under load, while a long prompt holds the running rows up for a bounded
    time, not for its whole prefill; at least one call a tick). Oldest first (not round-robin)
-   gives requests their first tokens in arrival order, never starves a long prompt, and keeps
+   gives requests their first tokens in about arrival order (a job's partners may be younger
+   than its oldest request, within the admission window), never starves a long prompt, and keeps
    one job's cache alive at a time (a job's cache is made at its first chunk). Without
    `prefill_chunk`, each prompt is prefilled whole, left-padded to a bucket length, one job a
    prompt (a job of several would compile every bucket at every batch size);
@@ -141,7 +142,7 @@ class Stats:
 
 @dataclasses.dataclass
 class _Group:
-  """Requests admitted together whose prompts take as many chunks: one prefill job of their
+  """Requests whose prompts make one call shape (`Engine._partners`): one prefill job of their
   rows."""
   rows: list[int | None]  # the batch row of each job row; None once its request is cancelled
   job: PrefillJob
