@@ -55,6 +55,7 @@ import numpy as np
 
 from benchmarks import records
 from benchmarks.common import ROOT, cap_allocator, command, config_path, default_out
+from lckv_jax.serve import STEPS_PER_TICK
 
 
 TTFT_P99_LIMIT_S = 2.0
@@ -142,8 +143,8 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
     steady = "–" if steady is None else (
         f"{steady['steady_tokens_per_s']:,.0f} ({steady['steady_s']:.0f})")
     rows.append([e["label"], e.get("cache_dtype") or "bf16", _mix(e), f"{e['max_batch']:,}",
-                 str(e.get("prefill_rows", 1)), str(e.get("steps_per_tick", 8)), *at, burst, where,
-                 steady, f"{saturated:,.0f}"])
+                 str(e.get("prefill_rows", 1)), str(e.get("steps_per_tick", STEPS_PER_TICK)),
+                 *at, burst, where, steady, f"{saturated:,.0f}"])
     if offline is not None:
       ref = offline.get(e["setting"])
       rows[-1] += [f"{ref:,.0f}", f"{saturated / ref:.2f}"] if ref else ["–", "–"]
@@ -165,9 +166,9 @@ def plot(entries: list[dict], out: str, title: str = "") -> str:
     x = [r["rate"] for r in rs]
     mix = "" if _mix(e) == _mix({}) else " " + _mix(e)
     cache = f" {e['cache_dtype']}" if e.get("cache_dtype") else ""
-    steps = e.get("steps_per_tick", 8)
-    steps = "" if steps == 8 else f", {steps} steps a tick"
-    label = f"{e['label']}{cache}{mix} (batch {e['max_batch']}{steps})"
+    steps = e.get("steps_per_tick", STEPS_PER_TICK)
+    more = "" if steps == STEPS_PER_TICK else f", {steps} steps a tick"
+    label = f"{e['label']}{cache}{mix} (batch {e['max_batch']}{more})"
     y = [r["output_tokens_per_s"] for r in rs]
     bursts = [r for r in e["results"] if r["rate"] is None]
     line, = a.plot(x, y, "o-", label=label)
@@ -537,7 +538,7 @@ def main(argv=None) -> str:
                  help="output length range")
   p.add_argument("--max_batch", type=int, default=None)
   p.add_argument("--memory_bytes", type=int, default=None)
-  p.add_argument("--steps_per_tick", type=int, default=8)
+  p.add_argument("--steps_per_tick", type=int, default=STEPS_PER_TICK)
   p.add_argument("--prefill_chunk", default=None,
                  help="the server's --prefill_chunk (default: the server's default)")
   p.add_argument("--prefill_tokens_per_tick", type=int, default=None,
@@ -653,7 +654,7 @@ def main(argv=None) -> str:
       + ("" if (args.prompt, args.output) == (DEFAULT_PROMPT, DEFAULT_OUTPUT) or args.smoke
          else " prompt {}-{} output {}-{}".format(*args.prompt, *args.output))
       # So are more decode steps a tick (fewer, larger prefill jobs; tokens in larger bunches).
-      + ("" if args.steps_per_tick == 8 else f" steps {args.steps_per_tick}"),
+      + ("" if args.steps_per_tick == STEPS_PER_TICK else f" steps {args.steps_per_tick}"),
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,

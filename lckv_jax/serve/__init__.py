@@ -8,6 +8,8 @@
 PREFILL_CHUNK = 256
 # Prompt tokens prefilled between two decode calls at most (`Engine(prefill_tokens_per_tick=)`).
 PREFILL_TOKENS_PER_TICK = 8192
+# Decode steps between two admissions (`Engine(steps_per_tick=)`).
+STEPS_PER_TICK = 8
 # Prompts prefilled together in one call at most (`Engine(prefill_rows=)`): 8 chunks of 256 are
 # 2,048 tokens a call, enough for the matmuls to outweigh reading the weights.
 PREFILL_ROWS = 8

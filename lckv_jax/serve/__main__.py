@@ -15,7 +15,8 @@ import os
 import sys
 
 from lckv_jax import cli
-from lckv_jax.serve import PREFILL_CHUNK, PREFILL_ROWS, PREFILL_TOKENS_PER_TICK, group_sizes
+from lckv_jax.serve import (PREFILL_CHUNK, PREFILL_ROWS, PREFILL_TOKENS_PER_TICK, STEPS_PER_TICK,
+                             group_sizes)
 
 PROG = "python -m lckv_jax.serve"
 
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> int:
                  help="longest prompt in tokens (default: half the model's context)")
   p.add_argument("--max_tokens", type=int, default=None,
                  help="most new tokens per request (default: the rest of the context)")
-  p.add_argument("--steps_per_tick", type=int, default=8,
+  p.add_argument("--steps_per_tick", type=int, default=STEPS_PER_TICK,
                  help="decode steps between admissions of new requests")
   p.add_argument("--max_waiting", type=int, default=256,
                  help="queued requests before new ones get 429")

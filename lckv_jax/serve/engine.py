@@ -54,7 +54,8 @@ import numpy as np
 
 from lckv_jax.generation import Generator, PrefillJob, chunked_length, first_chunk_sizes
 from lckv_jax.sampling import Sampling
-from lckv_jax.serve import PREFILL_CHUNK, PREFILL_ROWS, PREFILL_TOKENS_PER_TICK, group_sizes
+from lckv_jax.serve import (PREFILL_CHUNK, PREFILL_ROWS, PREFILL_TOKENS_PER_TICK, STEPS_PER_TICK,
+                             group_sizes)
 
 # Prompt lengths are padded up to one of these (then to multiples of the largest): one prefill
 # compilation per bucket, not per prompt length.
@@ -152,7 +153,7 @@ class Engine:
   """Owns the model, the decode state and a thread that runs the loop."""
 
   def __init__(self, model, *, max_batch: int, max_prompt: int, max_tokens: int,
-               eos_ids: Sequence[int] = (), pad_id: int = 0, steps_per_tick: int = 8,
+               eos_ids: Sequence[int] = (), pad_id: int = 0, steps_per_tick: int = STEPS_PER_TICK,
                max_waiting: int = 256, prefill_chunk: int | None = PREFILL_CHUNK,
                prefill_tokens_per_tick: int = PREFILL_TOKENS_PER_TICK,
                prefill_rows: int = PREFILL_ROWS, admit_lookahead: int | None = None,
@@ -167,11 +168,11 @@ class Engine:
     or "fp8" quantize it, as `generate`'s)."""
     if max_batch < 1 or max_prompt < 1 or max_tokens < 1 or steps_per_tick < 1:
       raise ValueError("engine: max_batch, max_prompt, max_tokens and steps_per_tick must be >= 1")
-    for name, value, least in (("prefill_tokens_per_tick", prefill_tokens_per_tick, 1),
-                               ("prefill_rows", prefill_rows, 1),
-                               ("admit_lookahead", admit_lookahead, 0)):
-      if name == "admit_lookahead" and value is None:
-        continue
+    checks = [("prefill_tokens_per_tick", prefill_tokens_per_tick, 1),
+              ("prefill_rows", prefill_rows, 1)]
+    if admit_lookahead is not None:
+      checks.append(("admit_lookahead", admit_lookahead, 0))
+    for name, value, least in checks:
       if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f"engine: {name} must be an integer >= {least}, got {value!r}")
     self.max_batch, self.max_prompt, self.max_tokens = max_batch, max_prompt, max_tokens
@@ -343,10 +344,11 @@ class Engine:
     """The oldest pending request and up to `most` - 1 others of as many chunks from the
     window, the nearest in padded width first (then the oldest): one job's requests, removed
     from `_pending`, in arrival order. Their number is a power of two (`group_sizes`)."""
-    window = self._pending  # the free rows' worth and `admit_lookahead` more (`_pull`)
-    head = window[0][1]
-    same = [i for i, (_, job) in enumerate(window) if job.num_chunks == head.num_chunks]
-    same.sort(key=lambda i: (abs(window[i][1].tokens.shape[1] - head.tokens.shape[1]), i))
+    # The window: the free rows' worth of waiting requests and `admit_lookahead` more (`_pull`).
+    jobs = [job for _, job in self._pending]
+    head = jobs[0]
+    same = [i for i, job in enumerate(jobs) if job.num_chunks == head.num_chunks]
+    same.sort(key=lambda i: (abs(jobs[i].tokens.shape[1] - head.tokens.shape[1]), i))
     k = next(k for k in group_sizes(self.prefill_rows) if k <= min(most, len(same)))
     taken = sorted(same[:k])
     part = [self._pending[i] for i in taken]

@@ -52,43 +52,41 @@ def _greedy(engine, ps, budgets) -> list[_Sink]:
   return sinks
 
 
+def _prefill_shapes(monkeypatch) -> list[tuple[int, int]]:
+  """The [rows, tokens] of every prefill call the model makes from now on."""
+  from lckv_jax import generation
+  shapes, real = [], generation.prefill
+
+  def prefill(model, tokens, *args, **kw):
+    shapes.append(tuple(tokens.shape))
+    return real(model, tokens, *args, **kw)
+  monkeypatch.setattr(generation, "prefill", prefill)
+  return shapes
+
+
 @pytest.mark.parametrize("chunk", [4, None])
 def test_the_model_prefills_at_most_prefill_rows_prompts_at_once(model, chunk, monkeypatch):
   # The batch starts as free rows made without the model. It was once `start` on max_batch
   # one-token prompts: with a chunk of 256 that prefilled [max_batch, 256] tokens at once, and
   # its attention scores (6.4 GiB at 7b, 205 rows) ran the H200 out of its 24 GB cap at start.
   # Jobs hold up to `prefill_rows` prompts (a power of two); whole prompts go one at a time.
-  from lckv_jax import generation
-  batches = []
-  real = generation.prefill
-
-  def prefill(model, tokens, *args, **kw):
-    batches.append(tokens.shape[0])
-    return real(model, tokens, *args, **kw)
-  monkeypatch.setattr(generation, "prefill", prefill)
+  calls = _prefill_shapes(monkeypatch)
   engine = _engine(model, max_batch=6, prefill_chunk=chunk, prefill_rows=3)
   try:
     _greedy(engine, prompts([3, 9, 14], seed=2), [4, 2, 5])
   finally:
     engine.stop()
-  assert batches and set(batches) == ({1, 2} if chunk else {1})
+  assert calls and {rows for rows, _ in calls} == ({1, 2} if chunk else {1})
 
 
 def test_prompts_admitted_together_prefill_in_one_call_each_chunk(model, monkeypatch):
   # Five prompts of two chunks and one of one, admitted in one tick: jobs of 4 and 1 (two
   # chunks each) and of 1, and every request gets the tokens it gets alone.
-  from lckv_jax import generation
-  calls = []
-  real = generation.prefill
-
-  def prefill(model, tokens, *args, **kw):
-    calls.append(tuple(tokens.shape))
-    return real(model, tokens, *args, **kw)
   ps = prompts([5, 6, 8, 7, 5, 3], seed=4)
   engine = Engine(model, max_batch=6, max_prompt=20, max_tokens=6, prefill_chunk=4,
                   prefill_rows=4, steps_per_tick=2)
   engine.warm_up()
-  monkeypatch.setattr(generation, "prefill", prefill)
+  calls = _prefill_shapes(monkeypatch)
   sinks = [_Sink() for _ in ps]
   for p, sink in zip(ps, sinks):
     engine.submit(Request(p, 6, Sampling(), 0, sink))
@@ -105,24 +103,17 @@ def test_admission_fills_a_job_with_waiting_prompts_of_its_shape(model, lookahea
   # order (lookahead 0) the first two rows take prompts of 1 and 2 chunks: jobs of one prompt
   # each, three [1, *] calls. Looking past the oldest (default) pairs the two 1-chunk prompts,
   # then the two 2-chunk ones: every call prefills 2 rows, the oldest request's first.
-  from lckv_jax import generation
-  calls = []
-  real = generation.prefill
-
-  def prefill(model, tokens, *args, **kw):
-    calls.append(tuple(tokens.shape))
-    return real(model, tokens, *args, **kw)
   ps = prompts([3, 6, 2, 7], seed=5)
   engine = Engine(model, max_batch=2, max_prompt=20, max_tokens=5, prefill_chunk=4,
                   prefill_rows=2, steps_per_tick=5, admit_lookahead=lookahead)
   assert engine.admit_lookahead == (16 if lookahead is None else 0)
   engine.warm_up()
-  monkeypatch.setattr(generation, "prefill", prefill)
+  calls = _prefill_shapes(monkeypatch)
   sinks = [_Sink() for _ in ps]
   for p, sink in zip(ps, sinks):
     engine.submit(Request(p, 5, Sampling(), 0, sink))
   engine.tick()
-  first = [sinks.index(s) for s in sinks if s.tokens]  # the requests of the first tick
+  first = [i for i, sink in enumerate(sinks) if sink.tokens]  # the requests of the first tick
   while not all(s.done.is_set() for s in sinks):
     engine.tick()
   if lookahead is None:
