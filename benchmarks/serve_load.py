@@ -55,7 +55,7 @@ import numpy as np
 
 from benchmarks import records
 from benchmarks.common import ROOT, cap_allocator, command, config_path, default_out
-from lckv_jax.serve import STEPS_PER_TICK
+from lckv_jax.serve import PREFILL_TOKENS_PER_TICK, STEPS_PER_TICK
 
 
 TTFT_P99_LIMIT_S = 2.0
@@ -120,7 +120,7 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
   `offline` (an entry's setting -> the offline max-batch tokens/s of the same model and memory,
   `benchmarks.throughput`), that number and the saturated one's fraction of it."""
   head = ["model", "cache", "prompt / output tokens", "rows", "prefill rows", "steps a tick",
-          "sustained req/s",
+          "prefill tokens a tick", "sustained req/s",
           "TTFT p50 / p99 (s)",
           "inter-token p50 / p99 (ms)", "burst req/s", "burst engine: decode / prefill / host",
           "burst steady tok/s (s)", "saturated output tok/s"]
@@ -144,7 +144,8 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
         f"{steady['steady_tokens_per_s']:,.0f} ({steady['steady_s']:.0f})")
     rows.append([e["label"], e.get("cache_dtype") or "bf16", _mix(e), f"{e['max_batch']:,}",
                  str(e.get("prefill_rows", 1)), str(e.get("steps_per_tick", STEPS_PER_TICK)),
-                 *at, burst, where, steady, f"{saturated:,.0f}"])
+                 # Records before the budget was in them ran the default of then, 8,192.
+                 f"{e.get('prefill_tokens_per_tick') or PREFILL_TOKENS_PER_TICK:,}", *at, burst, where, steady, f"{saturated:,.0f}"])
     if offline is not None:
       ref = offline.get(e["setting"])
       rows[-1] += [f"{ref:,.0f}", f"{saturated / ref:.2f}"] if ref else ["–", "–"]
@@ -620,6 +621,7 @@ def main(argv=None) -> str:
       rows = int(gauges["lckv_max_batch"])
       prefill_rows = int(gauges["lckv_prefill_rows"])  # the server's, lowered to fit its memory
       lookahead = int(gauges["lckv_admit_lookahead"])
+      budget = int(gauges["lckv_prefill_tokens_per_tick"])  # the server's, by default its rows'
       results = []
       page = lambda: (time.monotonic(), httpx.get(url + "/metrics").text)  # noqa: E731
       for rate in args.rates:
@@ -658,8 +660,8 @@ def main(argv=None) -> str:
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,
-      prefill_tokens_per_tick=args.prefill_tokens_per_tick,
-      prefill_rows=prefill_rows, admit_lookahead=lookahead, burst=args.burst, clients=args.clients,
+      prefill_tokens_per_tick=budget, prefill_rows=prefill_rows, admit_lookahead=lookahead,
+      burst=args.burst, clients=args.clients,
       cache_dtype=args.cache_dtype, server_start_s=round(startup, 1),
       peak_bytes=int(peak) if peak else None, results=results,
       saturated_tokens_per_s=saturated_tokens_per_s(results),

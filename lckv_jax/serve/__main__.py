@@ -90,10 +90,11 @@ def main(argv: list[str]) -> int:
                  help="prompt tokens per prefill call, so a long prompt does not stall the "
                  "running requests (prompts are padded to whole chunks; at most --max_prompt); "
                  f"0 or 'none': each prompt at once (default {PREFILL_CHUNK})")
-  p.add_argument("--prefill_tokens_per_tick", type=int, default=PREFILL_TOKENS_PER_TICK,
-                 help="most prompt tokens prefilled between two decode calls (whole chunks, at "
+  p.add_argument("--prefill_tokens_per_tick", type=int, default=None,
+                 help="most prompt tokens prefilled between two decode calls (whole calls, at "
                  "least one): larger keeps a large batch full under load, smaller bounds the "
-                 f"pause of the running requests (default {PREFILL_TOKENS_PER_TICK})")
+                 f"pause of the running requests (default {PREFILL_TOKENS_PER_TICK}, or twice "
+                 "the tokens a full tick decodes, rows x --steps_per_tick, where that is more)")
   p.add_argument("--prefill_rows", type=int, default=PREFILL_ROWS,
                  help="most prompts prefilled together in one call (prompts of the same call "
                  "shape, the oldest waiting first; --admit_lookahead): fewer, fuller calls "

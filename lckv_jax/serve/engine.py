@@ -12,10 +12,11 @@ loop (`Generator.decode`). Each tick (`Engine.tick`) the engine
    matmul rate unused exactly when requests pile up (on the H200, 7b LCKV's burst went from 4.7
    to 7.3 requests/s with jobs of up to 4);
 2. prefills: with `prefill_chunk=C`, the next chunk of each job, oldest job first, until this
-   tick's calls reach `prefill_tokens_per_tick` tokens (8,192 by default, the scale of vLLM's
-   and SGLang's per-step token budgets: enough to refill every row that frees in a tick, so the
-   batch stays full under load, while a long prompt holds the running rows up for a bounded
-   time, not for its whole prefill; at least one call a tick). Oldest first (not round-robin)
+   tick's calls reach `prefill_tokens_per_tick` tokens (by default 8,192, the scale of vLLM's
+   and SGLang's per-step token budgets, or twice the tokens a full tick decodes where that is
+   more (`prefill_budget`): enough to refill every row that frees in a tick, so the batch stays
+   full under load, while a long prompt holds the running rows up for a bounded time, not for
+   its whole prefill; at least one call a tick). Oldest first (not round-robin)
    gives requests their first tokens in about arrival order (a job's partners may be younger
    than its oldest request, within the admission window), never starves a long prompt, and keeps
    one job's cache alive at a time (a job's cache is made at its first chunk). Without
@@ -54,8 +55,8 @@ import numpy as np
 
 from lckv_jax.generation import Generator, PrefillJob, chunked_length, first_chunk_sizes
 from lckv_jax.sampling import Sampling
-from lckv_jax.serve import (PREFILL_CHUNK, PREFILL_ROWS, PREFILL_TOKENS_PER_TICK, STEPS_PER_TICK,
-                             group_sizes)
+from lckv_jax.serve import (PREFILL_CHUNK, PREFILL_ROWS, STEPS_PER_TICK, group_sizes,
+                             prefill_budget)
 
 # Prompt lengths are padded up to one of these (then to multiples of the largest): one prefill
 # compilation per bucket, not per prompt length.
@@ -155,12 +156,13 @@ class Engine:
   def __init__(self, model, *, max_batch: int, max_prompt: int, max_tokens: int,
                eos_ids: Sequence[int] = (), pad_id: int = 0, steps_per_tick: int = STEPS_PER_TICK,
                max_waiting: int = 256, prefill_chunk: int | None = PREFILL_CHUNK,
-               prefill_tokens_per_tick: int = PREFILL_TOKENS_PER_TICK,
+               prefill_tokens_per_tick: int | None = None,
                prefill_rows: int = PREFILL_ROWS, admit_lookahead: int | None = None,
                cache_dtype=None):
     """`prefill_chunk`: prompt tokens per prefill call (at most `max_prompt`; None: each prompt
     whole, padded to a bucket length); `prefill_tokens_per_tick`: the most prompt tokens
-    (padding included) prefilled between two decode calls, in whole calls (at least one);
+    (padding included) prefilled between two decode calls, in whole calls (at least one;
+    default `prefill_budget`, which grows with `max_batch` x `steps_per_tick`);
     `prefill_rows`: the most prompts one call prefills (at most `max_batch`; 1 without
     `prefill_chunk`); `admit_lookahead`: how far past the oldest waiting request admission looks
     for prompts of its job's shape (default 8 jobs' worth, 8 x `prefill_rows`; 0: arrival order
@@ -168,8 +170,9 @@ class Engine:
     or "fp8" quantize it, as `generate`'s)."""
     if max_batch < 1 or max_prompt < 1 or max_tokens < 1 or steps_per_tick < 1:
       raise ValueError("engine: max_batch, max_prompt, max_tokens and steps_per_tick must be >= 1")
-    checks = [("prefill_tokens_per_tick", prefill_tokens_per_tick, 1),
-              ("prefill_rows", prefill_rows, 1)]
+    checks = [("prefill_rows", prefill_rows, 1)]
+    if prefill_tokens_per_tick is not None:
+      checks.append(("prefill_tokens_per_tick", prefill_tokens_per_tick, 1))
     if admit_lookahead is not None:
       checks.append(("admit_lookahead", admit_lookahead, 0))
     for name, value, least in checks:
@@ -178,7 +181,8 @@ class Engine:
     self.max_batch, self.max_prompt, self.max_tokens = max_batch, max_prompt, max_tokens
     self.steps_per_tick, self.max_waiting = steps_per_tick, max_waiting
     self.prefill_chunk = chunk_for(prefill_chunk, max_prompt)
-    self.prefill_tokens_per_tick = prefill_tokens_per_tick
+    self.prefill_tokens_per_tick = prefill_budget(max_batch, steps_per_tick) if \
+        prefill_tokens_per_tick is None else prefill_tokens_per_tick
     self.prefill_rows = 1 if self.prefill_chunk is None else min(prefill_rows, max_batch)
     self.admit_lookahead = (8 * self.prefill_rows if self.prefill_rows > 1 else 0) if \
         admit_lookahead is None else admit_lookahead
@@ -386,7 +390,10 @@ class Engine:
       if all(row is None for row in group.rows):  # every request cancelled: `_collect` freed them
         self._groups.pop(0)
         continue
-      tokens = group.job.tokens.shape[0] * group.job.chunk  # the call's, padding included
+      # The call's tokens, padding included: a first chunk is C/4, C/2 or C wide (charged as C,
+      # a 1b LCKV server's budget of 65,536 bought about 42,000 slots a tick).
+      start, end = group.job.bounds(group.job.chunks_done)
+      tokens = group.job.tokens.shape[0] * (end - start)
       if ran and tokens > budget:
         break
       try:

@@ -9,6 +9,7 @@ import pytest
 
 from lckv_jax.generation import Generator, generate
 from lckv_jax.sampling import Sampling
+from lckv_jax.serve import prefill_budget
 from lckv_jax.serve.engine import Engine, QueueFull, Request
 from tests.generation_test import prompts
 from tests.serve import offline_tokens
@@ -290,11 +291,14 @@ def test_a_long_prompt_prefills_between_decode_calls_and_cancelling_it_frees_the
 def test_the_prefill_budget_refills_every_free_row_in_a_tick_by_default(model):
   # A full batch needs as many admissions a tick as rows free: one chunk a tick (the first
   # engine's rule) left a large batch mostly empty under load. The budget counts the tokens of
-  # whole calls (rows x chunk, at least one call), oldest job first.
+  # whole calls (rows x the call's width, padding included, at least one call), oldest job first.
   ps = prompts([3, 4, 2, 7, 4, 1], seed=23)  # 1, 1, 1, 2, 1, 1 chunks of 4
-  # One prompt a job; then jobs of up to 4, in order of their first prompt's arrival: [3, 4, 2,
-  # 4] (16 tokens a call, over a budget of 4 but the tick's first), [7] in two calls, [1].
-  for budget, rows, running in ((4, 1, [1, 2, 3]), (11, 1, [2, 3, 5]), (None, 1, [6, 6, 6]),
+  # One prompt a job: first chunks of 4, 4, 2, then [7] in two calls of 4, then 4 and 1. With
+  # 11 tokens a tick: 4 + 4 + 2 (the next, 4, is over), then 4 + 4, then 4 + 1. (Charged a whole
+  # chunk, the prompts of 2 and 1 took 4 each: [2, 3, 5].) Jobs of up to 4, in order of their
+  # first prompt's arrival: [3, 4, 2, 4] (16 tokens a call, over a budget of 4 but the tick's
+  # first), [7] in two calls, [1].
+  for budget, rows, running in ((4, 1, [1, 2, 3]), (11, 1, [3, 4, 6]), (None, 1, [6, 6, 6]),
                                 (4, 4, [4, 4, 5]), (None, 4, [6, 6, 6])):
     kw = {} if budget is None else {"prefill_tokens_per_tick": budget}
     engine = Engine(model, max_batch=6, max_prompt=8, max_tokens=12, steps_per_tick=1,
@@ -312,6 +316,12 @@ def test_the_prefill_budget_refills_every_free_row_in_a_tick_by_default(model):
   _tick_until_done(engine, sinks)
   assert [sink.tokens for sink in sinks] == offline_tokens(model, ps, [12] * len(ps),
                                                           prefill_chunk=4)
+  # A large batch frees more rows a tick: by default the budget is twice a full tick's decoded
+  # tokens where that is over 8,192.
+  assert Engine(model, max_batch=1024, max_prompt=8, max_tokens=12, steps_per_tick=8,
+                prefill_chunk=4).prefill_tokens_per_tick == 16384
+  assert [prefill_budget(b, s) for b, s in ((6, 1), (512, 8), (5082, 16))] == [8192, 8192,
+                                                                                162624]
 
 
 def test_a_quantized_cache_serves_the_tokens_generate_gives_with_it(model):
