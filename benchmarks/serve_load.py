@@ -145,7 +145,8 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
     rows.append([e["label"], e.get("cache_dtype") or "bf16", _mix(e), f"{e['max_batch']:,}",
                  str(e.get("prefill_rows", 1)), str(e.get("steps_per_tick", STEPS_PER_TICK)),
                  # Records before the budget was in them ran the default of then, 8,192.
-                 f"{e.get('prefill_tokens_per_tick') or PREFILL_TOKENS_PER_TICK:,}", *at, burst, where, steady, f"{saturated:,.0f}"])
+                 f"{e.get('prefill_tokens_per_tick') or PREFILL_TOKENS_PER_TICK:,}",
+                 *at, burst, where, steady, f"{saturated:,.0f}"])
     if offline is not None:
       ref = offline.get(e["setting"])
       rows[-1] += [f"{ref:,.0f}", f"{saturated / ref:.2f}"] if ref else ["–", "–"]

@@ -1,0 +1,221 @@
+"""The server's scheduling on a virtual clock: what a setting's batch occupancy and tokens/s
+would be, predicted from measured call costs, with no accelerator.
+
+The engine (`lckv_jax.serve.engine.Engine`) runs as it does in the server: admission, prefill
+jobs, the per-tick budget, decode ticks, freeing rows. Only its calls are stand-ins
+(`FakeGenerator`): each advances a virtual clock by a cost (`Costs`) and moves the rows' counts
+as the real calls would (every request runs to its `max_tokens`). A burst of requests drawn from
+the load mix of `benchmarks.serve_load` is served to the end; the result is the steady state as
+serve_load reads it (from the end of the first fill to the last moment requests waited).
+
+  python -m benchmarks.serve_sim --max_batch 5082 --steps_per_tick 16 --prefill_rows 32 \\
+      [--prefill_tokens_per_tick N] [--burst 2.4] [--costs 1b-lckv-h200] [--call_ms ...]
+
+It answers what the scheduling decides: how many rows run, how much of a tick is prefill, how
+many slots padding takes. How fast the calls are is its input, not its output: the costs are fits
+to a few H200 measurements (`COSTS`), so its tokens/s are a prediction to check with serve_load,
+not a measurement. Checked once: at b829c8c (1b lckv, 5,082 rows, 16 steps a tick, 32 prefill
+rows, 65,536 tokens a tick charged at whole chunks) it predicted 18,167 steady tokens/s and
+2,624 running rows against 17,532 and a peak of 2,888 measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import NamedTuple
+
+import numpy as np
+
+from lckv_jax.generation import PrefillJob, chunked_length
+from lckv_jax.sampling import Sampling
+from lckv_jax.serve import PREFILL_CHUNK, PREFILL_ROWS, STEPS_PER_TICK
+from lckv_jax.serve.engine import Engine, Request
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+  """Seconds each stand-in call takes."""
+  call: float  # a prefill call, whatever its size (weights read once an iteration, launches)
+  slot: float  # and per slot it prefills (rows x width, padding included)
+  step: float  # a decode step, whatever the batch
+  row: float  # and per row of the batch (a free row costs as much as a running one)
+  host_row: float  # the engine's hand-out, per running row, each time it collects (twice a tick)
+  host_request: float = 50e-6  # admission (padding a prompt, its job)
+  finish: float = 1e-3  # sampling a finished job's first tokens
+  insert: float = 1e-3  # its rows into the batch
+
+
+COSTS = {
+    # 1b LCKV on the H200, bf16. Prefill: [8, 256] chunks into a filled cache took 77 ms and
+    # [32, 512] whole prompts 472 ms (prefill_speed_h200.json): call + slot x tokens through both.
+    # Decode: 1.33 ms a step at 32 rows and 39.2 ms at 4,830 (throughput_h200.json): step + row x
+    # rows. Host: the b829c8c burst's admit and emit, 4.6% of a 2.07 s tick at about 2,500 rows.
+    "1b-lckv-h200": Costs(call=20e-3, slot=27.6e-6, step=1.3e-3, row=7.9e-6, host_row=18e-6),
+}
+
+
+class _State(NamedTuple):
+  """What the engine reads of a `DecodeState`: tokens, counts and done flags (host arrays)."""
+  tokens: np.ndarray
+  num_generated: np.ndarray
+  done: np.ndarray
+  max_new: np.ndarray
+
+
+class Clock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self) -> float:
+    return self.now
+
+
+class FakeGenerator:
+  """`Generator`'s calls as the engine makes them, each costing `costs` on `clock`."""
+
+  def __init__(self, costs: Costs, clock: Clock, max_tokens: int, chunk: int | None):
+    self.costs, self.clock, self.max_tokens, self.chunk = costs, clock, max_tokens, chunk
+
+  def begin(self, prompts, max_new_tokens, sampling, seeds, pad_to=None) -> PrefillJob:
+    self.clock.now += self.costs.host_request
+    n = len(prompts[0])
+    padded = pad_to or chunked_length(n, self.chunk)
+    zeros = np.zeros((1, padded), np.int32)
+    return PrefillJob(tokens=zeros, positions=zeros, segment_ids=zeros, lengths=np.array([n]),
+                      budget=np.array([max_new_tokens]), chunk=self.chunk or padded, seed=0,
+                      sampling=tuple(sampling), seeds=tuple(seeds))
+
+  def prefill_next(self, job: PrefillJob) -> PrefillJob:
+    start, end = job.bounds(job.chunks_done)
+    self.clock.now += self.costs.call + self.costs.slot * job.tokens.shape[0] * (end - start)
+    return dataclasses.replace(job, chunks_done=job.chunks_done + 1)
+
+  def finish(self, job: PrefillJob) -> _State:
+    self.clock.now += self.costs.finish
+    rows = job.tokens.shape[0]
+    ones = np.ones(rows, np.int32)  # the first token, sampled from the prefill's logits
+    return _State(np.ones((rows, self.max_tokens), np.int32), ones, ones >= job.budget,
+                  job.budget.astype(np.int32))
+
+  def insert_rows(self, state: _State, rows, new: _State) -> _State:
+    self.clock.now += self.costs.insert
+    kept = [i for i, r in enumerate(rows) if r is not None]
+    into = [rows[i] for i in kept]
+    for f in ("num_generated", "done", "max_new"):
+      getattr(state, f)[into] = getattr(new, f)[kept]
+    return state
+
+  def free_rows(self, batch: int) -> _State:
+    return _State(np.ones((batch, self.max_tokens), np.int32), np.zeros(batch, np.int32),
+                  np.ones(batch, bool), np.zeros(batch, np.int32))
+
+  def decode(self, state: _State, num_steps: int) -> _State:
+    batch = state.done.shape[0]
+    self.clock.now += num_steps * (self.costs.step + self.costs.row * batch)
+    grown = np.minimum(state.num_generated + num_steps, state.max_new)
+    counts = np.where(state.done, state.num_generated, grown)
+    return state._replace(num_generated=counts, done=state.done | (counts >= state.max_new))
+
+
+class SimulatedEngine(Engine):
+  """The engine's scheduling over `FakeGenerator`, on a virtual clock."""
+
+  def __init__(self, costs: Costs, **engine_args):
+    self.clock = Clock()
+    self._costs = costs
+    super().__init__(_Model, **engine_args)
+    self._reset()
+    real = self._collect
+
+    def collect(fetched=None):  # the hand-out's host time grows with the rows running
+      self.clock.now += self._costs.host_row * self.stats.running
+      return real(fetched)
+    self._collect = collect
+
+  def _generator(self, model, **kw) -> FakeGenerator:
+    return FakeGenerator(self._costs, self.clock, self.max_tokens, self.prefill_chunk)
+
+
+class _Model:  # what the engine reads of a model
+  class config:
+    max_position_embeddings = 1 << 30
+
+
+def simulate(costs: Costs, max_batch: int, *, steps_per_tick: int = STEPS_PER_TICK,
+             prefill_rows: int = PREFILL_ROWS, prefill_tokens_per_tick: int | None = None,
+             admit_lookahead: int | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
+             burst: float = 2.4, prompt=(32, 512), output=(32, 512), seed: int = 7) -> dict:
+  """Serves a burst of `burst` x `max_batch` requests (prompt and output lengths uniform in
+  `prompt` and `output`) to the end; returns the steady state and what the engine did."""
+  engine = SimulatedEngine(
+      costs, max_batch=max_batch, max_prompt=prompt[1], max_tokens=output[1],
+      steps_per_tick=steps_per_tick, max_waiting=1 << 62, prefill_chunk=prefill_chunk,
+      prefill_tokens_per_tick=prefill_tokens_per_tick, prefill_rows=prefill_rows,
+      admit_lookahead=admit_lookahead)
+  rng = np.random.RandomState(seed)
+  ends, slots, budgets = [], [], []
+  for i in range(round(burst * max_batch)):
+    n, new = rng.randint(prompt[0], prompt[1] + 1), rng.randint(output[0], output[1] + 1)
+    slots.append(chunked_length(n, engine.prefill_chunk) if engine.prefill_chunk else n)
+    budgets.append(int(new))
+
+    def emit(tokens, reason):
+      if reason is not None:
+        ends.append(engine.clock())
+    engine.submit(Request([1] * n, int(new), Sampling(temperature=1.0), i, emit, arrival=0.0))
+  ticks = []  # (time, tokens so far, running rows, waiting requests) after each tick
+  while engine.tick():
+    s = engine.stats
+    ticks.append((engine.clock(), s.tokens_generated, s.running, engine._num_waiting()))
+  start = sorted(ends)[max_batch - 1] if len(ends) >= max_batch else None
+  waited = [t for t, _, _, w in ticks if w > 0]
+  inside = [t for t in ticks if start is not None and waited and start <= t[0] <= max(waited)]
+  if len(inside) < 2:
+    raise ValueError(f"simulate: no steady state (a burst of {burst} x {max_batch} rows never "
+                     "kept requests waiting after the first fill): give a larger --burst")
+  (t0, k0, _, _), (t1, k1, _, _) = inside[0], inside[-1]
+  seconds = engine.stats.seconds
+  total = sum(seconds.values())
+  return dict(
+      max_batch=max_batch, steps_per_tick=steps_per_tick, prefill_rows=engine.prefill_rows,
+      prefill_tokens_per_tick=engine.prefill_tokens_per_tick, steady_s=round(t1 - t0, 2),
+      steady_tokens_per_s=round((k1 - k0) / (t1 - t0), 1),
+      steady_running=round(float(np.mean([r for _, _, r, _ in inside])), 1),
+      tick_s=round((t1 - t0) / (len(inside) - 1), 3), prompt_slots=round(float(np.mean(slots)), 1),
+      engine_share={k: round(v / total, 4) for k, v in seconds.items()},
+      requests=len(ends), tokens=engine.stats.tokens_generated, requested_tokens=sum(budgets),
+      costs=dataclasses.asdict(costs))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--max_batch", type=int, required=True)
+  p.add_argument("--steps_per_tick", type=int, default=STEPS_PER_TICK)
+  p.add_argument("--prefill_rows", type=int, default=PREFILL_ROWS)
+  p.add_argument("--prefill_tokens_per_tick", type=int, default=None,
+                 help="default: the server's (serve.prefill_budget)")
+  p.add_argument("--admit_lookahead", type=int, default=None)
+  p.add_argument("--prefill_chunk", type=int, default=PREFILL_CHUNK)
+  p.add_argument("--burst", type=float, default=2.4, help="requests, in multiples of the rows")
+  p.add_argument("--prompt", type=int, nargs=2, default=[32, 512])
+  p.add_argument("--output", type=int, nargs=2, default=[32, 512])
+  p.add_argument("--costs", choices=sorted(COSTS), default="1b-lckv-h200")
+  for f in dataclasses.fields(Costs):
+    p.add_argument(f"--{f.name}_ms", type=float, default=None,
+                   help=f"override the preset's {f.name} (milliseconds)")
+  a = p.parse_args(argv)
+  costs = dataclasses.replace(COSTS[a.costs], **{
+      f.name: getattr(a, f"{f.name}_ms") / 1e3 for f in dataclasses.fields(Costs)
+      if getattr(a, f"{f.name}_ms") is not None})
+  result = simulate(costs, a.max_batch, steps_per_tick=a.steps_per_tick,
+                    prefill_rows=a.prefill_rows, prefill_tokens_per_tick=a.prefill_tokens_per_tick,
+                    admit_lookahead=a.admit_lookahead, prefill_chunk=a.prefill_chunk,
+                    burst=a.burst, prompt=tuple(a.prompt), output=tuple(a.output))
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
