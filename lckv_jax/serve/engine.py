@@ -192,7 +192,7 @@ class Engine:
     if max_prompt + max_tokens > limit:
       raise ValueError(f"engine: max_prompt + max_tokens = {max_prompt + max_tokens} exceeds "
                        f"the model's max_position_embeddings={limit}")
-    self.gen = self._generator(model, eos_ids=list(eos_ids) or None, pad_id=pad_id,
+    self.gen = self._generator(model, eos_id=list(eos_ids) or None, pad_id=pad_id,
                                cache_dtype=cache_dtype)
     self.eos_ids = set(eos_ids)
     self.pad_id = pad_id
