@@ -13,7 +13,8 @@ temporary folder, or --checkpoint) and drives it with streaming requests from `-
 processes (one falls behind a GPU server's hundreds of streams; `client_cpu` in each result is
 the busiest one's CPU share): each request's time to first token (TTFT) and the gaps between its
 streamed chunks (inter-token latency, ITL: the server sends a row's tokens every
-`--steps_per_tick` steps, so a gap spans up to that many tokens) are measured at the client, and
+`--steps_per_tick` steps, `--busy_steps_per_tick` while requests wait for a row, so a gap spans up
+to that many tokens) are measured at the client, and
 its time per output token (TPOT: first to last token over the tokens after the first, counted by
 the stream's usage chunk). Per rate: requests/s and output tokens/s achieved, TTFT, ITL and TPOT
 p50/p99, rejected requests (429), the mean and peak of the rows decoding, and the engine loop's
@@ -108,6 +109,13 @@ def saturated_tokens_per_s(results: list[dict]) -> float:
              + [r["output_tokens_per_s"] for r in results])
 
 
+def _steps(entry: dict) -> str:
+  """An entry's decode steps a tick, with those of a busy tick (requests waiting) where it
+  recorded them: '8 (16)'; records from before busy ticks ran every tick alike: '8'."""
+  steps, busy = entry.get("steps_per_tick", STEPS_PER_TICK), entry.get("busy_steps_per_tick")
+  return f"{steps}" if busy is None else f"{steps} ({busy})"
+
+
 def _mix(entry: dict) -> str:
   """An entry's load mix, 'prompts / outputs' in tokens (the default where it names none)."""
   return "{}-{} / {}-{}".format(*entry.get("prompt", DEFAULT_PROMPT),
@@ -119,7 +127,8 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
   within the entry's limit) with its latencies, and the saturated output tokens/s; with
   `offline` (an entry's setting -> the offline max-batch tokens/s of the same model and memory,
   `benchmarks.throughput`), that number and the saturated one's fraction of it."""
-  head = ["model", "cache", "prompt / output tokens", "rows", "prefill rows", "steps a tick",
+  head = ["model", "cache", "prompt / output tokens", "rows", "prefill rows",
+          "steps a tick (busy)",
           "prefill tokens a tick", "sustained req/s",
           "TTFT p50 / p99 (s)",
           "inter-token p50 / p99 (ms)", "burst req/s", "burst engine: decode / prefill / host",
@@ -143,7 +152,7 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
     steady = "–" if steady is None else (
         f"{steady['steady_tokens_per_s']:,.0f} ({steady['steady_s']:.0f})")
     rows.append([e["label"], e.get("cache_dtype") or "bf16", _mix(e), f"{e['max_batch']:,}",
-                 str(e.get("prefill_rows", 1)), str(e.get("steps_per_tick", STEPS_PER_TICK)),
+                 str(e.get("prefill_rows", 1)), _steps(e),
                  # Records before the budget was in them ran the default of then, 8,192.
                  f"{e.get('prefill_tokens_per_tick') or PREFILL_TOKENS_PER_TICK:,}",
                  *at, burst, where, steady, f"{saturated:,.0f}"])
@@ -168,8 +177,9 @@ def plot(entries: list[dict], out: str, title: str = "") -> str:
     x = [r["rate"] for r in rs]
     mix = "" if _mix(e) == _mix({}) else " " + _mix(e)
     cache = f" {e['cache_dtype']}" if e.get("cache_dtype") else ""
-    steps = e.get("steps_per_tick", STEPS_PER_TICK)
-    more = "" if steps == STEPS_PER_TICK else f", {steps} steps a tick"
+    default = e.get("steps_per_tick", STEPS_PER_TICK) == STEPS_PER_TICK and e.get(
+        "busy_steps_per_tick") in (None, 2 * STEPS_PER_TICK)
+    more = "" if default else f", {_steps(e)} steps a tick"
     label = f"{e['label']}{cache}{mix} (batch {e['max_batch']}{more})"
     y = [r["output_tokens_per_s"] for r in rs]
     bursts = [r for r in e["results"] if r["rate"] is None]
@@ -541,6 +551,9 @@ def main(argv=None) -> str:
   p.add_argument("--max_batch", type=int, default=None)
   p.add_argument("--memory_bytes", type=int, default=None)
   p.add_argument("--steps_per_tick", type=int, default=STEPS_PER_TICK)
+  p.add_argument("--busy_steps_per_tick", type=int, default=None,
+                 help="the server's --busy_steps_per_tick (default: the server's, twice "
+                 "--steps_per_tick)")
   p.add_argument("--prefill_chunk", default=None,
                  help="the server's --prefill_chunk (default: the server's default)")
   p.add_argument("--prefill_tokens_per_tick", type=int, default=None,
@@ -594,6 +607,8 @@ def main(argv=None) -> str:
     flags.append(f"--prefill_tokens_per_tick={args.prefill_tokens_per_tick}")
   if args.prefill_rows is not None:
     flags.append(f"--prefill_rows={args.prefill_rows}")
+  if args.busy_steps_per_tick is not None:
+    flags.append(f"--busy_steps_per_tick={args.busy_steps_per_tick}")
   if args.admit_lookahead is not None:
     flags.append(f"--admit_lookahead={args.admit_lookahead}")
   if args.cache_dtype:
@@ -623,6 +638,7 @@ def main(argv=None) -> str:
       prefill_rows = int(gauges["lckv_prefill_rows"])  # the server's, lowered to fit its memory
       lookahead = int(gauges["lckv_admit_lookahead"])
       budget = int(gauges["lckv_prefill_tokens_per_tick"])  # the server's, by default its rows'
+      busy = int(gauges["lckv_busy_steps_per_tick"])
       results = []
       page = lambda: (time.monotonic(), httpx.get(url + "/metrics").text)  # noqa: E731
       for rate in args.rates:
@@ -657,10 +673,12 @@ def main(argv=None) -> str:
       + ("" if (args.prompt, args.output) == (DEFAULT_PROMPT, DEFAULT_OUTPUT) or args.smoke
          else " prompt {}-{} output {}-{}".format(*args.prompt, *args.output))
       # So are more decode steps a tick (fewer, larger prefill jobs; tokens in larger bunches).
-      + ("" if args.steps_per_tick == STEPS_PER_TICK else f" steps {args.steps_per_tick}"),
+      + ("" if args.steps_per_tick == STEPS_PER_TICK else f" steps {args.steps_per_tick}")
+      + ("" if busy == 2 * args.steps_per_tick else f" busy {busy}"),
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
-      steps_per_tick=args.steps_per_tick, prefill_chunk=args.prefill_chunk,
+      steps_per_tick=args.steps_per_tick, busy_steps_per_tick=busy,
+      prefill_chunk=args.prefill_chunk,
       prefill_tokens_per_tick=budget, prefill_rows=prefill_rows, admit_lookahead=lookahead,
       burst=args.burst, clients=args.clients,
       cache_dtype=args.cache_dtype, server_start_s=round(startup, 1),

@@ -8,8 +8,9 @@ as the real calls would (every request runs to its `max_tokens`). A burst of req
 the load mix of `benchmarks.serve_load` is served to the end; the result is the steady state as
 serve_load reads it (from the end of the first fill to the last moment requests waited).
 
-  python -m benchmarks.serve_sim --max_batch 5082 --steps_per_tick 16 --prefill_rows 32 \\
-      [--prefill_tokens_per_tick N] [--burst 2.4] [--costs 1b-lckv-h200] [--call_ms ...]
+  python -m benchmarks.serve_sim --max_batch 5082 --prefill_rows 32 [--steps_per_tick 8] \\
+      [--busy_steps_per_tick 16] [--prefill_tokens_per_tick N] [--burst 2.4] \\
+      [--costs 1b-lckv-h200] [--call_ms ...]
 
 It answers what the scheduling decides: how many rows run, how much of a tick is prefill, how
 many slots padding takes. How fast the calls are is its input, not its output: the costs are fits
@@ -144,6 +145,7 @@ class _Model:  # what the engine reads of a model
 
 
 def simulate(costs: Costs, max_batch: int, *, steps_per_tick: int = STEPS_PER_TICK,
+             busy_steps_per_tick: int | None = None,
              prefill_rows: int = PREFILL_ROWS, prefill_tokens_per_tick: int | None = None,
              admit_lookahead: int | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
              burst: float = 2.4, prompt=(32, 512), output=(32, 512), seed: int = 7) -> dict:
@@ -151,7 +153,8 @@ def simulate(costs: Costs, max_batch: int, *, steps_per_tick: int = STEPS_PER_TI
   `prompt` and `output`) to the end; returns the steady state and what the engine did."""
   engine = SimulatedEngine(
       costs, max_batch=max_batch, max_prompt=prompt[1], max_tokens=output[1],
-      steps_per_tick=steps_per_tick, max_waiting=1 << 62, prefill_chunk=prefill_chunk,
+      steps_per_tick=steps_per_tick, busy_steps_per_tick=busy_steps_per_tick,
+      max_waiting=1 << 62, prefill_chunk=prefill_chunk,
       prefill_tokens_per_tick=prefill_tokens_per_tick, prefill_rows=prefill_rows,
       admit_lookahead=admit_lookahead)
   rng = np.random.RandomState(seed)
@@ -179,7 +182,8 @@ def simulate(costs: Costs, max_batch: int, *, steps_per_tick: int = STEPS_PER_TI
   seconds = engine.stats.seconds
   total = sum(seconds.values())
   return dict(
-      max_batch=max_batch, steps_per_tick=steps_per_tick, prefill_rows=engine.prefill_rows,
+      max_batch=max_batch, steps_per_tick=steps_per_tick,
+      busy_steps_per_tick=engine.busy_steps_per_tick, prefill_rows=engine.prefill_rows,
       prefill_tokens_per_tick=engine.prefill_tokens_per_tick, steady_s=round(t1 - t0, 2),
       steady_tokens_per_s=round((k1 - k0) / (t1 - t0), 1),
       steady_running=round(float(np.mean([r for _, _, r, _ in inside])), 1),
@@ -193,6 +197,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--max_batch", type=int, required=True)
   p.add_argument("--steps_per_tick", type=int, default=STEPS_PER_TICK)
+  p.add_argument("--busy_steps_per_tick", type=int, default=None,
+                 help="default: the server's (twice --steps_per_tick)")
   p.add_argument("--prefill_rows", type=int, default=PREFILL_ROWS)
   p.add_argument("--prefill_tokens_per_tick", type=int, default=None,
                  help="default: the server's (serve.prefill_budget)")
@@ -210,7 +216,7 @@ def main(argv=None):
       f.name: getattr(a, f"{f.name}_ms") / 1e3 for f in dataclasses.fields(Costs)
       if getattr(a, f"{f.name}_ms") is not None})
   result = simulate(costs, a.max_batch, steps_per_tick=a.steps_per_tick,
-                    prefill_rows=a.prefill_rows, prefill_tokens_per_tick=a.prefill_tokens_per_tick,
+                    busy_steps_per_tick=a.busy_steps_per_tick, prefill_rows=a.prefill_rows, prefill_tokens_per_tick=a.prefill_tokens_per_tick,
                     admit_lookahead=a.admit_lookahead, prefill_chunk=a.prefill_chunk,
                     burst=a.burst, prompt=tuple(a.prompt), output=tuple(a.output))
   print(json.dumps(result))

@@ -10,7 +10,8 @@ PREFILL_CHUNK = 256
 # by default this, or twice the tokens a full tick decodes where that is more
 # (`prefill_budget`).
 PREFILL_TOKENS_PER_TICK = 8192
-# Decode steps between two admissions (`Engine(steps_per_tick=)`).
+# Decode steps between two admissions (`Engine(steps_per_tick=)`); while requests wait for a
+# row, twice as many by default (`Engine(busy_steps_per_tick=)`).
 STEPS_PER_TICK = 8
 # Prompts prefilled together in one call at most (`Engine(prefill_rows=)`): 8 chunks of 256 are
 # 2,048 tokens a call, enough for the matmuls to outweigh reading the weights.
@@ -25,7 +26,7 @@ def group_sizes(prefill_rows: int) -> list[int]:
 
 def prefill_budget(max_batch: int, steps_per_tick: int) -> int:
   """The default prompt tokens prefilled a tick: `PREFILL_TOKENS_PER_TICK`, or twice the tokens a
-  full tick decodes (`max_batch` x `steps_per_tick`) where that is more.
+  full tick decodes (`max_batch` x `steps_per_tick`, a busy tick's steps) where that is more.
 
   A batch stays full only if each tick refills the rows that finish in it, and those grow with
   the batch: a saturated 1b LCKV server of 5,082 rows frees about 300 rows a 16-step tick (outputs

@@ -84,6 +84,10 @@ def main(argv: list[str]) -> int:
                  help="most new tokens per request (default: the rest of the context)")
   p.add_argument("--steps_per_tick", type=int, default=STEPS_PER_TICK,
                  help="decode steps between admissions of new requests")
+  p.add_argument("--busy_steps_per_tick", type=int, default=None,
+                 help="decode steps between admissions while requests wait for a row: fuller "
+                 "prefill calls and less host work per token when saturated, tokens streamed in "
+                 "larger bunches (default twice --steps_per_tick)")
   p.add_argument("--max_waiting", type=int, default=256,
                  help="queued requests before new ones get 429")
   p.add_argument("--prefill_chunk", type=chunk_flag, default=PREFILL_CHUNK,
@@ -94,7 +98,8 @@ def main(argv: list[str]) -> int:
                  help="most prompt tokens prefilled between two decode calls (whole calls, at "
                  "least one): larger keeps a large batch full under load, smaller bounds the "
                  f"pause of the running requests (default {PREFILL_TOKENS_PER_TICK}, or twice "
-                 "the tokens a full tick decodes, rows x --steps_per_tick, where that is more)")
+                 "the tokens a full busy tick decodes, rows x --busy_steps_per_tick, where that is "
+                 "more)")
   p.add_argument("--prefill_rows", type=int, default=PREFILL_ROWS,
                  help="most prompts prefilled together in one call (prompts of the same call "
                  "shape, the oldest waiting first; --admit_lookahead): fewer, fuller calls "
@@ -168,7 +173,7 @@ def main(argv: list[str]) -> int:
                   prefill_chunk=args.prefill_chunk,
                   prefill_tokens_per_tick=args.prefill_tokens_per_tick,
                   prefill_rows=args.prefill_rows, admit_lookahead=args.admit_lookahead,
-                  cache_dtype=args.cache_dtype)
+                  cache_dtype=args.cache_dtype, busy_steps_per_tick=args.busy_steps_per_tick)
   print(f"{batch} rows of {engine.max_len} cache slots; compiling and running each call once "
         "(warm-up)", flush=True)
   seconds = engine.warm_up()  # runs every call at the full batch: the peak is the server's

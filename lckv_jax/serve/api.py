@@ -100,6 +100,8 @@ class Metrics:
     self.admit_lookahead = Gauge("lckv_admit_lookahead", "Waiting requests past the oldest that "
                                  "admission looks through for a prefill job's partners",
                                  registry=r)
+    self.busy_steps = Gauge("lckv_busy_steps_per_tick", "Decode steps between admissions while "
+                            "requests wait for a row", registry=r)
     self.prefill_budget = Gauge("lckv_prefill_tokens_per_tick", "Most prompt tokens prefilled "
                                 "between two decode calls", registry=r)
     self.cache = Gauge("lckv_cache_use", "Share of the cache's slots in use", registry=r)
@@ -133,6 +135,7 @@ class Metrics:
     self.prefill_rows.set(self.engine.prefill_rows)
     self.admit_lookahead.set(self.engine.admit_lookahead)
     self.prefill_budget.set(self.engine.prefill_tokens_per_tick)
+    self.busy_steps.set(self.engine.busy_steps_per_tick)
     self.cache.set(s.cache_slots_used / max(s.cache_slots, 1))
     self.peak.set((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0))
     now, before = time.monotonic(), self._last

@@ -1,7 +1,11 @@
 """Continuous batching on one jitted decode loop: the engine behind the HTTP server.
 
 A fixed batch of `max_batch` rows decodes `steps_per_tick` tokens per call of the jitted decode
-loop (`Generator.decode`). Each tick (`Engine.tick`) the engine
+loop (`Generator.decode`), `busy_steps_per_tick` while requests wait for a row (default twice as
+many: a saturated server's ticks free twice the rows, so its prefill calls are fuller and its
+host work per token halves; on the H200 16 steps a tick took 1b llama's saturated server from
+0.61 to 0.93 of its offline max batch, 7b LCKV's from 0.85 to 0.89, while tokens streamed in
+bunches twice as large). Each tick (`Engine.tick`) the engine
 
 1. admits waiting requests into free rows: each row is reserved for its request, and requests
    whose prompts make the same call shape become prefill jobs of up to `prefill_rows` rows each,
@@ -159,11 +163,13 @@ class Engine:
                max_waiting: int = 256, prefill_chunk: int | None = PREFILL_CHUNK,
                prefill_tokens_per_tick: int | None = None,
                prefill_rows: int = PREFILL_ROWS, admit_lookahead: int | None = None,
-               cache_dtype=None):
+               cache_dtype=None, busy_steps_per_tick: int | None = None):
     """`prefill_chunk`: prompt tokens per prefill call (at most `max_prompt`; None: each prompt
     whole, padded to a bucket length); `prefill_tokens_per_tick`: the most prompt tokens
     (padding included) prefilled between two decode calls, in whole calls (at least one;
-    default `prefill_budget`, which grows with `max_batch` x `steps_per_tick`);
+    default `prefill_budget`, which grows with `max_batch` x `busy_steps_per_tick`);
+    `busy_steps_per_tick`: decode steps a tick while requests wait for a row (default
+    2 x `steps_per_tick`; `steps_per_tick` keeps every tick alike);
     `prefill_rows`: the most prompts one call prefills (at most `max_batch`; 1 without
     `prefill_chunk`); `admit_lookahead`: how far past the oldest waiting request admission looks
     for prompts of its job's shape (default 8 jobs' worth, 8 x `prefill_rows`; 0: arrival order
@@ -172,6 +178,8 @@ class Engine:
     if max_batch < 1 or max_prompt < 1 or max_tokens < 1 or steps_per_tick < 1:
       raise ValueError("engine: max_batch, max_prompt, max_tokens and steps_per_tick must be >= 1")
     checks = [("prefill_rows", prefill_rows, 1)]
+    if busy_steps_per_tick is not None:
+      checks.append(("busy_steps_per_tick", busy_steps_per_tick, 1))
     if prefill_tokens_per_tick is not None:
       checks.append(("prefill_tokens_per_tick", prefill_tokens_per_tick, 1))
     if admit_lookahead is not None:
@@ -181,8 +189,12 @@ class Engine:
         raise ValueError(f"engine: {name} must be an integer >= {least}, got {value!r}")
     self.max_batch, self.max_prompt, self.max_tokens = max_batch, max_prompt, max_tokens
     self.steps_per_tick, self.max_waiting = steps_per_tick, max_waiting
+    self.busy_steps_per_tick = 2 * steps_per_tick if busy_steps_per_tick is None else \
+        busy_steps_per_tick
     self.prefill_chunk = chunk_for(prefill_chunk, max_prompt)
-    self.prefill_tokens_per_tick = prefill_budget(max_batch, steps_per_tick) if \
+    # Sized for the busy ticks: those free the most rows, and only a saturated server fills them.
+    self.prefill_tokens_per_tick = prefill_budget(
+        max_batch, max(steps_per_tick, self.busy_steps_per_tick)) if \
         prefill_tokens_per_tick is None else prefill_tokens_per_tick
     self.prefill_rows = 1 if self.prefill_chunk is None else min(prefill_rows, max_batch)
     self.admit_lookahead = (8 * self.prefill_rows if self.prefill_rows > 1 else 0) if \
@@ -503,8 +515,11 @@ class Engine:
     if not any(r is not None for r in self._rows):
       return False
     if self.stats.running:  # rows only being prefilled have nothing to decode
+      # Requests waiting for a row: a longer tick (its steps are an argument of the one
+      # compiled loop, so nothing recompiles).
+      steps = self.busy_steps_per_tick if self._num_waiting() else self.steps_per_tick
       try:
-        self.state = self.gen.decode(self.state, self.steps_per_tick)
+        self.state = self.gen.decode(self.state, steps)
         fetched = self._fetch()  # a failure on the device shows here, not at the dispatch
       except Exception:  # noqa: BLE001 - the batch is lost; its requests end with an error
         logging.exception("decode step failed")

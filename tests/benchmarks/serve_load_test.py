@@ -21,6 +21,7 @@ def test_serve_load_smoke(tmp_path):
   assert record["saturated_tokens_per_s"] > 0 and "sustained" in record
   assert record["prefill_rows"] == 4  # the server's (its default of 8, at most its 4 rows)
   assert record["prefill_tokens_per_tick"] == 8192  # the server's default, read from /metrics
+  assert record["busy_steps_per_tick"] == 16  # likewise: twice the 8 steps of a tick
   assert record["results"][-1]["rate"] is None  # the burst: 3 x 4 rows at once
   assert 0 <= record["results"][-1]["peak_running"] <= 4  # sampled from /metrics (may miss rows)
   for r in record["results"]:
@@ -74,9 +75,9 @@ def test_sustained_rate_is_the_highest_rate_kept_up_with_under_the_ttft_limit(tm
   burst = dict(_result(None, 5.0, 9.0, tok=250), engine_share=dict(
       admit=0.01, prefill=0.3, decode=0.5, emit=0.09, idle=0.1))
   row = sl.markdown([dict(label="x", max_batch=8, prefill_rows=4, steps_per_tick=16,
-                          prefill_tokens_per_tick=65536, code="abc1234",
+                          busy_steps_per_tick=32, prefill_tokens_per_tick=65536, code="abc1234",
                           results=sweep + [burst])]).splitlines()[2]
-  assert row == "| x | bf16 | 32-512 / 32-512 | 8 | 4 | 16 | 65,536 | 4 | 0.75 / 1.50 | 10.0 / 20.0 | 5.00 | 50% / 30% / 10% | – | 250 | abc1234 |"
+  assert row == "| x | bf16 | 32-512 / 32-512 | 8 | 4 | 16 (32) | 65,536 | 4 | 0.75 / 1.50 | 10.0 / 20.0 | 5.00 | 50% / 30% / 10% | – | 250 | abc1234 |"
   # Against the offline max batch of the same memory (issue 16's 80% target).
   entries = [dict(e, setting=s) for e, s in zip(entries, ("a", "b"))]
   table = sl.markdown(entries, {"a": 300.0}).splitlines()

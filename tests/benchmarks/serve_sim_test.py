@@ -8,15 +8,15 @@ from benchmarks import serve_sim
 
 
 def test_the_default_budget_keeps_a_large_saturated_batch_full(capsys):
-  # 1,024 rows and 16 steps a tick free about 60 rows a tick (outputs of 272 tokens on average),
-  # about 19,000 prompt slots: a fixed 8,192 refills under half of them, so under load most rows
-  # wait for their prefill while every decode step computes them. The default budget (twice a
-  # full tick's tokens, 32,768 here) keeps the batch full.
+  # 1,024 rows and 16 steps a busy tick (the default, twice 8) free about 60 rows a tick (outputs
+  # of 272 tokens on average), about 19,000 prompt slots: a fixed 8,192 refills under half of
+  # them, so under load most rows wait for their prefill while every decode step computes them.
+  # The default budget (twice a full busy tick's tokens, 32,768 here) keeps the batch full.
   costs = serve_sim.COSTS["1b-lckv-h200"]
-  kw = dict(steps_per_tick=16, prefill_rows=16, burst=3.0)
+  kw = dict(steps_per_tick=8, prefill_rows=16, burst=3.0)
   fixed = serve_sim.simulate(costs, 1024, prefill_tokens_per_tick=8192, **kw)
   default = serve_sim.simulate(costs, 1024, **kw)
-  assert default["prefill_tokens_per_tick"] == 32768
+  assert default["prefill_tokens_per_tick"] == 32768 and default["busy_steps_per_tick"] == 16
   assert fixed["steady_running"] < 0.6 * 1024 < 0.9 * 1024 < default["steady_running"]
   assert default["steady_tokens_per_s"] > fixed["steady_tokens_per_s"]
   for r in (fixed, default):  # every request ran to its budget, through the engine's counts

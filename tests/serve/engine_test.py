@@ -316,12 +316,40 @@ def test_the_prefill_budget_refills_every_free_row_in_a_tick_by_default(model):
   _tick_until_done(engine, sinks)
   assert [sink.tokens for sink in sinks] == offline_tokens(model, ps, [12] * len(ps),
                                                           prefill_chunk=4)
-  # A large batch frees more rows a tick: by default the budget is twice a full tick's decoded
-  # tokens where that is over 8,192.
+  # A large batch frees more rows a tick: by default the budget is twice a full busy tick's
+  # decoded tokens (16 steps here) where that is over 8,192.
   assert Engine(model, max_batch=1024, max_prompt=8, max_tokens=12, steps_per_tick=8,
-                prefill_chunk=4).prefill_tokens_per_tick == 16384
+                prefill_chunk=4).prefill_tokens_per_tick == 32768
   assert [prefill_budget(b, s) for b, s in ((6, 1), (512, 8), (5082, 16))] == [8192, 8192,
                                                                                 162624]
+
+
+@pytest.mark.parametrize("busy", [None, 2])
+def test_a_tick_decodes_more_steps_while_requests_wait_for_a_row(model, busy, monkeypatch):
+  # One row, three requests: while one waits, a tick decodes busy_steps_per_tick (default twice
+  # steps_per_tick) steps; with none waiting, steps_per_tick. Tokens are those of `generate`.
+  engine = Engine(model, max_batch=1, max_prompt=8, max_tokens=12, steps_per_tick=2,
+                  busy_steps_per_tick=busy)
+  assert engine.busy_steps_per_tick == (4 if busy is None else 2)
+  engine.warm_up()
+  steps, real = [], engine.gen.decode
+
+  def decode(state, num_steps=None):
+    steps.append(num_steps)
+    return real(state, num_steps)
+  monkeypatch.setattr(engine.gen, "decode", decode)
+  ps = prompts([3, 5, 4], seed=31)
+  sinks = [_Sink() for _ in ps]
+  for p, sink in zip(ps, sinks):
+    engine.submit(Request(p, 6, Sampling(), 0, sink))
+  _tick_until_done(engine, sinks)
+  # Each request: its first token at prefill, then 5 more. The first two decode while another
+  # waits (4 + 1 steps, the loop stops at the budget); the last alone, 2 steps a tick.
+  b = engine.busy_steps_per_tick
+  assert steps == ([4, 4, 4, 4, 2, 2, 2] if b == 4 else [2] * 9)
+  assert [sink.tokens for sink in sinks] == offline_tokens(model, ps, [6] * 3)
+  with pytest.raises(ValueError, match="busy_steps_per_tick must be an integer >= 1, got 0"):
+    Engine(model, max_batch=1, max_prompt=8, max_tokens=4, busy_steps_per_tick=0)
 
 
 def test_a_quantized_cache_serves_the_tokens_generate_gives_with_it(model):
