@@ -16,8 +16,9 @@ It answers what the scheduling decides: how many rows run, how much of a tick is
 many slots padding takes. How fast the calls are is its input, not its output: the costs are fits
 to a few H200 measurements (`COSTS`), so its tokens/s are a prediction to check with serve_load,
 not a measurement. Checked once: at b829c8c (1b lckv, 5,082 rows, 16 steps a tick, 32 prefill
-rows, 65,536 tokens a tick charged at whole chunks) it predicted 18,167 steady tokens/s and
-2,624 running rows against 17,532 and a peak of 2,888 measured.
+rows, 65,536 tokens a tick charged at whole chunks; that commit's engine with these stand-ins)
+it predicted 18,167 steady tokens/s and 2,624 running rows in the steady state, against 17,532
+tokens/s, a peak of 2,888 running rows and 2,145 on average over the whole burst, measured.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ COSTS = {
     # Decode: 1.33 ms a step at 32 rows and 39.2 ms at 4,830 (throughput_h200.json): step + row x
     # rows. Host: the b829c8c burst's admit and emit, 4.6% of a 2.07 s tick at about 2,500 rows.
     "1b-lckv-h200": Costs(call=20e-3, slot=27.6e-6, step=1.3e-3, row=7.9e-6, host_row=18e-6),
+    # 7b LCKV on the H200, bf16. Prefill: a [4, 256] chunk 174 ms, [15, 512] whole prompts
+    # 1,146 ms (the offline max batch's 12.6 s in 11 calls). Decode: 22.6 ms a step at 158 rows,
+    # and about 4.5 ms for the weights alone (13.5 GB at the measured 3.2 TB/s). At b829c8c
+    # (198 rows, 4 prefill rows) it predicts 2,703 and 2,830 tokens/s at 8 and 16 steps a tick,
+    # against 2,844 and 2,982 measured: 5% low, and the same 5% gain from the longer tick.
+    "7b-lckv-h200": Costs(call=24.5e-3, slot=146e-6, step=4.5e-3, row=0.114e-3, host_row=18e-6),
 }
 
 

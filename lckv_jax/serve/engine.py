@@ -3,9 +3,9 @@
 A fixed batch of `max_batch` rows decodes `steps_per_tick` tokens per call of the jitted decode
 loop (`Generator.decode`), `busy_steps_per_tick` while requests wait for a row (default twice as
 many: a saturated server's ticks free twice the rows, so its prefill calls are fuller and its
-host work per token halves; on the H200 16 steps a tick took 1b llama's saturated server from
-0.61 to 0.93 of its offline max batch, 7b LCKV's from 0.85 to 0.89, while tokens streamed in
-bunches twice as large). Each tick (`Engine.tick`) the engine
+host work per token halves; on the H200, every tick at 16 steps instead of 8 took 1b llama's
+saturated server from 0.61 to 0.80-0.93 of its offline max batch, 7b LCKV's from 0.85 to 0.89,
+while tokens streamed in bunches twice as large). Each tick (`Engine.tick`) the engine
 
 1. admits waiting requests into free rows: each row is reserved for its request, and requests
    whose prompts make the same call shape become prefill jobs of up to `prefill_rows` rows each,
@@ -17,8 +17,8 @@ bunches twice as large). Each tick (`Engine.tick`) the engine
    to 7.3 requests/s with jobs of up to 4);
 2. prefills: with `prefill_chunk=C`, the next chunk of each job, oldest job first, until this
    tick's calls reach `prefill_tokens_per_tick` tokens (by default 8,192, the scale of vLLM's
-   and SGLang's per-step token budgets, or twice the tokens a full tick decodes where that is
-   more (`prefill_budget`): enough to refill every row that frees in a tick, so the batch stays
+   and SGLang's per-step token budgets, or twice the tokens a full busy tick decodes where that
+   is more (`prefill_budget`): enough to refill every row that frees in a tick, so the batch stays
    full under load, while a long prompt holds the running rows up for a bounded time, not for
    its whole prefill; at least one call a tick). Oldest first (not round-robin)
    gives requests their first tokens in about arrival order (a job's partners may be younger
@@ -412,8 +412,8 @@ class Engine:
       if all(row is None for row in group.rows):  # every request cancelled: `_collect` freed them
         self._groups.pop(0)
         continue
-      # The call's tokens, padding included: a first chunk is C/4, C/2 or C wide (charged as C,
-      # a 1b LCKV server's budget of 65,536 bought about 42,000 slots a tick).
+      # The call's tokens, padding included: a first chunk is C/4, C/2 or C wide. (Charged C
+      # before, a 1b LCKV server's budget of 65,536 bought about 42,000 slots a tick.)
       start, end = group.job.bounds(group.job.chunks_done)
       tokens = group.job.tokens.shape[0] * (end - start)
       if ran and tokens > budget:
