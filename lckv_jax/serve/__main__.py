@@ -118,8 +118,11 @@ def main(argv: list[str]) -> int:
   args = p.parse_args(argv)
   if (args.max_batch is None) == (args.memory_bytes is None):
     raise ValueError("give one of --max_batch or --memory_bytes")
-  if args.prefill_rows < 1:
-    raise ValueError(f"--prefill_rows must be >= 1, got {args.prefill_rows}")
+  for flag in ("prefill_rows", "steps_per_tick", "busy_steps_per_tick",
+               "prefill_tokens_per_tick"):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      raise ValueError(f"--{flag} must be >= 1, got {value}")
   if args.admit_lookahead is not None and args.admit_lookahead < 0:
     raise ValueError(f"--admit_lookahead must be >= 0, got {args.admit_lookahead}")
 

@@ -220,11 +220,13 @@ def test_the_prefill_chunk_flag():
       chunk_flag(bad)
 
 
-def test_the_prefill_rows_flag_is_checked_before_anything_loads():
+@pytest.mark.parametrize("flag", ["prefill_rows", "steps_per_tick", "busy_steps_per_tick",
+                                  "prefill_tokens_per_tick"])
+def test_the_scheduling_flags_are_checked_before_anything_loads(flag):
   from lckv_jax.serve.__main__ import main
   for bad in ("0", "-2"):
-    with pytest.raises(ValueError, match=f"--prefill_rows must be >= 1, got {bad}"):
-      main(["--checkpoint", "/nonexistent", "--max_batch", "4", "--prefill_rows", bad])
+    with pytest.raises(ValueError, match=f"--{flag} must be >= 1, got {bad}"):
+      main(["--checkpoint", "/nonexistent", "--max_batch", "4", f"--{flag}", bad])
 
 
 def test_random_weights_of_a_32k_shape_come_with_its_tokenizer_and_none_fails_before_the_model(
