@@ -420,18 +420,26 @@ def full_batch(samples: list[tuple[float, dict]]) -> tuple[float, float]:
   return secs, (tokens / secs if secs else 0.0)
 
 
-def steady_state(samples: list[tuple[float, dict]], ends: list[float], rows: int
-                 ) -> tuple[float, float]:
-  """(seconds, tokens/s) of a saturated run's steady state, from /metrics samples and the
-  requests' end times (one monotonic clock): from the end of the first fill (the `rows`-th
-  request to finish: every row has turned over about once, so the rows' ages are mixed, not
-  all prefilling at once) to the last sample that saw requests waiting."""
+def steady_window(samples: list[tuple[float, dict]], ends: list[float], rows: int
+                  ) -> list[tuple[float, dict]]:
+  """The samples of a saturated run's steady state, from /metrics samples and the requests' end
+  times (one monotonic clock): from the end of the first fill (the `rows`-th request to finish:
+  every row has turned over about once, so the rows' ages are mixed, not all prefilling at once)
+  to the last sample that saw requests waiting. Empty where there is no such window of two
+  samples or more."""
   waiting = [t for t, m in samples if m.get("lckv_queue_length", 0) > 0]
   if len(ends) <= rows or not waiting:
-    return 0.0, 0.0
+    return []
   start, stop = sorted(ends)[rows - 1], max(waiting)
   inside = [(t, m) for t, m in samples if start <= t <= stop]
-  if len(inside) < 2:
+  return inside if len(inside) >= 2 else []
+
+
+def steady_state(samples: list[tuple[float, dict]], ends: list[float], rows: int
+                 ) -> tuple[float, float]:
+  """(seconds, tokens/s) of a saturated run's steady state (`steady_window`), or zeros."""
+  inside = steady_window(samples, ends, rows)
+  if not inside:
     return 0.0, 0.0
   (t0, a), (t1, b) = inside[0], inside[-1]
   key = "lckv_generated_tokens_total"

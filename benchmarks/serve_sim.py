@@ -6,7 +6,8 @@ jobs, the per-tick budget, decode ticks, freeing rows. Only its calls are stand-
 (`FakeGenerator`): each advances a virtual clock by a cost (`Costs`) and moves the rows' counts
 as the real calls would (every request runs to its `max_tokens`). A burst of requests drawn from
 the load mix of `benchmarks.serve_load` is served to the end; the result is the steady state as
-serve_load reads it (from the end of the first fill to the last moment requests waited).
+serve_load reads it (`serve_load.steady_window`: from the end of the first fill to the last moment
+requests waited).
 
   python -m benchmarks.serve_sim --max_batch 5082 --prefill_rows 32 [--steps_per_tick 8] \\
       [--busy_steps_per_tick 16] [--prefill_tokens_per_tick N] [--burst 2.4] \\
@@ -30,6 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from benchmarks.serve_load import steady_window
 from lckv_jax.generation import PrefillJob, chunked_length
 from lckv_jax.sampling import Sampling
 from lckv_jax.serve import PREFILL_CHUNK, PREFILL_ROWS, STEPS_PER_TICK
@@ -175,25 +177,26 @@ def simulate(costs: Costs, max_batch: int, *, steps_per_tick: int = STEPS_PER_TI
       if reason is not None:
         ends.append(engine.clock())
     engine.submit(Request([1] * n, int(new), Sampling(temperature=1.0), i, emit, arrival=0.0))
-  ticks = []  # (time, tokens so far, running rows, waiting requests) after each tick
+  samples = []  # after each tick, what serve_load reads from /metrics
   while engine.tick():
     s = engine.stats
-    ticks.append((engine.clock(), s.tokens_generated, s.running, engine._num_waiting()))
-  start = sorted(ends)[max_batch - 1] if len(ends) >= max_batch else None
-  waited = [t for t, _, _, w in ticks if w > 0]
-  inside = [t for t in ticks if start is not None and waited and start <= t[0] <= max(waited)]
-  if len(inside) < 2:
+    samples.append((engine.clock(), {"lckv_queue_length": engine._num_waiting(),
+                                     "lckv_generated_tokens_total": s.tokens_generated,
+                                     "lckv_running_rows": s.running}))
+  inside = steady_window(samples, ends, max_batch)
+  if not inside:
     raise ValueError(f"simulate: no steady state (a burst of {burst} x {max_batch} rows never "
                      "kept requests waiting after the first fill): give a larger --burst")
-  (t0, k0, _, _), (t1, k1, _, _) = inside[0], inside[-1]
+  (t0, a), (t1, b) = inside[0], inside[-1]
+  tokens = b["lckv_generated_tokens_total"] - a["lckv_generated_tokens_total"]
   seconds = engine.stats.seconds
   total = sum(seconds.values())
   return dict(
       max_batch=max_batch, steps_per_tick=steps_per_tick,
       busy_steps_per_tick=engine.busy_steps_per_tick, prefill_rows=engine.prefill_rows,
       prefill_tokens_per_tick=engine.prefill_tokens_per_tick, steady_s=round(t1 - t0, 2),
-      steady_tokens_per_s=round((k1 - k0) / (t1 - t0), 1),
-      steady_running=round(float(np.mean([r for _, _, r, _ in inside])), 1),
+      steady_tokens_per_s=round(tokens / (t1 - t0), 1),
+      steady_running=round(float(np.mean([m["lckv_running_rows"] for _, m in inside])), 1),
       tick_s=round((t1 - t0) / (len(inside) - 1), 3), prompt_slots=round(float(np.mean(slots)), 1),
       engine_share={k: round(v / total, 4) for k, v in seconds.items()},
       requests=len(ends), tokens=engine.stats.tokens_generated, requested_tokens=sum(budgets),

@@ -332,10 +332,10 @@ class Engine:
     while free and self._pending:
       part = self._partners(min(len(free), self.prefill_rows))
       rows, free = free[:len(part)], free[len(part):]
-      for row, (req, _) in zip(rows, part):
+      for row, (req, job) in zip(rows, part):
         self._rows[row] = req
         req.generated = 0
-        req.slots = padded_length(len(req.prompt), self.prefill_chunk)
+        req.slots = job.tokens.shape[1]  # its prompt as `begin` padded it, before stacking
       self._groups.append(_Group(rows=rows, job=PrefillJob.stack([job for _, job in part],
                                                                  self.pad_id)))
       self._prefilling.update(rows)
