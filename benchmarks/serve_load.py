@@ -426,12 +426,22 @@ def steady_window(samples: list[tuple[float, dict]], ends: list[float], rows: in
   times (one monotonic clock): from the end of the first fill (the `rows`-th request to finish:
   every row has turned over about once, so the rows' ages are mixed, not all prefilling at once)
   to the last sample that saw requests waiting. Empty where there is no such window of two
-  samples or more."""
+  samples or more.
+
+  Where the samples count decode ticks (`lckv_decode_ticks_total`), the window starts and ends on
+  the first sample after a tick: its tokens are handed out a tick at a time, so a window of a few
+  ticks of seconds each, cut anywhere, could count one tick more or less than its time (the 1b
+  LCKV burst at 038251b: 23 s of 4 s ticks read 17,239 tokens/s where the burst as a whole made
+  19,332)."""
   waiting = [t for t, m in samples if m.get("lckv_queue_length", 0) > 0]
   if len(ends) <= rows or not waiting:
     return []
   start, stop = sorted(ends)[rows - 1], max(waiting)
-  inside = [(t, m) for t, m in samples if start <= t <= stop]
+  within = [i for i, (t, _) in enumerate(samples) if start <= t <= stop]
+  key = "lckv_decode_ticks_total"
+  if all(key in m for _, m in samples):  # the first sample after each tick
+    within = [i for i in within if i and samples[i][1][key] > samples[i - 1][1][key]]
+  inside = samples[within[0]:within[-1] + 1] if within else []
   return inside if len(inside) >= 2 else []
 
 
@@ -446,11 +456,28 @@ def steady_state(samples: list[tuple[float, dict]], ends: list[float], rows: int
   return t1 - t0, (b[key] - a[key]) / (t1 - t0)
 
 
+def steady_detail(samples: list[tuple[float, dict]], ends: list[float], rows: int) -> dict:
+  """What the server did inside the steady window: its mean running rows, and its engine's
+  phase shares (from the samples' `phase` entries, `_sample_metrics`)."""
+  inside = steady_window(samples, ends, rows)
+  if not inside:
+    return {}
+  out = dict(steady_running=round(float(np.mean(
+      [m.get("lckv_running_rows", 0) for _, m in inside])), 1))
+  first, last = ({k[len("phase "):]: v for k, v in m.items() if k.startswith("phase ")}
+                 for m in (inside[0][1], inside[-1][1]))
+  if first and last:
+    out["steady_engine_share"] = phase_shares(first, last)
+  return out
+
+
 async def _sample_metrics(client, url: str, samples: list, stop: asyncio.Event) -> None:
   while not stop.is_set():
     try:
       r = await client.get(url + "/metrics")
-      samples.append((time.monotonic(), _scrape(r.text)))
+      m = _scrape(r.text)
+      m.update({f"phase {k}": v for k, v in engine_phases(r.text).items()})
+      samples.append((time.monotonic(), m))
     except Exception:  # noqa: BLE001 - a missed sample only shortens the window
       pass
     try:
@@ -479,7 +506,8 @@ async def run_rate(url: str, rate: float | None, n: int, prompt_range, output_ra
   if rate is None and samples:  # a burst: saturated once its first fill is done
     rows = int(samples[0][1].get("lckv_max_batch", 0))
     secs, tps = steady_state(samples, [d["end"] for d in ok], rows)
-    steady = dict(steady_s=round(secs, 2), steady_tokens_per_s=round(tps, 1))
+    steady = dict(steady_s=round(secs, 2), steady_tokens_per_s=round(tps, 1),
+                  **steady_detail(samples, [d["end"] for d in ok], rows))
   ttft = [d["ttft"] for d in ok if d["ttft"] is not None]
   itl = [g for d in ok for g in d["itl"]]
   tpot = [d["tpot"] for d in ok if d.get("tpot") is not None]
@@ -564,6 +592,8 @@ def main(argv=None) -> str:
                  "--steps_per_tick)")
   p.add_argument("--prefill_chunk", default=None,
                  help="the server's --prefill_chunk (default: the server's default)")
+  p.add_argument("--prefill_widths", type=int, default=None,
+                 help="the server's --prefill_widths (default: the server's default)")
   p.add_argument("--prefill_tokens_per_tick", type=int, default=None,
                  help="the server's --prefill_tokens_per_tick (default: the server's default)")
   p.add_argument("--prefill_rows", type=int, default=None,
@@ -611,6 +641,8 @@ def main(argv=None) -> str:
                f"--memory_bytes={args.memory_bytes}")
   if args.prefill_chunk is not None:
     flags.append(f"--prefill_chunk={args.prefill_chunk}")
+  if args.prefill_widths is not None:
+    flags.append(f"--prefill_widths={args.prefill_widths}")
   if args.prefill_tokens_per_tick is not None:
     flags.append(f"--prefill_tokens_per_tick={args.prefill_tokens_per_tick}")
   if args.prefill_rows is not None:
@@ -647,6 +679,8 @@ def main(argv=None) -> str:
       lookahead = int(gauges["lckv_admit_lookahead"])
       budget = int(gauges["lckv_prefill_tokens_per_tick"])  # the server's, by default its rows'
       busy = int(gauges["lckv_busy_steps_per_tick"])
+      chunk = int(gauges["lckv_prefill_chunk"]) or None  # the server's (0: whole prompts)
+      widths = int(gauges["lckv_prefill_widths"]) or None
       results = []
       page = lambda: (time.monotonic(), httpx.get(url + "/metrics").text)  # noqa: E731
       for rate in args.rates:
@@ -686,7 +720,7 @@ def main(argv=None) -> str:
       label=label, layer_types=cfg.layer_types, max_batch=rows,
       memory_bytes=args.memory_bytes, prompt=args.prompt, output=args.output,
       steps_per_tick=args.steps_per_tick, busy_steps_per_tick=busy,
-      prefill_chunk=args.prefill_chunk,
+      prefill_chunk=chunk, prefill_widths=widths,
       prefill_tokens_per_tick=budget, prefill_rows=prefill_rows, admit_lookahead=lookahead,
       burst=args.burst, clients=args.clients,
       cache_dtype=args.cache_dtype, server_start_s=round(startup, 1),

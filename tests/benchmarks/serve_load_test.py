@@ -127,6 +127,36 @@ def test_steady_state_runs_from_the_first_fill_to_the_last_waiting_request():
   assert sl.saturated_tokens_per_s([dict(burst, steady_s=0.5)]) == 450.0  # too short
 
 
+def test_the_steady_window_starts_and_ends_on_the_first_sample_after_a_tick():
+  # Ticks end at 1.9, 3.9, 5.9 and 7.9 s, each handing out 800 tokens at once (the engine counts
+  # the tick after its tokens); samples every second. Cut at any sample, a window of a few ticks
+  # counts a tick more or less than its time: 2.0 s -> 6.5 s reads 2,400 tokens in 4.5 s (533/s)
+  # where the server made 400/s.
+  import benchmarks.serve_load as sl
+  page = ("lckv_max_batch 4.0\nlckv_queue_length {q}\nlckv_generated_tokens_total {t}\n"
+          "lckv_decode_ticks_total {n}\nlckv_running_rows {r}\n"
+          'lckv_engine_seconds_total{{phase="decode"}} {d}\n'
+          'lckv_engine_seconds_total{{phase="prefill"}} {p}\n')
+  samples = []
+  for t in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 6.5, 7.0, 8.0, 9.0):
+    ticks = sum(t >= e for e in (1.9, 3.9, 5.9, 7.9))
+    m = sl._scrape(page.format(q=9 if t < 8.5 else 0, t=800 * ticks, n=ticks, r=3 + ticks % 2,
+                               d=0.5 * t, p=1.5 * t))
+    m.update({f"phase {k}": v for k, v in sl.engine_phases(page.format(
+        q=0, t=0, n=0, r=0, d=0.5 * t, p=1.5 * t)).items()})
+    samples.append((t, m))
+  ends = [1.0, 1.5, 1.8, 1.95, 3.0, 6.0, 8.6]  # the 4th (rows) ends at 1.95
+  window = sl.steady_window(samples, ends, rows=4)
+  assert [t for t, _ in window] == [2.0, 3.0, 4.0, 5.0, 6.0, 6.5, 7.0, 8.0]
+  assert sl.steady_state(samples, ends, rows=4) == (6.0, 400.0)  # 2 s -> 8 s: 3 ticks
+  assert sl.steady_detail(samples, ends, rows=4) == dict(
+      steady_running=3.6, steady_engine_share={"decode": 0.25, "prefill": 0.75})
+  # Pages without the tick count (records before it): the window as it was, cut anywhere.
+  old = [(t, {k: v for k, v in m.items() if k != "lckv_decode_ticks_total"}) for t, m in samples]
+  assert [t for t, _ in sl.steady_window(old, ends, rows=4)][0] == 2.0
+  assert sl.steady_window(old, ends, rows=4)[-1][0] == 8.0
+
+
 def test_phase_shares_read_the_engine_seconds_of_two_metrics_pages():
   import benchmarks.serve_load as sl
   page = ('# TYPE lckv_engine_seconds_total counter\n'
