@@ -49,14 +49,18 @@ class Costs:
   host_request: float = 50e-6  # admission (padding a prompt, its job)
   finish: float = 1e-3  # sampling a finished job's first tokens
   insert: float = 1e-3  # its rows into the batch
+  later_slot: float | None = None  # per slot of a later chunk, which attends the cache (None: slot)
 
 
 COSTS = {
-    # 1b LCKV on the H200, bf16. Prefill: [8, 256] chunks into a filled cache took 77 ms and
-    # [32, 512] whole prompts 472 ms (prefill_speed_h200.json): call + slot x tokens through both.
-    # Decode: 1.33 ms a step at 32 rows and 39.2 ms at 4,830 (throughput_h200.json): step + row x
+    # 1b LCKV on the H200, bf16. Prefill, the server's own calls timed one by one (.run probe at
+    # 0b0b0b0): first chunks [32, 64] 65.4 ms, [32, 128] 117.2, [32, 256] 230.5, [64, 256] 460.1
+    # (call + slot x slots through them), later chunks [32, 256] 264.4 and [64, 256] 522.5 (the
+    # chunk attends the cache before it: later_slot). Decode: 1.33 ms a step at 32 rows and
+    # 39.2 ms at 4,830 (throughput_h200.json): step + row x
     # rows. Host: the b829c8c burst's admit and emit, 4.6% of a 2.07 s tick at about 2,500 rows.
-    "1b-lckv-h200": Costs(call=20e-3, slot=27.6e-6, step=1.3e-3, row=7.9e-6, host_row=18e-6),
+    "1b-lckv-h200": Costs(call=9e-3, slot=27.5e-6, later_slot=31.2e-6, step=1.3e-3, row=7.9e-6,
+                          host_row=18e-6),
     # 7b LCKV on the H200, bf16. Prefill: a [4, 256] chunk 174 ms, [15, 512] whole prompts
     # 1,146 ms (the offline max batch's 12.6 s in 11 calls). Decode: 22.6 ms a step at 158 rows,
     # and about 4.5 ms for the weights alone (13.5 GB at the measured 3.2 TB/s). At b829c8c
@@ -85,13 +89,15 @@ class Clock:
 class FakeGenerator:
   """`Generator`'s calls as the engine makes them, each costing `costs` on `clock`."""
 
-  def __init__(self, costs: Costs, clock: Clock, max_tokens: int, chunk: int | None):
+  def __init__(self, costs: Costs, clock: Clock, max_tokens: int, chunk: int | None,
+               widths: int | None = None):
     self.costs, self.clock, self.max_tokens, self.chunk = costs, clock, max_tokens, chunk
+    self.widths = widths
 
   def begin(self, prompts, max_new_tokens, sampling, seeds, pad_to=None) -> PrefillJob:
     self.clock.now += self.costs.host_request
     n = len(prompts[0])
-    padded = pad_to or chunked_length(n, self.chunk)
+    padded = pad_to or chunked_length(n, self.chunk, self.widths)
     zeros = np.zeros((1, padded), np.int32)
     return PrefillJob(tokens=zeros, positions=zeros, segment_ids=zeros, lengths=np.array([n]),
                       budget=np.array([max_new_tokens]), chunk=self.chunk or padded, seed=0,
@@ -99,7 +105,8 @@ class FakeGenerator:
 
   def prefill_next(self, job: PrefillJob) -> PrefillJob:
     start, end = job.bounds(job.chunks_done)
-    self.clock.now += self.costs.call + self.costs.slot * job.tokens.shape[0] * (end - start)
+    slot = self.costs.slot if start == 0 else (self.costs.later_slot or self.costs.slot)
+    self.clock.now += self.costs.call + slot * job.tokens.shape[0] * (end - start)
     return dataclasses.replace(job, chunks_done=job.chunks_done + 1)
 
   def finish(self, job: PrefillJob) -> _State:
@@ -145,7 +152,8 @@ class SimulatedEngine(Engine):
     self._collect = collect
 
   def _generator(self, model, **kw) -> FakeGenerator:
-    return FakeGenerator(self._costs, self.clock, self.max_tokens, self.prefill_chunk)
+    return FakeGenerator(self._costs, self.clock, self.max_tokens, self.prefill_chunk,
+                         self.prefill_widths)
 
 
 class _Model:  # what the engine reads of a model
@@ -157,20 +165,22 @@ def simulate(costs: Costs, max_batch: int, *, steps_per_tick: int = STEPS_PER_TI
              busy_steps_per_tick: int | None = None,
              prefill_rows: int = PREFILL_ROWS, prefill_tokens_per_tick: int | None = None,
              admit_lookahead: int | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
-             burst: float = 2.4, prompt=(32, 512), output=(32, 512), seed: int = 7) -> dict:
+             prefill_widths: int | None = None, burst: float = 2.4, prompt=(32, 512),
+             output=(32, 512), seed: int = 7) -> dict:
   """Serves a burst of `burst` x `max_batch` requests (prompt and output lengths uniform in
   `prompt` and `output`) to the end; returns the steady state and what the engine did."""
   engine = SimulatedEngine(
       costs, max_batch=max_batch, max_prompt=prompt[1], max_tokens=output[1],
       steps_per_tick=steps_per_tick, busy_steps_per_tick=busy_steps_per_tick,
-      max_waiting=1 << 62, prefill_chunk=prefill_chunk,
+      max_waiting=1 << 62, prefill_chunk=prefill_chunk, prefill_widths=prefill_widths,
       prefill_tokens_per_tick=prefill_tokens_per_tick, prefill_rows=prefill_rows,
       admit_lookahead=admit_lookahead)
   rng = np.random.RandomState(seed)
   ends, slots, budgets = [], [], []
   for i in range(round(burst * max_batch)):
     n, new = rng.randint(prompt[0], prompt[1] + 1), rng.randint(output[0], output[1] + 1)
-    slots.append(chunked_length(n, engine.prefill_chunk) if engine.prefill_chunk else n)
+    slots.append(chunked_length(n, engine.prefill_chunk, prefill_widths) if
+                 engine.prefill_chunk else n)
     budgets.append(int(new))
 
     def emit(tokens, reason):
@@ -182,6 +192,7 @@ def simulate(costs: Costs, max_batch: int, *, steps_per_tick: int = STEPS_PER_TI
     s = engine.stats
     samples.append((engine.clock(), {"lckv_queue_length": engine._num_waiting(),
                                      "lckv_generated_tokens_total": s.tokens_generated,
+                                     "lckv_decode_ticks_total": s.decode_ticks,
                                      "lckv_running_rows": s.running}))
   inside = steady_window(samples, ends, max_batch)
   if not inside:
@@ -194,6 +205,7 @@ def simulate(costs: Costs, max_batch: int, *, steps_per_tick: int = STEPS_PER_TI
   return dict(
       max_batch=max_batch, steps_per_tick=steps_per_tick,
       busy_steps_per_tick=engine.busy_steps_per_tick, prefill_rows=engine.prefill_rows,
+      prefill_chunk=engine.prefill_chunk, prefill_widths=prefill_widths,
       prefill_tokens_per_tick=engine.prefill_tokens_per_tick, steady_s=round(t1 - t0, 2),
       steady_tokens_per_s=round(tokens / (t1 - t0), 1),
       steady_running=round(float(np.mean([m["lckv_running_rows"] for _, m in inside])), 1),
@@ -214,6 +226,7 @@ def main(argv=None):
                  help="default: the server's (serve.prefill_budget)")
   p.add_argument("--admit_lookahead", type=int, default=None)
   p.add_argument("--prefill_chunk", type=int, default=PREFILL_CHUNK)
+  p.add_argument("--prefill_widths", type=int, default=None)
   p.add_argument("--burst", type=float, default=2.4, help="requests, in multiples of the rows")
   p.add_argument("--prompt", type=int, nargs=2, default=[32, 512])
   p.add_argument("--output", type=int, nargs=2, default=[32, 512])
@@ -226,9 +239,11 @@ def main(argv=None):
       f.name: getattr(a, f"{f.name}_ms") / 1e3 for f in dataclasses.fields(Costs)
       if getattr(a, f"{f.name}_ms") is not None})
   result = simulate(costs, a.max_batch, steps_per_tick=a.steps_per_tick,
-                    busy_steps_per_tick=a.busy_steps_per_tick, prefill_rows=a.prefill_rows, prefill_tokens_per_tick=a.prefill_tokens_per_tick,
+                    busy_steps_per_tick=a.busy_steps_per_tick, prefill_rows=a.prefill_rows,
+                    prefill_tokens_per_tick=a.prefill_tokens_per_tick,
                     admit_lookahead=a.admit_lookahead, prefill_chunk=a.prefill_chunk,
-                    burst=a.burst, prompt=tuple(a.prompt), output=tuple(a.output))
+                    prefill_widths=a.prefill_widths, burst=a.burst, prompt=tuple(a.prompt),
+                    output=tuple(a.output))
   print(json.dumps(result))
   return result
 

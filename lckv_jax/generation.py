@@ -197,7 +197,7 @@ def _prefill(graphdef, mode: Mode, iterations: int, sequential: bool, all_logits
 def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, write_index=None,
             *, mode: Mode = Mode.PREFILL, iterations: int | None = None,
             prefill_mode: str = "auto", all_logits: bool = False, split=None,
-            rule_chunk: int | None = None):
+            rule_chunk: int | None = None, compile_only: bool = False):
   """Runs a chunk of prompt tokens into `cache` (donated) at `write_index` [batch].
 
   Args:
@@ -213,6 +213,8 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, 
     split: `nnx.split(model)`, when the caller holds it (`Generator(static_weights=True)`).
     rule_chunk: the chunk length 'auto' decides on (default this call's): a chunked prefill's
       narrower first chunk iterates as its whole chunks do.
+    compile_only: compile the call ahead of time (`cache` may be shapes, `jax.ShapeDtypeStruct`),
+      run nothing, return None; a later call of these shapes runs the compiled program.
   Returns:
     logits [batch, vocab] of the last token ([batch, chunk, vocab] with `all_logits`), and the
     cache.
@@ -244,10 +246,13 @@ def prefill(model: Transformer, tokens, positions, segment_ids, cache: KVCache, 
   by_index = (mode is Mode.PREFILL_EMPTY and positions is not None
               and rises_by_one(positions, segment_ids))
   as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
-  return _prefill(graphdef, mode, iterations, sequential, all_logits, by_index, params,
-                  jnp.asarray(tokens),
-                  as_array(positions), as_array(segment_ids), cache,
-                  jnp.asarray(write_index, jnp.int32))
+  args = (graphdef, mode, iterations, sequential, all_logits, by_index, params,
+          jnp.asarray(tokens), as_array(positions), as_array(segment_ids), cache,
+          jnp.asarray(write_index, jnp.int32))
+  if compile_only:
+    _prefill.lower(*args).compile()
+    return None
+  return _prefill(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,14 +315,20 @@ class DecodeState(NamedTuple):
   rows: RowSampling | None = None  # each row's sampling (Generator(per_row_sampling=True))
 
 
-def first_chunk_sizes(chunk: int) -> tuple[int, ...]:
-  """The widths a chunked prefill's first chunk may take: C/4, C/2 or C tokens."""
-  return tuple(sorted({max(1, chunk // 4), max(1, chunk // 2), chunk}))
+def first_chunk_sizes(chunk: int, widths: int | None = None) -> tuple[int, ...]:
+  """The widths a chunked prefill's first chunk may take: C/4, C/2 or C tokens, or with
+  `widths=N` the N multiples of C/N (rounded up). Each width is one compilation per job size;
+  finer ones pad short prompts less (prompts of 32-511 tokens in chunks of 512 pad to 366 slots
+  on average with the three, 302 with 8 widths)."""
+  if widths is None:
+    return tuple(sorted({max(1, chunk // 4), max(1, chunk // 2), chunk}))
+  return tuple(sorted({-(-chunk * i // widths) for i in range(1, widths + 1)}))
 
 
-def chunked_length(n: int, chunk: int) -> int:
+def chunked_length(n: int, chunk: int, widths: int | None = None) -> int:
   """Slots a prompt of `n` tokens takes in a chunked prefill: whole chunks of `chunk` after a
-  first chunk of the smallest `first_chunk_sizes` that holds the rest, the padding on its left.
+  first chunk of the smallest `first_chunk_sizes(chunk, widths)` that holds the rest, the
+  padding on its left.
 
   The chunks end where whole chunks would (the prompt's last token ends the last), so each chunk
   holds the same prompt tokens as with padding to whole chunks, which only computes more
@@ -325,7 +336,18 @@ def chunked_length(n: int, chunk: int) -> int:
   """
   full = -(-n // chunk)
   rest = n - chunk * (full - 1)
-  return next(f for f in first_chunk_sizes(chunk) if f >= rest) + chunk * (full - 1)
+  return next(f for f in first_chunk_sizes(chunk, widths) if f >= rest) + chunk * (full - 1)
+
+
+def check_widths(widths, chunk) -> None:
+  """`prefill_widths`: None, or a positive integer with a `prefill_chunk` to divide."""
+  if widths is None:
+    return
+  if isinstance(widths, bool) or not isinstance(widths, (int, np.integer)) or widths < 1:
+    raise ValueError(f"prefill_widths must be a positive integer or None, got {widths!r}")
+  if chunk is None:
+    raise ValueError(f"prefill_widths={widths} needs a prefill_chunk: the widths are those of a "
+                     "chunked prefill's first chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,9 +547,9 @@ class Generator:
   rows of a job of several prompts into as many free rows in one call).
 
   Chunked prefill: with `prefill_chunk=C` a prompt goes into its cache C tokens per call after
-  a first chunk of C/4, C/2 or C tokens that holds the rest and the left padding
-  (`chunked_length`). `start` is `begin`, `prefill_next` per chunk and
-  `finish`, which a server calls one at a time between decode steps (`lckv_jax.serve.engine`), so
+  a first chunk of C/4, C/2 or C tokens (or with `prefill_widths=N`, a multiple of C/N) that
+  holds the rest and the left padding (`chunked_length`). `start` is `begin`, `prefill_next` per
+  chunk and `finish`, which a server calls one at a time between decode steps (`lckv_jax.serve.engine`), so
   a long prompt never stalls the running rows for its whole prefill. For a model without a cycle
   (every layer reads the KV of itself or a layer below) this is the function of the one-shot
   prefill, up to float rounding. For a model with a cycle (a layer attends to a layer above it:
@@ -551,7 +573,7 @@ class Generator:
                stream: Callable | None = None, cache_dtype=None,
                prefill_batch: int | None = None, unstack: bool | None = None,
                per_row_sampling: bool = False, prefill_chunk: int | None = None,
-               static_weights: bool = False):
+               prefill_widths: int | None = None, static_weights: bool = False):
     cfg = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -564,6 +586,7 @@ class Generator:
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(
         prefill_chunk, (int, np.integer)) or prefill_chunk < 1):
       raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+    check_widths(prefill_widths, prefill_chunk)
     if prefill_chunk is not None and sink is not None:
       raise ValueError(f"prefill_chunk={prefill_chunk} with sink={sink}: chunked prefill into a "
                        "sink cache is not supported; give one of them")
@@ -587,6 +610,7 @@ class Generator:
     self.cache_dtype = quant.cache_dtype(cache_dtype, cfg.compute_dtype)
     self.prefill_batch = prefill_batch
     self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
+    self.prefill_widths = None if prefill_widths is None else int(prefill_widths)
     self.per_row_sampling, self.sampling = per_row_sampling, sampling
     self.settings = _Settings(sampling, eos_ids, pad_id, stream)
     self.vocab_size = cfg.vocab_size
@@ -664,7 +688,7 @@ class Generator:
     Host work only (padding and checks): whatever `start` would refuse (an empty prompt, an id
     outside the vocabulary, a prompt that does not fit the cache or the positions) raises here,
     before any chunk runs. With `prefill_chunk=C` the prompts are left-padded to
-    `chunked_length` (a first chunk of C/4, C/2 or C tokens, then whole chunks), and the job
+    `chunked_length` (a first chunk of `first_chunk_sizes`, then whole chunks), and the job
     has `ceil(padded / C)` chunks; without, one chunk: the whole padded prompt.
     """
     cfg = self.model.config
@@ -678,7 +702,7 @@ class Generator:
       # Every later chunk call is [batch, C]: the padding (segment 0, never attended) goes on the
       # left, into the first chunk, so that the prompt's last token ends the last chunk.
       chunk = self.prefill_chunk
-      extra = chunked_length(longest, chunk) - longest
+      extra = chunked_length(longest, chunk, self.prefill_widths) - longest
       tokens = np.pad(tokens, ((0, 0), (extra, 0)), constant_values=self.settings.pad_id)
       positions = np.pad(positions, ((0, 0), (extra, 0)))
       segment_ids = np.pad(segment_ids, ((0, 0), (extra, 0)))
@@ -696,10 +720,10 @@ class Generator:
   def prefill_next(self, job: PrefillJob) -> PrefillJob:
     """Runs the job's next chunk into its cache (created at the first); returns the new job.
 
-    With `prefill_chunk=C`, chunk k covers `job.bounds(k)`: the first, of C/4, C/2 or C tokens,
-    in `Mode.PREFILL_EMPTY`, the later ones, [batch, C], in `Mode.PREFILL` after it. Every call
-    has one of these four shapes and modes, whatever the prompt's length, so nothing compiles
-    after the first of each.
+    With `prefill_chunk=C`, chunk k covers `job.bounds(k)`: the first, of a width of
+    `first_chunk_sizes`, in `Mode.PREFILL_EMPTY`, the later ones, [batch, C], in `Mode.PREFILL`
+    after it. Every call has one of these shapes and modes, whatever the prompt's length, so
+    nothing compiles after the first of each.
     """
     if job.done:
       raise ValueError(f"prefill_next: the job's {job.num_chunks} chunks are all prefilled; "
@@ -789,7 +813,24 @@ class Generator:
     as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
     return as_array(tokens), as_array(positions), as_array(segment_ids)
 
-  def _prefill_chunk(self, job: PrefillJob, cache: KVCache):
+  def compile_prefill(self, job: PrefillJob, k: int) -> None:
+    """Compiles chunk `k` of `job` (made by `begin`, with `prefill_chunk`) ahead of time, running
+    nothing: a later `prefill_next` of its shape finds it compiled. Several threads may call
+    it at once (XLA compiles outside the GIL): a server's warm-up compiles its dozens of call
+    shapes side by side. Under a mesh it does nothing: the calls' inputs are placed there, and
+    they compile when they first run."""
+    if self.prefill_chunk is None or not 0 <= k < job.num_chunks:
+      raise ValueError(f"compile_prefill: chunk {k} of a job of {job.num_chunks} chunks, with "
+                       f"prefill_chunk={self.prefill_chunk}")
+    if self.mesh is not None:
+      return
+    b, padded = job.tokens.shape
+    cache = jax.eval_shape(functools.partial(
+        _empty_cache, self.model.config, b, self._cache_len(int(job.lengths.max()), padded),
+        self.cache_dtype))
+    self._prefill_chunk(dataclasses.replace(job, chunks_done=k), cache, compile_only=True)
+
+  def _prefill_chunk(self, job: PrefillJob, cache: KVCache, compile_only: bool = False):
     """Chunk `job.chunks_done` of every row into `cache` (`prefill_next` with `prefill_chunk`)."""
     b, k = job.tokens.shape[0], job.chunks_done
     start, end = job.bounds(k)
@@ -804,7 +845,7 @@ class Generator:
     arrays = _shard_state((*self._inputs(tokens, positions, segment_ids), cache), self.mesh)
     return prefill(self.model, *arrays, write_index, mode=mode,
                    iterations=self.prefill_iterations, prefill_mode=self.prefill_mode,
-                   split=self._graph(), rule_chunk=job.chunk)
+                   split=self._graph(), rule_chunk=job.chunk, compile_only=compile_only)
 
   def _prefill_rows(self, tokens, positions, segment_ids, cache):
     """Prefills the prompts whole, `prefill_batch` rows at a time. One chunk runs straight into the
@@ -840,6 +881,13 @@ class Generator:
     graphdef, params = self._graph()
     state, _ = _decode(graphdef, self.settings, params, state, jnp.asarray(num_steps, jnp.int32))
     return state
+
+  def compile_decode(self, state: DecodeState, num_steps: int = 1) -> None:
+    """Compiles `decode` of `state`'s shapes ahead of time, running nothing (`state` is not
+    donated; the step count is an argument of the loop, so any number of steps finds it)."""
+    graphdef, params = self._graph()
+    _decode.lower(graphdef, self.settings, params, state,
+                  jnp.asarray(num_steps, jnp.int32)).compile()
 
   def insert(self, state: DecodeState, row: int, new: DecodeState, new_row: int = 0
              ) -> DecodeState:
@@ -901,13 +949,15 @@ def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, tokenizer
              prefill_iterations: int | None = None, prefill_mode: str = "auto",
              sink: tuple[int, int] | None = None, mesh: Mesh | None = None,
              return_logits: bool = False, stream: Callable | None = None,
-             prefill_chunk: int | None = None, cache_dtype=None) -> Generation:
+             prefill_chunk: int | None = None, prefill_widths: int | None = None,
+             cache_dtype=None) -> Generation:
   """Generates continuations of `prompts`: text (with `tokenizer`), token ids, or lists of them.
 
   Greedy by default; `temperature`, `top_k`, `top_p` and `seed` sample (same seed, same tokens).
   Stops a row at `eos_id` (default: the tokenizer's `eos_token_id`) or after `max_new_tokens`.
   `stream(tokens_B, active_B)` is called on the host with every new token of the batch.
-  `prefill_chunk=C` prefills the prompts C tokens per call (`Generator`), as the server does.
+  `prefill_chunk=C` prefills the prompts C tokens per call (`Generator`), as the server does,
+  after a first chunk of one of `prefill_widths` widths (`first_chunk_sizes`).
   `cache_dtype`: the KV cache's storage (default the compute dtype; "int8" or "fp8" quantize it,
   `lckv_jax.quant`).
   """
@@ -918,7 +968,8 @@ def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, tokenizer
   gen = Generator(model, max_new_tokens=max_new_tokens, max_len=max_len, sampling=sampling,
                   eos_id=eos_id, prefill_iterations=prefill_iterations,
                   prefill_mode=prefill_mode, sink=sink, return_logits=return_logits, mesh=mesh,
-                  stream=stream, prefill_chunk=prefill_chunk, cache_dtype=cache_dtype)
+                  stream=stream, prefill_chunk=prefill_chunk, prefill_widths=prefill_widths,
+                  cache_dtype=cache_dtype)
   t0 = time.perf_counter()
   state = gen.start(token_lists, seed)
   jax.block_until_ready(state.token)

@@ -520,10 +520,52 @@ def test_a_chunked_prompt_pads_only_its_first_chunk_to_a_quarter_a_half_or_a_who
   job = Generator(tiny_model(), max_new_tokens=2, max_len=32, prefill_chunk=4).begin(
       [list(range(1, 10))])  # 9 tokens: a first chunk of 1, then two of 4
   assert job.num_chunks == 3 and [job.bounds(k) for k in range(3)] == [(0, 1), (1, 5), (5, 9)]
+  # prefill_widths=N: the first chunk a multiple of C/N (rounded up), less padding.
+  assert [chunked_length(n, 256, 8) for n in lengths] == [32, 64, 96, 128, 160, 256, 288, 320,
+                                                          416, 512]
+  assert [chunked_length(n, 4, 4) for n in (1, 2, 3, 5, 7, 18)] == [1, 2, 3, 5, 7, 18]
+  assert [chunked_length(n, 10, 4) for n in (1, 4, 6, 9, 11)] == [3, 5, 8, 10, 13]
+  assert np.mean([chunked_length(n, 256, 8) for n in range(32, 512)]) < 288
+  job = Generator(tiny_model(), max_new_tokens=2, max_len=32, prefill_chunk=4,
+                  prefill_widths=4).begin([list(range(1, 8))])  # 7 tokens: 3, then 4
+  assert [job.bounds(k) for k in range(job.num_chunks)] == [(0, 3), (3, 7)]
+
+
+def test_prefill_calls_compiled_ahead_run_without_compiling(tiny_model):
+  # What a server's warm-up does on its threads: each chunk call compiled, nothing run, then
+  # run from the compiled programs, with the tokens of a Generator that compiled as it went.
+  import concurrent.futures
+  model = tiny_model(std=0.1, layer_types="0_2_2_3")
+  gen = Generator(model, max_new_tokens=3, max_len=16, prefill_chunk=4, prefill_widths=4,
+                  static_weights=True)
+  gen.prefill_next(gen.begin([[5]]))  # compiles the empty cache of one row (not a chunk call)
+  ps = [[3, 9, 4, 1, 7, 2, 8]]  # chunks of 3 and 4 tokens
+  job = gen.begin(ps)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    list(pool.map(lambda k: gen.compile_prefill(job, k), range(job.num_chunks)))
+  compiles = []
+  listener = lambda event, seconds, **kw: compiles.append(event)  # noqa: E731
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    while not job.done:
+      job = gen.prefill_next(job)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert "/jax/core/compile/backend_compile_duration" not in compiles
+  plain = Generator(model, max_new_tokens=3, max_len=16, prefill_chunk=4, prefill_widths=4)
+  assert gen.results(gen.decode(gen.finish(job))) == plain.results(plain.decode(plain.start(ps)))
+  with pytest.raises(ValueError, match="compile_prefill: chunk 2 of a job of 2 chunks"):
+    gen.compile_prefill(job, 2)
 
 
 def test_chunked_prefill_refuses_bad_settings(tiny_model):
   model = tiny_model(std=0.1, layer_types="0_2_2_3")
+  for bad in (0, -1, 2.5, True):
+    with pytest.raises(ValueError, match=f"prefill_widths must be a positive integer or None, "
+                                         f"got {bad!r}"):
+      Generator(model, max_new_tokens=2, prefill_chunk=4, prefill_widths=bad)
+  with pytest.raises(ValueError, match="prefill_widths=4 needs a prefill_chunk"):
+    Generator(model, max_new_tokens=2, prefill_widths=4)
   for bad in (0, -4, 2.5, True, "4"):
     with pytest.raises(ValueError, match=f"prefill_chunk must be a positive integer or None, "
                                          f"got {bad!r}"):

@@ -24,6 +24,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from lckv_jax.generation import first_chunk_sizes
 from lckv_jax.sampling import Sampling, validate
 from lckv_jax.serve.engine import PHASES, Engine, QueueFull, Request
 
@@ -102,10 +103,16 @@ class Metrics:
                                  registry=r)
     self.busy_steps = Gauge("lckv_busy_steps_per_tick", "Decode steps between admissions while "
                             "requests wait for a row", registry=r)
+    self.prefill_chunk = Gauge("lckv_prefill_chunk", "Prompt tokens a prefill call takes after "
+                               "the first (0: each prompt whole)", registry=r)
+    self.prefill_widths = Gauge("lckv_prefill_widths", "Widths a prompt's first prefill chunk "
+                                "may take (0: each prompt whole)", registry=r)
     self.prefill_budget = Gauge("lckv_prefill_tokens_per_tick", "Most prompt tokens prefilled "
                                 "between two decode calls", registry=r)
     self.cache = Gauge("lckv_cache_use", "Share of the cache's slots in use", registry=r)
     self.tokens = Counter("lckv_generated_tokens", "Tokens generated", registry=r)
+    self.decode_ticks = Counter("lckv_decode_ticks", "Decode calls whose tokens are all handed "
+                                "out (lckv_generated_tokens_total then ends a tick)", registry=r)
     self.requests = Counter("lckv_requests", "Requests by outcome", ["outcome"], registry=r)
     self.ttft = Histogram("lckv_time_to_first_token_seconds", "Arrival to first token",
                           registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
@@ -125,6 +132,7 @@ class Metrics:
     self.peak = Gauge("lckv_device_memory_peak_bytes", "Peak bytes in use on the accelerator "
                       "(0 where the device does not say)", registry=r)
     self._last = (time.monotonic(), 0)
+    self._ticks = 0
 
   def render(self) -> bytes:
     s = self.engine.stats
@@ -136,12 +144,21 @@ class Metrics:
     self.admit_lookahead.set(self.engine.admit_lookahead)
     self.prefill_budget.set(self.engine.prefill_tokens_per_tick)
     self.busy_steps.set(self.engine.busy_steps_per_tick)
+    chunk = self.engine.prefill_chunk
+    self.prefill_chunk.set(chunk or 0)
+    self.prefill_widths.set(0 if chunk is None else len(
+        first_chunk_sizes(chunk, self.engine.prefill_widths)))
     self.cache.set(s.cache_slots_used / max(s.cache_slots, 1))
     self.peak.set((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0))
+    # Read before the tokens (the engine counts a tick after its tokens): a page whose tick
+    # count moved holds all of that tick's tokens.
+    ticks = s.decode_ticks
     now, before = time.monotonic(), self._last
     self.tokens.inc(s.tokens_generated - before[1])
     self.tokens_per_s.set((s.tokens_generated - before[1]) / max(now - before[0], 1e-9))
     self._last = (now, s.tokens_generated)
+    self.decode_ticks.inc(ticks - self._ticks)
+    self._ticks = ticks
     for phase, seconds in list(s.seconds.items()):
       self.engine_seconds.labels(phase).inc(max(0.0, seconds - self._seconds[phase]))
       self._seconds[phase] = seconds

@@ -34,8 +34,8 @@ while tokens streamed in bunches twice as large). Each tick (`Engine.tick`) the 
    sequence; a request cancelled mid-prefill frees its row, and its job skips the row).
 
 Shapes never change after warm-up (every later chunk is [k, C] and a first chunk [k, C/4], [k, C/2]
-or [k, C], into a cache of `max_len` slots, k a power of two up to `prefill_rows`, or a prompt is
-one of a few bucket lengths), so nothing
+or [k, C], or with `prefill_widths=N` [k, a multiple of C/N], into a cache of `max_len` slots, k a
+power of two up to `prefill_rows`, or a prompt is one of a few bucket lengths), so nothing
 recompiles; the cache is the largest that
 `cache_bytes` fits in the memory given, which is where a smaller KV cache (LCKV's) becomes more
 rows.
@@ -46,9 +46,11 @@ request's tokens do not depend on which other requests share the batch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -57,10 +59,14 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from lckv_jax.generation import Generator, PrefillJob, chunked_length, first_chunk_sizes
+from lckv_jax.generation import (Generator, PrefillJob, check_widths, chunked_length,
+                                 first_chunk_sizes)
 from lckv_jax.sampling import Sampling
 from lckv_jax.serve import (PREFILL_CHUNK, PREFILL_ROWS, STEPS_PER_TICK, group_sizes,
                              prefill_budget)
+
+# Threads compiling a server's calls at warm-up (`Engine.warm_up`).
+COMPILE_THREADS = min(16, os.cpu_count() or 1)
 
 # Prompt lengths are padded up to one of these (then to multiples of the largest): one prefill
 # compilation per bucket, not per prompt length.
@@ -84,16 +90,18 @@ def chunk_for(prefill_chunk: int | None, max_prompt: int) -> int | None:
   return None if prefill_chunk is None else min(prefill_chunk, max_prompt)
 
 
-def padded_length(n: int, chunk: int | None) -> int:
+def padded_length(n: int, chunk: int | None, widths: int | None = None) -> int:
   """Cache slots a prompt of `n` tokens takes alone, left padding included (`chunked_length`),
   or (without chunked prefill) its bucket length. (In a job with longer prompts of as many
   chunks, its first chunk is padded to theirs.)"""
-  return bucket(n) if chunk is None else chunked_length(n, chunk)
+  return bucket(n) if chunk is None else chunked_length(n, chunk, widths)
 
 
-def row_slots(max_prompt: int, max_tokens: int, prefill_chunk: int | None) -> int:
+def row_slots(max_prompt: int, max_tokens: int, prefill_chunk: int | None,
+              prefill_widths: int | None = None) -> int:
   """Cache slots of one row (`Engine.max_len`): the longest prompt as padded, and its budget."""
-  return padded_length(max_prompt, chunk_for(prefill_chunk, max_prompt)) + max_tokens
+  return padded_length(max_prompt, chunk_for(prefill_chunk, max_prompt),
+                       prefill_widths) + max_tokens
 
 
 class QueueFull(RuntimeError):
@@ -134,6 +142,9 @@ class Stats:
   prefilling: int = 0  # rows reserved for a request whose prompt is being prefilled
   max_batch: int = 0
   tokens_generated: int = 0
+  # Decode calls whose tokens are all handed out: a reader of /metrics that sees this move knows
+  # its tokens count stands at the end of a tick (serve_load's steady window starts and ends so).
+  decode_ticks: int = 0
   requests_finished: int = 0
   cache_slots_used: int = 0
   cache_slots: int = 0
@@ -163,9 +174,12 @@ class Engine:
                max_waiting: int = 256, prefill_chunk: int | None = PREFILL_CHUNK,
                prefill_tokens_per_tick: int | None = None,
                prefill_rows: int = PREFILL_ROWS, admit_lookahead: int | None = None,
-               cache_dtype=None, busy_steps_per_tick: int | None = None):
+               cache_dtype=None, busy_steps_per_tick: int | None = None,
+               prefill_widths: int | None = None):
     """`prefill_chunk`: prompt tokens per prefill call (at most `max_prompt`; None: each prompt
-    whole, padded to a bucket length); `prefill_tokens_per_tick`: the most prompt tokens
+    whole, padded to a bucket length); `prefill_widths`: how many widths a prompt's first chunk
+    may take (`first_chunk_sizes`: default C/4, C/2 and C; N: the multiples of C/N, less padding
+    for N compilations a job size); `prefill_tokens_per_tick`: the most prompt tokens
     (padding included) prefilled between two decode calls, in whole calls (at least one;
     default `prefill_budget`, which grows with `max_batch` x `busy_steps_per_tick`);
     `busy_steps_per_tick`: decode steps a tick while requests wait for a row (default
@@ -192,6 +206,8 @@ class Engine:
     self.busy_steps_per_tick = 2 * steps_per_tick if busy_steps_per_tick is None else \
         busy_steps_per_tick
     self.prefill_chunk = chunk_for(prefill_chunk, max_prompt)
+    check_widths(prefill_widths, self.prefill_chunk)
+    self.prefill_widths = prefill_widths
     # Sized for the busy ticks: those free the most rows, and only a saturated server fills them.
     self.prefill_tokens_per_tick = prefill_budget(
         max_batch, max(steps_per_tick, self.busy_steps_per_tick)) if \
@@ -199,7 +215,7 @@ class Engine:
     self.prefill_rows = 1 if self.prefill_chunk is None else min(prefill_rows, max_batch)
     self.admit_lookahead = (8 * self.prefill_rows if self.prefill_rows > 1 else 0) if \
         admit_lookahead is None else admit_lookahead
-    self.max_len = row_slots(max_prompt, max_tokens, prefill_chunk)
+    self.max_len = row_slots(max_prompt, max_tokens, prefill_chunk, prefill_widths)
     limit = model.config.max_position_embeddings
     if max_prompt + max_tokens > limit:
       raise ValueError(f"engine: max_prompt + max_tokens = {max_prompt + max_tokens} exceeds "
@@ -229,7 +245,7 @@ class Engine:
     """The prefill and decode calls the engine schedules (a simulation's stand in for them)."""
     return Generator(model, max_new_tokens=self.max_tokens, max_len=self.max_len,
                      per_row_sampling=True, prefill_chunk=self.prefill_chunk,
-                     static_weights=True, **kw)
+                     prefill_widths=self.prefill_widths, static_weights=True, **kw)
 
   # -- lifecycle -----------------------------------------------------------------------------
 
@@ -238,13 +254,27 @@ class Engine:
     (`_warm_lengths` at every job size); returns the seconds it took (reported at start)."""
     t0 = time.monotonic()
     self._reset()
-    for k in group_sizes(self.prefill_rows):
-      for n in self._warm_lengths():
-        job = PrefillJob.stack([self._begin([self.pad_id] * n, Sampling(), 0, 1)] * k,
-                               self.pad_id)
-        while not job.done:
-          job = self.gen.prefill_next(job)
-        self.state = self.gen.insert_rows(self.state, list(range(k)), self.gen.finish(job))
+    jobs = [PrefillJob.stack([self._begin([self.pad_id] * n, Sampling(), 0, 1)] * k, self.pad_id)
+            for k in group_sizes(self.prefill_rows) for n in self._warm_lengths()]
+    if self.prefill_chunk is not None:
+      # The decode loop and each chunk call compiled first, side by side (XLA compiles outside
+      # the GIL): with `prefill_widths` a server has dozens of calls, seconds each to compile,
+      # and they run below in milliseconds. A job of several chunks has its first chunk's shape
+      # among the others'.
+      with concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS) as pool:
+        compiled = [pool.submit(self.gen.compile_decode, self.state, self.steps_per_tick)]
+        compiled += [pool.submit(self.gen.compile_prefill, job, job.num_chunks - 1)
+                     for job in jobs]
+        for c in compiled:
+          try:
+            c.result()
+          except Exception:  # noqa: BLE001 - the call then compiles where it runs, below
+            logging.exception("compiling ahead failed; the call compiles when it runs")
+    for job in jobs:
+      while not job.done:
+        job = self.gen.prefill_next(job)
+      self.state = self.gen.insert_rows(self.state, list(range(job.tokens.shape[0])),
+                                        self.gen.finish(job))
     self.state = self.gen.decode(self.state, self.steps_per_tick)
     # The one op of freeing rows (`_collect`).
     self.state = self.state._replace(done=self.state.done | np.zeros(self.max_batch, bool))
@@ -261,7 +291,8 @@ class Engine:
               for n in ((b, b - 1) if b > 1 else (b,))]
     # The chunk calls: a first chunk of each width (a prompt of that length), and a later chunk
     # (C + 1), where prompts of those lengths can come.
-    return [n for n in (*first_chunk_sizes(c), c + 1) if 1 <= n <= self.max_prompt]
+    return [n for n in (*first_chunk_sizes(c, self.prefill_widths), c + 1)
+            if 1 <= n <= self.max_prompt]
 
   def _reset(self) -> None:
     """A decode state whose rows are all free."""
@@ -531,6 +562,7 @@ class Engine:
         return True
       t = self._lap("decode", t)
       self._collect(fetched)
+      self.stats.decode_ticks += 1
       self._lap("emit", t)
     return True
 

@@ -3,7 +3,8 @@
 from lckv_jax.generation import chunked_length, generate
 
 
-def offline_tokens(model, ps, budgets, prefill_chunk=None, **kw) -> list[list[int]]:
+def offline_tokens(model, ps, budgets, prefill_chunk=None, prefill_widths=None, **kw
+                   ) -> list[list[int]]:
   """The tokens `generate` gives each prompt of `ps` alone (greedy unless `kw` says otherwise),
   for its budget: the reference a server's requests are held to.
 
@@ -14,8 +15,9 @@ def offline_tokens(model, ps, budgets, prefill_chunk=None, **kw) -> list[list[in
   any of these, are held to them.
   """
   most = max(budgets)
-  padded = [len(p) if prefill_chunk is None else chunked_length(len(p), prefill_chunk)
+  padded = [len(p) if prefill_chunk is None else
+            chunked_length(len(p), prefill_chunk, prefill_widths)
             for p in ps]
   max_len = max(padded) + most
   return [generate(model, [p], max_new_tokens=most, max_len=max_len, prefill_chunk=prefill_chunk,
-                   **kw).tokens[0][:n] for p, n in zip(ps, budgets)]
+                   prefill_widths=prefill_widths, **kw).tokens[0][:n] for p, n in zip(ps, budgets)]

@@ -176,6 +176,9 @@ def test_a_disconnected_client_frees_its_row_and_overload_gets_429(served):
   assert m[("lckv_requests_total", (("outcome", "rejected"),))] == codes.count(429)
   assert m[("lckv_generated_tokens_total", ())] > 0
   assert m[("lckv_prefill_rows", ())] >= 1
+  # What serve_load records of the server: its chunk, first-chunk widths, and ticks.
+  assert m[("lckv_prefill_chunk", ())] >= 1 and m[("lckv_prefill_widths", ())] >= 1
+  assert m[("lckv_decode_ticks_total", ())] >= 1
   phases = {labels[0][1]: v for (name, labels), v in m.items()
             if name == "lckv_engine_seconds_total"}
   assert set(phases) == {"admit", "prefill", "decode", "emit", "idle"}
@@ -221,12 +224,16 @@ def test_the_prefill_chunk_flag():
 
 
 @pytest.mark.parametrize("flag", ["prefill_rows", "steps_per_tick", "busy_steps_per_tick",
-                                  "prefill_tokens_per_tick"])
+                                  "prefill_tokens_per_tick", "prefill_widths"])
 def test_the_scheduling_flags_are_checked_before_anything_loads(flag):
   from lckv_jax.serve.__main__ import main
   for bad in ("0", "-2"):
     with pytest.raises(ValueError, match=f"--{flag} must be >= 1, got {bad}"):
       main(["--checkpoint", "/nonexistent", "--max_batch", "4", f"--{flag}", bad])
+  if flag == "prefill_widths":
+    with pytest.raises(ValueError, match="--prefill_widths=8 needs a --prefill_chunk"):
+      main(["--checkpoint", "/nonexistent", "--max_batch", "4", "--prefill_chunk", "0",
+            "--prefill_widths", "8"])
 
 
 def test_random_weights_of_a_32k_shape_come_with_its_tokenizer_and_none_fails_before_the_model(

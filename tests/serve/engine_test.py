@@ -127,11 +127,12 @@ def test_admission_fills_a_job_with_waiting_prompts_of_its_shape(model, lookahea
                                                           prefill_chunk=4)
 
 
-@pytest.mark.parametrize("chunk", [4, None])
-def test_sixteen_requests_through_four_rows_get_their_offline_tokens(model, chunk):
-  # Chunks of 4: prompts of 1 to 5 chunks; None: each prompt whole, padded to its bucket.
-  engine = _engine(model, prefill_chunk=chunk)  # started: warmed up, everything it runs compiled
-  compiles = []
+@pytest.mark.parametrize("chunk, widths", [(4, None), (None, None), (4, 4)])
+def test_sixteen_requests_through_four_rows_get_their_offline_tokens(model, chunk, widths):
+  # Chunks of 4: prompts of 1 to 5 chunks, first chunks of 1, 2 or 4 tokens (widths 4: 1 to 4);
+  # None: each prompt whole, padded to its bucket.
+  engine = _engine(model, prefill_chunk=chunk, prefill_widths=widths)  # started: warmed up,
+  compiles = []  # everything it runs compiled
   listener = lambda event, seconds, **kw: compiles.append(event)  # noqa: E731
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
@@ -143,7 +144,8 @@ def test_sixteen_requests_through_four_rows_get_their_offline_tokens(model, chun
     engine.stop()
   # Prompts of 1 to 20 tokens, in any row, any number finishing at once: nothing compiled.
   assert "/jax/core/compile/backend_compile_duration" not in compiles
-  for sink, want in zip(sinks, offline_tokens(model, ps, budgets, prefill_chunk=chunk)):
+  for sink, want in zip(sinks, offline_tokens(model, ps, budgets, prefill_chunk=chunk,
+                                              prefill_widths=widths)):
     assert sink.reason == "length"
     assert sink.tokens == want
   # The chunks are seen: the longest prompt (5 chunks) gets other tokens prefilled whole.
