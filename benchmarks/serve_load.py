@@ -56,7 +56,7 @@ import numpy as np
 
 from benchmarks import records
 from benchmarks.common import ROOT, cap_allocator, command, config_path, default_out
-from lckv_jax.serve import PREFILL_TOKENS_PER_TICK, STEPS_PER_TICK
+from lckv_jax.serve import PREFILL_CHUNK, PREFILL_TOKENS_PER_TICK, STEPS_PER_TICK
 
 
 TTFT_P99_LIMIT_S = 2.0
@@ -116,6 +116,19 @@ def _steps(entry: dict) -> str:
   return f"{steps}" if busy is None else f"{steps} ({busy})"
 
 
+def _prefill(entry: dict) -> str:
+  """An entry's prefill calls, 'rows x chunk (first-chunk widths)': '32 x 256 (3)'; 'whole' for
+  prompts prefilled at once. Records from before the chunk was read from the server ran the
+  default of then, 256 tokens in three first-chunk widths."""
+  chunk = entry.get("prefill_chunk")
+  rows = entry.get("prefill_rows", 1)
+  if chunk == 0:
+    return f"{rows} x whole"
+  chunk = int(chunk or PREFILL_CHUNK)
+  from lckv_jax.generation import first_chunk_sizes  # jax, only for tables of old records
+  return f"{rows} x {chunk} ({entry.get('prefill_widths') or len(first_chunk_sizes(chunk))})"
+
+
 def _mix(entry: dict) -> str:
   """An entry's load mix, 'prompts / outputs' in tokens (the default where it names none)."""
   return "{}-{} / {}-{}".format(*entry.get("prompt", DEFAULT_PROMPT),
@@ -127,7 +140,7 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
   within the entry's limit) with its latencies, and the saturated output tokens/s; with
   `offline` (an entry's setting -> the offline max-batch tokens/s of the same model and memory,
   `benchmarks.throughput`), that number and the saturated one's fraction of it."""
-  head = ["model", "cache", "prompt / output tokens", "rows", "prefill rows",
+  head = ["model", "cache", "prompt / output tokens", "rows", "prefill rows x chunk (widths)",
           "steps a tick (busy)",
           "prefill tokens a tick", "sustained req/s",
           "TTFT p50 / p99 (s)",
@@ -150,9 +163,10 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
                                     share["admit"] + share["emit"]))
     steady = steady_burst(e["results"])
     steady = "–" if steady is None else (
-        f"{steady['steady_tokens_per_s']:,.0f} ({steady['steady_s']:.0f})")
+        f"{steady['steady_tokens_per_s']:,.0f} ({steady['steady_s']:.0f}"
+        + (f"; {steady['steady_running']:,.0f} rows)" if "steady_running" in steady else ")"))
     rows.append([e["label"], e.get("cache_dtype") or "bf16", _mix(e), f"{e['max_batch']:,}",
-                 str(e.get("prefill_rows", 1)), _steps(e),
+                 _prefill(e), _steps(e),
                  # Records before the budget was in them ran the default of then, 8,192.
                  f"{e.get('prefill_tokens_per_tick') or PREFILL_TOKENS_PER_TICK:,}",
                  *at, burst, where, steady, f"{saturated:,.0f}"])
@@ -679,8 +693,8 @@ def main(argv=None) -> str:
       lookahead = int(gauges["lckv_admit_lookahead"])
       budget = int(gauges["lckv_prefill_tokens_per_tick"])  # the server's, by default its rows'
       busy = int(gauges["lckv_busy_steps_per_tick"])
-      chunk = int(gauges["lckv_prefill_chunk"]) or None  # the server's (0: whole prompts)
-      widths = int(gauges["lckv_prefill_widths"]) or None
+      chunk = int(gauges["lckv_prefill_chunk"])  # the server's (0: each prompt whole)
+      widths = int(gauges["lckv_prefill_widths"])  # its first chunk's (0: whole prompts)
       results = []
       page = lambda: (time.monotonic(), httpx.get(url + "/metrics").text)  # noqa: E731
       for rate in args.rates:

@@ -69,15 +69,16 @@ def test_sustained_rate_is_the_highest_rate_kept_up_with_under_the_ttft_limit(tm
   table = sl.markdown([*entries, dict(label="7b lckv", max_batch=1234, cache_dtype="int8",
                                       prompt=[32, 256], output=[256, 1024],
                                       results=sweep[2:4])]).splitlines()
-  assert table[2] == "| 1b llama | bf16 | 32-512 / 32-512 | 8 | 1 | 8 | 8,192 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 210 | – |"
-  assert table[3] == "| 1b lckv | bf16 | 32-512 / 32-512 | 40 | 1 | 8 | 8,192 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 160 | – |"
-  assert table[4] == "| 7b lckv | int8 | 32-256 / 256-1024 | 1,234 | 1 | 8 | 8,192 | none | – | – | – | – | – | 200 | – |"
+  assert table[2] == "| 1b llama | bf16 | 32-512 / 32-512 | 8 | 1 x 256 (3) | 8 | 8,192 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 210 | – |"
+  assert table[3] == "| 1b lckv | bf16 | 32-512 / 32-512 | 40 | 1 x 256 (3) | 8 | 8,192 | 2 | 0.30 / 0.60 | 10.0 / 20.0 | – | – | – | 160 | – |"
+  assert table[4] == "| 7b lckv | int8 | 32-256 / 256-1024 | 1,234 | 1 x 256 (3) | 8 | 8,192 | none | – | – | – | – | – | 200 | – |"
   burst = dict(_result(None, 5.0, 9.0, tok=250), engine_share=dict(
       admit=0.01, prefill=0.3, decode=0.5, emit=0.09, idle=0.1))
   row = sl.markdown([dict(label="x", max_batch=8, prefill_rows=4, steps_per_tick=16,
                           busy_steps_per_tick=32, prefill_tokens_per_tick=65536, code="abc1234",
+                          prefill_chunk=512, prefill_widths=8,
                           results=sweep + [burst])]).splitlines()[2]
-  assert row == "| x | bf16 | 32-512 / 32-512 | 8 | 4 | 16 (32) | 65,536 | 4 | 0.75 / 1.50 | 10.0 / 20.0 | 5.00 | 50% / 30% / 10% | – | 250 | abc1234 |"
+  assert row == "| x | bf16 | 32-512 / 32-512 | 8 | 4 x 512 (8) | 16 (32) | 65,536 | 4 | 0.75 / 1.50 | 10.0 / 20.0 | 5.00 | 50% / 30% / 10% | – | 250 | abc1234 |"
   # Against the offline max batch of the same memory (issue 16's 80% target).
   entries = [dict(e, setting=s) for e, s in zip(entries, ("a", "b"))]
   table = sl.markdown(entries, {"a": 300.0}).splitlines()
@@ -124,6 +125,10 @@ def test_steady_state_runs_from_the_first_fill_to_the_last_waiting_request():
   assert sl.saturated_tokens_per_s([_result(1, 0.98, 0.3, tok=50), burst]) == 420.0
   row = sl.markdown([dict(label="x", max_batch=8, results=[burst])]).splitlines()[2]
   assert row.endswith("| 420 (12) | 420 | – |")
+  burst.update(steady_running=3456.7)  # the window's mean running rows, where recorded
+  row = sl.markdown([dict(label="x", max_batch=8, prefill_chunk=0, results=[burst])])
+  assert row.splitlines()[2].endswith("| 420 (12; 3,457 rows) | 420 | – |")
+  assert "| 1 x whole |" in row
   assert sl.saturated_tokens_per_s([dict(burst, steady_s=0.5)]) == 450.0  # too short
 
 
