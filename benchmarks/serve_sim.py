@@ -16,10 +16,13 @@ requests waited).
 It answers what the scheduling decides: how many rows run, how much of a tick is prefill, how
 many slots padding takes. How fast the calls are is its input, not its output: the costs are fits
 to a few H200 measurements (`COSTS`), so its tokens/s are a prediction to check with serve_load,
-not a measurement. Checked once: at b829c8c (1b lckv, 5,082 rows, 16 steps a tick, 32 prefill
-rows, 65,536 tokens a tick charged at whole chunks; that commit's engine with these stand-ins)
-it predicted 18,167 steady tokens/s and 2,624 running rows in the steady state, against 17,532
-tokens/s, a peak of 2,888 running rows and 2,145 on average over the whole burst, measured.
+not a measurement. Checked: at b829c8c (1b lckv, 5,082 rows, 16 steps a tick, 32 prefill rows,
+65,536 tokens a tick charged at whole chunks; that commit's engine with the costs then) it
+predicted 18,167 steady tokens/s and 2,624 running rows in the steady state, against 17,532
+tokens/s, a peak of 2,888 running rows and 2,145 on average over the whole burst, measured. With
+the costs refitted to the server's calls and its hand-out (`COSTS`), a405070's 1b lckv setting
+(chunks of 512 in 8 widths, jobs of 16) is predicted at 20,172 steady tokens/s and 4,778 running
+rows, against 19,844 and 4,820 measured in a steady window cut on tick edges.
 """
 
 from __future__ import annotations
@@ -53,14 +56,17 @@ class Costs:
 
 
 COSTS = {
-    # 1b LCKV on the H200, bf16. Prefill, the server's own calls timed one by one (.run probe at
-    # 0b0b0b0): first chunks [32, 64] 65.4 ms, [32, 128] 117.2, [32, 256] 230.5, [64, 256] 460.1
+    # 1b LCKV on the H200, bf16. Prefill, the server's own calls timed one by one (a probe at
+    # 038251b): first chunks [32, 64] 65.4 ms, [32, 128] 117.2, [32, 256] 230.5, [64, 256] 460.1
     # (call + slot x slots through them), later chunks [32, 256] 264.4 and [64, 256] 522.5 (the
     # chunk attends the cache before it: later_slot). Decode: 1.33 ms a step at 32 rows and
-    # 39.2 ms at 4,830 (throughput_h200.json): step + row x
-    # rows. Host: the b829c8c burst's admit and emit, 4.6% of a 2.07 s tick at about 2,500 rows.
+    # 39.2 ms at 4,830 (throughput_h200.json): step + row x rows. Host: the hand-out (emit) in the steady window of the a405070 burst, 9.9% of a 3.9 s
+    # tick over two collects of about 4,820 running rows, 40 us a row (the engine's thread shares
+    # the GIL with the HTTP thread streaming to those rows; 18 us fitted to b829c8c's burst).
+    # With it, the a405070 setting (chunks of 512, 8 widths, jobs of 16) is predicted at 20,172
+    # steady tokens/s against 19,844 measured, 038251b's (chunks of 256, jobs of 32) at 19,006.
     "1b-lckv-h200": Costs(call=9e-3, slot=27.5e-6, later_slot=31.2e-6, step=1.3e-3, row=7.9e-6,
-                          host_row=18e-6),
+                          host_row=40e-6),
     # 7b LCKV on the H200, bf16. Prefill: a [4, 256] chunk 174 ms, [15, 512] whole prompts
     # 1,146 ms (the offline max batch's 12.6 s in 11 calls). Decode: 22.6 ms a step at 158 rows,
     # and about 4.5 ms for the weights alone (13.5 GB at the measured 3.2 TB/s). At b829c8c
