@@ -21,8 +21,13 @@ not a measurement. Checked: at b829c8c (1b lckv, 5,082 rows, 16 steps a tick, 32
 predicted 18,167 steady tokens/s and 2,624 running rows in the steady state, against 17,532
 tokens/s, a peak of 2,888 running rows and 2,145 on average over the whole burst, measured. With
 the costs refitted to the server's calls and its hand-out (`COSTS`), a405070's 1b lckv setting
-(chunks of 512 in 8 widths, jobs of 16) is predicted at 20,172 steady tokens/s and 4,778 running
-rows, against 19,844 and 4,820 measured in a steady window cut on tick edges.
+(chunks of 512 in 8 widths, jobs of 16; that engine handed tokens out before dispatching the
+next calls, simulated with each call run at once) is predicted at 19,815 steady tokens/s and
+4,771 running rows, against 19,844 and 4,820 measured in a steady window cut on tick edges.
+
+Device calls queue as JAX dispatches them: the host goes on until the engine fetches a result,
+so host work between a dispatch and its fetch (the hand-out the engine defers past the next
+prefill dispatch) overlaps the device's.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class Costs:
   slot: float  # and per slot it prefills (rows x width, padding included)
   step: float  # a decode step, whatever the batch
   row: float  # and per row of the batch (a free row costs as much as a running one)
-  host_row: float  # the engine's hand-out, per running row, each time it collects (twice a tick)
+  host_row: float  # the engine's hand-out, per request it hands tokens (or its end) to
   host_request: float = 50e-6  # admission (padding a prompt, its job)
   finish: float = 1e-3  # sampling a finished job's first tokens
   insert: float = 1e-3  # its rows into the batch
@@ -60,18 +65,21 @@ COSTS = {
     # 038251b): first chunks [32, 64] 65.4 ms, [32, 128] 117.2, [32, 256] 230.5, [64, 256] 460.1
     # (call + slot x slots through them), later chunks [32, 256] 264.4 and [64, 256] 522.5 (the
     # chunk attends the cache before it: later_slot). Decode: 1.33 ms a step at 32 rows and
-    # 39.2 ms at 4,830 (throughput_h200.json): step + row x rows. Host: the hand-out (emit) in the steady window of the a405070 burst, 9.9% of a 3.9 s
-    # tick over two collects of about 4,820 running rows, 40 us a row (the engine's thread shares
-    # the GIL with the HTTP thread streaming to those rows; 18 us fitted to b829c8c's burst).
-    # With it, the a405070 setting (chunks of 512, 8 widths, jobs of 16) is predicted at 20,172
-    # steady tokens/s against 19,844 measured, 038251b's (chunks of 256, jobs of 32) at 19,006.
+    # 39.2 ms at 4,830 (throughput_h200.json): step + row x rows. Host: the hand-out (emit) in
+    # the steady window of the a405070 burst, 9.9% of a 3.9 s tick for about 5,400 requests
+    # handed tokens a tick (4,820 running, the ~280 refilled and the ~280 ended), 71 us each: the
+    # engine's thread shares the GIL with the HTTP thread that streams to them. With the device
+    # calls made synchronous (that engine handed out before it dispatched), the a405070 setting
+    # (chunks of 512, 8 widths, jobs of 16) is predicted at 19,815 steady tokens/s against 19,844
+    # measured, and 038251b's (chunks of 256, jobs of 32) at 18,879.
     "1b-lckv-h200": Costs(call=9e-3, slot=27.5e-6, later_slot=31.2e-6, step=1.3e-3, row=7.9e-6,
-                          host_row=40e-6),
+                          host_row=71e-6),
     # 7b LCKV on the H200, bf16. Prefill: a [4, 256] chunk 174 ms, [15, 512] whole prompts
     # 1,146 ms (the offline max batch's 12.6 s in 11 calls). Decode: 22.6 ms a step at 158 rows,
     # and about 4.5 ms for the weights alone (13.5 GB at the measured 3.2 TB/s). At b829c8c
-    # (198 rows, 4 prefill rows) it predicts 2,703 and 2,830 tokens/s at 8 and 16 steps a tick,
-    # against 2,844 and 2,982 measured: 5% low, and the same 5% gain from the longer tick.
+    # (198 rows, 4 prefill rows) it predicts 2,748 and 2,881 tokens/s at 8 and 16 steps a tick
+    # (today's engine), against 2,844 and 2,982 measured: 3% low, and the same 5% gain from the
+    # longer tick.
     "7b-lckv-h200": Costs(call=24.5e-3, slot=146e-6, step=4.5e-3, row=0.114e-3, host_row=18e-6),
 }
 
@@ -99,6 +107,12 @@ class FakeGenerator:
                widths: int | None = None):
     self.costs, self.clock, self.max_tokens, self.chunk = costs, clock, max_tokens, chunk
     self.widths = widths
+    self.busy_until = 0.0  # the device's queue: calls run in order, after the host dispatched
+
+  def _run(self, seconds: float) -> None:
+    """A device call: dispatched now, run after the calls before it (the host goes on, as with
+    JAX's asynchronous dispatch, until the engine fetches a result: `SimulatedEngine._fetch`)."""
+    self.busy_until = max(self.busy_until, self.clock.now) + seconds
 
   def begin(self, prompts, max_new_tokens, sampling, seeds, pad_to=None) -> PrefillJob:
     self.clock.now += self.costs.host_request
@@ -112,18 +126,18 @@ class FakeGenerator:
   def prefill_next(self, job: PrefillJob) -> PrefillJob:
     start, end = job.bounds(job.chunks_done)
     slot = self.costs.slot if start == 0 else (self.costs.later_slot or self.costs.slot)
-    self.clock.now += self.costs.call + slot * job.tokens.shape[0] * (end - start)
+    self._run(self.costs.call + slot * job.tokens.shape[0] * (end - start))
     return dataclasses.replace(job, chunks_done=job.chunks_done + 1)
 
   def finish(self, job: PrefillJob) -> _State:
-    self.clock.now += self.costs.finish
+    self._run(self.costs.finish)
     rows = job.tokens.shape[0]
     ones = np.ones(rows, np.int32)  # the first token, sampled from the prefill's logits
     return _State(np.ones((rows, self.max_tokens), np.int32), ones, ones >= job.budget,
                   job.budget.astype(np.int32))
 
   def insert_rows(self, state: _State, rows, new: _State) -> _State:
-    self.clock.now += self.costs.insert
+    self._run(self.costs.insert)
     kept = [i for i, r in enumerate(rows) if r is not None]
     into = [rows[i] for i in kept]
     for f in ("num_generated", "done", "max_new"):
@@ -136,7 +150,7 @@ class FakeGenerator:
 
   def decode(self, state: _State, num_steps: int) -> _State:
     batch = state.done.shape[0]
-    self.clock.now += num_steps * (self.costs.step + self.costs.row * batch)
+    self._run(num_steps * (self.costs.step + self.costs.row * batch))
     grown = np.minimum(state.num_generated + num_steps, state.max_new)
     counts = np.where(state.done, state.num_generated, grown)
     return state._replace(num_generated=counts, done=state.done | (counts >= state.max_new))
@@ -150,12 +164,10 @@ class SimulatedEngine(Engine):
     self._costs = costs
     super().__init__(_Model, **engine_args)
     self._reset()
-    real = self._collect
 
-    def collect(fetched=None):  # the hand-out's host time grows with the rows running
-      self.clock.now += self._costs.host_row * self.stats.running
-      return real(fetched)
-    self._collect = collect
+  def _fetch(self):  # waits for the device's queue, as `jax.device_get` does
+    self.clock.now = max(self.clock.now, self.gen.busy_until)
+    return super()._fetch()
 
   def _generator(self, model, **kw) -> FakeGenerator:
     return FakeGenerator(self._costs, self.clock, self.max_tokens, self.prefill_chunk,
@@ -189,7 +201,8 @@ def simulate(costs: Costs, max_batch: int, *, steps_per_tick: int = STEPS_PER_TI
                  engine.prefill_chunk else n)
     budgets.append(int(new))
 
-    def emit(tokens, reason):
+    def emit(tokens, reason):  # in the engine's hand-out (`_collect`), on its thread
+      engine.clock.now += costs.host_row
       if reason is not None:
         ends.append(engine.clock())
     engine.submit(Request([1] * n, int(new), Sampling(temperature=1.0), i, emit, arrival=0.0))
