@@ -548,8 +548,8 @@ class Engine:
     budget, cancelled), so that the next admission refills them, and returns the running rows as
     they are, for `_collect` to hand their tokens out later: while the device runs the next
     tick's prefill calls, not before they are dispatched. (At 1b LCKV and 4,820 running rows the
-    hand-out took 10% of a saturated server's time, 40 us a row twice a tick, against the GIL the
-    HTTP thread holds while it streams to those rows.)"""
+    hand-out took 10% of a saturated server's time, about 70 us a request each tick, against the
+    GIL the HTTP thread holds while it streams to the same requests.)"""
     _, _, done = fetched
     held = [(row, req, False) for row, req in enumerate(self._rows)
             if req is not None and row not in self._prefilling]
@@ -573,6 +573,7 @@ class Engine:
       self._unsent = None
       self._collect(fetched, held)
       self.stats.decode_ticks += 1
+
   def tick(self) -> bool:
     """One round of the loop: admit, prefill, decode, hand out tokens. The engine's thread calls
     it; a test may call it by hand on an engine that is warmed up but not started. Returns
