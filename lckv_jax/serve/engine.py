@@ -528,13 +528,7 @@ class Engine:
           self.stats.tpot.append((now - req.first_token_at) / (req.generated - 1))
       else:
         used += req.slots + req.generated
-    if finished:
-      free = np.zeros(self.max_batch, bool)  # one shape, whatever finished: nothing recompiles
-      free[finished] = True
-      self.state = self.state._replace(done=self.state.done | free)
-      for row in finished:
-        self._rows[row] = None
-      self.stats.requests_finished += len(finished)
+    self._free(finished)
     self._count_rows()
     # Summed in the loop above from each request's slots, kept at admission: recomputing every
     # row's padded length here took half of a 5,082-row tick's hand-out (39 of 74 ms, profiled
@@ -555,16 +549,21 @@ class Engine:
             if req is not None and row not in self._prefilling]
     ended = [row for row, req, _ in held if req.cancelled or done[row]]
     if ended:
-      free = np.zeros(self.max_batch, bool)
-      free[ended] = True
-      self.state = self.state._replace(done=self.state.done | free)
-      for row in ended:
-        self._rows[row] = None
-      self.stats.requests_finished += len(ended)
+      self._free(ended)
       gone = set(ended)
       held = [(row, req, row in gone) for row, req, _ in held]
     self._count_rows()
     return held
+
+  def _free(self, rows: list[int]) -> None:
+    """Frees the rows of ended requests: their `done` flags set, so the decode loop skips them."""
+    if rows:
+      free = np.zeros(self.max_batch, bool)  # one shape, whatever finished: nothing recompiles
+      free[rows] = True
+      self.state = self.state._replace(done=self.state.done | free)
+      for row in rows:
+        self._rows[row] = None
+      self.stats.requests_finished += len(rows)
 
   def _hand_out(self) -> None:
     """The last decode call's tokens, to their requests (`_end_rows`)."""
@@ -607,12 +606,15 @@ class Engine:
         self._reset()
         return True
       t = self._lap("decode", t)
-      # Copies: the host arrays may view the state's buffers, which the next calls donate (and a
-      # refilled row's counts would then read as the ended request's).
-      self._unsent = (tuple(np.array(x) for x in fetched), self._end_rows(fetched))
-      if not (self._num_waiting() or self._groups) or not any(
-          r is not None for r in self._rows):
-        self._hand_out()  # no prefill next to hide it under: the tokens go out now
+      held = self._end_rows(fetched)
+      if (self._num_waiting() or self._groups) and any(r is not None for r in self._rows):
+        # Held past the next prefill's dispatch, so copied: the host arrays may view the
+        # state's buffers, which the next calls donate (a refilled row's counts would then read
+        # as the ended request's).
+        self._unsent = (tuple(np.array(x) for x in fetched), held)
+      else:  # no prefill next to hide the hand-out under: the tokens go out now
+        self._unsent = (fetched, held)
+        self._hand_out()
       self._lap("emit", t)
     return True
 
