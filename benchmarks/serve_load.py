@@ -164,7 +164,9 @@ def markdown(entries: list[dict], offline: dict[str, float] | None = None) -> st
     steady = steady_burst(e["results"])
     steady = "–" if steady is None else (
         f"{steady['steady_tokens_per_s']:,.0f} ({steady['steady_s']:.0f}"
-        + (f"; {steady['steady_running']:,.0f} rows)" if "steady_running" in steady else ")"))
+        + (f"; {steady['steady_running']:,.0f} rows" if "steady_running" in steady else "")
+        + (f"; {steady['steady_turnovers']:.1f} turnovers" if "steady_turnovers" in steady
+           else "") + ")")
     rows.append([e["label"], e.get("cache_dtype") or "bf16", _mix(e), f"{e['max_batch']:,}",
                  _prefill(e), _steps(e),
                  # Records before the budget was in them ran the default of then, 8,192.
@@ -470,14 +472,27 @@ def steady_state(samples: list[tuple[float, dict]], ends: list[float], rows: int
   return t1 - t0, (b[key] - a[key]) / (t1 - t0)
 
 
+def turnovers(t0: float, t1: float, ends: list[float], running: float) -> float:
+  """The requests that ended between `t0` and `t1`, in multiples of the `running` rows: how many
+  times the batch turned over in a window. Under about one the window sees one phase of the
+  rows' ages, not their mix: a burst's rows start together and end spread over the output
+  lengths, so the rate at which rows free (and prefill work arrives) swings for a few turnovers
+  after the first fill. `benchmarks.serve_sim`, 1b LCKV at 5,096 rows: a burst of 2.4 x rows
+  gives a window of 0.34 turnovers and reads 21,782 tokens/s, bursts of 4 and 8 give 2.1 and 6.3
+  and read 23,695 and 23,665."""
+  return round(sum(t0 <= t <= t1 for t in ends) / running, 2) if running else 0.0
+
+
 def steady_detail(samples: list[tuple[float, dict]], ends: list[float], rows: int) -> dict:
-  """What the server did inside the steady window: its mean running rows, and its engine's
-  phase shares (from the samples' `phase` entries, `_sample_metrics`)."""
+  """What the server did inside the steady window: its mean running rows, how many times they
+  turned over in it (`turnovers`), and its engine's phase shares (from the samples' `phase`
+  entries, `_sample_metrics`)."""
   inside = steady_window(samples, ends, rows)
   if not inside:
     return {}
-  out = dict(steady_running=round(float(np.mean(
-      [m.get("lckv_running_rows", 0) for _, m in inside])), 1))
+  running = float(np.mean([m.get("lckv_running_rows", 0) for _, m in inside]))
+  out = dict(steady_running=round(running, 1),
+             steady_turnovers=turnovers(inside[0][0], inside[-1][0], ends, running))
   first, last = ({k[len("phase "):]: v for k, v in m.items() if k.startswith("phase ")}
                  for m in (inside[0][1], inside[-1][1]))
   if first and last:

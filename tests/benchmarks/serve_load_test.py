@@ -129,6 +129,9 @@ def test_steady_state_runs_from_the_first_fill_to_the_last_waiting_request():
   row = sl.markdown([dict(label="x", max_batch=8, prefill_chunk=0, results=[burst])])
   assert row.splitlines()[2].endswith("| 420 (12; 3,457 rows) | 420 | – |")
   assert "| 1 x whole |" in row
+  burst.update(steady_turnovers=2.08)  # and the times the rows turned over in it
+  row = sl.markdown([dict(label="x", max_batch=8, results=[burst])]).splitlines()[2]
+  assert row.endswith("| 420 (12; 3,457 rows; 2.1 turnovers) | 420 | – |")
   assert sl.saturated_tokens_per_s([dict(burst, steady_s=0.5)]) == 450.0  # too short
 
 
@@ -155,7 +158,8 @@ def test_the_steady_window_starts_and_ends_on_the_first_sample_after_a_tick():
   assert [t for t, _ in window] == [2.0, 3.0, 4.0, 5.0, 6.0, 6.5, 7.0, 8.0]
   assert sl.steady_state(samples, ends, rows=4) == (6.0, 400.0)  # 2 s -> 8 s: 3 ticks
   assert sl.steady_detail(samples, ends, rows=4) == dict(
-      steady_running=3.6, steady_engine_share={"decode": 0.25, "prefill": 0.75})
+      steady_running=3.6, steady_turnovers=0.55,  # 2 ends in it (3.0, 6.0) / 3.625 rows
+      steady_engine_share={"decode": 0.25, "prefill": 0.75})
   # Pages without the tick count (records before it): the window as it was, cut anywhere.
   old = [(t, {k: v for k, v in m.items() if k != "lckv_decode_ticks_total"}) for t, m in samples]
   assert [t for t, _ in sl.steady_window(old, ends, rows=4)][0] == 2.0
