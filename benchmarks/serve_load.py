@@ -62,6 +62,7 @@ from lckv_jax.serve import PREFILL_CHUNK, PREFILL_TOKENS_PER_TICK, STEPS_PER_TIC
 TTFT_P99_LIMIT_S = 2.0
 DEFAULT_PROMPT, DEFAULT_OUTPUT = [32, 512], [32, 512]  # tokens, uniform: the load mix
 METRICS_EVERY_S = 0.25
+MIN_TURNOVERS = 1.0  # a burst's steady window shorter than this many turnovers: a warning
 FULL_MIN_S = 1.0  # seconds of full batch below which a run's full_tokens_per_s is not used
 
 
@@ -483,6 +484,17 @@ def turnovers(t0: float, t1: float, ends: list[float], running: float) -> float:
   return round(sum(t0 <= t <= t1 for t in ends) / running, 2) if running else 0.0
 
 
+def short_window(result: dict, burst: float) -> str | None:
+  """A warning for a burst whose steady window covers under `MIN_TURNOVERS` turnovers of its
+  rows (`turnovers`): its tokens/s is one phase of the batch's swings, not its steady state."""
+  seen = result.get("steady_turnovers")
+  if seen is None or seen >= MIN_TURNOVERS:
+    return None
+  return (f"warning: the burst's steady window saw the rows turn over {seen:g} times (under "
+          f"{MIN_TURNOVERS:g}): its {result.get('steady_tokens_per_s', 0):,.0f} tokens/s may be "
+          f"off by several percent; a larger --burst (now {burst:g}) gives a longer window")
+
+
 def steady_detail(samples: list[tuple[float, dict]], ends: list[float], rows: int) -> dict:
   """What the server did inside the steady window: its mean running rows, how many times they
   turned over in it (`turnovers`), and its engine's phase shares (from the samples' `phase`
@@ -728,6 +740,8 @@ def main(argv=None) -> str:
                                  args.output, cfg.vocab_size, seed=7, clients=clients))
         r.update(_server_side(before, page()))
         print(json.dumps(r), flush=True)
+        if (warning := short_window(r, args.burst)) is not None:
+          print(warning, file=sys.stderr, flush=True)
         results.append(r)
       peak = _scrape(httpx.get(url + "/metrics").text).get("lckv_device_memory_peak_bytes")
     finally:

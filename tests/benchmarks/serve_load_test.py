@@ -166,6 +166,15 @@ def test_the_steady_window_starts_and_ends_on_the_first_sample_after_a_tick():
   assert sl.steady_window(old, ends, rows=4)[-1][0] == 8.0
 
 
+def test_a_burst_whose_window_saw_under_one_turnover_is_warned_about():
+  import benchmarks.serve_load as sl
+  short = dict(steady_tokens_per_s=21782.0, steady_turnovers=0.34)
+  warning = sl.short_window(short, burst=2.4)
+  assert "0.34 times" in warning and "21,782 tokens/s" in warning and "now 2.4" in warning
+  assert sl.short_window(dict(short, steady_turnovers=2.09), burst=4) is None
+  assert sl.short_window(dict(steady_tokens_per_s=420.0), burst=3) is None  # not recorded
+
+
 def test_phase_shares_read_the_engine_seconds_of_two_metrics_pages():
   import benchmarks.serve_load as sl
   page = ('# TYPE lckv_engine_seconds_total counter\n'
