@@ -32,7 +32,10 @@ are the run's `full_tokens_per_s`, the server's throughput with a full batch (a 
 opens with every row prefilling at once). A burst's `steady_tokens_per_s` is the saturated
 server's steady state: the tokens generated from the end of its first fill (once as many requests
 have finished as there are rows) to the last sample that saw requests waiting (every freed row
-refilled at the next tick). The client's own tokens/s over the whole run also counts the fill
+refilled at the next tick). The window needs the rows to turn over about once or more in it
+(`steady_turnovers`; a warning says when they did not): a burst's rows start together, so the
+rate at which they free swings for a few turnovers (simulated, `benchmarks.serve_sim`: at 1b
+LCKV a burst of 2.4 x rows gives a third of a turnover, 4 x rows two). The client's own tokens/s over the whole run also counts the fill
 and the ramp-down, when the last requests finish on an emptying batch. `--duration D` sends
 rate x D requests per rate instead of `--requests`, so that low rates take no longer than high
 ones.
