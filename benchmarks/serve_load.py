@@ -35,10 +35,10 @@ have finished as there are rows) to the last sample that saw requests waiting (e
 refilled at the next tick). The window needs the rows to turn over about once or more in it
 (`steady_turnovers`; a warning says when they did not): a burst's rows start together, so the
 rate at which they free swings for a few turnovers (simulated, `benchmarks.serve_sim`: at 1b
-LCKV a burst of 2.4 x rows gives a third of a turnover, 4 x rows two). The client's own tokens/s over the whole run also counts the fill
-and the ramp-down, when the last requests finish on an emptying batch. `--duration D` sends
-rate x D requests per rate instead of `--requests`, so that low rates take no longer than high
-ones.
+LCKV a burst of 2.4 x rows gives a third of a turnover, 4 x rows two). The client's own
+tokens/s over the whole run also counts the fill and the ramp-down, when the last requests
+finish on an emptying batch. `--duration D` sends rate x D requests per rate instead of
+`--requests`, so that low rates take no longer than high ones.
 """
 
 from __future__ import annotations
