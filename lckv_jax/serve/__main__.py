@@ -50,6 +50,15 @@ def prefill_rows_that_fit(most: int, fit) -> int:
   return next(k for k in group_sizes(most) if k == 1 or 16 * fit(k) >= 15 * alone)
 
 
+def lowered(asked: int, rows: int, fit) -> str:
+  """What the server says when `prefill_rows_that_fit` gave jobs of `rows` for `--prefill_rows
+  asked`: what the asked jobs would have cost the batch."""
+  alone = fit(1)
+  return (f"--prefill_rows {asked} lowered to {rows}: jobs of {asked} prompts would leave "
+          f"{fit(asked):,} rows of the {alone:,} a job of one leaves (jobs take at most 1/16 of "
+          f"the rows; --max_batch sizes the batch by hand)")
+
+
 def chunk_flag(text: str) -> int | None:
   """--prefill_chunk: a number of tokens; 0 or 'none' prefills every prompt whole."""
   if text.strip().lower() in ("0", "none"):
@@ -174,7 +183,9 @@ def main(argv: list[str]) -> int:
     fit = lambda k: rows_that_fit(cfg, args.memory_bytes, weights, slots,  # noqa: E731
                                   args.cache_dtype, k * (args.prefill_chunk or max_prompt), k)
     if args.prefill_chunk is not None:
-      args.prefill_rows = prefill_rows_that_fit(args.prefill_rows, fit)
+      asked, args.prefill_rows = args.prefill_rows, prefill_rows_that_fit(args.prefill_rows, fit)
+      if args.prefill_rows < asked:
+        print(lowered(asked, args.prefill_rows, fit), flush=True)
     batch = fit(1 if args.prefill_chunk is None else args.prefill_rows)
     if batch < 1:
       raise ValueError(f"--memory_bytes={args.memory_bytes}: not even one row's cache fits "

@@ -398,7 +398,7 @@ def test_prefill_rows_cost_the_batch_at_most_a_sixteenth_of_its_rows():
   from lckv_jax import roofline
   from lckv_jax.config import model_from_file
   from lckv_jax.serve import group_sizes
-  from lckv_jax.serve.__main__ import prefill_rows_that_fit, rows_that_fit
+  from lckv_jax.serve.__main__ import lowered, prefill_rows_that_fit, rows_that_fit
   assert group_sizes(8) == [8, 4, 2, 1] and group_sizes(6) == [4, 2, 1] and group_sizes(1) == [1]
   cap, slots = 25_507_659_776, 1024
   chosen = {}
@@ -412,5 +412,10 @@ def test_prefill_rows_cost_the_batch_at_most_a_sixteenth_of_its_rows():
       assert k == 1 or 16 * fit(k) >= 15 * fit(1)
       assert k == 8 or 16 * fit(2 * k) < 15 * fit(1)
       chosen[shape, layer_types] = k
+      if shape == "7b" and layer_types == "llama":  # the server says what jobs of 8 would cost
+        assert lowered(8, k, fit) == (f"--prefill_rows 8 lowered to 1: jobs of 8 prompts would "
+                                      f"leave {fit(8):,} rows of the {fit(1):,} a job of one "
+                                      "leaves (jobs take at most 1/16 of the rows; --max_batch "
+                                      "sizes the batch by hand)")
   assert chosen[("7b", "llama")] == 1 and chosen[("7b", "lckv")] > 1
   assert chosen[("1b", "llama")] == chosen[("1b", "lckv")] == 8
