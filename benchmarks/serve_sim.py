@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from benchmarks.serve_load import steady_window, turnovers
+from benchmarks.serve_load import steady_detail, steady_window
 from lckv_jax.generation import PrefillJob, chunked_length
 from lckv_jax.sampling import Sampling
 from lckv_jax.serve import PREFILL_CHUNK, PREFILL_ROWS, STEPS_PER_TICK
@@ -222,7 +222,6 @@ def simulate(costs: Costs, max_batch: int, *, steps_per_tick: int = STEPS_PER_TI
                      "kept requests waiting after the first fill): give a larger --burst")
   (t0, a), (t1, b) = inside[0], inside[-1]
   tokens = b["lckv_generated_tokens_total"] - a["lckv_generated_tokens_total"]
-  running = float(np.mean([m["lckv_running_rows"] for _, m in inside]))
   seconds = engine.stats.seconds
   total = sum(seconds.values())
   return dict(
@@ -231,7 +230,7 @@ def simulate(costs: Costs, max_batch: int, *, steps_per_tick: int = STEPS_PER_TI
       prefill_chunk=engine.prefill_chunk, prefill_widths=prefill_widths,
       prefill_tokens_per_tick=engine.prefill_tokens_per_tick, steady_s=round(t1 - t0, 2),
       steady_tokens_per_s=round(tokens / (t1 - t0), 1),
-      steady_running=round(running, 1), steady_turnovers=turnovers(t0, t1, ends, running),
+      **steady_detail(samples, ends, max_batch),  # its mean running rows and their turnovers
       tick_s=round((t1 - t0) / (len(inside) - 1), 3), prompt_slots=round(float(np.mean(slots)), 1),
       engine_share={k: round(v / total, 4) for k, v in seconds.items()},
       requests=len(ends), tokens=engine.stats.tokens_generated, requested_tokens=sum(budgets),

@@ -545,15 +545,12 @@ class Engine:
     hand-out took 10% of a saturated server's time, about 70 us a request each tick, against the
     GIL the HTTP thread holds while it streams to the same requests.)"""
     _, _, done = fetched
-    held = [(row, req, False) for row, req in enumerate(self._rows)
-            if req is not None and row not in self._prefilling]
-    ended = [row for row, req, _ in held if req.cancelled or done[row]]
-    if ended:
-      self._free(ended)
-      gone = set(ended)
-      held = [(row, req, row in gone) for row, req, _ in held]
+    running = [(row, req) for row, req in enumerate(self._rows)
+               if req is not None and row not in self._prefilling]
+    ended = {row for row, req in running if req.cancelled or done[row]}
+    self._free(sorted(ended))
     self._count_rows()
-    return held
+    return [(row, req, row in ended) for row, req in running]
 
   def _free(self, rows: list[int]) -> None:
     """Frees the rows of ended requests: their `done` flags set, so the decode loop skips them."""
