@@ -11,7 +11,8 @@ pass per setting suffices.
 `--max_batch` finds the largest batch that fits, exact to one row: doubling, then bisection, over a memory model
 (weights + cache + decode state + the prefill chunk's activations + a reserve) against the
 device's limit (`--cap_bytes` caps it in bytes, the GPU allocator with it, e.g. to emulate a 24 GB
-GPU on a larger one); the run at
+GPU on a larger one); each record under a limit keeps the model's count (`memory_model_bytes`,
+`reserve_bytes`) beside `peak_bytes`, and a peak above the count is printed; the run at
 that batch confirms it, and an out-of-memory there retries 15% smaller (up to 3 times; on the
 H100 a first out-of-memory was followed by more, so treat such a result with suspicion).
 
@@ -163,6 +164,22 @@ def memory_need(config, batch: int, prompt: int, gen: int, weights: int, limit: 
   return weights + cache + state + chunk + reserve_bytes(limit)
 
 
+def memory_count(cfg, batch: int, args, weights: int, limit: int, peak: int) -> dict:
+  """What the memory model counts for a run at `batch` beside its reserve, to set against the
+  device's measured peak: `memory_model_bytes` (weights, cache, decode state, prefill chunk) and
+  `reserve_bytes`. A peak above the count means the reserve absorbed what the model missed; it
+  is printed, since a tighter reserve would then run out of memory (`peak` is the process's peak
+  so far: after a larger run in the same command it is that run's)."""
+  reserve = reserve_bytes(limit)
+  counted = memory_need(cfg, batch, args.prompt, args.gen, weights, limit, args.cache_copies,
+                        CACHE_DTYPES[args.cache_dtype]) - reserve
+  if peak > counted:
+    print(f"  batch {batch}: the device's peak, {peak / 1e9:.2f} GB, is "
+          f"{(peak - counted) / 1e9:.2f} GB above the memory model's count "
+          f"({counted / 1e9:.2f} GB); the reserve ({reserve / 1e9:.2f} GB) took it", flush=True)
+  return dict(memory_model_bytes=int(counted), reserve_bytes=int(reserve))
+
+
 # ---------------------------------------------------------------------------------------------
 # One run.
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +315,8 @@ def run_model(args, layer_types: str, ceilings: dict) -> list[dict]:
         break
     if r is None:
       continue
+    if limit:
+      r.update(memory_count(cfg, b, args, weights, limit, r["peak_bytes"]))
     r.update(common, max_batch=is_max, predicted_max_batch=max_b if is_max else None)
     found.append(records.entry(setting(r, args.tag), **r))
     print(json.dumps({k: r[k] for k in ("label", "batch", "prompt", "gen", "tokens_per_s",

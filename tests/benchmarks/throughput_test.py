@@ -84,6 +84,32 @@ def test_a_quantized_cache_is_in_the_memory_model_the_record_and_the_setting(tmp
   assert need(64, None) - need(64, "int8") == bf16_cache - int8_cache > 0.4 * bf16_cache
 
 
+def test_a_run_under_a_limit_records_the_memory_models_count_beside_its_peak(tmp_path, capsys):
+  import argparse
+
+  import benchmarks.throughput as tp
+  from lckv_jax.cache import reserve_bytes
+  cap = 1 << 30
+  path = tp.main(["--smoke", "--layer_types", "lckv", "--cap_bytes", str(cap), "--out",
+                  str(tmp_path)])
+  [r] = json.load(open(path))
+  model = tp.serving_model(argparse.Namespace(shape="tiny", prompt=8, gen=4, sliding_window=None),
+                           "lckv")
+  weights = r["weights_bytes"]
+  assert r["reserve_bytes"] == reserve_bytes(cap)
+  need = tp.memory_need(model.config, 2, 8, 4, weights, cap)
+  assert r["memory_model_bytes"] == need - reserve_bytes(cap) > weights
+  # A peak over the count (a GPU's; the CPU reports none) is said, with both numbers.
+  args = argparse.Namespace(prompt=8, gen=4, cache_copies=1, cache_dtype="bfloat16")
+  counted = r["memory_model_bytes"]
+  assert tp.memory_count(model.config, 2, args, weights, cap, counted - 1) == {
+      "memory_model_bytes": counted, "reserve_bytes": reserve_bytes(cap)}
+  assert "above" not in capsys.readouterr().out
+  tp.memory_count(model.config, 2, args, weights, cap, counted + 2_000_000_000)
+  said = capsys.readouterr().out
+  assert f"2.00 GB above the memory model's count ({counted / 1e9:.2f} GB)" in said
+
+
 def test_ceilings_are_measured_once_into_a_file_and_read_back_for_the_same_device(tmp_path,
                                                                                   monkeypatch):
   import benchmarks.throughput as tp
