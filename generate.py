@@ -25,7 +25,7 @@ _NO_CHECKPOINT = (
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # The KV cache's storage (lckv_jax.quant.CACHE_DTYPES; named here so that a bad flag fails before
-# jax is imported): int8 and fp8 (e4m3) keep a bfloat16 scale per token and KV head.
+# jax is imported): int8 and fp8 (e4m3) keep a float32 scale per token and KV head.
 _CACHE_DTYPES = _DTYPES + ("int8", "fp8")
 
 
