@@ -360,7 +360,7 @@ def main(argv=None):
                  help="window of the 's' layers (needed by yoco and mixattention)")
   p.add_argument("--tag", default="", help="suffix of each run's setting (see `setting`)")
   p.add_argument("--cache_dtype", choices=tuple(CACHE_DTYPES), default=DEFAULT_CACHE_DTYPE,
-                 help="the KV cache's storage: bf16, or int8 / fp8 (e4m3) with a bfloat16 scale "
+                 help="the KV cache's storage: bf16, or int8 / fp8 (e4m3) with a float32 scale "
                       "per token and KV head")
   p.add_argument("--cache_copies", type=int, default=1,
                  help="cache-sized buffers the memory model allows for at the peak (see "

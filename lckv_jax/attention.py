@@ -23,7 +23,7 @@ class KV(NamedTuple):
 
   k, v: [batch, slots, kv_heads, head_dim] (keys already rotated at their own positions).
   pos, seg: [batch, slots] int32; `seg == 0` marks an empty or padding slot, never attended.
-  k_scale, v_scale: [batch, kv_heads, slots] bfloat16 scales of a quantized cache buffer (k, v
+  k_scale, v_scale: [batch, kv_heads, slots] float32 scales of a quantized cache buffer (k, v
     int8 or float8_e4m3fn: the values are `k * k_scale`, `lckv_jax.quant`); None otherwise.
     Slots last: the decode kernels read one kv head's scales of a block of slots as one
     contiguous load (in `[batch, slots, kv_heads]` they were kv_heads * 4 bytes apart, and the

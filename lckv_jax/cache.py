@@ -26,7 +26,7 @@ contiguous slots [first non-empty slot, next write], as `Generator` keeps it; a 
 then read only that span (`config.decode_attention`).
 
 Any layout may store its K and V quantized (`dtype` "int8" or "float8_e4m3fn", `lckv_jax.quant`):
-each buffer then also holds `k_scale`, `v_scale` [batch, kv_heads, slots] (bfloat16, slots last:
+each buffer then also holds `k_scale`, `v_scale` [batch, kv_heads, slots] (float32, slots last:
 see `attention.KV`), one per token and KV head. `write` quantizes; every operation that moves
 slots moves the scales with them (`KV.map_slots`: along their own slot axis); `evict_sink`
 dequantizes the keys it re-rotates and quantizes them again. The arrays say the format (int8 K

@@ -1,27 +1,21 @@
 """The storage dtypes of the KV cache, and the quantized ones' encoding (int8, fp8 e4m3).
 
 A cache stores K and V in a float dtype (`float32`, `bfloat16`, `float16`: the values as they
-are, cast), or quantized: `int8` or `float8_e4m3fn` (alias `fp8`) with one bfloat16 scale per
+are, cast), or quantized: `int8` or `float8_e4m3fn` (alias `fp8`) with one float32 scale per
 token and KV head. The quantization is symmetric absmax over the head dimension:
 
-    scale = max |x| / QMAX, rounded to bfloat16   (QMAX: 127 for int8, 448 = e4m3's largest)
+    scale = max |x| / QMAX        (QMAX: 127 for int8, 448 = e4m3's largest finite value)
     q     = round(x / scale) clipped to [-127, 127]   (int8)
-          = (x / scale) clipped to [-448, 448], then rounded to nearest e4m3   (fp8)
+          = (x / scale).astype(float8_e4m3fn)          (fp8: round to nearest e4m3)
     x'    = q * scale
 
 so an int8 element is off by at most scale / 2 and an fp8 one by e4m3's half-ulp (relative
 2^-4, or scale * 2^-10 near zero). A zero vector gets scale 0 and q = 0, read back as zeros.
 
-Scales are bfloat16, and q is computed from the stored scale, so these bounds are of the scale
-that is read back. Rounding moves a scale by at most 2^-8 of itself; where it rounds down, the
-largest element may land past QMAX and be clipped, which moves it by at most QMAX * 2^-8 of the
-exact scale: 0.496 of a step for int8 (within the half step above), 2^-8 of its value for fp8
-(within e4m3's 2^-4). A float32 scale would cost 2 bytes more per token and KV head: 3% of an
-int8 cache at head_dim 64 (1b: 66 bytes a head against 68, so the format allows 1.94x bf16's
-rows, not 1.88x), 1.5% at 128. Scales rounded up instead (nothing clipped) did worse where keys
-are encoded again and again: on the trained tiny model the sink cache's mean logits error grew by
-a fifth, where scales rounded to nearest matched float32 ones (`benchmarks/results/
-kv_quant_cpu.md`). The kernels apply the scales in float32.
+Scales are float32: bf16 scales would save 2 bytes per token and head (1.5% of an int8 cache at
+head_dim 128, 3% at 64) but round the scale by up to 2^-9, which either breaks the scale / 2
+bound (a rounded-down scale clips the largest element) or needs a rounded-up scale; the decode
+kernel multiplies in float32 either way.
 
 Who does what: `cache.write` quantizes every chunk it stores (`quantize`); the attention
 dispatch reads the cache through `dequantize` for every kernel but the decode kernel
@@ -37,7 +31,7 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZED_DTYPES = ("int8", "float8_e4m3fn")
 CACHE_DTYPES = FLOAT_DTYPES + QUANTIZED_DTYPES  # what a cache may store
 ALIASES = {"fp8": "float8_e4m3fn"}
-SCALE_DTYPE = jnp.bfloat16  # one scale per (row, slot, KV head): see the module doc
+SCALE_DTYPE = jnp.float32  # one scale per (row, slot, KV head): see the module doc
 _QMAX = {"int8": 127.0, "float8_e4m3fn": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448
 
 
@@ -69,15 +63,14 @@ def itemsizes(dtype) -> tuple[int, int]:
 
 
 def quantize(x_BxTxKxD: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """x quantized to `dtype` over its last axis: (q [..., D] of `dtype`, scale [...] bfloat16)."""
+  """x quantized to `dtype` over its last axis: (q [..., D] of `dtype`, scale [...] float32)."""
   dtype = jnp.dtype(dtype)
   qmax = _QMAX[dtype.name]
   x = x_BxTxKxD.astype(jnp.float32)
-  scale = (jnp.max(jnp.abs(x), axis=-1) / qmax).astype(SCALE_DTYPE)
-  s = scale.astype(jnp.float32)  # the stored scale, which the reader multiplies by
-  y = jnp.clip(x / jnp.where(s > 0, s, 1.0)[..., None], -qmax, qmax)
+  scale = jnp.max(jnp.abs(x), axis=-1) / qmax
+  y = jnp.clip(x / jnp.where(scale > 0, scale, 1.0)[..., None], -qmax, qmax)
   q = jnp.round(y).astype(dtype) if dtype.name == "int8" else y.astype(dtype)
-  return q, scale
+  return q, scale.astype(SCALE_DTYPE)
 
 
 def dequantize(q_BxTxKxD: jax.Array, scale_BxTxK: jax.Array, dtype) -> jax.Array:

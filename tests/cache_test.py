@@ -226,16 +226,16 @@ def test_quantized_cache_bytes_are_half_of_bf16_plus_the_scales(layer_types, rin
     for e in cache.layers.values():
       b_, slots_, heads = e.k.shape[:3]  # the scales: [batch, kv_heads, slots]
       assert e.k_scale.shape == e.v_scale.shape == (b_, heads, slots_)
-      assert e.k_scale.dtype == e.v_scale.dtype == jnp.bfloat16
-    # K and V: 1 byte an element; one bfloat16 scale per slot and KV head for each.
-    assert cache_lib.cache_bytes(cfg, b, n, name) == cache.nbytes() == b * slots * 2 * 2 * (8 + 2)
+      assert e.k_scale.dtype == e.v_scale.dtype == jnp.float32
+    # K and V: 1 byte an element; one float32 scale per slot and KV head for each.
+    assert cache_lib.cache_bytes(cfg, b, n, name) == cache.nbytes() == b * slots * 2 * 2 * (8 + 4)
     assert (cache_lib.cache_bytes(cfg, b, n, name)
-            == cache_lib.cache_bytes(cfg, b, n, jnp.bfloat16) // 2 + b * slots * 2 * 2 * 2)
+            == cache_lib.cache_bytes(cfg, b, n, jnp.bfloat16) // 2 + b * slots * 2 * 2 * 4)
     assert cache_lib.cache_bytes(cfg, b, n, name, metadata=True) == cache.nbytes(metadata=True)
     sink = KVCache.create_sink(cfg, b, 1, 5, dtype=name)
-    assert sink.nbytes() == cache_lib.sink_cache_bytes(cfg, b, 1, 5, name) == b * 6 * 40 * len(
+    assert sink.nbytes() == cache_lib.sink_cache_bytes(cfg, b, 1, 5, name) == b * 6 * 48 * len(
         cfg.layer_spec.kv_layers)
-    assert cfg.kv_cache_bytes_per_token(name) == 40 * len(cfg.layer_spec.kv_layers)
+    assert cfg.kv_cache_bytes_per_token(name) == 48 * len(cfg.layer_spec.kv_layers)
   assert cfg.kv_cache_bytes_per_token() == 2 * 2 * 8 * 4 * len(cfg.layer_spec.kv_layers)
   with pytest.raises(ValueError, match="cache_dtype must be one of .*int8, float8_e4m3fn, fp8, "
                                        "got 'int4'"):

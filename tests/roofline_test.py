@@ -47,11 +47,11 @@ def test_llama_bytes_by_hand(tiny_config):
   assert b["total"] == 132608 + 15360 + 1536
   half = rf.decode_step_bytes(cfg, 3, 10, param_bytes=2, cache_itemsize=2)
   assert (half["weights"], half["kv_read"], half["kv_write"]) == (132608 // 2, 7680, 768)
-  # An int8 cache: 1 byte an element and a bfloat16 scale per K and V vector of each KV head.
+  # An int8 cache: 1 byte an element and a float32 scale per K and V vector of each KV head.
   int8 = rf.decode_step_bytes(cfg, 3, 10, cache_dtype="int8")
-  per_key = 2 * cfg.num_kv_heads * (cfg.resolved_head_dim + 2)
+  per_key = 2 * cfg.num_kv_heads * (cfg.resolved_head_dim + 4)
   assert (int8["kv_read"], int8["kv_write"]) == (4 * 3 * 10 * per_key, 4 * 3 * per_key)
-  assert int8["kv_read"] == 15360 // 4 + 4 * 3 * 10 * 2 * cfg.num_kv_heads * 2
+  assert int8["kv_read"] == 15360 // 4 + 4 * 3 * 10 * 2 * cfg.num_kv_heads * 4
 
 
 @pytest.mark.parametrize("layer_types,tie,param_dtype", [

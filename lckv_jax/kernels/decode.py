@@ -14,13 +14,12 @@ under 16 q heads: `heads_per_program`), so no transposed copy of the cache is ma
 of its kv heads are the rows of one block-diagonal query tile (row r's query in the columns of
 its own kv head), so one product per block gives every row its own kv head's scores.
 
-A quantized cache (int8 or fp8 K and V, one bfloat16 scale per slot and kv head, stored
+A quantized cache (int8 or fp8 K and V, one float32 scale per slot and kv head, stored
 `[batch, kv_heads, slots]` so that a block's scales are one contiguous load, `lckv_jax.quant`) is
-read as stored: each block's K and V are converted to the queries' dtype (exact: int8 and e4m3
-values are bf16 values) and its scales to float32 (exact), which apply to the scores
+read as stored: each block's K and V are converted to the queries' dtype
+(exact: int8 and e4m3 values are bf16 values) and the scales applied in float32, to the scores
 (`(q . k_q) * k_scale[slot]`) and to the probabilities before the value product
-(`(p * v_scale[slot]) . v_q`). No dequantized copy of the cache, or float32 copy of its scales,
-is made.
+(`(p * v_scale[slot]) . v_q`). No dequantized copy of the cache is made.
 """
 
 from __future__ import annotations
@@ -131,7 +130,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
     """[rows, block_k] float32: each row's kv head's scales of block i."""
     out = None
     for g in range(scale_ref.shape[0]):
-      x = scale_ref[g, pl.ds(i * block_k, block_k)].astype(jnp.float32)[None, :]
+      x = scale_ref[g, pl.ds(i * block_k, block_k)][None, :]
       out = x if out is None else jnp.where((head_of_row == g)[:, None], x, out)
     return out
 
@@ -189,9 +188,8 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
       end - start <= slots); a row with end <= start sees nothing and gets zeros
       (docs/spec.md §3.5).
       Slot x is read at buffer index x % slots, so a ring buffer's window may wrap around.
-    k_scale_BxKxS, v_scale_BxKxS: [batch, kv_heads, slots] scales of a quantized cache (bfloat16
-      as `lckv_jax.quant` stores them, or float32; k, v int8 or float8_e4m3fn: the values are
-      k * k_scale), read as given; None for a float cache.
+    k_scale_BxKxS, v_scale_BxKxS: [batch, kv_heads, slots] float32 scales of a quantized cache
+      (k, v int8 or float8_e4m3fn: the values are k * k_scale); None for a float cache.
     block_k: slots per inner step (halved until it divides `slots` and a block of K fits
       `_BLOCK_BYTES`; see `block_size` and `block_cap`).
     heads: kv heads per program, 1 or 2 (dividing kv_heads); None: `heads_per_program`.
@@ -232,8 +230,7 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
   kv_spec = pl.BlockSpec((None, slots, None, hg * d), lambda i, k, j: (i, 0, k, 0))
   scale_spec = pl.BlockSpec((None, None, hg, slots), lambda i, k, j: (i, k, 0, 0))
   row_spec = pl.BlockSpec((None,), lambda i, k, j: (i,))
-  # Read as stored: a float32 copy here would be one more pass over every scale each step.
-  scales = tuple(x.reshape(b, n, hg, slots)
+  scales = tuple(x.astype(jnp.float32).reshape(b, n, hg, slots)
                  for x in (k_scale_BxKxS, v_scale_BxKxS)) if quantized else ()
   o, l, m = pl.pallas_call(
       kernel,

@@ -17,14 +17,12 @@ memory-bound: the padded rows cost tensor-core time the GPU has to spare, not by
 wgmma transposes an operand (here B = K^T) of 16-bit values only (float32 would also round to
 tf32), so the queries are bf16 or f16: a float32 model keeps the Triton kernel or the dense path
 (`supports`). A quantized cache (int8 or
-fp8 K and V, one bfloat16 scale per slot and kv head, `lckv_jax.quant`) is read as stored and
+fp8 K and V, one float32 scale per slot and kv head, `lckv_jax.quant`) is read as stored and
 converted block by block in shared memory to the queries' dtype (exact: int8 and e4m3 values are
 bf16 and f16 values); the scales apply in float32, to the scores (`(q . k_q) * k_scale[slot]`)
 and to the probabilities before the value product (`(p * v_scale[slot]) . v_q`), as in the
 Triton kernel. The scales are stored `[batch, kv_heads, slots]`, so a block's scales of one kv
-head are contiguous; they are read with plain loads one block ahead, from a float32 copy made
-before the call (a pass over the scales each call that the Triton kernel, which converts them as
-it loads them, does not make: converting in registers here is not yet compiled on a GPU).
+head are contiguous; they are read with plain loads one block ahead.
 
 `interpret=True` runs the kernel in Mosaic GPU's interpreter on the CPU (the tests). The
 interpreter's wgmma takes no transposed operand, so there the scores are one `jnp.dot` of the
@@ -301,9 +299,8 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
       end - start <= slots); a row with end <= start sees nothing and gets zeros
       (docs/spec.md §3.5).
       Slot x is read at buffer index x % slots, so a ring buffer's window may wrap around.
-    k_scale_BxKxS, v_scale_BxKxS: [batch, kv_heads, slots] scales (bfloat16 or float32) of a
-      quantized cache (k, v int8 or float8_e4m3fn: the values are k * k_scale); None for a float
-      cache.
+    k_scale_BxKxS, v_scale_BxKxS: [batch, kv_heads, slots] float32 scales of a quantized cache
+      (k, v int8 or float8_e4m3fn: the values are k * k_scale); None for a float cache.
     block_k: slots per block (128 or 64; the largest that divides `slots`, see `block_size`).
     interpret: run the kernel in Mosaic GPU's interpreter on the CPU (the tests): True, or an
       `InterpretGPUParams`.
@@ -325,7 +322,6 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
   rows_out = 8 * math.ceil(groups / 8)  # whole 8-row tiles of the output
   q = q_BxHxD.astype(dtype).reshape(b, kv_heads, groups, d)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, _ROWS - groups), (0, 0)))
-  # float32 for the kernel's plain loads and float32 shared memory (see the module doc)
   scales = (k_scale_BxKxS.astype(jnp.float32), v_scale_BxKxS.astype(jnp.float32)) if quantized \
       else ()
   kernel = functools.partial(_kernel, block_k=bk, split=split, rows_out=rows_out,

@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
                  "prompts of the same prefill shape, so jobs are full (0: arrival order only; "
                  "default 8 x --prefill_rows)")
   p.add_argument("--cache_dtype", default=None, choices=["int8", "fp8", "bfloat16", "float32"],
-                 help="the KV cache's storage; int8 and fp8 quantize it with a bfloat16 scale per "
+                 help="the KV cache's storage; int8 and fp8 quantize it with a float32 scale per "
                  "token and KV head: about half the bytes of bf16, so --memory_bytes admits about "
                  "twice the rows (default: the compute dtype)")
   args = p.parse_args(argv)

@@ -22,7 +22,7 @@ def test_kv_quant_smoke(tmp_path):
       assert abs(rows[name]["ppl_rel"]) < 0.05
     # The smoke model: 3 KV layers (0, 2, 3 of 0_2_2_3), K and V of 2 heads of width 8.
     assert rows["int8"]["kv_bytes_per_token"] == rows["fp8"]["kv_bytes_per_token"] == 3 * 2 * 2 * (
-        8 + 2)
+        8 + 4)
     assert rows["bfloat16"]["kv_bytes_per_token"] == 3 * 2 * 2 * 8 * 2
   # The sink windows run past the cache: 24 tokens through 2 + 6 slots, so 16 evictions.
   sink = saved["sink"]

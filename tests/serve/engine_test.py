@@ -374,9 +374,9 @@ def test_a_quantized_cache_serves_the_tokens_generate_gives_with_it(model):
 
 def test_the_server_sizes_a_quantized_cache_to_about_twice_the_rows():
   # 7b's shape under the 24 GB cap with the load test's rows (512 + 512 slots): int8 and fp8 store
-  # a byte per element and a bfloat16 scale per token and KV head (1/128 of bf16's bytes at
-  # head_dim 128), so about twice bf16's rows fit beside the same weights, the reserve and the row
-  # being prefilled (whose cache is smaller too: llama 14 -> 29 rows).
+  # a byte per element and a float32 scale per token and KV head (1/64 of bf16's bytes at head_dim
+  # 128), so about twice bf16's rows fit beside the same weights, the reserve and the row being
+  # prefilled (whose cache is smaller too: llama 14 -> 29 rows).
   from benchmarks.common import config_path
   from lckv_jax import roofline
   from lckv_jax.config import model_from_file
