@@ -13,14 +13,15 @@ so an int8 element is off by at most scale / 2 and an fp8 one by e4m3's half-ulp
 2^-4, or scale * 2^-10 near zero). A zero vector gets scale 0 and q = 0, read back as zeros.
 
 Scales are float32. bfloat16 scales would save 2 bytes per token and head (1.5% of an int8 cache
-at head_dim 128, 3% at 64) and were tried: rounded to nearest, with q computed from the stored
-scale, they keep both bounds (a scale rounded down by its most, 2^-8, clips the largest element
-by at most 0.496 of a step) and matched float32 scales' quality on the trained tiny model; rounded
-up they did worse in a sink cache (a fifth more error, its keys being encoded again at each
-eviction). But the Triton decode kernel read them 9-11% slower on the H200 (1b lckv's shape,
-2,048 and 4,096 rows: 514 against 460 us, 946 against 864), so at 1b lckv's max batch the 2.6%
-more rows gave 3.4% fewer tokens/s (112,077 against 116,010). The decode kernel multiplies in
-float32 either way.
+at head_dim 128, 3% at 64) and were tried (commit 9a513cf; its quality A/B in 2069b45's
+`kv_quant_cpu.md`): rounded to nearest, with q computed from the stored scale, they keep both
+bounds (a scale rounded down by its most, 2^-8, clips the largest element by at most 0.496 of a
+step) and matched float32 scales' quality on the trained tiny model; rounded up they did worse in
+a sink cache (a fifth more error, its keys being encoded again at each eviction). But the Triton
+decode kernel read them 9-11% slower on the H200 (1b lckv's shape, 2,048 and 4,096 rows: 514
+against 460 us, 946 against 864), and at 1b lckv's max batch 4,658 rows gave 112,077 tokens/s
+against the float32 record's 4,541 rows and 116,010 (49c1380): 2.6% more rows, 3.4% fewer
+tokens/s. The decode kernel multiplies in float32 either way.
 
 Who does what: `cache.write` quantizes every chunk it stores (`quantize`); the attention
 dispatch reads the cache through `dequantize` for every kernel but the decode kernel
