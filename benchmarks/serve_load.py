@@ -17,9 +17,12 @@ streamed chunks (inter-token latency, ITL: the server sends a row's tokens every
 to that many tokens) are measured at the client, and
 its time per output token (TPOT: first to last token over the tokens after the first, counted by
 the stream's usage chunk). Per rate: requests/s and output tokens/s achieved, TTFT, ITL and TPOT
-p50/p99, rejected requests (429), the mean and peak of the rows decoding, and the engine loop's
-seconds by phase (`engine_share`: what bound the server). The server's admitted batch (its
-max_batch) is in the record.
+p50/p99, rejected requests (429) and failed ones (a broken connection, by error), the mean and
+peak of the rows decoding, and the engine loop's seconds by phase (`engine_share`: what bound the
+server). The server's admitted batch (its max_batch) is in the record. The clients hold at most
+`--max_open` requests open (twice the rows by default: a saturated server still has a batch of
+them waiting); a request's TTFT counts from its arrival, its wait for a connection included. A
+point that fails ends the sweep, and the points before it are written (`incomplete` says why).
 
 `sustained_rate` reads a sweep as a serving team does: the highest arrival rate the server keeps
 up with (every request served, the rate within the server's capacity) while the p99 TTFT stays
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -72,8 +76,8 @@ FULL_MIN_S = 1.0  # seconds of full batch below which a run's full_tokens_per_s 
 def sustained_rate(results: list[dict], ttft_p99_limit_s: float = TTFT_P99_LIMIT_S
                    ) -> dict | None:
   """The result of the highest rate kept up with under the TTFT limit (None if none was): all
-  requests served, p99 TTFT <= the limit, and the rate within the server's capacity: at most the
-  requests/s of the burst (`--burst`: the server saturated), or without a burst, achieved
+  requests served (none rejected or failed), p99 TTFT <= the limit, and the rate within the
+  server's capacity: at most the requests/s of the burst (`--burst`: the server saturated), or without a burst, achieved
   requests/s at least 90% of the rate. (A run of a few seconds of arrivals ends with its last
   requests' decoding, so its achieved rate reads low even when the server keeps up: the burst
   is the capacity.)"""
@@ -81,7 +85,7 @@ def sustained_rate(results: list[dict], ttft_p99_limit_s: float = TTFT_P99_LIMIT
   within = ((lambda r: r["rate"] <= max(bursts)) if bursts else
             (lambda r: r["requests_per_s"] >= 0.9 * r["rate"]))
   ok = [r for r in results
-        if r["rate"] is not None and r["rejected"] == 0 and within(r)
+        if r["rate"] is not None and r["rejected"] == 0 and not r.get("failed") and within(r)
         and r["ttft_p99_s"] is not None and r["ttft_p99_s"] <= ttft_p99_limit_s]
   return max(ok, key=lambda r: r["rate"], default=None)
 
@@ -272,27 +276,37 @@ def start_server(checkpoint: str, flags: list[str], timeout: float = 900, env=No
   raise RuntimeError(f"the server did not start in {timeout} s: {tail()}")
 
 
-async def _one(client, url: str, prompt: list[int], max_tokens: int, seed: int) -> dict:
-  """One streaming request: its TTFT, inter-token gaps and tokens (or its HTTP error). Times are
-  `time.monotonic()` (CLOCK_MONOTONIC: one clock across the client processes)."""
+async def _one(client, url: str, prompt: list[int], max_tokens: int, seed: int,
+               slots: asyncio.Semaphore | None = None) -> dict:
+  """One streaming request: its TTFT, inter-token gaps and tokens (or its HTTP error, or the
+  transport error that broke it). Times are `time.monotonic()` (CLOCK_MONOTONIC: one clock across
+  the client processes); the clock starts at the request's arrival, before it waits for one of
+  `slots` (the client's open connections), so a capped client's wait counts in its TTFT."""
+  import httpx
   t0 = time.monotonic()
   stamps = []
   body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed,
           "stream": True, "stream_options": {"include_usage": True}}
   last = ""
-  async with client.stream("POST", url + "/v1/completions", json=body) as r:
-    if r.status_code != 200:
-      await r.aread()
-      return dict(status=r.status_code)
-    async for line in r.aiter_lines():
-      if line.startswith("data: ") and line != "data: [DONE]":
-        stamps.append(time.monotonic())
-        last = line
+  async with slots or contextlib.nullcontext():
+    try:
+      async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+          await r.aread()
+          return dict(status=r.status_code)
+        async for line in r.aiter_lines():
+          if line.startswith("data: ") and line != "data: [DONE]":
+            stamps.append(time.monotonic())
+            last = line
+    except httpx.TransportError as e:
+      # A dropped or refused connection (seen once in a burst of 20,384 streams) fails this
+      # request, not the run: it is counted, by its error's name, beside the served ones.
+      return dict(status=0, error=type(e).__name__, chunks=len(stamps))
+    if '"usage"' not in last:  # the stream ended before its usage chunk: cut short
+      return dict(status=0, error="IncompleteStream", chunks=len(stamps))
   # The last chunk holds the token count, not tokens (a request can stop at an EOS early).
-  tokens = max_tokens
-  if '"usage"' in last:
-    stamps.pop()
-    tokens = json.loads(last[len("data: "):])["usage"]["completion_tokens"]
+  stamps.pop()
+  tokens = json.loads(last[len("data: "):])["usage"]["completion_tokens"]
   return dict(status=200, ttft=stamps[0] - t0 if stamps else None,
               itl=list(np.diff(stamps)) if len(stamps) > 1 else [], tokens=tokens,
               tpot=(stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 and stamps else None,
@@ -311,26 +325,30 @@ def arrivals(rate: float | None, n: int, prompt_range, output_range, vocab: int,
   return [(float(at[i]), prompts[i], outputs[i], seed + i) for i in range(n)]
 
 
-async def _drive(url: str, items: list, start: float) -> tuple[list[dict], float]:
-  """Sends `items` (`arrivals`) at `start` + their offsets (monotonic seconds) and waits for
-  them: their results, and this process's CPU seconds meanwhile."""
+async def _drive(url: str, items: list, start: float, max_open: int | None = None
+                 ) -> tuple[list[dict], float]:
+  """Sends `items` (`arrivals`) at `start` + their offsets (monotonic seconds), at most
+  `max_open` at a time (None: all), and waits for them: their results, and this process's CPU
+  seconds meanwhile."""
   import httpx
   cpu = time.process_time()
   limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+  slots = asyncio.Semaphore(max_open) if max_open else None
   async with httpx.AsyncClient(timeout=None, limits=limits) as client:
     tasks = []
     for offset, prompt, max_tokens, seed in items:
       delay = start + offset - time.monotonic()
       if delay > 0:
         await asyncio.sleep(delay)
-      tasks.append(asyncio.create_task(_one(client, url, prompt, max_tokens, seed)))
+      tasks.append(asyncio.create_task(_one(client, url, prompt, max_tokens, seed, slots)))
     done = await asyncio.gather(*tasks)
   return done, time.process_time() - cpu
 
 
-def _client(url: str, items: list, start: float) -> tuple[list[dict], float]:
+def _client(url: str, items: list, start: float, max_open: int | None
+            ) -> tuple[list[dict], float]:
   """`_drive` in a client process of the pool (`Clients`)."""
-  return asyncio.run(_drive(url, items, start))
+  return asyncio.run(_drive(url, items, start, max_open))
 
 
 def _ready(_=None) -> int:
@@ -352,15 +370,18 @@ class Clients:
       self.pool = multiprocessing.get_context("spawn").Pool(clients)
       self.pool.map(_ready, range(clients))  # every process up and importing before a run
 
-  async def run(self, url: str, items: list) -> tuple[list[dict], list[float], float]:
-    """Each request's result (in `items`' order), each client's CPU seconds, the start."""
+  async def run(self, url: str, items: list, max_open: int | None = None
+                ) -> tuple[list[dict], list[float], float]:
+    """Each request's result (in `items`' order), each client's CPU seconds, the start. At most
+    `max_open` requests are open at a time, across the processes (None: no limit)."""
     if self.pool is None:
       start = time.monotonic()
-      done, cpu = await _drive(url, items, start)
+      done, cpu = await _drive(url, items, start, max_open)
       return done, [cpu], start
     start = time.monotonic() + 0.2  # every process has it before the first arrival is due
     parts = [items[i::self.n] for i in range(self.n)]
-    job = self.pool.starmap_async(_client, [(url, part, start) for part in parts])
+    each = -(-max_open // self.n) if max_open else None
+    job = self.pool.starmap_async(_client, [(url, part, start, each) for part in parts])
     outs = await asyncio.get_running_loop().run_in_executor(None, job.get)
     done = [None] * len(items)
     for i, (results, _) in enumerate(outs):
@@ -531,16 +552,19 @@ async def _sample_metrics(client, url: str, samples: list, stop: asyncio.Event) 
 
 
 async def run_rate(url: str, rate: float | None, n: int, prompt_range, output_range, vocab: int,
-                   seed: int, clients: Clients | None = None) -> dict:
+                   seed: int, clients: Clients | None = None, max_open: int | None = None
+                   ) -> dict:
   """`n` requests arriving as a Poisson process of `rate` per second (None: all at once), sent
-  by `clients` (default: this process)."""
+  by `clients` (default: this process), at most `max_open` open at a time. A request the server
+  refused (an HTTP error: 429 when its queue is full) is `rejected`; one whose connection broke
+  is `failed`, counted by its error's name in `errors`."""
   import httpx
   items = arrivals(rate, n, prompt_range, output_range, vocab, seed)
   samples: list = []
   stop = asyncio.Event()
   async with httpx.AsyncClient(timeout=None) as client:
     sampler = asyncio.create_task(_sample_metrics(client, url, samples, stop))
-    done, cpu, t0 = await (clients or Clients(1)).run(url, items)
+    done, cpu, t0 = await (clients or Clients(1)).run(url, items, max_open)
     wall = max((d.get("end", t0) for d in done), default=t0) - t0
     stop.set()
     await sampler
@@ -557,7 +581,10 @@ async def run_rate(url: str, rate: float | None, n: int, prompt_range, output_ra
   tpot = [d["tpot"] for d in ok if d.get("tpot") is not None]
   pct = lambda xs, q: round(float(np.percentile(xs, q)), 5) if xs else None  # noqa: E731
   running = [m.get("lckv_running_rows", 0) for _, m in samples]
-  return dict(rate=rate, requests=n, served=len(ok), rejected=n - len(ok),
+  broken = [d["error"] for d in done if d["status"] == 0]
+  return dict(rate=rate, requests=n, served=len(ok), rejected=n - len(ok) - len(broken),
+              failed=len(broken), errors={e: broken.count(e) for e in sorted(set(broken))},
+              max_open=max_open,
               wall_s=round(wall, 3), requests_per_s=round(len(ok) / wall, 3),
               output_tokens_per_s=round(sum(d["tokens"] for d in ok) / wall, 1),
               full_s=round(full_s, 2), full_tokens_per_s=round(full_tps, 1), **steady,
@@ -605,6 +632,32 @@ def _raise_open_files_limit() -> None:
                                                 else max(soft, 1 << 16), hard))
 
 
+def sweep(measure, plan: list[tuple[float, int]], burst: int | None
+          ) -> tuple[list[dict], str | None]:
+  """`measure(rate, n)` at each (rate, requests) of `plan`, stopping past saturation (requests
+  rejected or failed, or under half the rate achieved), then, where `burst` is given, that many
+  at once (rate None): the results, and why the sweep stopped early (None if it did not). A
+  point that raises ends the sweep, but the points measured before it are kept (a run of
+  minutes must not lose them to its last point); one that raises first is raised."""
+  results = []
+  try:
+    for rate, n in plan:
+      results.append(r := measure(rate, n))
+      if r["rejected"] or r.get("failed") or r["requests_per_s"] < 0.5 * rate:
+        break
+    if burst:
+      results.append(measure(None, burst))
+  except Exception as e:  # noqa: BLE001 - re-raised unless something was measured
+    if not results:
+      raise
+    import traceback
+    traceback.print_exc()
+    print(f"the run stopped early ({type(e).__name__}: {e}); writing the {len(results)} "
+          "points measured", file=sys.stderr, flush=True)
+    return results, f"{type(e).__name__}: {e}"
+  return results, None
+
+
 def _device_kind() -> str:
   out = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"],
                        cwd=ROOT, capture_output=True, text=True, check=True)
@@ -650,6 +703,11 @@ def main(argv=None) -> str:
                  help="client processes sending the requests (default: half the CPU cores, at "
                  "most 8): one process falls behind hundreds of streams; each result records "
                  "the busiest one's CPU share (client_cpu), which near 1 means the client bound")
+  p.add_argument("--max_open", type=int, default=None,
+                 help="requests open at a time, across the client processes (default: twice the "
+                 "server's rows, which keeps a saturated server's queue as long as its batch; 0: "
+                 "no limit). A request's TTFT counts from its arrival, its wait for a connection "
+                 "included")
   p.add_argument("--start_timeout", type=float, default=900,
                  help="seconds the server may take to start (weights, compiles) before the run "
                       "fails with its log")
@@ -674,6 +732,8 @@ def main(argv=None) -> str:
     p.error("give one of --max_batch or --memory_bytes")
   if args.clients < 1:
     p.error(f"--clients must be >= 1, got {args.clients}")
+  if args.max_open is not None and args.max_open < 0:
+    p.error(f"--max_open must be >= 0 (0: no limit), got {args.max_open}")
   # The server's allocator gets the memory its rows are sized for, no more: a batch that did not
   # fit would fail here, where a larger GPU would hide it.
   cap_allocator(args.memory_bytes)
@@ -725,28 +785,27 @@ def main(argv=None) -> str:
       busy = int(gauges["lckv_busy_steps_per_tick"])
       chunk = int(gauges["lckv_prefill_chunk"])  # the server's (0: each prompt whole)
       widths = int(gauges["lckv_prefill_widths"])  # its first chunk's (0: whole prompts)
-      results = []
+      max_open = 2 * rows if args.max_open is None else args.max_open or None
       page = lambda: (time.monotonic(), httpx.get(url + "/metrics").text)  # noqa: E731
-      for rate in args.rates:
-        n = max(8, round(rate * args.duration)) if args.duration else args.requests
+
+      def measure(rate: float | None, n: int) -> dict:
         before = page()
-        r = asyncio.run(run_rate(url, rate, n, args.prompt, args.output,
-                                 cfg.vocab_size, seed=int(rate * 1000), clients=clients))
+        r = asyncio.run(run_rate(url, rate, n, args.prompt, args.output, cfg.vocab_size,
+                                 seed=7 if rate is None else int(rate * 1000), clients=clients,
+                                 max_open=max_open))
         r.update(_server_side(before, page()))
         print(json.dumps(r), flush=True)
-        results.append(r)
-        if r["rejected"] or r["requests_per_s"] < 0.5 * rate:  # far past saturation: stop
-          break
-      if args.burst:
-        before = page()
-        r = asyncio.run(run_rate(url, None, max(1, round(args.burst * rows)), args.prompt,
-                                 args.output, cfg.vocab_size, seed=7, clients=clients))
-        r.update(_server_side(before, page()))
-        print(json.dumps(r), flush=True)
-        if (warning := short_window(r, args.burst)) is not None:
+        if rate is None and (warning := short_window(r, args.burst)) is not None:
           print(warning, file=sys.stderr, flush=True)
-        results.append(r)
-      peak = _scrape(httpx.get(url + "/metrics").text).get("lckv_device_memory_peak_bytes")
+        return r
+
+      plan = [(rate, max(8, round(rate * args.duration)) if args.duration else args.requests)
+              for rate in args.rates]
+      burst = max(1, round(args.burst * rows)) if args.burst else None
+      results, incomplete = sweep(measure, plan, burst)
+      peak = None
+      with contextlib.suppress(httpx.HTTPError):
+        peak = _scrape(httpx.get(url + "/metrics").text).get("lckv_device_memory_peak_bytes")
     finally:
       if clients is not None:
         clients.close()
@@ -768,7 +827,7 @@ def main(argv=None) -> str:
       steps_per_tick=args.steps_per_tick, busy_steps_per_tick=busy,
       prefill_chunk=chunk, prefill_widths=widths,
       prefill_tokens_per_tick=budget, prefill_rows=prefill_rows, admit_lookahead=lookahead,
-      burst=args.burst, clients=args.clients,
+      burst=args.burst, clients=args.clients, max_open=max_open, incomplete=incomplete,
       cache_dtype=args.cache_dtype, server_start_s=round(startup, 1),
       peak_bytes=int(peak) if peak else None, results=results,
       saturated_tokens_per_s=saturated_tokens_per_s(results),

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from tests.conftest import NO_XLA_CACHE
 
 
@@ -22,10 +24,12 @@ def test_serve_load_smoke(tmp_path):
   assert record["prefill_rows"] == 4  # the server's (its default of 8, at most its 4 rows)
   assert record["prefill_tokens_per_tick"] == 8192  # the server's default, read from /metrics
   assert record["busy_steps_per_tick"] == 16  # likewise: twice the 8 steps of a tick
+  assert record["max_open"] == 8 and record["incomplete"] is None  # twice the rows, by default
   assert record["results"][-1]["rate"] is None  # the burst: 3 x 4 rows at once
   assert 0 <= record["results"][-1]["peak_running"] <= 4  # sampled from /metrics (may miss rows)
   for r in record["results"]:
     assert r["served"] + r["rejected"] == r["requests"] == 12 and r["served"] > 0
+    assert r["failed"] == 0 and r["errors"] == {} and r["max_open"] == 8
     share = r["engine_share"]  # where the engine's loop spent the run
     assert set(share) == {"admit", "prefill", "decode", "emit", "idle"}
     assert abs(sum(share.values()) - 1) < 1e-3 and share["decode"] > 0
@@ -185,3 +189,88 @@ def test_phase_shares_read_the_engine_seconds_of_two_metrics_pages():
   assert sl.phase_shares(before, sl.engine_phases(page.format(d=4.0, e=1.5))) == {
       "decode": 0.75, "emit": 0.25}
   assert sl.phase_shares(before, before) == {}
+
+
+def test_a_broken_connection_fails_its_request_not_the_run_and_the_client_caps_open_requests():
+  """A fake server (a bare asyncio socket server, CPU only) serves each request by its seed:
+  whole, dropped before any response, cut mid-stream, or refused with a 429. `run_rate` counts
+  them as served, failed (by error name) and rejected, and never holds more than `max_open`
+  requests open at once."""
+  import asyncio
+
+  import benchmarks.serve_load as sl
+
+  open_now, most = [0], [0]
+
+  async def handle(reader, writer):
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    body = json.loads(await reader.readexactly(length)) if length else {}
+    if head.startswith(b"GET"):  # /metrics: an empty page
+      writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+      await writer.drain()
+      writer.close()
+      return
+    open_now[0] += 1
+    most[0] = max(most[0], open_now[0])
+    try:
+      await asyncio.sleep(0.02)  # held open a while, so that requests overlap
+      kind = body["seed"] % 4
+      if kind == 1:  # dropped: no response at all
+        return
+      if kind == 3:
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\n\r\n{}")
+        return
+      writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                   b"Connection: close\r\n\r\n")
+      for _ in range(3):
+        writer.write(b'data: {"choices": [{"text": "a"}]}\n\n')
+        await writer.drain()
+        await asyncio.sleep(0.005)
+      if kind == 2:  # cut before the usage chunk
+        return
+      writer.write(b'data: {"choices": [], "usage": {"completion_tokens": 3}}\n\n'
+                   b"data: [DONE]\n\n")
+    finally:
+      open_now[0] -= 1
+      await writer.drain()
+      writer.close()
+
+  async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+      return await sl.run_rate(f"http://127.0.0.1:{port}", None, 24, [2, 5], [3, 4], vocab=50,
+                               seed=100, max_open=5)
+
+  r = asyncio.run(main())
+  # Seeds 100..123: six of each kind.
+  assert (r["served"], r["rejected"], r["failed"]) == (6, 6, 12)
+  assert r["errors"] == {"IncompleteStream": 6, "RemoteProtocolError": 6}
+  assert r["max_open"] == 5 and 1 < most[0] <= 5  # overlapping, never more than the cap
+  assert r["output_tokens_per_s"] > 0 and r["ttft_p50_s"] > 0
+  # A failed request, like a rejected one, means the rate was not kept up with.
+  assert sl.sustained_rate([dict(r, rate=1.0, rejected=0)]) is None
+
+
+def test_a_sweep_keeps_the_points_measured_before_one_that_raises(capsys):
+  import benchmarks.serve_load as sl
+
+  def measure(rate, n):
+    if rate is None:
+      raise OSError("connection reset")
+    return dict(rate=rate, requests=n, rejected=0, failed=0, requests_per_s=rate)
+
+  results, incomplete = sl.sweep(measure, [(1.0, 8), (2.0, 16)], burst=40)
+  assert [r["rate"] for r in results] == [1.0, 2.0] and incomplete == "OSError: connection reset"
+  assert "writing the 2 points measured" in capsys.readouterr().err
+  assert sl.sweep(measure, [(1.0, 8)], burst=None) == ([measure(1.0, 8)], None)
+
+  def failing(rate, n):  # a failed request is past saturation: the sweep goes on to the burst
+    return dict(rate=rate, requests=n, rejected=0, failed=1 if rate else 0, requests_per_s=rate)
+
+  results, incomplete = sl.sweep(failing, [(1.0, 8), (2.0, 16)], burst=None)
+  assert [r["rate"] for r in results] == [1.0] and incomplete is None
+  with pytest.raises(OSError):  # nothing measured: the error is the result
+    sl.sweep(measure, [], burst=40)
