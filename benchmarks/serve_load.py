@@ -77,10 +77,10 @@ def sustained_rate(results: list[dict], ttft_p99_limit_s: float = TTFT_P99_LIMIT
                    ) -> dict | None:
   """The result of the highest rate kept up with under the TTFT limit (None if none was): all
   requests served (none rejected or failed), p99 TTFT <= the limit, and the rate within the
-  server's capacity: at most the requests/s of the burst (`--burst`: the server saturated), or without a burst, achieved
-  requests/s at least 90% of the rate. (A run of a few seconds of arrivals ends with its last
-  requests' decoding, so its achieved rate reads low even when the server keeps up: the burst
-  is the capacity.)"""
+  server's capacity: at most the requests/s of the burst (`--burst`: the server saturated), or
+  without a burst, achieved requests/s at least 90% of the rate. (A run of a few seconds of
+  arrivals ends with its last requests' decoding, so its achieved rate reads low even when the
+  server keeps up: the burst is the capacity.)"""
   bursts = [r["requests_per_s"] for r in results if r["rate"] is None]
   within = ((lambda r: r["rate"] <= max(bursts)) if bursts else
             (lambda r: r["requests_per_s"] >= 0.9 * r["rate"]))
