@@ -19,13 +19,17 @@ A quantized cache (int8 or fp8 K and V, one float32 scale per slot and kv head, 
 read as stored: each block's K and V are converted to the queries' dtype
 (exact: int8 and e4m3 values are bf16 values) and the scales applied in float32, to the scores
 (`(q . k_q) * k_scale[slot]`) and to the probabilities before the value product
-(`(p * v_scale[slot]) . v_q`). No dequantized copy of the cache is made.
+(`(p * v_scale[slot]) . v_q`). No dequantized copy of the cache is made. A 1-byte cache of more
+than 2^31 elements must be read as int16 words of byte pairs (`needs_packing`: Pallas Triton's
+32-bit offsets would wrap), each block as two half-width products; every 1-byte cache is, by
+default.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -103,8 +107,18 @@ def heads_per_program(groups: int, kv_heads: int, head_dim: int, batch: int) -> 
   return 2
 
 
+def _unpack(words, value_dtype):
+  """[n, w] int16 words of byte pairs -> ([n, w] even bytes, [n, w] odd bytes) as `value_dtype`
+  (int8 or float8_e4m3fn): the word holds its even element in its low byte (little-endian, as
+  XLA's bitcast lays them out)."""
+  pair = (words.astype(jnp.int8), (words >> 8).astype(jnp.int8))  # truncation keeps the low byte
+  if value_dtype == jnp.int8:
+    return pair
+  return tuple(jax.lax.bitcast_convert_type(x, value_dtype) for x in pair)
+
+
 def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
-            quantized: bool, group_rows: int):
+            quantized: bool, group_rows: int, packed=None):
   """One (row, group of kv heads, slice): online softmax of their q heads over its slots.
 
   q_ref [rows, heads * head_dim]: the q heads of each kv head of the group (`group_rows` rows a
@@ -115,6 +129,10 @@ def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
   [heads, slots] (contiguous); then start_ref, end_ref scalars.
   Writes the slice's unnormalised output o [rows, heads * head_dim] (f32; row r's own kv head's
   columns are its output), its softmax denominator l and running max m [rows].
+
+  `packed` (the dtype of a 1-byte cache, or None): k_ref and v_ref hold int16 words of byte
+  pairs, [slots, heads * head_dim / 2], and q's and o's columns are the even elements, then the
+  odd ones (`_pair_columns`); each block is two products of half the width.
   """
   if quantized:
     k_scale_ref, v_scale_ref, start_ref, end_ref, o_ref, l_ref, m_ref = refs
@@ -125,6 +143,16 @@ def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
   q = q_ref[...]
   rows, width = q.shape
   head_of_row = jnp.arange(rows) // group_rows
+  parts = 2 if packed else 1
+  cols = width // parts
+  qs = [q_ref[:, pl.ds(c * cols, cols)] for c in range(parts)] if packed else [q]
+
+  def load(ref, i):
+    """A block of K or V, [block_k, cols] per part, in q's dtype where quantized."""
+    x = ref[pl.ds(i * block_k, block_k), :]
+    xs = _unpack(x, packed) if packed else (x,)
+    # int8 / e4m3 values are exact in q's dtype; the scales apply in float32
+    return [y.astype(q.dtype) for y in xs] if quantized else list(xs)
 
   def per_row(scale_ref, i):
     """[rows, block_k] float32: each row's kv head's scales of block i."""
@@ -135,15 +163,13 @@ def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
     return out
 
   def body(lo, hi, i, carry):
-    o, l, m = carry
+    os, l, m = carry
     idx = i * block_k + jnp.arange(block_k)
     valid = (idx >= lo) & (idx < hi)
-    k = k_ref[pl.ds(i * block_k, block_k), :]
-    v = v_ref[pl.ds(i * block_k, block_k), :]
-    if quantized:  # int8 / e4m3 values are exact in q's dtype; the scales apply in float32
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32) * scale  # [rows, block_k]
+    ks, vs = load(k_ref, i), load(v_ref, i)
+    s = functools.reduce(operator.add, (
+        jax.lax.dot_general(qc, kc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        for qc, kc in zip(qs, ks))) * scale  # [rows, block_k]
     if quantized:
       s = s * per_row(k_scale_ref, i)
     s = jnp.where(valid[None, :], s, _NEG)
@@ -151,11 +177,13 @@ def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
     p = jnp.exp(s - m_new[:, None]) * valid[None, :]
     correction = jnp.exp(m - m_new)
     pv = p * per_row(v_scale_ref, i) if quantized else p
-    o = o * correction[:, None] + jnp.dot(pv.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o, l * correction + p.sum(axis=1), m_new
+    os = tuple(o * correction[:, None]
+               + jnp.dot(pv.astype(v.dtype), v, preferred_element_type=jnp.float32)
+               for o, v in zip(os, vs))
+    return os, l * correction + p.sum(axis=1), m_new
 
-  carry = (jnp.zeros((rows, width), jnp.float32), jnp.zeros((rows,), jnp.float32),
-           jnp.full((rows,), _NEG, jnp.float32))
+  carry = (tuple(jnp.zeros((rows, cols), jnp.float32) for _ in range(parts)),
+           jnp.zeros((rows,), jnp.float32), jnp.full((rows,), _NEG, jnp.float32))
   # Slot x lives at x % slots: [start, end) is one range of the buffer, or two where it wraps
   # around the end of a ring buffer.
   start, end = start_ref[()], end_ref[()]
@@ -169,16 +197,44 @@ def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
     b0 = lo // block_k
     b1 = jnp.where(hi > lo, (hi + block_k - 1) // block_k, b0)
     carry = jax.lax.fori_loop(b0, b1, functools.partial(body, lo, hi), carry)
-  o, l, m = carry
-  o_ref[...] = o
+  os, l, m = carry
+  if packed:
+    for c, o in enumerate(os):
+      o_ref[:, pl.ds(c * cols, cols)] = o
+  else:
+    o_ref[...] = os[0]
   l_ref[...] = l
   m_ref[...] = m
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "heads", "interpret"))
+def needs_packing(x: jax.Array) -> bool:
+  """Whether a 1-byte cache buffer must reach the kernel as int16 words of byte pairs: Pallas
+  Triton (JAX 0.10-0.11, `_compute_offsets_from_indices`) computes a block's element offsets in
+  32 bits for an operand of at most 2^32 *bytes*, so a 1-byte operand of more than 2^31 elements
+  (1b at 2,048 slots: past 4,096 rows) gets offsets that wrap negative: on the H100 and H200 a
+  read outside the buffer (CUDA_ERROR_ILLEGAL_ADDRESS), or of other memory where the wrapped
+  address lands inside another allocation. Word offsets stay under 2^31 up to 2^32 bytes, past
+  which JAX's offsets are 64-bit.
+
+  Every 1-byte cache is packed by default, not only these: one code path at every size, and it
+  was the faster one (H100, 1b lckv's int8 shape, 2 kv heads a program, half-full rows: 494 vs
+  507 us at 2,048 rows, 947 vs 964 us at 4,096)."""
+  return x.dtype.itemsize == 1 and x.size > 2**31
+
+
+def _pair_columns(x, undo: bool = False):
+  """[..., w] -> its even columns, then its odd ones (the order of a packed kernel's q and o);
+  `undo`: back."""
+  w = x.shape[-1]
+  if undo:
+    return jnp.swapaxes(x.reshape(*x.shape[:-1], 2, w // 2), -1, -2).reshape(x.shape)
+  return jnp.swapaxes(x.reshape(*x.shape[:-1], w // 2, 2), -1, -2).reshape(x.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "heads", "pack", "interpret"))
 def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_BxKxS=None,
                      v_scale_BxKxS=None, block_k: int = 128, heads: int | None = None,
-                     interpret: bool = False) -> jax.Array:
+                     pack: bool | None = None, interpret: bool = False) -> jax.Array:
   """Softmax attention of one query per row over the cache slots [start, end) of that row.
 
   Args:
@@ -193,6 +249,8 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
     block_k: slots per inner step (halved until it divides `slots` and a block of K fits
       `_BLOCK_BYTES`; see `block_size` and `block_cap`).
     heads: kv heads per program, 1 or 2 (dividing kv_heads); None: `heads_per_program`.
+    pack: read a 1-byte cache as int16 words of byte pairs; None: a 1-byte cache is
+      (`needs_packing`). False past 2^31 elements is an error.
     interpret: run the kernel in the Pallas interpreter (CPU tests).
   Returns:
     [batch, heads, head_dim] in the dtype of v (of q for a quantized cache).
@@ -225,9 +283,22 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
     q = jnp.einsum("bnhrd,hk->bnhrkd", q, jnp.eye(hg, dtype=q.dtype))
   q = q.reshape(b, n, rows, hg * d)
   k, v = (x.reshape(b, slots, n, hg * d) for x in (k_BxSxKxD, v_BxSxKxD))
+  packed = k_BxSxKxD.dtype.itemsize == 1 if pack is None else pack
+  if packed and k_BxSxKxD.dtype.itemsize != 1:
+    raise ValueError(f"prefix_attention: pack needs a 1-byte cache, got {k_BxSxKxD.dtype}")
+  if not packed and needs_packing(k_BxSxKxD):
+    raise ValueError(f"prefix_attention: a 1-byte cache of {k_BxSxKxD.size} elements (more "
+                     "than 2^31) must be read packed (pack=None or True): Pallas Triton's "
+                     "32-bit offsets would wrap")
+  width = hg * d // 2 if packed else hg * d
+  if packed:  # free relabellings of the same bytes, and q's columns in the words' order
+    k, v = (jax.lax.bitcast_convert_type(x.reshape(b, slots, n, width, 2), jnp.int16)
+            for x in (k, v))
+    q = _pair_columns(q)
   kernel = functools.partial(_kernel, block_k=bk, split=split, scale=1.0 / math.sqrt(d),
-                             quantized=quantized, group_rows=gp)
-  kv_spec = pl.BlockSpec((None, slots, None, hg * d), lambda i, k, j: (i, 0, k, 0))
+                             quantized=quantized, group_rows=gp,
+                             packed=k_BxSxKxD.dtype if packed else None)
+  kv_spec = pl.BlockSpec((None, slots, None, width), lambda i, k, j: (i, 0, k, 0))
   scale_spec = pl.BlockSpec((None, None, hg, slots), lambda i, k, j: (i, k, 0, 0))
   row_spec = pl.BlockSpec((None,), lambda i, k, j: (i,))
   scales = tuple(x.astype(jnp.float32).reshape(b, n, hg, slots)
@@ -246,7 +317,8 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
       interpret=interpret,
       name="lckv_decode_attention",
   )(q, k, v, *scales, start_B.astype(jnp.int32), end_B.astype(jnp.int32))
-  o = merge_slices(o, l, m).reshape(b, n, hg, gp, hg, d)
+  o = merge_slices(o, l, m)
+  o = (_pair_columns(o, undo=True) if packed else o).reshape(b, n, hg, gp, hg, d)
   if hg > 1:  # row (g, r)'s output is in the columns of its own kv head g: the diagonal blocks
     o = jnp.moveaxis(jnp.diagonal(o, axis1=2, axis2=4), -1, 2)  # [b, n, hg, gp, d]
   return o.reshape(b, n, hg, gp, d)[:, :, :, :groups].reshape(b, h, d).astype(out_dtype)

@@ -67,12 +67,14 @@ def test_decode_kernel_reads_a_ring_buffer_window_that_wraps():
   np.testing.assert_allclose(out, ref, atol=2e-6)
 
 
+@pytest.mark.parametrize("pack,heads", [(False, None), (None, 1), (None, 2)])
 @pytest.mark.parametrize("name", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_decode_kernel_reads_a_quantized_cache_as_its_dequantized_values(name, dtype):
+def test_decode_kernel_reads_a_quantized_cache_as_its_dequantized_values(name, dtype, pack, heads):
   # int8 / fp8 K and V with one scale per slot and kv head, read as stored (scores scaled by
   # k_scale, probabilities by v_scale): the dense attention over the dequantized buffers, also
-  # over a ring's wrapped span.
+  # over a ring's wrapped span; read as int16 words of byte pairs (the default, and a must past
+  # 2^31 elements), one or two kv heads a program, and as bytes (pack=False).
   from lckv_jax import quant
   rng = np.random.default_rng(11)
   b, slots, d = 4, 32, 16
@@ -83,7 +85,8 @@ def test_decode_kernel_reads_a_quantized_cache_as_its_dequantized_values(name, d
   start = jnp.asarray([0, 17, 64, 5])
   end = jnp.asarray([32, 45, 70, 5])  # a full buffer, a wrapped span, one inside, nothing
   out = prefix_attention(q, kq, vq, start, end, k_scale_BxKxS=ks.swapaxes(1, 2),
-                         v_scale_BxKxS=vs.swapaxes(1, 2), block_k=16, interpret=True)
+                         v_scale_BxKxS=vs.swapaxes(1, 2), block_k=16, heads=heads, pack=pack,
+                         interpret=True)
   assert out.dtype == dtype
   idx = jnp.arange(slots)
   mask = (((idx[None] - start[:, None]) % slots) < (end - start)[:, None])[:, None, :]
@@ -91,15 +94,73 @@ def test_decode_kernel_reads_a_quantized_cache_as_its_dequantized_values(name, d
   # only p * v_scale and the output round to bf16 (2^-9 relative).
   ref = dot_product_attention(q[:, None].astype(jnp.float32), quant.dequantize(kq, ks, jnp.float32),
                               quant.dequantize(vq, vs, jnp.float32), mask)[:, 0]
-  tol = 2e-6 if dtype == jnp.float32 else 1e-2
+  # Packed, a score is the sum of two half-width products: float32 rounds in another order.
+  tol = (2e-6 if pack is False else 2e-5) if dtype == jnp.float32 else 1e-2
   np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=tol, rtol=tol)
   assert float(jnp.abs(out[3].astype(jnp.float32)).max()) == 0.0
   with pytest.raises(ValueError, match="both k_scale and v_scale"):
     prefix_attention(q, kq, vq, start, end, k_scale_BxKxS=ks.swapaxes(1, 2), interpret=True)
 
 
+def test_a_1_byte_cache_of_more_than_2_31_elements_is_read_as_words():
+  # Pallas Triton's 32-bit offsets (for operands up to 2^32 bytes) wrap past 2^31 elements: 1b
+  # int8 at 2,048 slots past 4,096 rows read outside its buffer on the H200. Wider caches are
+  # within JAX's own switch to 64-bit offsets.
+  import jax
+  from lckv_jax.kernels.decode import needs_packing
+  cache = lambda rows, dtype: jax.ShapeDtypeStruct((rows, 2048, 4, 64), dtype)  # noqa: E731
+  assert not needs_packing(cache(4096, jnp.int8)) and needs_packing(cache(4097, jnp.int8))
+  assert needs_packing(cache(4097, jnp.float8_e4m3fn)) and needs_packing(cache(9000, jnp.int8))
+  assert not needs_packing(cache(9000, jnp.bfloat16))
+  q = jnp.ones((1, 4, 16), jnp.bfloat16)
+  kv = jnp.ones((1, 16, 2, 16), jnp.bfloat16)
+  with pytest.raises(ValueError, match="pack needs a 1-byte cache"):
+    prefix_attention(q, kv, kv, jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32), pack=True,
+                     interpret=True)
+  # Read as bytes past 2^31 elements: refused when traced (shapes only, nothing allocated).
+  rows = 4097
+  big, scale = cache(rows, jnp.int8), jax.ShapeDtypeStruct((rows, 4, 2048), jnp.float32)
+  row = jax.ShapeDtypeStruct((rows,), jnp.int32)
+  with pytest.raises(ValueError, match="must be read packed"):
+    jax.eval_shape(lambda *a: prefix_attention(*a[:5], k_scale_BxKxS=a[5], v_scale_BxKxS=a[6],
+                                               pack=False),
+                   jax.ShapeDtypeStruct((rows, 32, 64), jnp.bfloat16), big, big, row, row, scale,
+                   scale)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["pallas", "pallas, 2 kv heads a program", "mosaic"])
+@pytest.mark.parametrize("rows", [4096, 4200])
+def test_the_compiled_kernel_reads_an_int8_cache_past_2_31_elements(rows):
+  # 1b lckv's int8 cache at 2,048 slots: 2^31 elements at 4,096 rows, past it at 4,200 (read
+  # as bytes there, 32-bit offsets wrapped: CUDA_ERROR_ILLEGAL_ADDRESS on the H100). Rows from the first to the last against the dense
+  # float32 attention over their dequantized slots.
+  import jax
+  from lckv_jax import quant
+  slots, kv_heads, d, heads, seen = 2048, 4, 64, 32, 1000
+
+  def draw(i, shape):  # 64 random rows, repeated: one draw of 2^31 elements would pass int32
+    x = jax.random.randint(jax.random.key(i), (64, *shape), -127, 128, jnp.int32)
+    return jnp.tile(x.astype(jnp.int8), (-(-rows // 64), 1, 1, 1))[:rows]
+
+  k, v = draw(0, (slots, kv_heads, d)), draw(1, (slots, kv_heads, d))
+  ks, vs = (jax.random.uniform(jax.random.key(i), (rows, kv_heads, slots), minval=0.01,
+                               maxval=0.06) for i in (2, 3))
+  q = jax.random.normal(jax.random.key(4), (rows, heads, d), jnp.bfloat16)
+  start, end = jnp.zeros((rows,), jnp.int32), jnp.full((rows,), seen, jnp.int32)
+  out = prefix_attention(q, k, v, start, end, k_scale_BxKxS=ks, v_scale_BxKxS=vs)
+  for lo in (0, 4088, rows - 8):
+    r = slice(lo, lo + 8)
+    kd, vd = (quant.dequantize(x[r, :seen], s[r, :, :seen].swapaxes(1, 2), jnp.float32)
+              for x, s in ((k, ks), (v, vs)))
+    ref = dot_product_attention(q[r, None].astype(jnp.float32), kd, vd,
+                                jnp.ones((8, 1, seen), bool))[:, 0]
+    np.testing.assert_allclose(np.asarray(out[r], np.float32), ref, atol=3e-2, rtol=2e-2)
+  del k, v
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pallas", "pallas, 2 kv heads a program", "mosaic",
+                                    "pallas, bytes", "pallas, 2 kv heads a program, bytes"])
 @pytest.mark.parametrize("name", ["int8", "fp8"])
 def test_the_compiled_kernels_read_a_quantized_cache_as_its_dequantized_values(name, kernel):
   # Both decode kernels (Triton, Mosaic GPU) compiled for the GPU over bf16 queries: int8 / e4m3
@@ -109,7 +170,10 @@ def test_the_compiled_kernels_read_a_quantized_cache_as_its_dequantized_values(n
   from lckv_jax import quant
   from lckv_jax.kernels import decode, decode_mgpu
   attend = {"pallas": decode.prefix_attention, "mosaic": decode_mgpu.prefix_attention,
-            "pallas, 2 kv heads a program": functools.partial(decode.prefix_attention, heads=2)
+            "pallas, 2 kv heads a program": functools.partial(decode.prefix_attention, heads=2),
+            "pallas, bytes": functools.partial(decode.prefix_attention, pack=False),
+            "pallas, 2 kv heads a program, bytes": functools.partial(decode.prefix_attention,
+                                                                     heads=2, pack=False),
             }[kernel]
   rng = np.random.default_rng(13)
   b, heads, kv_heads, d, slots = 4, 32, 8, 128, 1024
