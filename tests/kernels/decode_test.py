@@ -132,8 +132,8 @@ def test_a_1_byte_cache_of_more_than_2_31_elements_is_read_as_words():
 @pytest.mark.parametrize("rows", [4096, 4200])
 def test_the_compiled_kernel_reads_an_int8_cache_past_2_31_elements(rows):
   # 1b lckv's int8 cache at 2,048 slots: 2^31 elements at 4,096 rows, past it at 4,200 (read
-  # as bytes there, 32-bit offsets wrapped: CUDA_ERROR_ILLEGAL_ADDRESS on the H100). Rows from the first to the last against the dense
-  # float32 attention over their dequantized slots.
+  # as bytes there, 32-bit offsets wrapped: CUDA_ERROR_ILLEGAL_ADDRESS on the H100). Rows from
+  # the first to the last against the dense float32 attention over their dequantized slots.
   import jax
   from lckv_jax import quant
   slots, kv_heads, d, heads, seen = 2048, 4, 64, 32, 1000
