@@ -155,7 +155,9 @@ def throughput_quant_h200() -> str:
         r = entries.get(f"{pattern.format(lt)}_{dtype}")
         if r is None:
           continue
-        rows.append([name, lt, dtype, f"{base['batch']:,} -> {r['batch']:,}",
+        # A run whose record says why it cannot be trusted (`suspect`) is marked, not dropped.
+        mark = " (suspect)" if r.get("suspect") else ""
+        rows.append([name, lt, dtype + mark, f"{base['batch']:,} -> {r['batch']:,}",
                      f"{r['batch'] / base['batch']:.2f}x",
                      f"{_n(base['tokens_per_s'])} -> {_n(r['tokens_per_s'])}",
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",

@@ -71,3 +71,14 @@ def test_an_unknown_table_is_named():
 
 
 # -- record files -------------------------------------------------------------------------------
+
+
+def test_a_suspect_record_is_marked_in_the_table_not_dropped():
+  # The 1b lckv int8 / fp8 max-batch runs read their cache with wrapped 32-bit offsets past 4,096
+  # rows (fixed in 3c9d98e): their records say so, and the README's table marks them.
+  table = tables.throughput_quant_h200()
+  suspect = {e["setting"] for e in tables._entries("throughput", tables.H200) if e.get("suspect")}
+  for dtype in ("int8", "fp8"):
+    marked = f"1b_lckv_p5_g2043_max_25.5GB_{dtype}" in suspect
+    assert (f"| lckv | {dtype} (suspect) |" in table) == marked
+  assert "| 7b, 24 GB, 512+1024 | lckv | int8 |" in table  # an ordinary row, unmarked
