@@ -21,7 +21,9 @@ a sink cache (a fifth more error, its keys being encoded again at each eviction)
 decode kernel read them 9-11% slower on the H200 (1b lckv's shape, 2,048 and 4,096 rows: 514
 against 460 us, 946 against 864), and at 1b lckv's max batch 4,658 rows gave 112,077 tokens/s
 against the float32 record's 4,541 rows and 116,010 (49c1380): 2.6% more rows, 3.4% fewer
-tokens/s. The decode kernel multiplies in float32 either way.
+tokens/s. (Both max-batch runs are past 2^31 elements of int8 cache, which that kernel read with
+wrapped 32-bit offsets, fixed in 3c9d98e: `kernels.decode.needs_packing`. The kernel A/B, at
+2,048 and 4,096 rows, is not.) The decode kernel multiplies in float32 either way.
 
 Who does what: `cache.write` quantizes every chunk it stores (`quantize`); the attention
 dispatch reads the cache through `dequantize` for every kernel but the decode kernel

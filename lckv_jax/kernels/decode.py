@@ -96,8 +96,10 @@ def heads_per_program(groups: int, kv_heads: int, head_dim: int, batch: int) -> 
   The kv heads' slots sit side by side in the cache (`[..., kv_heads, head_dim]`), so a program's
   row of K is one contiguous read of 2 * head_dim elements (at 1b in int8: 128 bytes, a whole
   memory line, where one head's row is half of one), and the softmax runs once for both heads'
-  rows. H200, 1b at 4,541 rows: the int8 kernel 1,291 -> 997 us, bf16 1,324 -> 1,268 us; but at
-  batch 32 (slices of the slots fill the GPU) bf16 60 -> 65 us, so small batches keep one head.
+  rows. H200, 1b at 4,541 rows: the int8 kernel 1,291 -> 997 us (its rows past 4,096 read with
+  the wrapped offsets of `needs_packing`: the same bytes, some from the wrong place), bf16
+  1,324 -> 1,268 us; but at batch 32 (slices of the slots fill the GPU) bf16 60 -> 65 us, so
+  small batches keep one head.
   At most `_MAX_WIDTH` elements a slot (the program's output [16, 2 * head_dim] stays in
   registers).
   """
