@@ -42,9 +42,10 @@ _MIN_BLOCK = 16  # Triton's smallest matrix-multiply tile
 _BLOCK_BYTES = 32 * 1024
 _PROGRAMS = 512  # programs that fill a GPU's ~132 SMs (`slices`)
 _MAX_WIDTH = 256  # elements of K a program reads per slot (`heads_per_program`)
-# KV heads a program may read: 1 or 2. A sweep with 4 (1b, int8, 4,541 rows) ended in an illegal
-# memory access on the H200: most likely the wrapped 32-bit offsets of an int8 cache past 2^31
-# elements (`needs_packing`), found later; 4 has not been measured since.
+# KV heads a program may read: 1 or 2. A sweep with 4 (1b, int8) ended in an illegal memory access
+# on the H200; if it ran at the 4,541-row max-batch shape (as the numbers of its commit, 49c1380,
+# did), the likely cause is the int8 cache's wrapped 32-bit offsets past 2^31 elements
+# (`needs_packing`), found later. 4 has not been measured since.
 _HEADS = (1, 2)
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) = 0 without inf - inf = NaN
 
