@@ -325,9 +325,11 @@ def test_sink_eviction_requantizes_the_rotated_keys(name, rtol, tiny_config, cap
       assert bool((err <= bound * (1 + 1e-5) + 1e-6).all())
 
 
-@pytest.mark.parametrize("name,window", [("llama", 3), ("lckv", 3), ("cla", 3), ("mixed", 3),
-                                         ("yoco", 8)])
-@pytest.mark.parametrize("qdtype,tol", [("int8", 0.05), ("fp8", 0.25)])
+# int8 on every preset, fp8 on the two with rings (its encoding is tested alone above; CI's time).
+@pytest.mark.parametrize("name,window,qdtype,tol", [
+    ("llama", 3, "int8", 0.05), ("lckv", 3, "int8", 0.05), ("cla", 3, "int8", 0.05),
+    ("mixed", 3, "int8", 0.05), ("yoco", 8, "int8", 0.05), ("mixed", 3, "fp8", 0.25),
+    ("yoco", 8, "fp8", 0.25)])
 def test_quantized_cache_generates_close_to_the_float_cache(name, window, qdtype, tol,
                                                            tiny_model):
   # Prefill chunks (parallel, 7 iterations: the exact model) and decode steps write the
