@@ -122,7 +122,7 @@ def _unpack(words, value_dtype):
 
 
 def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
-            quantized: bool, group_rows: int, packed=None):
+            quantized: bool, group_rows: int, packed_dtype=None):
   """One (row, group of kv heads, slice): online softmax of their q heads over its slots.
 
   q_ref [rows, heads * head_dim]: the q heads of each kv head of the group (`group_rows` rows a
@@ -134,7 +134,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
   Writes the slice's unnormalised output o [rows, heads * head_dim] (f32; row r's own kv head's
   columns are its output), its softmax denominator l and running max m [rows].
 
-  `packed` (the dtype of a 1-byte cache, or None): k_ref and v_ref hold int16 words of byte
+  `packed_dtype` (the dtype of a 1-byte cache, or None): k_ref and v_ref hold int16 words of byte
   pairs, [slots, heads * head_dim / 2], and q's and o's columns are the even elements, then the
   odd ones (`_pair_columns`); each block is two products of half the width.
   """
@@ -144,19 +144,18 @@ def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
     start_ref, end_ref, o_ref, l_ref, m_ref = refs
   j = pl.program_id(2)
   slots = k_ref.shape[0]
-  q = q_ref[...]
-  rows, width = q.shape
+  rows, width = q_ref.shape
   head_of_row = jnp.arange(rows) // group_rows
-  parts = 2 if packed else 1
-  cols = width // parts
-  qs = [q_ref[:, pl.ds(c * cols, cols)] for c in range(parts)] if packed else [q]
+  parts = 2 if packed_dtype else 1
+  cols = width // parts  # q's columns per part: the evens, then the odds where packed
+  qs = [q_ref[:, pl.ds(c * cols, cols)] for c in range(parts)] if packed_dtype else [q_ref[...]]
 
   def load(ref, i):
     """A block of K or V, [block_k, cols] per part, in q's dtype where quantized."""
     x = ref[pl.ds(i * block_k, block_k), :]
-    xs = _unpack(x, packed) if packed else (x,)
+    xs = _unpack(x, packed_dtype) if packed_dtype else (x,)
     # int8 / e4m3 values are exact in q's dtype; the scales apply in float32
-    return [y.astype(q.dtype) for y in xs] if quantized else list(xs)
+    return [y.astype(q_ref.dtype) for y in xs] if quantized else list(xs)
 
   def per_row(scale_ref, i):
     """[rows, block_k] float32: each row's kv head's scales of block i."""
@@ -202,7 +201,7 @@ def _kernel(q_ref, k_ref, v_ref, *refs, block_k: int, split: int, scale: float,
     b1 = jnp.where(hi > lo, (hi + block_k - 1) // block_k, b0)
     carry = jax.lax.fori_loop(b0, b1, functools.partial(body, lo, hi), carry)
   os, l, m = carry
-  if packed:
+  if packed_dtype:
     for c, o in enumerate(os):
       o_ref[:, pl.ds(c * cols, cols)] = o
   else:
@@ -301,7 +300,7 @@ def prefix_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, start_B, end_B, *, k_scale_B
     q = _pair_columns(q)
   kernel = functools.partial(_kernel, block_k=bk, split=split, scale=1.0 / math.sqrt(d),
                              quantized=quantized, group_rows=gp,
-                             packed=k_BxSxKxD.dtype if packed else None)
+                             packed_dtype=k_BxSxKxD.dtype if packed else None)
   kv_spec = pl.BlockSpec((None, slots, None, width), lambda i, k, j: (i, 0, k, 0))
   scale_spec = pl.BlockSpec((None, None, hg, slots), lambda i, k, j: (i, k, 0, 0))
   row_spec = pl.BlockSpec((None,), lambda i, k, j: (i,))
